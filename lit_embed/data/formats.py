@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 class DataFormatError(ValueError):
     """The data file is unusable; the message says where and how to fix it."""
 
@@ -103,7 +102,9 @@ def load_llamaindex_json(path: str | os.PathLike) -> QADataset:
             "regenerate it with LlamaIndex's generate_qa_embedding_pairs."
         ) from None
     if not isinstance(raw, dict):
-        raise DataFormatError(f"{path}: expected a JSON object with queries/corpus/relevant_docs, got {type(raw).__name__}.")
+        raise DataFormatError(
+            f"{path}: expected a JSON object with queries/corpus/relevant_docs, got {type(raw).__name__}."
+        )
     missing = [key for key in ("queries", "corpus", "relevant_docs") if key not in raw]
     if missing:
         raise DataFormatError(
@@ -154,7 +155,9 @@ def load_jsonl(path: str | os.PathLike) -> QADataset:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataFormatError(f"{where}: malformed JSON ({err.msg}, column {err.colno}). Fix or remove the line.") from None
+            raise DataFormatError(
+                f"{where}: malformed JSON ({err.msg}, column {err.colno}). Fix or remove the line."
+            ) from None
         if not isinstance(row, dict) or "query" not in row or "positive" not in row:
             raise DataFormatError(
                 f'{where}: each line must be an object with "query" and "positive" (and optionally "negatives").'
@@ -197,7 +200,8 @@ def validate(dataset: QADataset, source: str) -> QADataset:
     for qid, doc_ids in dataset.relevant_docs.items():
         if qid not in dataset.queries:
             raise DataFormatError(
-                f"{source}: relevant_docs names query {qid!r}, which is not in 'queries'. Add the query or drop the entry."
+                f"{source}: relevant_docs names query {qid!r}, which is not in 'queries'. "
+                "Add the query or drop the entry."
             )
         for doc_id in doc_ids + dataset.hard_negatives.get(qid, []):
             if doc_id not in dataset.corpus:

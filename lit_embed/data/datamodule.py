@@ -1,0 +1,226 @@
+"""LightningDataModules that serve tokenized (query, positive, negatives) batches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lit_embed.data.formats import (
+    DataFormatError,
+    QADataset,
+    TrainingExample,
+    load_dataset,
+    training_examples,
+)
+from lit_embed.data.sampler import NoDuplicatesBatchSampler
+from lit_embed.data.stdlib import build_stdlib_dataset
+
+log = logging.getLogger(__name__)
+
+
+class TextTokenizer(Protocol):
+    """What the data needs from an encoder (see ``lit_embed.models.encoder.Encoder``)."""
+
+    pad_token_id: int
+
+    def tokenize(self, texts: Sequence[str], kind: str) -> dict[str, Any]: ...
+
+
+class TokenizedTexts:
+    """Every distinct text of one kind (queries or documents), tokenized once and kept unpadded.
+
+    Args:
+        texts: distinct texts; row ``i`` of the store is ``texts[i]``.
+        kind: ``"query"`` or ``"document"`` (selects the prompt).
+        tokenizer: the encoder (its prompts and truncation apply).
+        chunk_size: texts per tokenizer call.
+    """
+
+    def __init__(self, texts: Sequence[str], kind: str, tokenizer: TextTokenizer, chunk_size: int = 1024) -> None:
+        self.rows: dict[str, list[Tensor]] = {}
+        self.shared: dict[str, Any] = {}  # per-call values such as the prompt length, equal for every row
+        for start in range(0, len(texts), chunk_size):
+            features = tokenizer.tokenize(texts[start : start + chunk_size], kind)
+            mask = features["attention_mask"].bool()
+            for key, value in features.items():
+                if isinstance(value, Tensor) and value.dim() == 2 and value.shape == mask.shape:
+                    self.rows.setdefault(key, []).extend(row[m] for row, m in zip(value, mask, strict=True))
+                else:
+                    self.shared[key] = value
+        self.padding_values = {key: tokenizer.pad_token_id if key == "input_ids" else 0 for key in self.rows}
+
+    def __len__(self) -> int:
+        return len(self.rows["input_ids"]) if self.rows else 0
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.rows["input_ids"]]
+
+    def collate(self, indices: Sequence[int]) -> dict[str, Any]:
+        """Pads the chosen rows to the longest of them (dynamic padding)."""
+        batch: dict[str, Any] = {
+            key: torch.nn.utils.rnn.pad_sequence(
+                [rows[i] for i in indices], batch_first=True, padding_value=self.padding_values[key]
+            )
+            for key, rows in self.rows.items()
+        }
+        return batch | self.shared
+
+
+class PairCollator:
+    """Turns a list of row indices into ``{"queries": features, "documents": features}``.
+
+    ``documents`` holds the batch's positives first (row ``i`` answers query ``i``), then all hard negatives.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[tuple[int, int, tuple[int, ...]]],
+        queries: TokenizedTexts,
+        documents: TokenizedTexts,
+    ):
+        self.rows = rows
+        self.queries = queries
+        self.documents = documents
+
+    def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
+        rows = [self.rows[i] for i in indices]
+        doc_ids = [positive for _, positive, _ in rows] + [n for _, _, negatives in rows for n in negatives]
+        return {
+            "queries": self.queries.collate([query for query, _, _ in rows]),
+            "documents": self.documents.collate(doc_ids),
+            "num_negatives": len(doc_ids) - len(rows),
+        }
+
+
+class QAPairDataModule(L.LightningDataModule):
+    """Serves query/positive(/negatives) batches from a LlamaIndex ``.json`` or a ``.jsonl`` file.
+
+    Texts are tokenized once, with the prompts and truncation of the LightningModule's encoder. Every epoch is
+    reshuffled from the seed, and no batch holds the same query or document text twice.
+
+    Args:
+        train_path: training data (``.json`` = LlamaIndex EmbeddingQAFinetuneDataset, ``.jsonl`` = pairs).
+        val_path: validation data for IR evaluation (optional).
+        batch_size: pairs per batch; each query sees ``batch_size - 1`` in-batch negatives.
+        use_all_docs: False = one pair per query (its first relevant doc, as LlamaIndex); True = one per
+            (query, relevant doc).
+        max_negatives: cap on hard negatives per pair (None = all the data has).
+        num_workers: DataLoader worker processes for collation.
+        seed: shuffling seed.
+        drop_last: drop a final incomplete batch.
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        batch_size: int = 16,
+        use_all_docs: bool = False,
+        max_negatives: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.train_path = train_path
+        self.val_path = val_path
+        self.batch_size = batch_size
+        self.use_all_docs = use_all_docs
+        self.max_negatives = max_negatives
+        self.num_workers = num_workers
+        self.seed = seed
+        self.drop_last = drop_last
+        self.train_dataset: QADataset | None = None
+        self.val_dataset: QADataset | None = None
+        self._collator: PairCollator | None = None
+        self._row_texts: list[tuple[int, ...]] = []
+
+    def load_splits(self) -> tuple[QADataset, QADataset | None]:
+        """Reads and validates the training and validation files."""
+        if self.train_path is None:
+            raise DataFormatError("data.train_path is not set. Pass data.train_path=PATH (.json or .jsonl).")
+        train = load_dataset(self.train_path)
+        val = load_dataset(self.val_path) if self.val_path else None
+        return train, val
+
+    def prepare_data(self) -> None:
+        if self.train_dataset is None:
+            self.train_dataset, self.val_dataset = self.load_splits()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+        if self._collator is None:
+            self.tokenize(self.trainer.lightning_module.encoder)
+
+    @property
+    def source(self) -> str:
+        return str(self.train_path)
+
+    def tokenize(self, tokenizer: TextTokenizer) -> None:
+        """Builds the training rows and tokenizes each distinct text once."""
+        self.prepare_data()
+        assert self.train_dataset is not None
+        examples = training_examples(self.train_dataset, self.use_all_docs)
+        if self.max_negatives is not None:
+            examples = [TrainingExample(e.query, e.positive, e.negatives[: self.max_negatives]) for e in examples]
+        if len(examples) < self.batch_size:
+            raise DataFormatError(
+                f"{self.source}: only {len(examples)} training pairs, fewer than one batch "
+                f"(data.batch_size={self.batch_size}). Add data or lower data.batch_size."
+            )
+        query_texts = list(dict.fromkeys(e.query for e in examples))
+        doc_texts = list(dict.fromkeys(t for e in examples for t in (e.positive, *e.negatives)))
+        query_row = {t: i for i, t in enumerate(query_texts)}
+        doc_row = {t: i for i, t in enumerate(doc_texts)}
+        rows = [(query_row[e.query], doc_row[e.positive], tuple(doc_row[n] for n in e.negatives)) for e in examples]
+        queries = TokenizedTexts(query_texts, "query", tokenizer)
+        documents = TokenizedTexts(doc_texts, "document", tokenizer)
+        self._collator = PairCollator(rows, queries, documents)
+        # Queries and documents live in separate id spaces: a query equal to a document is no clash.
+        self._row_texts = [(q, *(len(query_texts) + d for d in (p, *n))) for q, p, n in rows]
+        log.info(
+            "%s: %d training pairs from %d queries and %d documents (tokenized once).",
+            self.source,
+            len(rows),
+            len(query_texts),
+            len(doc_texts),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self._collator is not None, "call setup() (Lightning does) or tokenize() first"
+        sampler = NoDuplicatesBatchSampler(self._row_texts, self.batch_size, seed=self.seed, drop_last=self.drop_last)
+        return DataLoader(
+            range(len(self._row_texts)),
+            batch_sampler=sampler,
+            collate_fn=self._collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class StdlibDataModule(QAPairDataModule):
+    """The offline default: docstring -> function-source pairs from this machine's Python standard library.
+
+    Args:
+        num_train: training pairs (None = all that remain after validation).
+        num_val: validation queries.
+        **kwargs: the :class:`QAPairDataModule` arguments (batch size, workers, seed, ...).
+    """
+
+    def __init__(self, num_train: int | None = 2000, num_val: int | None = 300, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_train = num_train
+        self.num_val = num_val
+
+    @property
+    def source(self) -> str:
+        return "stdlib dataset"
+
+    def load_splits(self) -> tuple[QADataset, QADataset | None]:
+        return build_stdlib_dataset(seed=self.seed, num_train=self.num_train, num_val=self.num_val)

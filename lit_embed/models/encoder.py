@@ -1,0 +1,112 @@
+"""The encoder: a sentence-transformers model plus the query/document prompts it is trained and used with."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from sentence_transformers import SentenceTransformer
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+TextKind = Literal["query", "document"]
+# encode_document() looks for these prompt names, in this order; we read a saved prompt the same way.
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
+
+
+class Encoder(nn.Module):
+    """Texts -> embeddings with any sentence-transformers model, keeping the pooling it was saved with.
+
+    Args:
+        model_name_or_path: a sentence-transformers directory or hub id (a plain Hugging Face model gets
+            mean pooling, as in sentence-transformers).
+        max_seq_length: truncate inputs to this many tokens (None keeps the model's setting).
+        query_prompt: text put before every query, e.g. bge's
+            ``"Represent this sentence for searching relevant passages: "``. None keeps the model's saved prompt.
+        document_prompt: text put before every document. None keeps the model's saved prompt.
+        trust_remote_code: allow the model directory to run its own Python code. Off unless you trust it.
+        model_kwargs: passed to ``transformers``' ``from_pretrained`` (e.g. ``{"attn_implementation": "sdpa"}``).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | os.PathLike,
+        max_seq_length: int | None = None,
+        query_prompt: str | None = None,
+        document_prompt: str | None = None,
+        trust_remote_code: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        path = str(model_name_or_path)
+        if _looks_like_a_path(path) and not Path(path).exists():
+            raise FileNotFoundError(
+                f"model path {path} does not exist. Point model.model_name_or_path at a sentence-transformers "
+                "directory (one with modules.json) or a hub id on a machine with hub access."
+            )
+        self.model = SentenceTransformer(
+            path, device="cpu", trust_remote_code=trust_remote_code, model_kwargs=dict(model_kwargs or {})
+        )
+        if max_seq_length is not None:
+            self.model.max_seq_length = max_seq_length
+        if query_prompt is not None:
+            self.model.prompts["query"] = query_prompt
+        if document_prompt is not None:
+            self.model.prompts["document"] = document_prompt
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.get_sentence_embedding_dimension()
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.model.tokenizer.pad_token_id or 0
+
+    def prompt(self, kind: TextKind) -> str:
+        """The prompt that ``encode_query`` / ``encode_document`` would use, so training matches inference."""
+        names = ("query",) if kind == "query" else DOCUMENT_PROMPT_NAMES
+        return next((self.model.prompts[n] for n in names if n in self.model.prompts), "")
+
+    def tokenize(self, texts: Sequence[str], kind: TextKind) -> dict[str, Any]:
+        """Prompted, truncated, padded features for a list of texts."""
+        return self.model.preprocess(list(texts), prompt=self.prompt(kind) or None)
+
+    def forward(self, features: dict[str, Any]) -> Tensor:
+        """Features from :meth:`tokenize` (or a collated batch of them) -> ``[B, D]`` embeddings."""
+        return self.model(dict(features))["sentence_embedding"]
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], kind: TextKind, batch_size: int = 64) -> Tensor:
+        """Embeds texts for evaluation: no grad, eval mode, longest texts first so padding stays small.
+
+        Returns ``[len(texts), D]`` float32 embeddings on the model's device, in the input order.
+        """
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        chunks = []
+        for start in range(0, len(order), batch_size):
+            features = self.tokenize([texts[i] for i in order[start : start + batch_size]], kind)
+            features = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in features.items()}
+            chunks.append(self(features).float())
+        self.train(was_training)
+        embeddings = torch.cat(chunks) if chunks else torch.empty(0, self.embedding_dim, device=self.device)
+        return embeddings[torch.argsort(torch.tensor(order, device=embeddings.device))]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes a sentence-transformers directory (safetensors weights, prompts included)."""
+        self.model.save(str(path), safe_serialization=True)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    # A hub id is "org/name" or "name"; anything absolute, relative-dotted or deeper is a local path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name

