@@ -213,7 +213,7 @@ class StdlibDataModule(QAPairDataModule):
         **kwargs: the :class:`QAPairDataModule` arguments (batch size, workers, seed, ...).
     """
 
-    def __init__(self, num_train: int | None = 2000, num_val: int | None = 300, **kwargs: Any) -> None:
+    def __init__(self, num_train: int | None = 1500, num_val: int | None = 300, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_train = num_train
         self.num_val = num_val
