@@ -10,6 +10,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+import transformers
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -30,8 +31,15 @@ def bf16_if_gpu() -> str:
 OmegaConf.register_new_resolver("bf16_if_gpu", bf16_if_gpu, replace=True)
 
 
+def quiet_third_party_output() -> None:
+    """Keeps the console to our progress bar and results: no per-file weight-loading bars or save notices."""
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs one finetuning job as configured and returns ``metrics.json``'s content."""
+    quiet_third_party_output()
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)

@@ -93,9 +93,7 @@ def _assert_same_metrics(ours: dict[str, float], theirs: dict[str, float], prefi
 def test_matches_sentence_transformers(model, retrieval_set, encoded) -> None:
     queries, corpus, relevant = retrieval_set
     query_embeddings, corpus_embeddings = encoded
-    evaluator = InformationRetrievalEvaluator(
-        queries, corpus, relevant, corpus_chunk_size=50, write_csv=False
-    )
+    evaluator = InformationRetrievalEvaluator(queries, corpus, relevant, corpus_chunk_size=50, write_csv=False)
     # The evaluator still encodes the queries itself; reusing the corpus embeddings only saves test time.
     theirs = evaluator(model, corpus_embeddings=corpus_embeddings)
 
@@ -121,9 +119,7 @@ def test_matches_sentence_transformers_with_ties(model, retrieval_set, encoded) 
     # queries, the copy for odd ones, so either tie order helps half of the queries and hurts the other half.
     originals = sorted({min(docs) for docs in relevant.values()})
     corpus_ids = unique_ids + [f"a{cid}" for cid in originals]
-    corpus_embeddings = torch.cat(
-        [unique_embeddings, unique_embeddings[[unique_ids.index(c) for c in originals]]]
-    )
+    corpus_embeddings = torch.cat([unique_embeddings, unique_embeddings[[unique_ids.index(c) for c in originals]]])
     for qid in query_ids[1::2]:
         relevant[qid] = relevant[qid] - {min(relevant[qid])} | {f"a{min(relevant[qid])}"}
     query_texts = [queries[qid] for qid in query_ids]
@@ -153,10 +149,7 @@ def test_matches_sentence_transformers_with_ties(model, retrieval_set, encoded) 
     # The ties matter: breaking them in insertion order instead of id order changes the metrics.
     _, indices = exact_search(query_embeddings, corpus_embeddings, 10, chunk, "dot")
     in_insertion_order = torch.tensor(
-        [
-            [corpus_ids[j] in relevant[qid] for j in row]
-            for qid, row in zip(query_ids, indices.tolist(), strict=True)
-        ]
+        [[corpus_ids[j] in relevant[qid] for j in row] for qid, row in zip(query_ids, indices.tolist(), strict=True)]
     )
     num_relevant = torch.tensor([len(relevant[qid]) for qid in query_ids])
     assert retrieval_metrics(in_insertion_order, num_relevant)["mrr@10"] != pytest.approx(ours["mrr@10"])
@@ -168,9 +161,7 @@ def test_matches_sentence_transformers_with_ties(model, retrieval_set, encoded) 
 def test_metrics_by_hand() -> None:
     # Query a: relevant at ranks 2 and 4, 2 relevant in total. Query b: relevant at rank 1 only, 3 in total.
     ranked = torch.tensor([[0, 1, 0, 1, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
-    k_values = dict(
-        accuracy=(1, 3), precision=(1, 3, 5), recall=(1, 3, 5), mrr=(1, 3), ndcg=(3, 5), map=(1, 3, 5)
-    )
+    k_values = dict(accuracy=(1, 3), precision=(1, 3, 5), recall=(1, 3, 5), mrr=(1, 3), ndcg=(3, 5), map=(1, 3, 5))
     got = retrieval_metrics(ranked, torch.tensor([2, 3]), k_values)
 
     log2 = math.log2
@@ -202,9 +193,7 @@ def test_k_beyond_ranking_counts_as_misses() -> None:
     got = retrieval_metrics(
         torch.tensor([[False, True]]), torch.tensor([1]), dict(precision=(5,), ndcg=(5,), map=(5,), mrr=(5,))
     )
-    assert got == pytest.approx(
-        {"precision@5": 1 / 5, "ndcg@5": 1 / math.log2(3), "map@5": 1 / 2, "mrr@5": 1 / 2}
-    )
+    assert got == pytest.approx({"precision@5": 1 / 5, "ndcg@5": 1 / math.log2(3), "map@5": 1 / 2, "mrr@5": 1 / 2})
 
 
 def test_default_keys_match_sentence_transformers_defaults() -> None:
@@ -228,9 +217,7 @@ def test_ties_follow_corpus_id_order() -> None:
     corpus = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     query = torch.tensor([[1.0, 0.0]])
     for chunk in (1, 2, 3):
-        got = evaluate_embeddings(
-            query, corpus, ["q"], ["b", "a", "c"], {"q": ["b"]}, corpus_chunk_size=chunk
-        )
+        got = evaluate_embeddings(query, corpus, ["q"], ["b", "a", "c"], {"q": ["b"]}, corpus_chunk_size=chunk)
         assert got["accuracy@1"] == 0.0
         assert got["mrr@10"] == 0.5
 
@@ -239,9 +226,7 @@ def test_skips_unjudged_queries_and_counts_missing_relevant() -> None:
     corpus = torch.eye(3)
     queries = torch.eye(3)[:2]
     # q1 has no relevant document and is skipped; q0's "gone" is not in the corpus but still counts.
-    got = evaluate_embeddings(
-        queries, corpus, ["q0", "q1"], ["d0", "d1", "d2"], {"q0": {"d0", "gone"}, "q1": set()}
-    )
+    got = evaluate_embeddings(queries, corpus, ["q0", "q1"], ["d0", "d1", "d2"], {"q0": {"d0", "gone"}, "q1": set()})
     assert got["recall@1"] == 0.5
     assert got["accuracy@1"] == 1.0
     assert got["map@100"] == 0.5
@@ -287,9 +272,7 @@ def test_chunking_invariance_with_ties(similarity: str) -> None:
     generator = torch.Generator().manual_seed(0)
     queries = _ternary_embeddings(12, 8, generator)
     unique = _ternary_embeddings(40, 8, generator)
-    corpus = torch.cat([unique, unique[:20]])[
-        torch.randperm(60, generator=generator)
-    ]  # [60, 8] 20 duplicates
+    corpus = torch.cat([unique, unique[:20]])[torch.randperm(60, generator=generator)]  # [60, 8] 20 duplicates
     full = queries @ corpus.T  # exact, so also the reference for the cosine case (all norms are 2)
     # Reference ranking: descending score, then ascending index, over the whole corpus at once.
     reference = [sorted(range(60), key=lambda j, row=row: (-row[j], j)) for row in full.tolist()]
@@ -328,11 +311,7 @@ def test_matches_torchmetrics_where_definitions_coincide() -> None:
     preds = torch.empty(30, 50).scatter_(1, indices, scores) + 2
 
     def torchmetrics_mean(fn, k: int, **kwargs) -> float:
-        return (
-            torch.stack([fn(p, t, top_k=k, **kwargs) for p, t in zip(preds, target, strict=True)])
-            .mean()
-            .item()
-        )
+        return torch.stack([fn(p, t, top_k=k, **kwargs) for p, t in zip(preds, target, strict=True)]).mean().item()
 
     ks = (1, 3, 5, 10, 50, 70)  # 70 > corpus size
     ours = retrieval_metrics(ranked, num_relevant, {name: ks for name in DEFAULT_K})
@@ -358,7 +337,5 @@ def test_matches_torchmetrics_where_definitions_coincide() -> None:
         rescaled = torch.stack(per_query) * found / num_relevant.clamp(max=k)
         assert ours[f"map@{k}"] == pytest.approx(rescaled.mean().item(), abs=1e-6)
         if k >= 50:
-            assert ours[f"map@{k}"] == pytest.approx(
-                torchmetrics_mean(retrieval_average_precision, k), abs=1e-6
-            )
+            assert ours[f"map@{k}"] == pytest.approx(torchmetrics_mean(retrieval_average_precision, k), abs=1e-6)
     assert ours["map@3"] != pytest.approx(torchmetrics_mean(retrieval_average_precision, 3), abs=1e-3)
