@@ -1,12 +1,18 @@
-"""Writing finetuned models where other tools can load them."""
+"""Writing finetuned models where other tools can load them.
+
+Command line: ``python -m lit_embed.export CKPT OUT_DIR`` writes a sentence-transformers directory from any
+lit_embed checkpoint.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from lit_embed.callbacks.checkpointing import load_checkpoint
 from lit_embed.models.encoder import Encoder
 
 
@@ -34,3 +40,33 @@ def to_sentence_transformers(encoder: Encoder, path: str | os.PathLike, overwrit
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def load_encoder_weights(encoder: Encoder, checkpoint: dict) -> Encoder:
+    """Copies a training checkpoint's encoder weights into ``encoder`` (strict: every weight must match)."""
+    prefix = "encoder."
+    weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    encoder.load_state_dict(weights, strict=True)
+    return encoder
+
+
+def encoder_from_checkpoint(path: str | os.PathLike) -> Encoder:
+    """Rebuilds the trained encoder from a lit_embed checkpoint alone (loaded with ``weights_only=True``)."""
+    checkpoint = load_checkpoint(path)
+    if "encoder_config" not in checkpoint:
+        raise ValueError(f"{path} is not a lit_embed training checkpoint (it has no 'encoder_config').")
+    return load_encoder_weights(Encoder(**checkpoint["encoder_config"]), checkpoint)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a sentence-transformers model from a lit_embed checkpoint.")
+    parser.add_argument("checkpoint", help="a .ckpt written during training, e.g. OUTPUT_DIR/checkpoints/last.ckpt")
+    parser.add_argument("output_dir", help="where to write the sentence-transformers directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing model in output_dir")
+    args = parser.parse_args(argv)
+    path = to_sentence_transformers(encoder_from_checkpoint(args.checkpoint), args.output_dir, args.overwrite)
+    print(f"Wrote {path}; load it with SentenceTransformer({str(path)!r}).")
+
+
+if __name__ == "__main__":
+    main()

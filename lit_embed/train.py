@@ -15,9 +15,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lit_embed.callbacks.ir_eval import METRIC_TABLE_KEYS, evaluate_encoder
+from lit_embed.callbacks.checkpointing import AtomicCheckpointIO, load_checkpoint
+from lit_embed.callbacks.ir_eval import METRIC_TABLE_KEYS
 from lit_embed.data.formats import write_text_atomic
-from lit_embed.export import to_sentence_transformers
+from lit_embed.export import load_encoder_weights, to_sentence_transformers
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -41,6 +42,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs one finetuning job as configured and returns ``metrics.json``'s content."""
     quiet_third_party_output()
     output_dir = Path(cfg.output_dir)
+    resume_from = resume_checkpoint(cfg.resume, output_dir / "checkpoints")
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -53,21 +55,45 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         scheduler=instantiate(cfg.scheduler),
     )
     datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=instantiate(cfg.logger))
+    evaluation = instantiate(cfg.eval)
+    checkpointing = instantiate(cfg.checkpoint, dirpath=str(output_dir / "checkpoints"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        default_root_dir=str(output_dir),
+        logger=instantiate(cfg.logger),
+        callbacks=[evaluation, checkpointing],
+        plugins=[AtomicCheckpointIO()],
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
 
+    step = trainer.global_step
+    if cfg.load_best_model_at_end and checkpointing.best is not None:
+        step = checkpointing.best["step"]
+        load_encoder_weights(encoder, load_checkpoint(checkpointing.best["path"]))
     metrics: dict[str, Any] = {}
-    if datamodule.val_dataset is not None:
-        metrics["base"] = evaluate_encoder(encoder, datamodule.val_dataset, **cfg.eval)
-    trainer.fit(module, datamodule=datamodule)
-    if datamodule.val_dataset is not None:
-        metrics["final"] = evaluate_encoder(encoder, datamodule.val_dataset, **cfg.eval)
-
-    model_dir = to_sentence_transformers(encoder, output_dir / "model")
-    write_text_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    print(format_metrics_table(metrics))
-    print(f"Model saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
+    if evaluation.history:
+        # The best step may have been picked by a monitor other than the IR metrics: then measure it now.
+        final = evaluation.metrics_at(step) or evaluation.evaluate(trainer, module)
+        metrics = {"base": evaluation.metrics_at(0), "final": {**final, "step": step}}
+    if trainer.is_global_zero:
+        model_dir = to_sentence_transformers(encoder, output_dir / "model")
+        write_text_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        print(format_metrics_table(metrics))
+        print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
     return metrics
+
+
+def resume_checkpoint(resume: bool | str | None, checkpoint_dir: Path) -> str | None:
+    """``resume=true`` -> ``last.ckpt`` of this output_dir; ``resume=PATH`` -> that file; else None."""
+    if resume is None or resume is False:
+        return None
+    path = checkpoint_dir / "last.ckpt" if resume is True else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"cannot resume: {path} does not exist. Use the output_dir of the interrupted run with resume=true, "
+            "point resume=PATH at a .ckpt file, or start a new run without resume."
+        )
+    return str(path)
 
 
 def format_metrics_table(metrics: dict[str, dict[str, float]]) -> str:

@@ -91,3 +91,24 @@ def test_too_little_data_for_one_batch(tmp_path: Path, tiny_encoder) -> None:
 def test_missing_train_path() -> None:
     with pytest.raises(DataFormatError, match="data.train_path is not set"):
         QAPairDataModule().prepare_data()
+
+
+def test_lightning_reshuffles_every_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import compose_train, tiny_run_overrides, write_toy_data
+
+    from lit_embed.models.module import EmbeddingFinetuneModule
+    from lit_embed.train import run
+
+    seen: list[tuple[int, tuple[int, ...]]] = []
+
+    def record(self, batch, batch_idx):
+        seen.append((self.current_epoch, tuple(batch["queries"]["input_ids"][:, 7].tolist())))
+
+    monkeypatch.setattr(EmbeddingFinetuneModule, "on_train_batch_start", record, raising=False)
+    train, val = write_toy_data(tmp_path)
+    overrides = {"trainer.max_epochs": 2, "trainer.max_steps": -1}
+    run(compose_train(tiny_run_overrides(train, None, tmp_path / "run", **overrides)))
+    epochs = [[rows for epoch, rows in seen if epoch == e] for e in (0, 1)]
+    assert len(epochs[0]) == len(epochs[1]) == 6
+    assert epochs[0] != epochs[1]
+    assert sorted(q for rows in epochs[0] for q in rows) == sorted(q for rows in epochs[1] for q in rows)

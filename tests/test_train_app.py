@@ -9,39 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose_train, tiny_run_overrides, write_toy_data
 from omegaconf import OmegaConf
 from sentence_transformers import SentenceTransformer
 
-from lit_embed.data.formats import QADataset, save_llamaindex_json
-from lit_embed.train import CONFIG_DIR, run
+from lit_embed.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_KEYS = {"mrr@10", "ndcg@10", "map@100", "recall@10", "accuracy@1", "accuracy@5", "accuracy@10"}
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=False)
-
-
-def toy_split(n: int, offset: int = 0) -> QADataset:
-    topics = [
-        "sort a list",
-        "open a file",
-        "parse json",
-        "join paths",
-        "read csv",
-        "format dates",
-        "hash bytes",
-    ]
-    queries, corpus, relevant = {}, {}, {}
-    for i in range(offset, offset + n):
-        topic = topics[i % len(topics)]
-        queries[f"q{i}"] = f"how do I {topic} number {i}?"
-        corpus[f"d{i}"] = f"def helper_{i}():\n    # {topic} variant {i}\n    return {i}"
-        relevant[f"q{i}"] = [f"d{i}"]
-    return QADataset(queries, corpus, relevant)
 
 
 def test_default_config_composes_with_the_documented_keys() -> None:
@@ -58,32 +33,19 @@ def test_default_config_composes_with_the_documented_keys() -> None:
 
 
 def test_tiny_run_on_qa_json_trains_evaluates_and_exports(tmp_path: Path) -> None:
-    save_llamaindex_json(toy_split(48), tmp_path / "train.json")
-    save_llamaindex_json(toy_split(20, offset=100), tmp_path / "val.json")
+    train, val = write_toy_data(tmp_path)
     out = tmp_path / "run"
-    cfg = compose_train(
-        [
-            "model=tiny",
-            "data=qa_json",
-            f"data.train_path={tmp_path / 'train.json'}",
-            f"data.val_path={tmp_path / 'val.json'}",
-            "data.batch_size=8",
-            "trainer=cpu",
-            "trainer.max_steps=4",
-            "trainer.log_every_n_steps=1",
-            "optimizer.lr=1e-3",
-            f"output_dir={out}",
-        ]
-    )
+    cfg = compose_train(tiny_run_overrides(train, val, out, load_best_model_at_end="false"))
     metrics = run(cfg)
 
     assert set(metrics) == {"base", "final"}
+    assert metrics["final"]["step"] == 4
     assert TABLE_KEYS <= set(metrics["final"])
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["final"] != metrics["base"]  # four steps at lr 1e-3 move the tiny model
     assert (out / "model" / "model.safetensors").is_file()
     assert not list((out / "model").glob("*.bin")), "exports must be safetensors, not pickles"
-    logged = (out / "logs" / "metrics.csv").read_text().splitlines()[0]
+    logged = (out / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "train/loss" in logged and "train/lr" in logged
 
 

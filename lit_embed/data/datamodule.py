@@ -140,6 +140,7 @@ class QAPairDataModule(L.LightningDataModule):
         self.val_dataset: QADataset | None = None
         self._collator: PairCollator | None = None
         self._row_texts: list[tuple[int, ...]] = []
+        self._resume_at: tuple[int, int] | None = None
 
     def load_splits(self) -> tuple[QADataset, QADataset | None]:
         """Reads and validates the training and validation files."""
@@ -195,13 +196,31 @@ class QAPairDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self._collator is not None, "call setup() (Lightning does) or tokenize() first"
         sampler = NoDuplicatesBatchSampler(self._row_texts, self.batch_size, seed=self.seed, drop_last=self.drop_last)
+        if self._resume_at is not None:
+            # Lightning iterates the restarted epoch before its set_epoch() call, so set the epoch here.
+            sampler.set_epoch(self._resume_at[0])
+            sampler.resume_at(*self._resume_at)
         return DataLoader(
             range(len(self._row_texts)),
             batch_sampler=sampler,
             collate_fn=self._collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # Its own generator, so starting an epoch does not draw from the global RNG that dropout uses:
+            # a resumed run then replays dropout exactly.
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where in the data order training is (saved in checkpoints, so a resume skips what was trained on)."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume_at = (state_dict["epoch"], state_dict["batches_done"])
 
 
 class StdlibDataModule(QAPairDataModule):

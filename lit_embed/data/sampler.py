@@ -8,6 +8,25 @@ import torch
 from torch.utils.data import Sampler
 
 
+class EpochShuffle(Sampler[int]):
+    """A fresh permutation of ``range(size)`` every epoch, drawn from ``seed + epoch`` (so resumable)."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class NoDuplicatesBatchSampler(Sampler[list[int]]):
     """Shuffles every epoch from ``seed + epoch`` and fills each batch with rows that share no text.
 
@@ -18,7 +37,7 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         row_texts: for each row, the ids of every text it holds (query, positive, negatives). Ids (not strings)
             keep the per-epoch work cheap.
         batch_size: rows per batch.
-        seed: base seed; epoch ``e`` uses ``seed + e``, so a resumed run sees the same order.
+        seed: base seed; epoch ``e`` is shuffled from ``seed + e``, so a resumed run sees the same order.
         drop_last: drop a final batch smaller than ``batch_size``.
     """
 
@@ -27,14 +46,22 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.row_texts = [frozenset(texts) for texts in row_texts]
         self.batch_size = batch_size
-        self.seed = seed
         self.drop_last = drop_last
-        self.epoch = 0
+        # Lightning calls ``batch_sampler.sampler.set_epoch(epoch)`` at every epoch start, as for a BatchSampler.
+        self.sampler = EpochShuffle(len(self.row_texts), seed)
         self._batches: tuple[int, list[list[int]]] | None = None
+        self._resume_at: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Makes the next pass over ``epoch`` start after its first ``batches_done`` batches (exact resume)."""
+        self._resume_at = (epoch, batches_done)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every epoch."""
-        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
 
     def batches(self) -> list[list[int]]:
         """This epoch's batches (computed once per epoch; ``len`` and iteration agree)."""
@@ -43,8 +70,7 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         return self._batches[1]
 
     def _make_batches(self) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.row_texts), generator=generator).tolist()
+        order = list(self.sampler)
         batches = []
         pending: list[int] = []  # rows that clashed earlier; they get the first try at the next batch
         position = 0
@@ -73,7 +99,11 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+        start = 0
+        if self._resume_at is not None and self._resume_at[0] == self.epoch:
+            start = self._resume_at[1]
+            self._resume_at = None
+        return iter(self.batches()[start:])
 
     def __len__(self) -> int:
         return len(self.batches())

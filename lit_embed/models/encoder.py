@@ -44,6 +44,15 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         path = str(model_name_or_path)
+        # Enough to rebuild this encoder around a checkpoint's weights (see lit_embed.export).
+        self.config = {
+            "model_name_or_path": path,
+            "max_seq_length": max_seq_length,
+            "query_prompt": query_prompt,
+            "document_prompt": document_prompt,
+            "trust_remote_code": trust_remote_code,
+            "model_kwargs": dict(model_kwargs or {}),
+        }
         if _looks_like_a_path(path) and not Path(path).exists():
             raise FileNotFoundError(
                 f"model path {path} does not exist. Point model.model_name_or_path at a sentence-transformers "
@@ -58,6 +67,8 @@ class Encoder(nn.Module):
             self.model.prompts["query"] = query_prompt
         if document_prompt is not None:
             self.model.prompts["document"] = document_prompt
+        # sentence-transformers loads models in eval mode; training needs dropout on (encode() switches it off).
+        self.train()
 
     @property
     def embedding_dim(self) -> int:

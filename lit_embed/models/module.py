@@ -69,6 +69,10 @@ class EmbeddingFinetuneModule(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, batch_size=batch_size)
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lets `python -m lit_embed.export CKPT OUT` rebuild the encoder without the run's config.
+        checkpoint["encoder_config"] = self.encoder.config
+
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self._param_groups())
         if self.scheduler_factory is None:

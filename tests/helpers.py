@@ -1,0 +1,50 @@
+"""Small shared builders for the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from lit_embed.data.formats import QADataset, save_llamaindex_json
+from lit_embed.train import CONFIG_DIR
+
+TOPICS = ["sort a list", "open a file", "parse json", "join paths", "read csv", "format dates", "hash bytes"]
+
+
+def toy_split(n: int, offset: int = 0) -> QADataset:
+    """``n`` queries, each with its own short code document (ids q<i> / d<i>)."""
+    queries, corpus, relevant = {}, {}, {}
+    for i in range(offset, offset + n):
+        topic = TOPICS[i % len(TOPICS)]
+        queries[f"q{i}"] = f"how do I {topic} number {i}?"
+        corpus[f"d{i}"] = f"def helper_{i}():\n    # {topic} variant {i}\n    return {i}"
+        relevant[f"q{i}"] = [f"d{i}"]
+    return QADataset(queries, corpus, relevant)
+
+
+def write_toy_data(directory: Path, num_train: int = 48, num_val: int = 20) -> tuple[Path, Path]:
+    train, val = directory / "train.json", directory / "val.json"
+    save_llamaindex_json(toy_split(num_train), train)
+    save_llamaindex_json(toy_split(num_val, offset=1000), val)
+    return train, val
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def tiny_run_overrides(train: Path, val: Path | None, output_dir: Path, **extra: object) -> list[str]:
+    """A few-step tiny-model CPU run on the toy data; ``extra`` adds or replaces key=value overrides."""
+    values: dict[str, object] = {
+        "data.train_path": train,
+        "data.val_path": val if val is not None else "null",
+        "data.batch_size": 8,
+        "trainer.max_steps": 4,
+        "trainer.log_every_n_steps": 1,
+        "optimizer.lr": 1e-3,
+        "output_dir": output_dir,
+    }
+    values.update(extra)
+    return ["model=tiny", "data=qa_json", "trainer=cpu"] + [f"{k}={v}" for k, v in values.items()]
