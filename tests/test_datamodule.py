@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from lit_embed.data.datamodule import QAPairDataModule
+from lit_embed.data.datamodule import QAPairDataModule, padding_groups
 from lit_embed.data.formats import DataFormatError
 
 
@@ -49,13 +50,15 @@ def test_tokenizes_each_distinct_text_once_and_pads_per_batch(tmp_path: Path, ti
     for epoch in range(2):
         loader.batch_sampler.set_epoch(epoch)
         for batch in loader:
-            features = batch["documents"]
-            ids, mask = features["input_ids"], features["attention_mask"]
-            assert ids.shape == mask.shape and mask.sum(1).max() == ids.shape[1]  # padded to the longest row only
-            widths.add(ids.shape[1])
-            texts = [tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
+            texts = []
+            for features in batch["documents"]["groups"]:
+                ids, mask = features["input_ids"], features["attention_mask"]
+                assert mask.sum(1).max() == ids.shape[1]  # each group padded to its own longest row only
+                widths.add(ids.shape[1])
+                texts += [tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
             assert len(texts) == len(set(texts)), "a passage repeated inside a batch would be a false negative"
-            assert batch["queries"]["input_ids"].shape[0] == len(texts)
+            assert sorted(batch["documents"]["order"].tolist()) == list(range(len(texts)))
+            assert len(batch["queries"]["order"]) == len(texts)
     assert tokenizer.texts_seen == 60  # iterating epochs does not tokenize again
     assert len(widths) > 1
 
@@ -68,9 +71,9 @@ def test_prompts_are_applied_when_tokenizing(tmp_path: Path, tiny_model_path: st
     dm.tokenize(encoder)
     batch = next(iter(dm.train_dataloader()))
     query_prefix = encoder.model.tokenizer("query: ", add_special_tokens=False)["input_ids"]
-    first = batch["queries"]["input_ids"][0].tolist()
-    assert first[1 : 1 + len(query_prefix)] == query_prefix
-    assert batch["queries"]["prompt_length"] == len(query_prefix) + 1  # [CLS] + prompt, for prompt-aware pooling
+    features = batch["queries"]["groups"][0]
+    assert features["input_ids"][0, 1 : 1 + len(query_prefix)].tolist() == query_prefix
+    assert features["prompt_length"] == len(query_prefix) + 1  # [CLS] + prompt, for prompt-aware pooling
 
 
 def test_hard_negatives_follow_the_positives(tmp_path: Path, tiny_encoder) -> None:
@@ -78,8 +81,54 @@ def test_hard_negatives_follow_the_positives(tmp_path: Path, tiny_encoder) -> No
     dm = QAPairDataModule(train_path=str(write_jsonl(tmp_path / "t.jsonl", rows)), batch_size=4, max_negatives=1)
     dm.tokenize(tiny_encoder)
     batch = next(iter(dm.train_dataloader()))
-    assert batch["documents"]["input_ids"].shape[0] == 4 + 4  # 4 positives, then one negative each
+    assert len(batch["documents"]["order"]) == 4 + 4  # 4 positives, then one negative each
     assert batch["num_negatives"] == 4
+
+
+@pytest.mark.parametrize("lengths", [[3, 3, 4, 9, 30], [5] * 7, [1, 2, 3, 50, 51, 52, 300], list(range(1, 12))])
+def test_padding_groups_are_optimal(lengths: list[int]) -> None:
+    def cost(bounds):
+        return sum((end - start) * lengths[end - 1] for start, end in bounds)
+
+    def all_splits(n, groups):  # every way to cut range(n) into at most `groups` contiguous pieces
+        if groups == 1 or n == 0:
+            return [[(0, n)]]
+        splits = [[(0, n)]]
+        for cut in range(1, n):
+            splits += [[(0, cut)] + [(s + cut, e + cut) for s, e in rest] for rest in all_splits(n - cut, groups - 1)]
+        return splits
+
+    for groups in (1, 2, 3):
+        bounds = padding_groups(lengths, groups)
+        assert bounds[0][0] == 0 and bounds[-1][1] == len(lengths) and len(bounds) <= groups
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+        optimum = min(cost(s) for s in all_splits(len(lengths), groups))
+        assert cost(bounds) <= optimum / 0.9 ** (groups - 1)  # optimal up to the 10%-per-group rule
+    assert padding_groups([5] * 7, 4) == [(0, 7)]  # nothing to gain: one forward pass
+
+
+def test_length_groups_leave_loss_and_gradients_unchanged(tmp_path: Path, tiny_model_path: str) -> None:
+    from lit_embed.losses.mnrl import mnrl
+    from lit_embed.models.encoder import Encoder
+
+    rows = [{"query": f"q{i} " * (1 + i % 4), "positive": "code line\n" * (1 + (i * 7) % 40)} for i in range(16)]
+    path = str(write_jsonl(tmp_path / "t.jsonl", rows))
+    results = []
+    for groups in (1, 4):
+        encoder = Encoder(tiny_model_path).eval()  # no dropout: the two passes must be comparable
+        dm = QAPairDataModule(train_path=path, batch_size=16, length_groups=groups)
+        dm.tokenize(encoder)
+        batch = next(iter(dm.train_dataloader()))
+        assert len(batch["documents"]["groups"]) == (1 if groups == 1 else 3)
+        loss = mnrl(encoder.embed(batch["queries"]), encoder.embed(batch["documents"]))
+        loss.backward()
+        results.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})
+        )
+    (loss_1, grads_1), (loss_4, grads_4) = results
+    torch.testing.assert_close(loss_4, loss_1, atol=1e-5, rtol=0)
+    for name, grad in grads_1.items():
+        torch.testing.assert_close(grads_4[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_too_little_data_for_one_batch(tmp_path: Path, tiny_encoder) -> None:
@@ -102,7 +151,12 @@ def test_lightning_reshuffles_every_epoch(tmp_path: Path, monkeypatch: pytest.Mo
     seen: list[tuple[int, tuple[int, ...]]] = []
 
     def record(self, batch, batch_idx):
-        seen.append((self.current_epoch, tuple(batch["queries"]["input_ids"][:, 7].tolist())))
+        queries = [
+            tuple(row[mask.bool()].tolist())
+            for group in batch["queries"]["groups"]
+            for row, mask in zip(group["input_ids"], group["attention_mask"], strict=True)
+        ]
+        seen.append((self.current_epoch, tuple(sorted(queries))))
 
     monkeypatch.setattr(EmbeddingFinetuneModule, "on_train_batch_start", record, raising=False)
     train, val = write_toy_data(tmp_path)

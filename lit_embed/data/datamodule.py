@@ -61,8 +61,8 @@ class TokenizedTexts:
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.rows["input_ids"]]
 
-    def collate(self, indices: Sequence[int]) -> dict[str, Any]:
-        """Pads the chosen rows to the longest of them (dynamic padding)."""
+    def pad(self, indices: Sequence[int]) -> dict[str, Any]:
+        """Features of the chosen rows, padded to the longest of them."""
         batch: dict[str, Any] = {
             key: torch.nn.utils.rnn.pad_sequence(
                 [rows[i] for i in indices], batch_first=True, padding_value=self.padding_values[key]
@@ -71,9 +71,59 @@ class TokenizedTexts:
         }
         return batch | self.shared
 
+    def collate(self, indices: Sequence[int], max_groups: int = 1) -> dict[str, Any]:
+        """The chosen rows as up to ``max_groups`` padded groups of similar length.
+
+        One long document no longer pads the whole batch to its length: each group is padded to its own
+        longest row. Returns ``{"groups": [features, ...], "order": [N]}``, where row ``i`` of the batch is row
+        ``order[i]`` of the groups' concatenated outputs (see ``Encoder.embed``). Only the padding changes:
+        the texts of the batch, hence its in-batch negatives, are the same for any ``max_groups``.
+        """
+        lengths = [len(self.rows["input_ids"][i]) for i in indices]
+        by_length = sorted(range(len(indices)), key=lengths.__getitem__)
+        bounds = padding_groups([lengths[i] for i in by_length], max_groups)
+        groups = [self.pad([indices[i] for i in by_length[start:end]]) for start, end in bounds]
+        order = torch.empty(len(indices), dtype=torch.long)
+        order[torch.tensor(by_length, dtype=torch.long)] = torch.arange(len(indices))
+        return {"groups": groups, "order": order}
+
+
+def padding_groups(sorted_lengths: Sequence[int], max_groups: int, max_candidates: int = 64) -> list[tuple[int, int]]:
+    """Splits ascending lengths into at most ``max_groups`` contiguous groups with the fewest padded tokens.
+
+    A group costs ``size x its longest length``. Exact dynamic programming over split points, restricted to at
+    most ``max_candidates`` evenly spaced ones so huge batches stay cheap; another group is only taken when it
+    saves at least 10% of the tokens. Returns ``(start, end)`` pairs.
+    """
+    n = len(sorted_lengths)
+    if max_groups <= 1 or n <= 1:
+        return [(0, n)]
+    step = max(1, n // max_candidates)
+    points = sorted(set(range(0, n, step)) | {n})  # candidate group boundaries, 0 and n included
+    inf = float("inf")
+    # best[k][j]: fewest tokens covering items before points[j] with k groups; back[k][j]: the previous boundary.
+    best = [[inf] * len(points) for _ in range(max_groups + 1)]
+    back = [[0] * len(points) for _ in range(max_groups + 1)]
+    best[0][0] = 0
+    for k in range(1, max_groups + 1):
+        for j in range(1, len(points)):
+            for i in range(j):
+                cost = best[k - 1][i] + (points[j] - points[i]) * sorted_lengths[points[j] - 1]
+                if cost < best[k][j]:
+                    best[k][j], back[k][j] = cost, i
+    k = 1  # each further forward pass has a fixed cost: take another group only if it saves 10% of the tokens
+    while k < max_groups and best[k + 1][-1] < 0.9 * best[k][-1]:
+        k += 1
+    bounds, j = [], len(points) - 1
+    while j > 0:
+        i = back[k][j]
+        bounds.append((points[i], points[j]))
+        j, k = i, k - 1
+    return bounds[::-1]
+
 
 class PairCollator:
-    """Turns a list of row indices into ``{"queries": features, "documents": features}``.
+    """Turns a list of row indices into ``{"queries": grouped features, "documents": grouped features}``.
 
     ``documents`` holds the batch's positives first (row ``i`` answers query ``i``), then all hard negatives.
     """
@@ -83,17 +133,19 @@ class PairCollator:
         rows: Sequence[tuple[int, int, tuple[int, ...]]],
         queries: TokenizedTexts,
         documents: TokenizedTexts,
+        length_groups: int = 1,
     ):
         self.rows = rows
         self.queries = queries
         self.documents = documents
+        self.length_groups = length_groups
 
     def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
         rows = [self.rows[i] for i in indices]
         doc_ids = [positive for _, positive, _ in rows] + [n for _, _, negatives in rows for n in negatives]
         return {
-            "queries": self.queries.collate([query for query, _, _ in rows]),
-            "documents": self.documents.collate(doc_ids),
+            "queries": self.queries.collate([query for query, _, _ in rows], self.length_groups),
+            "documents": self.documents.collate(doc_ids, self.length_groups),
             "num_negatives": len(doc_ids) - len(rows),
         }
 
@@ -111,6 +163,8 @@ class QAPairDataModule(L.LightningDataModule):
         use_all_docs: False = one pair per query (its first relevant doc, as LlamaIndex); True = one per
             (query, relevant doc).
         max_negatives: cap on hard negatives per pair (None = all the data has).
+        length_groups: pad each batch's texts in up to this many groups of similar length, so one long text
+            does not pad the rest (1 = pad the whole batch to its longest text). Same texts, same loss.
         num_workers: DataLoader worker processes for collation.
         seed: shuffling seed.
         drop_last: drop a final incomplete batch.
@@ -123,6 +177,7 @@ class QAPairDataModule(L.LightningDataModule):
         batch_size: int = 16,
         use_all_docs: bool = False,
         max_negatives: int | None = None,
+        length_groups: int = 4,
         num_workers: int = 0,
         seed: int = 0,
         drop_last: bool = False,
@@ -133,6 +188,7 @@ class QAPairDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.use_all_docs = use_all_docs
         self.max_negatives = max_negatives
+        self.length_groups = length_groups
         self.num_workers = num_workers
         self.seed = seed
         self.drop_last = drop_last
@@ -182,7 +238,7 @@ class QAPairDataModule(L.LightningDataModule):
         rows = [(query_row[e.query], doc_row[e.positive], tuple(doc_row[n] for n in e.negatives)) for e in examples]
         queries = TokenizedTexts(query_texts, "query", tokenizer)
         documents = TokenizedTexts(doc_texts, "document", tokenizer)
-        self._collator = PairCollator(rows, queries, documents)
+        self._collator = PairCollator(rows, queries, documents, self.length_groups)
         # Queries and documents live in separate id spaces: a query equal to a document is no clash.
         self._row_texts = [(q, *(len(query_texts) + d for d in (p, *n))) for q, p, n in rows]
         log.info(

@@ -91,6 +91,11 @@ class Encoder(nn.Module):
         """Features from :meth:`tokenize` (or a collated batch of them) -> ``[B, D]`` embeddings."""
         return self.model(dict(features))["sentence_embedding"]
 
+    def embed(self, batch: dict[str, Any]) -> Tensor:
+        """A collated batch ``{"groups": [features, ...], "order": [N]}`` -> ``[N, D]`` in the batch's row order."""
+        embeddings = torch.cat([self(features) for features in batch["groups"]])  # [N, D], grouped by length
+        return embeddings[batch["order"]]
+
     @torch.no_grad()
     def encode(self, texts: Sequence[str], kind: TextKind, batch_size: int = 64) -> Tensor:
         """Embeds texts for evaluation: no grad, eval mode, longest texts first so padding stays small.

@@ -61,8 +61,8 @@ class EmbeddingFinetuneModule(L.LightningModule):
         self.scheduler_factory = scheduler
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        queries = self.encoder(batch["queries"])  # [B, D]
-        documents = self.encoder(batch["documents"])  # [B + N, D]: positives, then hard negatives
+        queries = self.encoder.embed(batch["queries"])  # [B, D]
+        documents = self.encoder.embed(batch["documents"])  # [B + N, D]: positives, then hard negatives
         loss = self.loss(queries, documents)
         batch_size = queries.size(0)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
