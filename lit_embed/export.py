@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from lit_embed.callbacks.checkpointing import load_checkpoint
+from lit_embed.errors import LitEmbedError
 from lit_embed.models.encoder import Encoder
 
 
@@ -24,10 +25,13 @@ def to_sentence_transformers(encoder: Encoder, path: str | os.PathLike, overwrit
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already holds a model. Choose another output_dir or set overwrite=true.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        raise LitEmbedError(f"{path} already holds a model. Choose another output directory or set overwrite=true.")
+    if not encoder.has_finite_weights():
+        raise LitEmbedError(f"refusing to write {path}: the model's weights contain NaN or inf values.")
+    staging = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
         encoder.save(staging)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -37,8 +41,14 @@ def to_sentence_transformers(encoder: Encoder, path: str | os.PathLike, overwrit
             shutil.rmtree(old)
         else:
             staging.rename(path)
+    except OSError as err:
+        raise LitEmbedError(
+            f"could not write the model to {path}: {err.strerror or err}. Nothing was replaced; the checkpoints are "
+            "intact. Free disk space or fix permissions, then run again with resume=true."
+        ) from err
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
@@ -54,7 +64,7 @@ def encoder_from_checkpoint(path: str | os.PathLike) -> Encoder:
     """Rebuilds the trained encoder from a lit_embed checkpoint alone (loaded with ``weights_only=True``)."""
     checkpoint = load_checkpoint(path)
     if "encoder_config" not in checkpoint:
-        raise ValueError(f"{path} is not a lit_embed training checkpoint (it has no 'encoder_config').")
+        raise LitEmbedError(f"{path} is not a lit_embed training checkpoint (it has no 'encoder_config').")
     return load_encoder_weights(Encoder(**checkpoint["encoder_config"]), checkpoint)
 
 
@@ -64,7 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir", help="where to write the sentence-transformers directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model in output_dir")
     args = parser.parse_args(argv)
-    path = to_sentence_transformers(encoder_from_checkpoint(args.checkpoint), args.output_dir, args.overwrite)
+    try:
+        path = to_sentence_transformers(encoder_from_checkpoint(args.checkpoint), args.output_dir, args.overwrite)
+    except (LitEmbedError, FileNotFoundError) as err:
+        parser.exit(2, f"lit_embed.export: error: {err}\n")
     print(f"Wrote {path}; load it with SentenceTransformer({str(path)!r}).")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,15 @@ import lightning as L
 import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lit_embed.callbacks.checkpointing import AtomicCheckpointIO, load_checkpoint
 from lit_embed.callbacks.ir_eval import METRIC_TABLE_KEYS
 from lit_embed.data.formats import write_text_atomic
+from lit_embed.errors import LitEmbedError
 from lit_embed.export import load_encoder_weights, to_sentence_transformers
 
 log = logging.getLogger(__name__)
@@ -38,29 +42,47 @@ def quiet_third_party_output() -> None:
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
 
 
+def build(config: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, but a ``LitEmbedError`` raised by a constructor reaches the user unwrapped."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, LitEmbedError):
+            raise err.__cause__ from None
+        raise
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs one finetuning job as configured and returns ``metrics.json``'s content."""
     quiet_third_party_output()
     output_dir = Path(cfg.output_dir)
+    # Everything a user can get wrong is checked before training starts or anything is written.
+    if (output_dir / "model").exists() and not cfg.overwrite:
+        raise LitEmbedError(
+            f"{output_dir / 'model'} already holds a finished model. Choose another output_dir, or set "
+            "overwrite=true to replace it."
+        )
     resume_from = resume_checkpoint(cfg.resume, output_dir / "checkpoints")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    datamodule = build(cfg.data)
+    datamodule.prepare_data()
     L.seed_everything(cfg.seed, workers=True)
 
-    encoder = instantiate(cfg.model)
-    module = instantiate(
+    encoder = build(cfg.model)
+    trainer_args = {key: value for key, value in cfg.trainer.items() if key != "skip_nonfinite"}
+    module = build(
         cfg.method,
         encoder=encoder,
-        loss=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler),
+        loss=build(cfg.loss),
+        optimizer=build(cfg.optimizer),
+        scheduler=build(cfg.scheduler),
+        skip_nonfinite=cfg.trainer.get("skip_nonfinite", False),
     )
-    datamodule = instantiate(cfg.data)
-    evaluation = instantiate(cfg.eval)
-    checkpointing = instantiate(cfg.checkpoint, dirpath=str(output_dir / "checkpoints"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
+    evaluation = build(cfg.eval)
+    checkpointing = build(cfg.checkpoint, dirpath=str(output_dir / "checkpoints"))
+    trainer: L.Trainer = build(
+        trainer_args,
         default_root_dir=str(output_dir),
-        logger=instantiate(cfg.logger),
+        logger=build(cfg.logger),
         callbacks=[evaluation, checkpointing],
         plugins=[AtomicCheckpointIO()],
     )
@@ -89,7 +111,7 @@ def resume_checkpoint(resume: bool | str | None, checkpoint_dir: Path) -> str | 
         return None
     path = checkpoint_dir / "last.ckpt" if resume is True else Path(resume)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise LitEmbedError(
             f"cannot resume: {path} does not exist. Use the output_dir of the interrupted run with resume=true, "
             "point resume=PATH at a .ckpt file, or start a new run without resume."
         )
@@ -116,7 +138,14 @@ def main(cfg: DictConfig) -> None:
     # In a sweep Hydra gives each job its own folder under output_dir; that folder is the job's output_dir.
     with open_dict(cfg):
         cfg.output_dir = HydraConfig.get().runtime.output_dir
-    run(cfg)
+    try:
+        run(cfg)
+    except LitEmbedError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    except SIGTERMException:
+        log.error("Stopped by SIGTERM; the checkpoint is saved. Continue with resume=true.")
+        sys.exit(143)
 
 
 if __name__ == "__main__":

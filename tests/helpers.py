@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from lit_embed.data.formats import QADataset, save_llamaindex_json
 from lit_embed.train import CONFIG_DIR
 
+REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["sort a list", "open a file", "parse json", "join paths", "read csv", "format dates", "hash bytes"]
 
 

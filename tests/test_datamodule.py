@@ -18,6 +18,7 @@ class CountingTokenizer:
     def __init__(self, encoder) -> None:
         self.encoder = encoder
         self.pad_token_id = encoder.pad_token_id
+        self.max_seq_length = encoder.max_seq_length
         self.texts_seen = 0
 
     def tokenize(self, texts, kind):

@@ -84,6 +84,7 @@ def test_jsonl_with_and_without_negatives(tmp_path: Path) -> None:
     assert [data.corpus[d] for d in data.hard_negatives[q_one]] == ["doc two", "doc three"]
     examples = training_examples(data, use_all_docs=True)
     assert examples[0] == TrainingExample("q one", "doc one", ("doc two", "doc three"))
+    assert examples[0].query_id == "line 1"  # JSONL query ids say where the query first appears
     save_jsonl(examples, tmp_path / "again.jsonl")
     assert training_examples(load_dataset(tmp_path / "again.jsonl"), use_all_docs=True) == examples
 

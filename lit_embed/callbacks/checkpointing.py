@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -14,6 +15,9 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lit_embed.errors import LitEmbedError
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +49,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as err:
+            raise _unwritable(path, err) from err
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as err:
+            Path(tmp).unlink(missing_ok=True)
+            raise _unwritable(path, err) from err
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+            raise LitEmbedError(
+                f"checkpoint {path} does not exist. Check the path (checkpoints are OUTPUT_DIR/checkpoints/)."
+            )
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise LitEmbedError(
+                f"{path} holds objects other than tensors and plain containers, so it was not loaded: lit_embed never "
+                f"runs code from a checkpoint (torch.load with weights_only=True). Details: {str(err).splitlines()[0]}"
+            ) from err
+
+
+def _unwritable(path: Path, err: OSError) -> LitEmbedError:
+    return LitEmbedError(
+        f"could not write checkpoint {path}: {err.strerror or err}. The checkpoints already in {path.parent} are "
+        "intact. Free disk space or fix permissions, then continue with resume=true."
+    )
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -144,7 +169,7 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
         # The base model's evaluation is a candidate too: if finetuning only makes things worse, the best
         # checkpoint is the untrained one. Looking at every measured value also keeps a stale one from
         # counting as an improvement later.
-        if trainer.global_step == 0 and self._improved(trainer):
+        if trainer.global_step == 0 and self._improved(trainer, pl_module):
             self._save(trainer, 0, improved=True)
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
@@ -159,7 +184,7 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
         step = trainer.global_step
         if self.saved and self.saved[-1]["step"] == step:  # gradient accumulation: same optimizer step
             return
-        improved = self._improved(trainer)
+        improved = self._improved(trainer, pl_module)
         if improved or (self.save_steps > 0 and step % self.save_steps == 0):
             if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
                 # Lightning miscounts epochs when resuming from a checkpoint taken at an epoch's last batch, so
@@ -172,17 +197,25 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
         self._deferred = None  # the final checkpoint below covers it
         step = trainer.global_step
         if not self.saved or self.saved[-1]["step"] != step:
-            self._save(trainer, step, self._improved(trainer))
+            self._save(trainer, step, self._improved(trainer, pl_module))
 
-    def _improved(self, trainer: L.Trainer) -> bool:
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # SIGTERM is what schedulers send before killing a job: keep the work done so far.
+        if isinstance(exception, SIGTERMException) and (
+            not self.saved or self.saved[-1]["step"] != trainer.global_step
+        ):
+            self._save(trainer, trainer.global_step, improved=False)
+            log.warning("SIGTERM: saved %s; continue with resume=true.", self.last_path)
+
+    def _improved(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         if self.monitor is None or self.monitor not in trainer.callback_metrics:
             return False
         score = float(trainer.callback_metrics[self.monitor])
         if not np.isfinite(score):
             return False
-        if self.best is None:
-            return True
-        return score > self.best["score"] if self.mode == "max" else score < self.best["score"]
+        better = self.best is None or (score > self.best["score"] if self.mode == "max" else score < self.best["score"])
+        # A model with NaN/inf weights is never the best, whatever its score says.
+        return better and all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
 
     def _save(self, trainer: L.Trainer, step: int, improved: bool) -> None:
         assert self.dirpath is not None

@@ -28,6 +28,7 @@ class TextTokenizer(Protocol):
     """What the data needs from an encoder (see ``lit_embed.models.encoder.Encoder``)."""
 
     pad_token_id: int
+    max_seq_length: int
 
     def tokenize(self, texts: Sequence[str], kind: str) -> dict[str, Any]: ...
 
@@ -54,6 +55,16 @@ class TokenizedTexts:
                 else:
                     self.shared[key] = value
         self.padding_values = {key: tokenizer.pad_token_id if key == "input_ids" else 0 for key in self.rows}
+        truncated = sum(len(ids) >= tokenizer.max_seq_length for ids in self.rows.get("input_ids", []))
+        if truncated:
+            log.warning(
+                "%d of %d %s texts reach model.max_seq_length=%d tokens and are cut there; raise "
+                "model.max_seq_length to keep more of them.",
+                truncated,
+                len(texts),
+                kind,
+                tokenizer.max_seq_length,
+            )
 
     def __len__(self) -> int:
         return len(self.rows["input_ids"]) if self.rows else 0
@@ -134,8 +145,10 @@ class PairCollator:
         queries: TokenizedTexts,
         documents: TokenizedTexts,
         length_groups: int = 1,
+        query_ids: Sequence[str] = (),
     ):
         self.rows = rows
+        self.query_ids = query_ids
         self.queries = queries
         self.documents = documents
         self.length_groups = length_groups
@@ -147,6 +160,7 @@ class PairCollator:
             "queries": self.queries.collate([query for query, _, _ in rows], self.length_groups),
             "documents": self.documents.collate(doc_ids, self.length_groups),
             "num_negatives": len(doc_ids) - len(rows),
+            "query_ids": [self.query_ids[i] for i in indices] if self.query_ids else [],
         }
 
 
@@ -197,6 +211,7 @@ class QAPairDataModule(L.LightningDataModule):
         self._collator: PairCollator | None = None
         self._row_texts: list[tuple[int, ...]] = []
         self._resume_at: tuple[int, int] | None = None
+        self._examples: list[TrainingExample] = []
 
     def load_splits(self) -> tuple[QADataset, QADataset | None]:
         """Reads and validates the training and validation files."""
@@ -207,8 +222,15 @@ class QAPairDataModule(L.LightningDataModule):
         return train, val
 
     def prepare_data(self) -> None:
+        """Loads and checks the data; every data error surfaces here, before anything is trained or written."""
         if self.train_dataset is None:
             self.train_dataset, self.val_dataset = self.load_splits()
+            self._examples = training_examples(self.train_dataset, self.use_all_docs)
+            if len(self._examples) < self.batch_size:
+                raise DataFormatError(
+                    f"{self.source}: only {len(self._examples)} training pairs, fewer than one batch "
+                    f"(data.batch_size={self.batch_size}). Add data or lower data.batch_size."
+                )
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
@@ -222,15 +244,11 @@ class QAPairDataModule(L.LightningDataModule):
     def tokenize(self, tokenizer: TextTokenizer) -> None:
         """Builds the training rows and tokenizes each distinct text once."""
         self.prepare_data()
-        assert self.train_dataset is not None
-        examples = training_examples(self.train_dataset, self.use_all_docs)
+        examples = self._examples
         if self.max_negatives is not None:
-            examples = [TrainingExample(e.query, e.positive, e.negatives[: self.max_negatives]) for e in examples]
-        if len(examples) < self.batch_size:
-            raise DataFormatError(
-                f"{self.source}: only {len(examples)} training pairs, fewer than one batch "
-                f"(data.batch_size={self.batch_size}). Add data or lower data.batch_size."
-            )
+            examples = [
+                TrainingExample(e.query, e.positive, e.negatives[: self.max_negatives], e.query_id) for e in examples
+            ]
         query_texts = list(dict.fromkeys(e.query for e in examples))
         doc_texts = list(dict.fromkeys(t for e in examples for t in (e.positive, *e.negatives)))
         query_row = {t: i for i, t in enumerate(query_texts)}
@@ -238,7 +256,7 @@ class QAPairDataModule(L.LightningDataModule):
         rows = [(query_row[e.query], doc_row[e.positive], tuple(doc_row[n] for n in e.negatives)) for e in examples]
         queries = TokenizedTexts(query_texts, "query", tokenizer)
         documents = TokenizedTexts(doc_texts, "document", tokenizer)
-        self._collator = PairCollator(rows, queries, documents, self.length_groups)
+        self._collator = PairCollator(rows, queries, documents, self.length_groups, [e.query_id for e in examples])
         # Queries and documents live in separate id spaces: a query equal to a document is no clash.
         self._row_texts = [(q, *(len(query_texts) + d for d in (p, *n))) for q, p, n in rows]
         log.info(

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lit_embed.errors import LitEmbedError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(LitEmbedError, ValueError):
     """The data file is unusable; the message says where and how to fix it."""
 
 
@@ -47,6 +49,7 @@ class TrainingExample:
     query: str
     positive: str
     negatives: tuple[str, ...] = ()
+    query_id: str = field(default="", compare=False)  # where the row came from, for error messages
 
     def texts(self) -> tuple[str, ...]:
         return (self.query, self.positive, *self.negatives)
@@ -172,7 +175,7 @@ def load_jsonl(path: str | os.PathLike) -> QADataset:
                 raise DataFormatError(f"{where}: {name} is empty or not a string. Remove the line or fill in the text.")
         query = row["query"]
         if query not in query_ids:
-            query_ids[query] = f"q{len(query_ids)}"
+            query_ids[query] = f"line {lineno}"  # the id names where the query first appears
             queries[query_ids[query]] = query
         qid = query_ids[query]
         positive = doc_id(row["positive"])
@@ -230,7 +233,7 @@ def training_examples(dataset: QADataset, use_all_docs: bool = False) -> list[Tr
     for qid, doc_ids in dataset.relevant_docs.items():
         negatives = tuple(dataset.corpus[d] for d in dataset.hard_negatives.get(qid, []))
         for doc_id in doc_ids if use_all_docs else doc_ids[:1]:
-            examples.append(TrainingExample(dataset.queries[qid], dataset.corpus[doc_id], negatives))
+            examples.append(TrainingExample(dataset.queries[qid], dataset.corpus[doc_id], negatives, qid))
     return examples
 
 

@@ -12,6 +12,8 @@ import torch
 from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 
+from lit_embed.errors import LitEmbedError
+
 log = logging.getLogger(__name__)
 
 TextKind = Literal["query", "document"]
@@ -54,7 +56,7 @@ class Encoder(nn.Module):
             "model_kwargs": dict(model_kwargs or {}),
         }
         if _looks_like_a_path(path) and not Path(path).exists():
-            raise FileNotFoundError(
+            raise LitEmbedError(
                 f"model path {path} does not exist. Point model.model_name_or_path at a sentence-transformers "
                 "directory (one with modules.json) or a hub id on a machine with hub access."
             )
@@ -77,6 +79,10 @@ class Encoder(nn.Module):
     @property
     def pad_token_id(self) -> int:
         return self.model.tokenizer.pad_token_id or 0
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.model.max_seq_length
 
     def prompt(self, kind: TextKind) -> str:
         """The prompt that ``encode_query`` / ``encode_document`` would use, so training matches inference."""
@@ -117,6 +123,9 @@ class Encoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def has_finite_weights(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.parameters())
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes a sentence-transformers directory (safetensors weights, prompts included)."""

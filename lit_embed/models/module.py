@@ -13,8 +13,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from lit_embed.errors import LitEmbedError
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 from lit_embed.models.encoder import Encoder
+
+
+class NonFiniteLossError(LitEmbedError):
+    """The loss became NaN or infinite."""
+
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
@@ -45,6 +51,8 @@ class EmbeddingFinetuneModule(L.LightningModule):
         optimizer: ``optimizer(param_groups) -> Optimizer`` (a Hydra partial).
         scheduler: ``scheduler(optimizer, total_steps=...) -> LRScheduler`` stepped per optimizer step,
             or None for a constant learning rate.
+        skip_nonfinite: on a NaN/inf loss, skip that batch (counted in ``train/skipped_batches``) instead of
+            stopping the run with an error that names the step and the batch's query ids.
     """
 
     def __init__(
@@ -53,18 +61,32 @@ class EmbeddingFinetuneModule(L.LightningModule):
         loss: nn.Module | None = None,
         optimizer: OptimizerFactory = DEFAULT_OPTIMIZER,
         scheduler: SchedulerFactory | None = linear_warmup_decay,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.loss = loss if loss is not None else MultipleNegativesRankingLoss()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_batches = 0
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         queries = self.encoder.embed(batch["queries"])  # [B, D]
         documents = self.encoder.embed(batch["documents"])  # [B + N, D]: positives, then hard negatives
         loss = self.loss(queries, documents)
         batch_size = queries.size(0)
+        if not torch.isfinite(loss):
+            if not self.skip_nonfinite:
+                raise NonFiniteLossError(
+                    f"the loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch "
+                    f"{self.current_epoch}), on the batch with query ids {batch.get('query_ids', [])}. Check those "
+                    "texts, lower optimizer.lr, or set trainer.skip_nonfinite=true to skip such batches. "
+                    "The checkpoints written so far are intact; resume=true continues from the last one."
+                )
+            self.skipped_batches += 1  # returning None makes Lightning skip this batch's backward and step
+            self.log("train/skipped_batches", float(self.skipped_batches), batch_size=batch_size)
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, batch_size=batch_size)
         return loss
@@ -72,6 +94,10 @@ class EmbeddingFinetuneModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lets `python -m lit_embed.export CKPT OUT` rebuild the encoder without the run's config.
         checkpoint["encoder_config"] = self.encoder.config
+        checkpoint["skipped_batches"] = self.skipped_batches
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_batches = checkpoint.get("skipped_batches", 0)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self._param_groups())
