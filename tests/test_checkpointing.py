@@ -133,6 +133,34 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path: Path
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+def test_a_failed_model_export_keeps_the_previous_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_encoder):
+    from lit_embed.export import to_sentence_transformers
+
+    to_sentence_transformers(tiny_encoder, tmp_path / "model")
+    before = (tmp_path / "model" / "model.safetensors").read_bytes()
+
+    def save_that_dies(path):
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tiny_encoder, "save", save_that_dies)
+    with pytest.raises(
+        LitEmbedError, match=r"could not write the model .*No space left on device.*Nothing was replaced"
+    ):
+        to_sentence_transformers(tiny_encoder, tmp_path / "model")
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_leftovers_of_a_killed_write_are_cleaned_up(tmp_path: Path) -> None:
+    train, val = write_toy_data(tmp_path)
+    leftover = tmp_path / "run" / "checkpoints" / ".last.ckpt.abc123.tmp"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half a checkpoint from a run killed while saving")
+    run(compose_train(tiny_run_overrides(train, val, tmp_path / "run", **{"trainer.max_steps": 1})))
+    assert not leftover.exists()
+
+
 class Payload:
     def __reduce__(self):
         return (print, ("this ran while loading a checkpoint",))

@@ -30,6 +30,8 @@ def test_default_config_composes_with_the_documented_keys() -> None:
     assert compose_train(["trainer=cpu"]).trainer.precision == "32-true"
     assert compose_train(["trainer=gpu"]).trainer.precision == "bf16-mixed"
     assert compose_train(["model=bge"]).model.query_prompt.startswith("Represent this sentence")
+    for model in ("minilm", "bge", "tiny"):  # a model directory may only run its own code when asked to
+        assert compose_train([f"model={model}"]).model.trust_remote_code is False
 
 
 def test_tiny_run_on_qa_json_trains_evaluates_and_exports(tmp_path: Path) -> None:

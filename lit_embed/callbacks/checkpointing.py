@@ -164,6 +164,9 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "checkpoints"
+        if trainer.is_global_zero and self.dirpath.is_dir():
+            for leftover in self.dirpath.glob(".*.tmp"):  # from a write that was killed half-way
+                leftover.unlink()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The base model's evaluation is a candidate too: if finetuning only makes things worse, the best
