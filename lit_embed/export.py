@@ -10,14 +10,19 @@ import argparse
 import os
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from lit_embed.callbacks.checkpointing import load_checkpoint
 from lit_embed.errors import LitEmbedError
+from lit_embed.models import adapters
+from lit_embed.models.adapters import AdaptedEncoder
 from lit_embed.models.encoder import Encoder
 
 
-def to_sentence_transformers(encoder: Encoder, path: str | os.PathLike, overwrite: bool = True) -> Path:
+def to_sentence_transformers(
+    encoder: Encoder | AdaptedEncoder, path: str | os.PathLike, overwrite: bool = True
+) -> Path:
     """Saves ``encoder`` as a sentence-transformers directory that ``SentenceTransformer(path)`` loads as is.
 
     The directory is written next to its destination and renamed into place, so a crash mid-save never
@@ -52,7 +57,7 @@ def to_sentence_transformers(encoder: Encoder, path: str | os.PathLike, overwrit
     return path
 
 
-def load_encoder_weights(encoder: Encoder, checkpoint: dict) -> Encoder:
+def load_encoder_weights(encoder: Encoder | AdaptedEncoder, checkpoint: dict) -> Encoder | AdaptedEncoder:
     """Copies a training checkpoint's encoder weights into ``encoder`` (strict: every weight must match)."""
     prefix = "encoder."
     weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
@@ -60,12 +65,19 @@ def load_encoder_weights(encoder: Encoder, checkpoint: dict) -> Encoder:
     return encoder
 
 
-def encoder_from_checkpoint(path: str | os.PathLike) -> Encoder:
-    """Rebuilds the trained encoder from a lit_embed checkpoint alone (loaded with ``weights_only=True``)."""
+def encoder_from_checkpoint(path: str | os.PathLike) -> Encoder | AdaptedEncoder:
+    """Rebuilds the trained encoder (full or adapter) from a lit_embed checkpoint alone (``weights_only=True``)."""
     checkpoint = load_checkpoint(path)
     if "encoder_config" not in checkpoint:
         raise LitEmbedError(f"{path} is not a lit_embed training checkpoint (it has no 'encoder_config').")
-    return load_encoder_weights(Encoder(**checkpoint["encoder_config"]), checkpoint)
+    config = checkpoint["encoder_config"]
+    if "adapter" in config:  # method=adapter: the frozen base model plus the trained head
+        head = dict(config["adapter"])
+        adapter_class = getattr(adapters, head.pop("class"))
+        encoder = AdaptedEncoder(Encoder(**config["base"]), partial(adapter_class, **head), cache_dir=None)
+    else:
+        encoder = Encoder(**config)
+    return load_encoder_weights(encoder, checkpoint)
 
 
 def main(argv: list[str] | None = None) -> None:

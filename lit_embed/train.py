@@ -23,6 +23,7 @@ from lit_embed.callbacks.ir_eval import METRIC_TABLE_KEYS
 from lit_embed.data.formats import write_text_atomic
 from lit_embed.errors import LitEmbedError
 from lit_embed.export import load_encoder_weights, to_sentence_transformers
+from lit_embed.models.adapters import AdaptedEncoder
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -68,6 +69,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     encoder = build(cfg.model)
+    if "encoder" in cfg.method:  # method=adapter wraps the encoder: frozen, with a trainable head
+        encoder = build(cfg.method.encoder)(encoder)
     trainer_args = {key: value for key, value in cfg.trainer.items() if key != "skip_nonfinite"}
     module = build(
         cfg.method,
@@ -98,7 +101,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         final = evaluation.metrics_at(step) or evaluation.evaluate(trainer, module)
         metrics = {"base": evaluation.metrics_at(0), "final": {**final, "step": step}}
     if trainer.is_global_zero:
-        model_dir = to_sentence_transformers(encoder, output_dir / "model")
+        model_dir = to_sentence_transformers(encoder, output_dir / "model", overwrite=True)
+        if isinstance(encoder, AdaptedEncoder) and encoder.save_llamaindex_adapter(output_dir / "llamaindex_adapter"):
+            print(f"LlamaIndex adapter saved to {output_dir / 'llamaindex_adapter'} (AdapterEmbeddingModel).")
         write_text_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         print(format_metrics_table(metrics))
         print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")

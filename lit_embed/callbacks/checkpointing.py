@@ -226,7 +226,8 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
         self.saved.append({"step": step, "path": str(path)})
         if improved:
             self.best = {"step": step, "path": str(path), "score": float(trainer.callback_metrics[self.monitor])}
-        trainer.save_checkpoint(path)  # atomic through AtomicCheckpointIO; includes this callback's state
+        # Atomic through AtomicCheckpointIO; includes this callback's state.
+        trainer.save_checkpoint(path, weights_only=False)
         if trainer.is_global_zero:
             replace_atomically(path, self.last_path)
             self._prune()

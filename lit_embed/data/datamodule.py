@@ -55,7 +55,7 @@ class TokenizedTexts:
                 else:
                     self.shared[key] = value
         self.padding_values = {key: tokenizer.pad_token_id if key == "input_ids" else 0 for key in self.rows}
-        truncated = sum(len(ids) >= tokenizer.max_seq_length for ids in self.rows.get("input_ids", []))
+        truncated = sum(len(mask) >= tokenizer.max_seq_length for mask in self.rows.get("attention_mask", []))
         if truncated:
             log.warning(
                 "%d of %d %s texts reach model.max_seq_length=%d tokens and are cut there; raise "
@@ -67,10 +67,7 @@ class TokenizedTexts:
             )
 
     def __len__(self) -> int:
-        return len(self.rows["input_ids"]) if self.rows else 0
-
-    def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.rows["input_ids"]]
+        return len(self.rows["attention_mask"]) if self.rows else 0
 
     def pad(self, indices: Sequence[int]) -> dict[str, Any]:
         """Features of the chosen rows, padded to the longest of them."""
@@ -90,7 +87,7 @@ class TokenizedTexts:
         ``order[i]`` of the groups' concatenated outputs (see ``Encoder.embed``). Only the padding changes:
         the texts of the batch, hence its in-batch negatives, are the same for any ``max_groups``.
         """
-        lengths = [len(self.rows["input_ids"][i]) for i in indices]
+        lengths = [len(self.rows["attention_mask"][i]) for i in indices]
         by_length = sorted(range(len(indices)), key=lengths.__getitem__)
         bounds = padding_groups([lengths[i] for i in by_length], max_groups)
         groups = [self.pad([indices[i] for i in by_length[start:end]]) for start, end in bounds]
