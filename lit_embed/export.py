@@ -74,6 +74,11 @@ def encoder_from_checkpoint(path: str | os.PathLike) -> Encoder | AdaptedEncoder
     if "adapter" in config:  # method=adapter: the frozen base model plus the trained head
         head = dict(config["adapter"])
         adapter_class = getattr(adapters, head.pop("class"))
+        if config.get("base_class") == "PrecomputedEmbeddings":
+            raise LitEmbedError(
+                f"{path} was trained on precomputed vectors: there is no text model to export. The trained head "
+                "is in the run's model/adapter.safetensors and llamaindex_adapter/."
+            )
         encoder = AdaptedEncoder(Encoder(**config["base"]), partial(adapter_class, **head), cache_dir=None)
     else:
         encoder = Encoder(**config)

@@ -24,6 +24,7 @@ from lit_embed.data.formats import write_text_atomic
 from lit_embed.errors import LitEmbedError
 from lit_embed.export import load_encoder_weights, to_sentence_transformers
 from lit_embed.models.adapters import AdaptedEncoder
+from lit_embed.models.precomputed import PrecomputedEmbeddings
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -71,6 +72,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     encoder = build(cfg.model)
     if "encoder" in cfg.method:  # method=adapter wraps the encoder: frozen, with a trainable head
         encoder = build(cfg.method.encoder)(encoder)
+    elif isinstance(encoder, PrecomputedEmbeddings):
+        raise LitEmbedError("model=precomputed has no encoder weights to finetune: use it with method=adapter.")
     trainer_args = {key: value for key, value in cfg.trainer.items() if key != "skip_nonfinite"}
     module = build(
         cfg.method,

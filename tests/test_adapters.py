@@ -167,3 +167,56 @@ def test_cache_key_follows_the_prompt(tmp_path: Path, tiny_model_path: str) -> N
 
     assert cache_path(None) == cache_path(None)
     assert cache_path(None) != cache_path("query: ")
+
+
+def write_vectors(tmp_path: Path, encoder: Encoder, parquet: bool) -> tuple[Path, Path]:
+    """Embeds every query and document of the toy files, as a hosted embedding API would, and writes them."""
+    from lit_embed.data.formats import load_dataset
+
+    files = []
+    for kind in ("query", "document"):
+        ids, texts = [], []
+        for split in ("train.json", "val.json"):
+            data = load_dataset(tmp_path / split)
+            table = data.queries if kind == "query" else data.corpus
+            ids += list(table)
+            texts += list(table.values())
+        vectors = encoder.encode(texts, kind).numpy()
+        if parquet:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            path = tmp_path / f"{kind}.parquet"
+            pq.write_table(pa.table({"id": ids, "embedding": list(vectors)}), path)
+        else:
+            import numpy as np
+
+            path = tmp_path / f"{kind}.npy"
+            np.save(path, vectors)
+            path.with_suffix(".json").write_text(json.dumps(ids))
+        files.append(path)
+    return files[0], files[1]
+
+
+@pytest.mark.parametrize("parquet", [False, True])
+def test_adapter_on_precomputed_vectors(tmp_path: Path, tiny_model_path: str, parquet: bool) -> None:
+    overrides = adapter_overrides(tmp_path)  # writes the toy data
+    queries, documents = write_vectors(tmp_path, Encoder(tiny_model_path), parquet)
+    overrides += ["model=precomputed", f"model.query_embeddings={queries}", f"model.document_embeddings={documents}"]
+    metrics = run(compose_train(overrides))
+    out = tmp_path / "run"
+    assert metrics["final"]["step"] == 18
+    assert (out / "model" / "adapter.safetensors").is_file() and (out / "llamaindex_adapter" / "config.json").is_file()
+
+
+def test_precomputed_vectors_must_cover_every_id(tmp_path: Path, tiny_model_path: str) -> None:
+    overrides = adapter_overrides(tmp_path)
+    queries, documents = write_vectors(tmp_path, Encoder(tiny_model_path), parquet=False)
+    ids = json.loads(queries.with_suffix(".json").read_text())
+    queries.with_suffix(".json").write_text(json.dumps(["renamed"] + ids[1:]))
+    overrides += ["model=precomputed", f"model.query_embeddings={queries}", f"model.document_embeddings={documents}"]
+    with pytest.raises(LitEmbedError, match=r"query\.npy: no vector for query id 'q0' of .*train\.json"):
+        run(compose_train(overrides))
+    queries.with_suffix(".json").write_text(json.dumps(ids))
+    with pytest.raises(LitEmbedError, match="use it with method=adapter"):
+        run(compose_train([o for o in overrides if not o.startswith("method")]))

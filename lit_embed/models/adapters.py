@@ -18,10 +18,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lit_embed.errors import LitEmbedError
 from lit_embed.models.encoder import Encoder, TextKind
+from lit_embed.models.precomputed import PrecomputedEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,7 @@ class AdaptedEncoder(nn.Module):
     is a registered submodule, so only it trains and only it is saved in checkpoints.
 
     Args:
-        base: the frozen encoder.
+        base: the frozen encoder, or vectors computed elsewhere (:class:`PrecomputedEmbeddings`).
         adapter: ``adapter(in_dim=...) -> nn.Module`` (a Hydra partial of :class:`LinearAdapter` /
             :class:`MLPAdapter`); its ``transform`` says whether documents are mapped too.
         cache_dir: where base embeddings are cached across runs (None = no disk cache).
@@ -133,7 +135,7 @@ class AdaptedEncoder(nn.Module):
 
     def __init__(
         self,
-        base: Encoder,
+        base: Encoder | PrecomputedEmbeddings,
         adapter: Callable[..., nn.Module],
         cache_dir: str | os.PathLike | None = "~/.cache/lit_embed/embeddings",
         batch_size: int = 64,
@@ -155,6 +157,7 @@ class AdaptedEncoder(nn.Module):
         self.register_buffer("document_table", torch.empty(0, base.embedding_dim), persistent=False)
         self.config = {
             "base": base.config,
+            "base_class": type(base).__name__,
             "adapter": {"class": type(self.adapter).__name__, **_init_args(self.adapter), "transform": self.transform},
         }
 
@@ -244,6 +247,17 @@ class AdaptedEncoder(nn.Module):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.base.modules import Router
 
+        if not isinstance(self.base, Encoder):
+            # Vectors from elsewhere (an embedding API): there is no text model to save, only the head to apply
+            # to that API's vectors.
+            path = Path(path)
+            path.mkdir(parents=True, exist_ok=True)
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()},
+                str(path / "adapter.safetensors"),
+            )
+            (path / "adapter_config.json").write_text(json.dumps(self.config["adapter"], indent=2))
+            return
         head = dense_modules(self.adapter)
         if self.transform == "query":
             head = [Router.for_query_document(query_modules=head, document_modules=[])]
