@@ -17,7 +17,7 @@ from lit_embed.callbacks.checkpointing import load_checkpoint
 from lit_embed.errors import LitEmbedError
 from lit_embed.models import adapters
 from lit_embed.models.adapters import AdaptedEncoder
-from lit_embed.models.encoder import Encoder
+from lit_embed.models.encoder import Encoder, weights_are_finite
 
 
 def to_sentence_transformers(
@@ -31,7 +31,7 @@ def to_sentence_transformers(
     path = Path(path)
     if path.exists() and not overwrite:
         raise LitEmbedError(f"{path} already holds a model. Choose another output directory or set overwrite=true.")
-    if not encoder.has_finite_weights():
+    if not weights_are_finite(encoder):
         raise LitEmbedError(f"refusing to write {path}: the model's weights contain NaN or inf values.")
     staging = None
     try:

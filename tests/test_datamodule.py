@@ -110,7 +110,7 @@ def test_padding_groups_are_optimal(lengths: list[int]) -> None:
 
 def test_length_groups_leave_loss_and_gradients_unchanged(tmp_path: Path, tiny_model_path: str) -> None:
     from lit_embed.losses.mnrl import mnrl
-    from lit_embed.models.encoder import Encoder
+    from lit_embed.models.encoder import Encoder, embed_batch
 
     rows = [{"query": f"q{i} " * (1 + i % 4), "positive": "code line\n" * (1 + (i * 7) % 40)} for i in range(16)]
     path = str(write_jsonl(tmp_path / "t.jsonl", rows))
@@ -121,7 +121,7 @@ def test_length_groups_leave_loss_and_gradients_unchanged(tmp_path: Path, tiny_m
         dm.tokenize(encoder)
         batch = next(iter(dm.train_dataloader()))
         assert len(batch["documents"]["groups"]) == (1 if groups == 1 else 3)
-        loss = mnrl(encoder.embed(batch["queries"]), encoder.embed(batch["documents"]))
+        loss = mnrl(embed_batch(encoder, batch["queries"]), embed_batch(encoder, batch["documents"]))
         loss.backward()
         results.append(
             (loss.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})

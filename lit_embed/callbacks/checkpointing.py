@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_embed.errors import LitEmbedError
+from lit_embed.models.encoder import weights_are_finite
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
             return False
         better = self.best is None or (score > self.best["score"] if self.mode == "max" else score < self.best["score"])
         # A model with NaN/inf weights is never the best, whatever its score says.
-        return better and all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+        return better and weights_are_finite(pl_module)
 
     def _save(self, trainer: L.Trainer, step: int, improved: bool) -> None:
         assert self.dirpath is not None

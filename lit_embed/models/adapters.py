@@ -227,16 +227,9 @@ class AdaptedEncoder(nn.Module):
         embeddings = self._table(kind)[features["text_ids"][:, 0]]  # [B, D] cached base embeddings
         return self.adapter(embeddings) if self.adapts(kind) else embeddings
 
-    def embed(self, batch: dict[str, Any]) -> Tensor:
-        embeddings = torch.cat([self(features) for features in batch["groups"]])
-        return embeddings[batch["order"]]
-
     @torch.no_grad()
     def encode(self, texts: Sequence[str], kind: TextKind, batch_size: int = 64) -> Tensor:
         return self(self.tokenize(texts, kind)).float()
-
-    def has_finite_weights(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.adapter.parameters())
 
     def save(self, path: str | os.PathLike) -> None:
         """A sentence-transformers directory: the base model, then the adapter as plain ``Dense`` modules.

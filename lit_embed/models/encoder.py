@@ -97,11 +97,6 @@ class Encoder(nn.Module):
         """Features from :meth:`tokenize` (or a collated batch of them) -> ``[B, D]`` embeddings."""
         return self.model(dict(features))["sentence_embedding"]
 
-    def embed(self, batch: dict[str, Any]) -> Tensor:
-        """A collated batch ``{"groups": [features, ...], "order": [N]}`` -> ``[N, D]`` in the batch's row order."""
-        embeddings = torch.cat([self(features) for features in batch["groups"]])  # [N, D], grouped by length
-        return embeddings[batch["order"]]
-
     @torch.no_grad()
     def encode(self, texts: Sequence[str], kind: TextKind, batch_size: int = 64) -> Tensor:
         """Embeds texts for evaluation: no grad, eval mode, longest texts first so padding stays small.
@@ -112,11 +107,13 @@ class Encoder(nn.Module):
         self.eval()
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         chunks = []
-        for start in range(0, len(order), batch_size):
-            features = self.tokenize([texts[i] for i in order[start : start + batch_size]], kind)
-            features = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in features.items()}
-            chunks.append(self(features).float())
-        self.train(was_training)
+        try:
+            for start in range(0, len(order), batch_size):
+                features = self.tokenize([texts[i] for i in order[start : start + batch_size]], kind)
+                features = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in features.items()}
+                chunks.append(self(features).float())
+        finally:
+            self.train(was_training)
         embeddings = torch.cat(chunks) if chunks else torch.empty(0, self.embedding_dim, device=self.device)
         return embeddings[torch.argsort(torch.tensor(order, device=embeddings.device))]
 
@@ -124,12 +121,20 @@ class Encoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def has_finite_weights(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.parameters())
-
     def save(self, path: str | os.PathLike) -> None:
         """Writes a sentence-transformers directory (safetensors weights, prompts included)."""
         self.model.save(str(path), safe_serialization=True)
+
+
+def embed_batch(encoder: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """A collated batch ``{"groups": [features, ...], "order": [N]}`` -> ``[N, D]`` in the batch's row order."""
+    embeddings = torch.cat([encoder(features) for features in batch["groups"]])  # [N, D], grouped by length
+    return embeddings[batch["order"]]
+
+
+def weights_are_finite(module: nn.Module) -> bool:
+    """No NaN or inf in any trainable weight (a frozen, unregistered base is not looked at)."""
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
 def _looks_like_a_path(name: str) -> bool:

@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from lit_embed.errors import LitEmbedError
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
-from lit_embed.models.encoder import Encoder
+from lit_embed.models.encoder import Encoder, embed_batch
 
 
 class NonFiniteLossError(LitEmbedError):
@@ -72,8 +72,8 @@ class EmbeddingFinetuneModule(L.LightningModule):
         self.skipped_batches = 0
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        queries = self.encoder.embed(batch["queries"])  # [B, D]
-        documents = self.encoder.embed(batch["documents"])  # [B + N, D]: positives, then hard negatives
+        queries = embed_batch(self.encoder, batch["queries"])  # [B, D]
+        documents = embed_batch(self.encoder, batch["documents"])  # [B + N, D]: positives, then hard negatives
         loss = self.loss(queries, documents)
         batch_size = queries.size(0)
         if not torch.isfinite(loss):
