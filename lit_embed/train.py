@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +91,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer_args,
         default_root_dir=str(output_dir),
         logger=build(cfg.logger),
-        callbacks=[evaluation, checkpointing],
+        callbacks=[evaluation, checkpointing, *(build(c) for c in (cfg.callbacks or {}).values())],
         plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
@@ -139,6 +141,45 @@ def format_metrics_table(metrics: dict[str, dict[str, float]]) -> str:
         change = f"{values[-1] - values[0]:>+10.4f}" if len(values) == 2 else ""
         lines.append(f"{key:<14}" + "".join(f"{v:>10.4f}" for v in values) + change)
     return "\n".join(lines)
+
+
+def finetune(
+    train: str | None = None,
+    val: str | None = None,
+    *,
+    model: str = "minilm",
+    method: str = "full",
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    output_dir: str | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The Python way to run the same job as ``python train.py``, e.g. from a notebook.
+
+    Args:
+        train: training data (.json / .jsonl / .csv / ...); None = the offline stdlib dataset.
+        val: validation data for the before/after metrics (optional).
+        model: a ``conf/model`` choice (``minilm``, ``bge``, ``tiny``, ``precomputed``).
+        method: ``full`` or ``adapter``.
+        epochs: ``trainer.max_epochs`` (None keeps the config's).
+        batch_size: ``data.batch_size`` (None keeps the config's).
+        output_dir: where everything goes (default ``outputs/<date>_<time>``).
+        overrides: any further ``key=value`` / ``group=choice`` overrides, as on the command line.
+
+    Returns:
+        ``metrics.json``'s content: ``{"base": {...}, "final": {...}}``.
+    """
+    from hydra import compose, initialize_config_dir
+
+    args = [f"model={model}", f"method={method}"]
+    if train is not None:
+        args += ["data=qa_json", f"data.train_path={train}", f"data.val_path={val if val is not None else 'null'}"]
+    args += [f"trainer.max_epochs={epochs}"] if epochs is not None else []
+    args += [f"data.batch_size={batch_size}"] if batch_size is not None else []
+    args += [f"output_dir={output_dir or datetime.now().strftime('outputs/%Y-%m-%d_%H-%M-%S')}", *overrides]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=args)
+    return run(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

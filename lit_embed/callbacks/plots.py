@@ -1,0 +1,100 @@
+"""What a run shows while and after it trains: pairs/s in the progress bar, and a PNG of the run at the end."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from lit_embed.callbacks.ir_eval import IREvaluationCallback
+
+
+class PairsPerSecond(L.Callback):
+    """Shows training pairs per second (smoothed over recent steps) in the progress bar as ``pairs/s``."""
+
+    def __init__(self, smoothing: float = 0.9) -> None:
+        self.smoothing = smoothing
+        self._start: float | None = None
+        self._rate: float | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *args):
+        if self._start is None:
+            return
+        pairs = len(batch["queries"]["order"])
+        rate = pairs / max(time.perf_counter() - self._start, 1e-9)
+        self._rate = rate if self._rate is None else self.smoothing * self._rate + (1 - self.smoothing) * rate
+        pl_module.log("pairs/s", self._rate, prog_bar=True, logger=False, batch_size=pairs)
+
+
+class TrainingPlot(L.Callback):
+    """Writes ``<default_root_dir>/training.png`` at the end: the training loss over steps, and the validation
+    metrics at every evaluation with the base model's values as dashed lines.
+
+    Args:
+        filename: the PNG's name inside the run's output directory.
+        metrics: validation metrics to draw.
+    """
+
+    def __init__(self, filename: str = "training.png", metrics: tuple[str, ...] = ("mrr@10", "ndcg@10")) -> None:
+        self.filename = filename
+        self.metrics = metrics
+        self.losses: list[tuple[int, Any]] = []  # (step, loss); losses stay tensors until needed: no sync per step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any):
+        if outputs is not None:  # None: a skipped non-finite batch
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.losses.append((trainer.global_step, loss.detach()))
+
+    def _float_losses(self) -> list[tuple[int, float]]:
+        return [(step, float(loss)) for step, loss in self.losses]
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            history = next((c.history for c in trainer.callbacks if isinstance(c, IREvaluationCallback)), [])
+            plot_run(self._float_losses(), history, self.metrics, Path(trainer.default_root_dir) / self.filename)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": self._float_losses()}  # a resumed run still draws the whole curve
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.losses = [tuple(pair) for pair in state_dict["losses"]]
+
+
+def plot_run(
+    losses: list[tuple[int, float]], history: list[dict[str, Any]], metrics: tuple[str, ...], path: Path
+) -> Path:
+    """Draws the loss curve and the validation metrics over steps into ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    panels = 2 if history else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    loss_ax = axes[0][0]
+    if losses:
+        steps, values = zip(*losses, strict=True)
+        loss_ax.plot(steps, values, linewidth=1, color="tab:blue")
+    loss_ax.set(title="training loss", xlabel="optimizer step", ylabel="train/loss")
+    loss_ax.grid(alpha=0.3)
+    if history:
+        ax = axes[0][1]
+        steps = [h["step"] for h in history]
+        for name, color in zip(metrics, ("tab:green", "tab:orange", "tab:purple", "tab:red"), strict=False):
+            values = [h["metrics"][name] for h in history]
+            ax.plot(steps, values, marker="o", color=color, label=f"val/{name}")
+            ax.axhline(values[0], color=color, linestyle="--", linewidth=1, label=f"base {values[0]:.4f}")
+            ax.annotate(f"{values[-1]:.4f}", (steps[-1], values[-1]), textcoords="offset points", xytext=(4, 4))
+        ax.set(title="validation retrieval", xlabel="optimizer step", ylabel="metric")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
