@@ -25,8 +25,20 @@ _SIMILARITIES = ("cosine", "dot")
 
 
 def _top_k_stable(scores: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Best ``k`` columns per row, best first; a stable sort keeps equal scores in column order."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    """Best ``k`` columns per row, best first; equal scores stay in column order.
+
+    ``topk`` is fast but breaks ties arbitrarily: its picks are put back in column order and stable-sorted by
+    score, and only rows where a tie straddles the cut-off (so the pick itself is ambiguous) get a full stable
+    sort. That keeps the exact order of a full sort at the cost of a top-k.
+    """
+    k = min(k, scores.size(1))
+    picked = scores.topk(k, dim=1).indices.sort(dim=1).values  # [Q, k] column order
+    order = picked.gather(1, scores.gather(1, picked).sort(dim=1, descending=True, stable=True).indices)
+    kth = scores.gather(1, order[:, -1:])  # [Q, 1] the score at the cut-off
+    straddling = ((scores >= kth).sum(dim=1) > k).nonzero().squeeze(1)
+    if straddling.numel():
+        full = torch.sort(scores[straddling], dim=1, descending=True, stable=True).indices[:, :k]
+        order[straddling] = full
     return scores.gather(1, order), indices.gather(1, order)
 
 
