@@ -20,8 +20,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lit_embed.callbacks.checkpointing import AtomicCheckpointIO, load_checkpoint
-from lit_embed.callbacks.ir_eval import METRIC_TABLE_KEYS
+from lit_embed.callbacks.checkpointing import AtomicCheckpointIO, StepCheckpoint, load_checkpoint
+from lit_embed.callbacks.ir_eval import METRIC_TABLE_KEYS, IREvaluationCallback
 from lit_embed.data.formats import write_text_atomic
 from lit_embed.errors import LitEmbedError
 from lit_embed.export import load_encoder_weights, to_sentence_transformers
@@ -95,13 +95,39 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    return finish(trainer, module, evaluation, checkpointing, output_dir, cfg.load_best_model_at_end)
 
+
+def finish(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    evaluation: IREvaluationCallback | None,
+    checkpointing: StepCheckpoint | None,
+    output_dir: Path,
+    load_best_model_at_end: bool = True,
+) -> dict[str, Any]:
+    """After ``trainer.fit``: picks the model to keep, scores it, exports it and writes ``metrics.json``.
+
+    Shared by the Hydra app and ``lit-embed fit`` (LightningCLI), so both leave the same files.
+
+    Args:
+        trainer: the trainer that ran ``fit``.
+        module: the trained module; its ``encoder`` is exported.
+        evaluation: the run's IR evaluation callback (None: no metrics).
+        checkpointing: the run's checkpoint callback (None: the last step is exported).
+        output_dir: the run's directory; ``model/`` and ``metrics.json`` go there.
+        load_best_model_at_end: export the best checkpoint's weights instead of the last step's.
+
+    Returns:
+        ``metrics.json``'s content: ``{"base": {...}, "final": {..., "step": N}}``, or ``{}`` without validation.
+    """
+    encoder = module.encoder
     step = trainer.global_step
-    if cfg.load_best_model_at_end and checkpointing.best is not None:
+    if load_best_model_at_end and checkpointing is not None and checkpointing.best is not None:
         step = checkpointing.best["step"]
         load_encoder_weights(encoder, load_checkpoint(checkpointing.best["path"]))
     metrics: dict[str, Any] = {}
-    if evaluation.history:
+    if evaluation is not None and evaluation.history:
         # The best step may have been picked by a monitor other than the IR metrics: then measure it now.
         final = evaluation.metrics_at(step) or evaluation.evaluate(trainer, module)
         metrics = {"base": evaluation.metrics_at(0), "final": {**final, "step": step}}

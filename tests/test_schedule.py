@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_embed.models.module import linear_warmup_decay
+from lit_embed.models.module import LinearWarmupDecay
 
 
 def lrs(total: int, warmup_ratio: float = 0.1, peak: float = 2e-5) -> list[float]:
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
-    scheduler = linear_warmup_decay(optimizer, total_steps=total, warmup_ratio=warmup_ratio)
+    scheduler = LinearWarmupDecay(optimizer, total_steps=total, warmup_ratio=warmup_ratio)
     values = []
     for _ in range(total + 1):
         values.append(optimizer.param_groups[0]["lr"])

