@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_embed.errors import LitEmbedError
+from lit_embed.files import open_atomic
 from lit_embed.models.encoder import weights_are_finite
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,6 @@ def replace_atomically(source: Path, target: Path) -> None:
         try:
             os.link(source, tmp)
         except OSError:
-            import shutil
-
             shutil.copyfile(source, tmp)
         os.replace(tmp, target)
     finally:
@@ -49,23 +49,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as err:
-            raise _unwritable(path, err) from err
-        try:
-            with os.fdopen(fd, "wb") as f:
+            with open_atomic(path, binary=True) as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except OSError as err:
-            Path(tmp).unlink(missing_ok=True)
             raise _unwritable(path, err) from err
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if not Path(path).is_file():
@@ -186,7 +174,7 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if self.saved and self.saved[-1]["step"] == step:  # gradient accumulation: same optimizer step
+        if self._saved_at(step):  # gradient accumulation: same optimizer step
             return
         improved = self._improved(trainer, pl_module)
         if improved or (self.save_steps > 0 and step % self.save_steps == 0):
@@ -200,16 +188,17 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._deferred = None  # the final checkpoint below covers it
         step = trainer.global_step
-        if not self.saved or self.saved[-1]["step"] != step:
+        if not self._saved_at(step):
             self._save(trainer, step, self._improved(trainer, pl_module))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # SIGTERM is what schedulers send before killing a job: keep the work done so far.
-        if isinstance(exception, SIGTERMException) and (
-            not self.saved or self.saved[-1]["step"] != trainer.global_step
-        ):
+        if isinstance(exception, SIGTERMException) and not self._saved_at(trainer.global_step):
             self._save(trainer, trainer.global_step, improved=False)
             log.warning("SIGTERM: saved %s; continue with resume=true.", self.last_path)
+
+    def _saved_at(self, step: int) -> bool:
+        return bool(self.saved) and self.saved[-1]["step"] == step
 
     def _improved(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         if self.monitor is None or self.monitor not in trainer.callback_metrics:

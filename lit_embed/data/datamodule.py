@@ -276,8 +276,6 @@ class QAPairDataModule(L.LightningDataModule):
         assert self._collator is not None, "call setup() (Lightning does) or tokenize() first"
         sampler = NoDuplicatesBatchSampler(self._row_texts, self.batch_size, seed=self.seed, drop_last=self.drop_last)
         if self._resume_at is not None:
-            # Lightning iterates the restarted epoch before its set_epoch() call, so set the epoch here.
-            sampler.set_epoch(self._resume_at[0])
             sampler.resume_at(*self._resume_at)
         return DataLoader(
             range(len(self._row_texts)),

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lit_embed.errors import LitEmbedError
+from lit_embed.files import open_atomic
 
 
 class DataFormatError(LitEmbedError, ValueError):
@@ -277,15 +277,5 @@ def save_jsonl(examples: list[TrainingExample], path: str | os.PathLike) -> None
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Writes a file via a temporary sibling and a rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open_atomic(path) as f:
+        f.write(text)

@@ -53,7 +53,11 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         self._resume_at: tuple[int, int] | None = None
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
-        """Makes the next pass over ``epoch`` start after its first ``batches_done`` batches (exact resume)."""
+        """Continues ``epoch`` after its first ``batches_done`` batches (exact resume).
+
+        The epoch is set here too: Lightning iterates a restarted epoch before its ``set_epoch`` call.
+        """
+        self.set_epoch(epoch)
         self._resume_at = (epoch, batches_done)
 
     @property

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lit_embed.errors import LitEmbedError
+from lit_embed.files import open_atomic
 from lit_embed.models.encoder import Encoder, TextKind
 from lit_embed.models.precomputed import PrecomputedEmbeddings
 
@@ -199,10 +200,8 @@ class AdaptedEncoder(nn.Module):
             return torch.load(path, weights_only=True)
         embeddings = self.base.to(self.device).encode(texts, kind, self.batch_size).cpu()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(embeddings, tmp)
-            os.replace(tmp, path)
+            with open_atomic(path, binary=True) as f:  # runs sharing the cache never read half a file
+                torch.save(embeddings, f)
         return embeddings
 
     def _cache_path(self, texts: list[str], kind: TextKind) -> Path | None:
