@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lit_embed.callbacks.checkpointing import AtomicCheckpointIO, StepCheckpoint, load_checkpoint
 from lit_embed.callbacks.ir_eval import METRIC_TABLE_KEYS, IREvaluationCallback
 from lit_embed.data.formats import write_text_atomic
+from lit_embed.distributed import full_parameters
 from lit_embed.errors import LitEmbedError
 from lit_embed.export import load_encoder_weights, to_sentence_transformers
 from lit_embed.models.adapters import AdaptedEncoder
@@ -121,23 +122,26 @@ def finish(
     Returns:
         ``metrics.json``'s content: ``{"base": {...}, "final": {..., "step": N}}``, or ``{}`` without validation.
     """
-    encoder = module.encoder
-    step = trainer.global_step
-    if load_best_model_at_end and checkpointing is not None and checkpointing.best is not None:
-        step = checkpointing.best["step"]
-        load_encoder_weights(encoder, load_checkpoint(checkpointing.best["path"]))
-    metrics: dict[str, Any] = {}
-    if evaluation is not None and evaluation.history:
-        # The best step may have been picked by a monitor other than the IR metrics: then measure it now.
-        final = evaluation.metrics_at(step) or evaluation.evaluate(trainer, module)
-        metrics = {"base": evaluation.metrics_at(0), "final": {**final, "step": step}}
-    if trainer.is_global_zero:
-        model_dir = to_sentence_transformers(encoder, output_dir / "model", overwrite=True)
-        if isinstance(encoder, AdaptedEncoder) and encoder.save_llamaindex_adapter(output_dir / "llamaindex_adapter"):
-            print(f"LlamaIndex adapter saved to {output_dir / 'llamaindex_adapter'} (AdapterEmbeddingModel).")
-        write_text_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        print(format_metrics_table(metrics))
-        print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
+    # Under FSDP every rank gathers the whole weights for this; other strategies hold them already.
+    with full_parameters(trainer):
+        encoder = module.encoder
+        step = trainer.global_step
+        if load_best_model_at_end and checkpointing is not None and checkpointing.best is not None:
+            step = checkpointing.best["step"]
+            load_encoder_weights(encoder, load_checkpoint(checkpointing.best["path"]))
+        metrics: dict[str, Any] = {}
+        if evaluation is not None and evaluation.history:
+            # The best step may have been picked by a monitor other than the IR metrics: then measure it now.
+            final = evaluation.metrics_at(step) or evaluation.evaluate(trainer, module)
+            metrics = {"base": evaluation.metrics_at(0), "final": {**final, "step": step}}
+        if trainer.is_global_zero:
+            model_dir = to_sentence_transformers(encoder, output_dir / "model", overwrite=True)
+            adapter_dir = output_dir / "llamaindex_adapter"
+            if isinstance(encoder, AdaptedEncoder) and encoder.save_llamaindex_adapter(adapter_dir):
+                print(f"LlamaIndex adapter saved to {adapter_dir} (AdapterEmbeddingModel).")
+            write_text_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            print(format_metrics_table(metrics))
+            print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
     return metrics
 
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lit_embed.data.formats import QADataset
+from lit_embed.distributed import full_parameters, rank_and_world
 from lit_embed.evaluation.ir import DEFAULT_K, evaluate_embeddings
 from lit_embed.models.encoder import Encoder, TextKind
 
@@ -19,12 +20,6 @@ log = logging.getLogger(__name__)
 
 # The rows of the before/after table printed at the end of a run.
 METRIC_TABLE_KEYS = ("mrr@10", "ndcg@10", "map@100", "recall@10", "accuracy@1", "accuracy@5", "accuracy@10")
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _encode(encoder: Encoder, texts: list[str], kind: TextKind, batch_size: int) -> Tensor:
@@ -37,7 +32,7 @@ def _encode(encoder: Encoder, texts: list[str], kind: TextKind, batch_size: int)
 
 def _encode_sharded(encoder: Encoder, texts: list[str], kind: TextKind, batch_size: int) -> Tensor:
     """Each rank embeds every ``world``-th text; the shards are gathered back into the input order."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     local = _encode(encoder, texts[rank::world], kind, batch_size)  # [ceil or floor(n / world), D]
     if world == 1:
         return local
@@ -59,7 +54,7 @@ def evaluate_encoder(
     only its own queries against the gathered corpus, and the per-rank means are combined: every rank returns
     the same metrics and no rank repeats the whole evaluation.
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     query_ids = list(dataset.queries)[rank::world]
     corpus_ids = list(dataset.corpus)
     corpus = _encode_sharded(encoder, [dataset.corpus[d] for d in corpus_ids], "document", batch_size)
@@ -118,7 +113,8 @@ class IREvaluationCallback(L.Callback):
         step = trainer.global_step
         if self.history and self.history[-1]["step"] == step:
             return
-        metrics = self.evaluate(trainer, pl_module)
+        with full_parameters(trainer):
+            metrics = self.evaluate(trainer, pl_module)
         if metrics is None:
             return
         self.history.append({"step": step, "metrics": metrics})
@@ -126,7 +122,8 @@ class IREvaluationCallback(L.Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=step)
-        log.info("step %d: val/mrr@10 %.4f, val/ndcg@10 %.4f", step, metrics["mrr@10"], metrics["ndcg@10"])
+        if trainer.is_global_zero:
+            log.info("step %d: val/mrr@10 %.4f, val/ndcg@10 %.4f", step, metrics["mrr@10"], metrics["ndcg@10"])
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.history:  # a resumed run already has its base numbers

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from lit_embed.data.formats import (
     DataFormatError,
@@ -20,6 +20,7 @@ from lit_embed.data.formats import (
 )
 from lit_embed.data.sampler import NoDuplicatesBatchSampler
 from lit_embed.data.stdlib import build_stdlib_dataset
+from lit_embed.errors import LitEmbedError
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,38 @@ def padding_groups(sorted_lengths: Sequence[int], max_groups: int, max_candidate
     return bounds[::-1]
 
 
+def index_dataloader(
+    num_rows: int,
+    batch_sampler: Sampler[list[int]],
+    collate_fn: Callable[[list[int]], Any],
+    num_workers: int = 0,
+    seed: int = 0,
+) -> DataLoader:
+    """A DataLoader that hands the batch sampler's row indices to ``collate_fn`` (which builds the features)."""
+    return DataLoader(
+        range(num_rows),
+        batch_sampler=batch_sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        # Its own generator, so starting an epoch does not draw from the global RNG that dropout uses:
+        # a resumed run then replays dropout exactly.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def distributed_position(trainer: L.Trainer | None) -> tuple[int, int]:
+    """``(rank, world size)`` for sharding the training batches; checks Lightning will not re-shard them."""
+    if trainer is None or trainer.world_size == 1:
+        return 0, 1
+    if getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+        raise LitEmbedError(
+            "under a distributed strategy lit_embed shards each global no-duplicates batch itself: set "
+            "trainer.use_distributed_sampler=false (trainer=ddp, ddp_cpu and fsdp do)."
+        )
+    return trainer.global_rank, trainer.world_size
+
+
 class PairCollator:
     """Turns a list of row indices into ``{"queries": grouped features, "documents": grouped features}``.
 
@@ -161,7 +194,23 @@ class PairCollator:
         }
 
 
-class QAPairDataModule(L.LightningDataModule):
+class ResumableDataModule(L.LightningDataModule):
+    """Saves where in the epoch training is in checkpoints, so a resumed run skips what was trained on."""
+
+    _resume_at: tuple[int, int] | None = None  # (epoch, batches done), set by load_state_dict
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume_at = (state_dict["epoch"], state_dict["batches_done"])
+
+
+class QAPairDataModule(ResumableDataModule):
     """Serves query/positive(/negatives) batches from a LlamaIndex ``.json`` or a ``.jsonl`` file.
 
     Texts are tokenized once, with the prompts and truncation of the LightningModule's encoder. Every epoch is
@@ -212,7 +261,6 @@ class QAPairDataModule(L.LightningDataModule):
         self.val_dataset: QADataset | None = None
         self._collator: PairCollator | None = None
         self._row_texts: list[tuple[int, ...]] = []
-        self._resume_at: tuple[int, int] | None = None
         self._examples: list[TrainingExample] = []
 
     def load_splits(self) -> tuple[QADataset, QADataset | None]:
@@ -239,8 +287,17 @@ class QAPairDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
-        if self._collator is None:
+        if not self.tokenized:
             self.tokenize(self.trainer.lightning_module.encoder)
+
+    @property
+    def tokenized(self) -> bool:
+        return self._collator is not None
+
+    @property
+    def num_rows(self) -> int:
+        """Training rows (pairs, or pairs with their negatives); known after :meth:`tokenize`."""
+        return len(self._row_texts)
 
     @property
     def source(self) -> str:
@@ -273,31 +330,22 @@ class QAPairDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        sampler = self.batch_sampler(*distributed_position(self.trainer))
+        return index_dataloader(self.num_rows, sampler, self.collator, self.num_workers, self.seed)
+
+    @property
+    def collator(self) -> PairCollator:
         assert self._collator is not None, "call setup() (Lightning does) or tokenize() first"
-        sampler = NoDuplicatesBatchSampler(self._row_texts, self.batch_size, seed=self.seed, drop_last=self.drop_last)
+        return self._collator
+
+    def batch_sampler(self, rank: int = 0, world: int = 1) -> NoDuplicatesBatchSampler:
+        """This rank's batches: slices of global batches that hold no text twice (see NoDuplicatesBatchSampler)."""
+        sampler = NoDuplicatesBatchSampler(
+            self._row_texts, self.batch_size, self.seed, self.drop_last, num_replicas=world, rank=rank
+        )
         if self._resume_at is not None:
             sampler.resume_at(*self._resume_at)
-        return DataLoader(
-            range(len(self._row_texts)),
-            batch_sampler=sampler,
-            collate_fn=self._collator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            # Its own generator, so starting an epoch does not draw from the global RNG that dropout uses:
-            # a resumed run then replays dropout exactly.
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where in the data order training is (saved in checkpoints, so a resume skips what was trained on)."""
-        if self.trainer is None:
-            return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            self._resume_at = (state_dict["epoch"], state_dict["batches_done"])
+        return sampler
 
 
 class StdlibDataModule(QAPairDataModule):

@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_embed.distributed import all_gather_rows, gather_sizes, rank_and_world
 
-def mnrl(queries: Tensor, documents: Tensor, scale: float = 20.0) -> Tensor:
+
+def mnrl(queries: Tensor, documents: Tensor, scale: float = 20.0, first_positive: int = 0) -> Tensor:
     """Cross-entropy of each query against every document in the batch, its own positive being the target.
 
     Args:
@@ -16,35 +18,50 @@ def mnrl(queries: Tensor, documents: Tensor, scale: float = 20.0) -> Tensor:
             negatives. Every document is a candidate for every query (in-batch negatives), so the hard
             negatives of one query are also negatives for all others, exactly as in sentence-transformers.
         scale: inverse temperature applied to the cosine similarities (20 = temperature 0.05).
+        first_positive: row of ``documents`` that holds query 0's positive (query ``i``'s is that row + ``i``);
+            non-zero when ``documents`` are gathered from several devices.
 
     Returns:
         The mean loss over the ``B`` queries.
     """
-    if documents.size(0) < queries.size(0):
+    if documents.size(0) < first_positive + queries.size(0):
         raise ValueError(
             f"need at least one positive per query: {queries.size(0)} queries, {documents.size(0)} documents"
         )
     scores = F.normalize(queries, dim=-1) @ F.normalize(documents, dim=-1).T * scale  # [B, B + N]
-    labels = torch.arange(queries.size(0), device=queries.device)  # query i's positive is document i
+    labels = torch.arange(queries.size(0), device=queries.device) + first_positive  # query i's positive
     # bf16/fp16 logits lose too much precision in the softmax; compute it in at least fp32.
     return F.cross_entropy(scores.to(torch.promote_types(scores.dtype, torch.float32)), labels)
 
 
 class MultipleNegativesRankingLoss(nn.Module):
-    """Thin module around :func:`mnrl` so the scale is part of the config.
+    """Thin module around :func:`mnrl` so the scale and the negatives' reach are part of the config.
 
     Args:
         scale: inverse temperature of the softmax over cosine similarities.
+        gather_across_devices: under DDP, score every query against the documents of all devices (the global
+            batch), not only its own device's. The documents are all-gathered with their gradient and each
+            device's labels are offset to its own positives, so the loss and the gradients equal those of one
+            device holding the whole batch.
     """
 
-    def __init__(self, scale: float = 20.0) -> None:
+    def __init__(self, scale: float = 20.0, gather_across_devices: bool = False) -> None:
         super().__init__()
         if scale <= 0:
             raise ValueError(f"loss.scale must be positive, got {scale}")
         self.scale = scale
+        self.gather_across_devices = gather_across_devices
 
     def forward(self, queries: Tensor, documents: Tensor) -> Tensor:
-        return mnrl(queries, documents, self.scale)
+        rank, world = rank_and_world()
+        if not self.gather_across_devices or world == 1:
+            return mnrl(queries, documents, self.scale)
+        documents, documents_per_rank = all_gather_rows(documents)  # [sum over ranks of (B_r + N_r), D]
+        queries_per_rank = gather_sizes(queries.size(0), queries.device)
+        local = mnrl(queries, documents, self.scale, first_positive=sum(documents_per_rank[:rank]))
+        # DDP averages the ranks' gradients; weighting by this rank's share of the queries makes that average
+        # the gradient of the mean over the global batch, even when the last batches differ in size.
+        return local * (queries.size(0) * world / sum(queries_per_rank))
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}"
+        return f"scale={self.scale}, gather_across_devices={self.gather_across_devices}"

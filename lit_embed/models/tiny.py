@@ -19,6 +19,7 @@ def build_tiny_bert(
     intermediate_size: int = 128,
     max_seq_length: int = 128,
     seed: int = 0,
+    dropout: float = 0.1,
 ) -> str:
     """Writes a random-init BERT sentence-transformers directory (mean pooling, normalized) and returns its path.
 
@@ -38,6 +39,8 @@ def build_tiny_bert(
         num_attention_heads=num_attention_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max(512, max_seq_length),
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     fork = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=fork):  # seed the init without touching the caller's RNG stream

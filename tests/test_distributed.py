@@ -1,0 +1,207 @@
+"""DDP: cross-device negatives, global no-duplicate batches, and a real two-process run (gloo on the CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
+from safetensors.torch import load_file
+from torch import nn
+
+from lit_embed.data.datamodule import distributed_position
+from lit_embed.data.sampler import NoDuplicatesBatchSampler
+from lit_embed.errors import LitEmbedError
+from lit_embed.losses.cached import CachedLoss
+from lit_embed.losses.mnrl import MultipleNegativesRankingLoss, mnrl
+from lit_embed.models.encoder import embed_batch
+
+WORLD = 2
+
+
+class ToyEncoder(nn.Module):
+    """Token embeddings, masked mean, a projection: enough to check gradients through a real encoder call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(40, 8)
+        self.projection = nn.Linear(8, 8)
+
+    def forward(self, features: dict) -> torch.Tensor:
+        mask = features["attention_mask"].unsqueeze(-1).float()  # [n, L, 1]
+        tokens = self.embedding(features["input_ids"]) * mask  # [n, L, 8]
+        return self.projection(tokens.sum(1) / mask.sum(1))  # [n, 8]
+
+
+def side(texts: list[list[int]]) -> dict:
+    """Token-id lists as one right-padded group, in the collator's ``{"groups", "order"}`` form."""
+    length = max(map(len, texts))
+    ids = torch.tensor([t + [0] * (length - len(t)) for t in texts])
+    mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in texts])
+    return {"groups": [{"input_ids": ids, "attention_mask": mask}], "order": torch.arange(len(texts))}
+
+
+def random_texts(count: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 7, (count,), generator=generator).tolist()
+    return [torch.randint(1, 40, (n,), generator=generator).tolist() for n in lengths]
+
+
+def gradients(encoder: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in encoder.parameters()]
+
+
+def check_against_one_process(rank: int, queries_per_rank: list[int], num_negatives: int, cached: bool) -> None:
+    """This rank's share of the batch with gathered negatives == one process on the whole batch (to 1e-5)."""
+    total = sum(queries_per_rank)
+    queries, positives = random_texts(total, 1), random_texts(total, 2)
+    negatives = random_texts(total * num_negatives, 3)  # query i's negatives: rows i*k .. i*k + k - 1
+
+    encoder = ToyEncoder()
+    reference = mnrl(embed_batch(encoder, side(queries)), embed_batch(encoder, side(positives + negatives)))
+    reference.backward()
+    expected = gradients(encoder)
+
+    encoder.zero_grad()
+    start, end = sum(queries_per_rank[:rank]), sum(queries_per_rank[: rank + 1])
+    local = {
+        "queries": side(queries[start:end]),
+        "documents": side(positives[start:end] + negatives[start * num_negatives : end * num_negatives]),
+    }
+    gathered = MultipleNegativesRankingLoss(gather_across_devices=True)
+    if cached:
+        loss = CachedLoss(gathered, mini_batch_size=2)(encoder, local)
+    else:
+        loss = gathered(embed_batch(encoder, local["queries"]), embed_batch(encoder, local["documents"]))
+    loss.backward()
+    actual = gradients(encoder)
+    for value in [*actual, loss := loss.detach()]:
+        dist.all_reduce(value)  # DDP averages the gradients; the logged loss is the ranks' mean (sync_dist)
+        value /= WORLD
+    torch.testing.assert_close(loss, reference.detach(), atol=1e-5, rtol=0)
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def gather_worker(rank: int, rendezvous: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    try:
+        for queries_per_rank in ([4, 4], [3, 5]):  # equal halves, and a short last batch
+            for num_negatives in (0, 1, 2):
+                for cached in (False, True):
+                    check_against_one_process(rank, queries_per_rank, num_negatives, cached)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_loss_and_gradients_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    mp.spawn(gather_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD)
+
+
+def test_without_a_process_group_gathering_is_the_plain_loss() -> None:
+    q, d = torch.randn(4, 8), torch.randn(6, 8)
+    assert MultipleNegativesRankingLoss(gather_across_devices=True)(q, d) == mnrl(q, d)
+
+
+def test_global_batches_hold_no_text_twice_and_every_rank_gets_a_slice() -> None:
+    # 60 rows over 30 texts: many rows clash, so batches must be built around them.
+    rows = [(i % 30, 100 + (i * 7) % 30) for i in range(60)]
+    ranks = [NoDuplicatesBatchSampler(rows, batch_size=4, seed=5, num_replicas=WORLD, rank=r) for r in range(WORLD)]
+    per_rank = [list(sampler) for sampler in ranks]
+    assert len(per_rank[0]) == len(per_rank[1]) > 0  # the same number of steps, or DDP would hang
+    for step, global_batch in enumerate(ranks[0].global_batches()):
+        assert per_rank[0][step] + per_rank[1][step] == global_batch
+        assert all(per_rank[r][step] for r in range(WORLD))
+        texts = [t for row in global_batch for t in rows[row]]
+        assert len(texts) == len(set(texts)), f"a text repeats in global batch {step}"
+    assert max(len(b) for b in ranks[0].global_batches()) == 4 * WORLD
+    # The same batches as one process with the global batch size, less a last one too small to split.
+    single = [batch for batch in NoDuplicatesBatchSampler(rows, batch_size=8, seed=5) if len(batch) >= WORLD]
+    assert ranks[0].global_batches() == single
+
+
+@pytest.mark.slow
+def test_ddp_cpu_run_with_gathered_negatives_trains_like_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    """``python train.py trainer=ddp_cpu`` (2 gloo processes, 8 pairs each) == one process with batches of 16."""
+    train, val = write_toy_data(tmp_path)
+    common = {
+        "trainer.max_steps": 3,
+        "model.model_name_or_path.dropout": 0.0,  # the ranks' dropout masks could not match one process's
+        "eval.evaluation_steps": 0,
+        "load_best_model_at_end": "false",  # compare the trained weights, whatever the toy metrics say
+    }
+    runs = {
+        "ddp": ("ddp_cpu", {"loss.gather_across_devices": "true", "data.batch_size": 8}),
+        "single": ("cpu", {"data.batch_size": 16}),
+    }
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    weights = {}
+    for name, (trainer, extra) in runs.items():
+        overrides = tiny_run_overrides(train, val, tmp_path / name, **common, **extra)
+        overrides[overrides.index("trainer=cpu")] = f"trainer={trainer}"
+        result = subprocess.run(
+            [sys.executable, "train.py", *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights[name] = load_file(tmp_path / name / "model" / "model.safetensors")
+    assert (tmp_path / "ddp" / "metrics.json").is_file()
+    for key, expected in weights["single"].items():
+        torch.testing.assert_close(weights["ddp"][key], expected, atol=1e-4, rtol=0, msg=key)
+
+
+def sharded_worker(rank: int, rendezvous: str) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lit_embed.distributed import full_parameters
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    try:
+        encoder = ToyEncoder()
+        texts = side(random_texts(6, 4))
+        with torch.no_grad():
+            expected = embed_batch(encoder, texts)
+        sharded = FullyShardedDataParallel(encoder, use_orig_params=True, device_id=torch.device("cpu"))
+        with torch.no_grad():
+            sharded(texts["groups"][0])  # FSDP shards lazily, at its first forward pass
+        trainer = SimpleNamespace(strategy=SimpleNamespace(model=sharded))
+        assert encoder.embedding.weight.dim() == 1, "FSDP should leave each rank only a flat shard"
+        with full_parameters(trainer), torch.no_grad():
+            torch.testing.assert_close(embed_batch(encoder, texts), expected)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_full_parameters_gives_evaluation_and_export_the_whole_weights_under_fsdp(tmp_path: Path) -> None:
+    mp.spawn(sharded_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD)
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "ddp_cpu", "fsdp"])
+def test_distributed_trainer_configs_leave_the_batch_sharding_to_lit_embed(trainer: str) -> None:
+    cfg = compose_train([f"trainer={trainer}"])
+    assert cfg.trainer.use_distributed_sampler is False
+    strategy = cfg.trainer.strategy
+    if trainer == "fsdp":
+        assert isinstance(instantiate(strategy), FSDPStrategy)
+    else:
+        assert strategy == "ddp_find_unused_parameters_true"
+    assert cfg.trainer.accelerator == ("cpu" if trainer == "ddp_cpu" else "gpu")
+
+
+def test_lightning_resharding_the_batches_is_refused_with_the_fix() -> None:
+    trainer = SimpleNamespace(
+        world_size=2, global_rank=1, _accelerator_connector=SimpleNamespace(use_distributed_sampler=True)
+    )
+    with pytest.raises(LitEmbedError, match="trainer.use_distributed_sampler=false"):
+        distributed_position(trainer)
+    trainer._accelerator_connector.use_distributed_sampler = False
+    assert distributed_position(trainer) == (1, 2)
