@@ -81,7 +81,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = build(
         cfg.method,
         encoder=encoder,
-        loss=build(cfg.loss),
+        # Multi-task data brings a loss for each of its tasks.
+        loss=getattr(datamodule, "losses", None) or build(cfg.loss),
         optimizer=build(cfg.optimizer),
         scheduler=build(cfg.scheduler),
         skip_nonfinite=cfg.trainer.get("skip_nonfinite", False),

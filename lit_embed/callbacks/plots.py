@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 
 from lit_embed.callbacks.ir_eval import IREvaluationCallback
+from lit_embed.data.multitask import num_pairs
 
 
 class PairsPerSecond(L.Callback):
@@ -25,7 +26,7 @@ class PairsPerSecond(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *args):
         if self._start is None:
             return
-        pairs = len(batch["queries"]["order"])
+        pairs = num_pairs(batch)
         rate = pairs / max(time.perf_counter() - self._start, 1e-9)
         self._rate = rate if self._rate is None else self.smoothing * self._rate + (1 - self.smoothing) * rate
         pl_module.log("pairs/s", self._rate, prog_bar=True, logger=False, batch_size=pairs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Protocol
 
@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from lit_embed.data.multitask import num_pairs, task_batches
 from lit_embed.errors import LitEmbedError
+from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 from lit_embed.models.encoder import Encoder, embed_batch
 
@@ -63,7 +65,8 @@ class EmbeddingFinetuneModule(L.LightningModule):
 
     Args:
         encoder: texts -> embeddings (a sentence-transformers model).
-        loss: ``loss(query_embeddings [B, D], document_embeddings [B + N, D]) -> scalar``.
+        loss: ``loss(query_embeddings [B, D], document_embeddings [B + N, D]) -> scalar``, or a
+            :class:`CachedLoss` (which embeds the batch itself); for multi-task data, ``{task name: loss}``.
         optimizer: ``optimizer(param_groups) -> Optimizer`` (a Hydra partial).
         scheduler: ``scheduler(optimizer, total_steps=...) -> LRScheduler`` stepped per optimizer step,
             or None for a constant learning rate.
@@ -74,38 +77,68 @@ class EmbeddingFinetuneModule(L.LightningModule):
     def __init__(
         self,
         encoder: Encoder,
-        loss: nn.Module | None = None,
+        loss: nn.Module | Mapping[str, nn.Module] | None = None,
         optimizer: OptimizerFactory = DEFAULT_OPTIMIZER,
         scheduler: SchedulerFactory | None = LinearWarmupDecay,
         skip_nonfinite: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
+        if isinstance(loss, Mapping):
+            loss = nn.ModuleDict(dict(loss))
         self.loss = loss if loss is not None else MultipleNegativesRankingLoss()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.skip_nonfinite = skip_nonfinite
         self.skipped_batches = 0
 
+    def setup(self, stage: str) -> None:
+        cached = any(isinstance(m, CachedLoss) for m in self.loss.modules())
+        if cached and self.trainer.precision in ("16-mixed", "16-true"):
+            raise LitEmbedError(
+                "loss=cached_mnrl computes its gradients inside the step, where fp16's loss scaling cannot reach: "
+                "use trainer.precision=bf16-mixed or 32-true."
+            )
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        queries = embed_batch(self.encoder, batch["queries"])  # [B, D]
-        documents = embed_batch(self.encoder, batch["documents"])  # [B + N, D]: positives, then hard negatives
-        loss = self.loss(queries, documents)
-        batch_size = queries.size(0)
+        losses = {task: self.task_loss(task, pairs) for task, pairs in task_batches(batch).items()}
+        loss = torch.stack(list(losses.values())).sum()
+        batch_size = num_pairs(batch)
         if not torch.isfinite(loss):
             if not self.skip_nonfinite:
+                query_ids = [i for pairs in task_batches(batch).values() for i in pairs.get("query_ids", [])]
                 raise NonFiniteLossError(
                     f"the loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch "
-                    f"{self.current_epoch}), on the batch with query ids {batch.get('query_ids', [])}. Check those "
+                    f"{self.current_epoch}), on the batch with query ids {query_ids}. Check those "
                     "texts, lower optimizer.lr, or set trainer.skip_nonfinite=true to skip such batches. "
                     "The checkpoints written so far are intact; resume=true continues from the last one."
                 )
             self.skipped_batches += 1  # returning None makes Lightning skip this batch's backward and step
             self.log("train/skipped_batches", float(self.skipped_batches), batch_size=batch_size)
             return None
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # With gather_across_devices each rank's loss is weighted by its share of the batch; their mean is the loss.
+        sync = self.trainer.world_size > 1
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=sync)
+        if isinstance(self.loss, nn.ModuleDict):
+            # NaN for a task this step did not train on: Lightning would otherwise repeat its last value.
+            for task in self.loss:
+                task_loss = losses.get(task, torch.tensor(float("nan"), device=loss.device))
+                self.log(f"train/loss/{task}", task_loss, batch_size=batch_size, sync_dist=sync)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, batch_size=batch_size)
         return loss
+
+    def task_loss(self, task: str, batch: dict[str, Any]) -> Tensor:
+        """One task's loss on its pairs (single-task data has the one task ``""``)."""
+        loss = self.loss
+        if isinstance(loss, nn.ModuleDict):
+            if task not in loss:
+                raise LitEmbedError(f"no loss for the task {task!r}: the losses are for {sorted(loss)}.")
+            loss = loss[task]
+        if isinstance(loss, CachedLoss):
+            return loss(self.encoder, batch)
+        queries = embed_batch(self.encoder, batch["queries"])  # [B, D]
+        documents = embed_batch(self.encoder, batch["documents"])  # [B + N, D]: positives, then hard negatives
+        return loss(queries, documents)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lets `python -m lit_embed.export CKPT OUT` rebuild the encoder without the run's config.

@@ -1,0 +1,129 @@
+"""GradCache: any embedding loss on batches far larger than fit in memory, with the gradients of the whole batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
+
+
+def mini_batches(side: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    """Splits one side of a collated batch (``{"groups": [features, ...], "order": ...}``) into mini-batches.
+
+    Each length group is cut into runs of at most ``size`` rows, each trimmed to its own longest row. Rows keep
+    the groups' order, so the mini-batches' outputs concatenated are the groups' outputs (``order`` still applies).
+    """
+    chunks = []
+    for features in side["groups"]:
+        mask = features["attention_mask"]  # [n, L]
+        for start in range(0, mask.size(0), size):
+            rows = slice(start, start + size)
+            length = int(mask[rows].sum(dim=1).max())  # rows are right-padded, so this many columns suffice
+            chunks.append(
+                {
+                    key: value[rows, :length] if isinstance(value, Tensor) and value.shape == mask.shape else value
+                    for key, value in features.items()
+                }
+            )
+    return chunks
+
+
+@contextmanager
+def replayed_rng(state: tuple[Tensor, Tensor | None]) -> Iterator[None]:
+    """Runs the block from a saved RNG state (so dropout draws the same masks) and then puts the RNG back."""
+    cpu_state, cuda_state = state
+    devices = [torch.cuda.current_device()] if cuda_state is not None else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)
+        yield
+
+
+def rng_state() -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+
+
+class _WithGradients(torch.autograd.Function):
+    """The loss value, whose backward hands the parameters their precomputed gradients (scaled as the loss is)."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, gradients: list[Tensor], *params: Tensor) -> Tensor:
+        ctx.gradients = gradients
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return (None, None, *(g * grad.to(g.dtype) for g in ctx.gradients))
+
+
+class CachedLoss(nn.Module):
+    """Trains on huge batches in the memory of one mini-batch, with exactly the big batch's gradients (GradCache).
+
+    1. Every text of the batch is embedded in mini-batches without a graph (the RNG state before each is kept).
+    2. The loss and its gradient for each embedding are computed on the whole batch at once.
+    3. Each mini-batch is embedded again, now with its graph and the same dropout masks (the RNG is replayed),
+       and back-propagated with its embeddings' gradients from step 2; its graph is freed before the next.
+
+    The returned loss carries the summed parameter gradients into Lightning's backward, so gradient clipping,
+    accumulation and DDP's gradient averaging work as for any loss. Costs one extra forward pass per step.
+
+    Args:
+        loss: the embedding loss, ``loss(queries [B, D], documents [B + N, D])`` (default: MNRL, scale 20). With
+            ``gather_across_devices`` it sees the global batch under DDP.
+        mini_batch_size: texts encoded at once; bounds the activation memory.
+    """
+
+    def __init__(self, loss: nn.Module | None = None, mini_batch_size: int = 32) -> None:
+        super().__init__()
+        if mini_batch_size < 1:
+            raise ValueError(f"loss.mini_batch_size must be at least 1, got {mini_batch_size}")
+        self.loss = loss if loss is not None else MultipleNegativesRankingLoss()
+        self.mini_batch_size = mini_batch_size
+
+    def forward(self, encoder: nn.Module, batch: dict[str, Any]) -> Tensor:
+        """The loss of a collated batch (``{"queries": ..., "documents": ...}``), ready for ``backward()``."""
+        sides = [batch["queries"], batch["documents"]]
+        chunks = [mini_batches(side, self.mini_batch_size) for side in sides]
+        states: list[list[tuple[Tensor, Tensor | None]]] = [[], []]
+        grouped = []
+        with torch.no_grad():
+            for side_chunks, side_states in zip(chunks, states, strict=True):
+                outputs = []
+                for chunk in side_chunks:
+                    side_states.append(rng_state())
+                    outputs.append(encoder(chunk))
+                grouped.append(torch.cat(outputs))  # [N, D] in group order
+        # Leaves in the batch's row order; their gradients are what each mini-batch back-propagates.
+        queries, documents = (
+            rows[side["order"]].detach().requires_grad_() for rows, side in zip(grouped, sides, strict=True)
+        )
+        with torch.enable_grad():
+            loss = self.loss(queries, documents)
+        if not torch.isfinite(loss):
+            return loss.detach()  # the module reports or skips it; nothing to back-propagate
+        embedding_grads = torch.autograd.grad(loss, [queries, documents])
+        params = [p for p in encoder.parameters() if p.requires_grad]
+        totals: list[Tensor | None] = [None] * len(params)
+        for side, side_chunks, side_states, grad in zip(sides, chunks, states, embedding_grads, strict=True):
+            grouped_grad = torch.empty_like(grad)
+            grouped_grad[side["order"]] = grad  # back to group order, the order the mini-batches come in
+            start = 0
+            for chunk, state in zip(side_chunks, side_states, strict=True):
+                with torch.enable_grad(), replayed_rng(state):
+                    embeddings = encoder(chunk)  # [n, D]
+                chunk_grad = grouped_grad[start : start + embeddings.size(0)].to(embeddings.dtype)
+                start += embeddings.size(0)
+                grads = torch.autograd.grad(embeddings, params, grad_outputs=chunk_grad, allow_unused=True)
+                totals = [t if g is None else g if t is None else t.add_(g) for t, g in zip(totals, grads, strict=True)]
+        # Parameters the encoder never used (a BERT pooler) get no gradient at all, as with the plain loss.
+        used = [(param, total) for param, total in zip(params, totals, strict=True) if total is not None]
+        return _WithGradients.apply(loss.detach(), [total for _, total in used], *(param for param, _ in used))
+
+    def extra_repr(self) -> str:
+        return f"mini_batch_size={self.mini_batch_size}"

@@ -1,0 +1,148 @@
+"""The cached (GradCache) loss gives the plain loss's gradients while building graphs of one mini-batch at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import compose_train, tiny_run_overrides, write_toy_data
+from safetensors.torch import load_file
+
+from lit_embed.data.datamodule import PairCollator, TokenizedTexts
+from lit_embed.errors import LitEmbedError
+from lit_embed.losses.cached import CachedLoss, mini_batches
+from lit_embed.losses.mnrl import mnrl
+from lit_embed.models.encoder import Encoder, embed_batch
+from lit_embed.models.module import EmbeddingFinetuneModule
+from lit_embed.train import run
+
+WORDS = "sort open parse join read format hash split merge count filter map reduce zip walk copy".split()
+
+
+def collated_batch(encoder: Encoder, size: int = 12, negatives: int = 1, length_groups: int = 2) -> dict:
+    """``size`` pairs of varied lengths with ``negatives`` hard negatives each, collated as for training."""
+    queries = [f"how to {' '.join(WORDS[i % 16 : i % 16 + 1 + i % 5])} {i}" for i in range(size)]
+    documents = [f"def f{i}(): return {' + '.join(WORDS[: 1 + i % 9])}" for i in range(size * (1 + negatives))]
+    rows = [(i, i, tuple(size + i * negatives + k for k in range(negatives))) for i in range(size)]
+    collator = PairCollator(
+        rows,
+        TokenizedTexts(queries, "query", encoder),
+        TokenizedTexts(documents, "document", encoder),
+        length_groups=length_groups,
+    )
+    return collator(list(range(size)))
+
+
+def gradients(encoder: Encoder) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
+
+
+def plain_gradients(encoder: Encoder, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    encoder.zero_grad()
+    loss = mnrl(embed_batch(encoder, batch["queries"]), embed_batch(encoder, batch["documents"]))
+    loss.backward()
+    return loss.detach(), gradients(encoder)
+
+
+def cached_gradients(encoder: Encoder, batch: dict, size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    encoder.zero_grad()
+    loss = CachedLoss(mini_batch_size=size)(encoder, batch)
+    loss.backward()
+    return loss.detach(), gradients(encoder)
+
+
+def assert_same(actual: tuple, expected: tuple, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(actual[0], expected[0], atol=atol, rtol=0)
+    assert actual[1].keys() == expected[1].keys()
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(actual[1][name], grad, atol=atol, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("negatives", [0, 2])
+@pytest.mark.parametrize("mini_batch_size", [1, 3, 64])
+def test_gradients_equal_the_plain_loss(tiny_encoder: Encoder, negatives: int, mini_batch_size: int) -> None:
+    tiny_encoder.eval()  # no dropout: the plain and cached passes see the same network
+    batch = collated_batch(tiny_encoder, negatives=negatives)
+    assert_same(cached_gradients(tiny_encoder, batch, mini_batch_size), plain_gradients(tiny_encoder, batch))
+
+
+def test_dropout_masks_are_replayed(tiny_encoder: Encoder) -> None:
+    """With dropout on, the re-encoded mini-batches must draw the masks of the first pass (else the gradient is of
+    another network than the loss): equal to a plain pass over the same mini-batches from the same RNG state."""
+    tiny_encoder.train()
+    batch = collated_batch(tiny_encoder, negatives=1)
+    torch.manual_seed(7)
+    tiny_encoder.zero_grad()
+    sides = [batch["queries"], batch["documents"]]
+    embedded = [torch.cat([tiny_encoder(chunk) for chunk in mini_batches(side, 4)])[side["order"]] for side in sides]
+    reference = mnrl(*embedded)
+    reference.backward()
+    expected = reference.detach(), gradients(tiny_encoder)
+    torch.manual_seed(7)
+    assert_same(cached_gradients(tiny_encoder, batch, 4), expected)
+
+
+def test_composes_with_bf16_autocast(tiny_encoder: Encoder) -> None:
+    tiny_encoder.eval()
+    batch = collated_batch(tiny_encoder, negatives=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = plain_gradients(tiny_encoder, batch)
+        cached = cached_gradients(tiny_encoder, batch, 3)
+    assert all(g.dtype == torch.float32 for g in cached[1].values())
+    assert_same(cached, plain, atol=2e-2)
+
+
+def test_graphs_are_built_one_mini_batch_at_a_time(tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What bounds the memory: no forward pass that keeps a graph sees more than ``mini_batch_size`` texts."""
+    rows_with_graph = []
+    forward = Encoder.forward
+
+    def recording_forward(self, features):
+        if torch.is_grad_enabled():
+            rows_with_graph.append(features["input_ids"].size(0))
+        return forward(self, features)
+
+    monkeypatch.setattr(Encoder, "forward", recording_forward)
+    batch = collated_batch(tiny_encoder, size=40, negatives=1)
+    CachedLoss(mini_batch_size=5)(tiny_encoder, batch).backward()
+    assert max(rows_with_graph) <= 5
+    assert sum(rows_with_graph) == 40 + 80  # every query and document once
+
+
+def test_mini_batches_are_trimmed_to_their_longest_text(tiny_encoder: Encoder) -> None:
+    batch = collated_batch(tiny_encoder, size=12, negatives=0, length_groups=1)
+    chunks = mini_batches(batch["documents"], 4)
+    assert [c["input_ids"].size(0) for c in chunks] == [4, 4, 4]
+    for chunk in chunks:
+        assert chunk["attention_mask"][:, -1].any(), "a column of padding only was kept"
+    with torch.no_grad():
+        tiny_encoder.eval()
+        whole = embed_batch(tiny_encoder, batch["documents"])
+        pieces = torch.cat([tiny_encoder(c) for c in chunks])[batch["documents"]["order"]]
+    torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=0)
+
+
+def test_fp16_is_refused_with_the_fix(tiny_encoder: Encoder) -> None:
+    module = EmbeddingFinetuneModule(tiny_encoder, loss=CachedLoss())
+    module._trainer = SimpleNamespace(precision="16-mixed")
+    with pytest.raises(LitEmbedError, match="bf16-mixed or 32-true"):
+        module.setup("fit")
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        CachedLoss(mini_batch_size=0)
+
+
+def test_cached_training_run_trains_the_model(tmp_path: Path) -> None:
+    train, val = write_toy_data(tmp_path)
+    settings = {
+        "data.batch_size": 24,
+        "loss.mini_batch_size": 5,
+        "load_best_model_at_end": "false",
+        "trainer.max_epochs": 2,
+    }
+    metrics = run(compose_train([*tiny_run_overrides(train, val, tmp_path / "run", **settings), "loss=cached_mnrl"]))
+    assert metrics["final"]["step"] == 4
+    base = load_file(tmp_path / "run" / "base_model" / "model.safetensors")
+    trained = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
