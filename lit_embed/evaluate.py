@@ -1,9 +1,9 @@
 """Retrieval metrics of any sentence-transformers model on a QA data file.
 
-Command line: ``lit-embed-eval MODEL DATA [--json] [--batch-size N]`` (or ``python -m lit_embed.evaluate``), where
-MODEL is a sentence-transformers directory, a run's ``model/`` or a run's output directory, and DATA a file that
-``data=qa_json`` reads (LlamaIndex ``.json``, ``.jsonl`` pairs, ...). The numbers are the ones training logs as
-``val/...``: same search, same prompts.
+Command line: ``lit-embed-eval MODEL DATA [--json] [--batch-size N] [--truncate-dim N]`` (or
+``python -m lit_embed.evaluate``), where MODEL is a sentence-transformers directory, a run's ``model/`` or a run's
+output directory, and DATA a file that ``data=qa_json`` reads (LlamaIndex ``.json``, ``.jsonl`` pairs, ...). The
+numbers are the ones training logs as ``val/...``: same search, same prompts.
 """
 
 from __future__ import annotations
@@ -47,7 +47,11 @@ def model_directory(path: str | os.PathLike) -> Path:
 
 
 def evaluate(
-    model: str | os.PathLike, data: str | os.PathLike, batch_size: int = 64, device: str | None = None
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    batch_size: int = 64,
+    device: str | None = None,
+    truncate_dim: int | None = None,
 ) -> dict[str, float]:
     """Scores ``model`` (see :func:`model_directory`) on ``data`` with exact cosine search over its whole corpus.
 
@@ -57,6 +61,8 @@ def evaluate(
             reads.
         batch_size: texts per encoder call.
         device: where to run the model (None = the GPU if there is one, else the CPU).
+        truncate_dim: score only the first this many embedding dimensions (None = all), as
+            ``SentenceTransformer(model, truncate_dim=...)`` would embed.
 
     Returns:
         ``{"mrr@10": ..., "ndcg@10": ..., ...}``, as training logs them under ``val/``.
@@ -64,7 +70,7 @@ def evaluate(
     dataset = load_dataset(data)  # before the model, so a bad file fails fast
     encoder = Encoder(model_directory(model))
     encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return evaluate_encoder(encoder, dataset, batch_size)
+    return evaluate_encoder(encoder, dataset, batch_size, truncate_dim=truncate_dim)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,12 +82,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object instead of a table")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per encoder call (default: 64)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
+    parser.add_argument(
+        "--truncate-dim",
+        type=int,
+        default=None,
+        help="score only the first N embedding dimensions, e.g. a size trained with loss=matryoshka (default: all)",
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.truncate_dim is not None and args.truncate_dim < 1:
+        parser.error(f"--truncate-dim must be at least 1, got {args.truncate_dim}")
     quiet_third_party_output()
     try:
-        metrics = evaluate(args.model, args.data, args.batch_size, args.device)
+        metrics = evaluate(args.model, args.data, args.batch_size, args.device, args.truncate_dim)
     except LitEmbedError as err:
         parser.exit(2, f"lit-embed-eval: error: {err}\n")
     print(json.dumps(metrics, indent=2) if args.json else format_metrics_table({"value": metrics}))

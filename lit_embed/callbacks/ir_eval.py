@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lit_embed.data.formats import QADataset
 from lit_embed.distributed import full_parameters, rank_and_world
+from lit_embed.errors import LitEmbedError
 from lit_embed.evaluation.ir import DEFAULT_K, evaluate_embeddings
 from lit_embed.models.encoder import Encoder, TextKind
 
@@ -22,18 +23,24 @@ log = logging.getLogger(__name__)
 METRIC_TABLE_KEYS = ("mrr@10", "ndcg@10", "map@100", "recall@10", "accuracy@1", "accuracy@5", "accuracy@10")
 
 
-def _encode(encoder: Encoder, texts: list[str], kind: TextKind, batch_size: int) -> Tensor:
+def _encode(
+    encoder: Encoder, texts: list[str], kind: TextKind, batch_size: int, truncate_dim: int | None = None
+) -> Tensor:
     # bf16 on the GPU halves the evaluation time; the scores are computed in float32 anyway.
     use_bf16 = encoder.device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     with autocast:
-        return encoder.encode(texts, kind, batch_size)
+        embeddings = encoder.encode(texts, kind, batch_size)  # [n, D]
+    # Cut before scoring, which normalizes, as sentence-transformers' truncate_dim does; None keeps all D.
+    return embeddings[:, :truncate_dim]  # [n, truncate_dim]
 
 
-def _encode_sharded(encoder: Encoder, texts: list[str], kind: TextKind, batch_size: int) -> Tensor:
+def _encode_sharded(
+    encoder: Encoder, texts: list[str], kind: TextKind, batch_size: int, truncate_dim: int | None = None
+) -> Tensor:
     """Each rank embeds every ``world``-th text; the shards are gathered back into the input order."""
     rank, world = rank_and_world()
-    local = _encode(encoder, texts[rank::world], kind, batch_size)  # [ceil or floor(n / world), D]
+    local = _encode(encoder, texts[rank::world], kind, batch_size, truncate_dim)  # [ceil or floor(n / world), D]
     if world == 1:
         return local
     per_rank = -(-len(texts) // world)
@@ -46,19 +53,27 @@ def _encode_sharded(encoder: Encoder, texts: list[str], kind: TextKind, batch_si
 
 
 def evaluate_encoder(
-    encoder: Encoder, dataset: QADataset, batch_size: int = 64, corpus_chunk_size: int = 50_000
+    encoder: Encoder,
+    dataset: QADataset,
+    batch_size: int = 64,
+    corpus_chunk_size: int = 50_000,
+    truncate_dim: int | None = None,
 ) -> dict[str, float]:
     """Embeds the validation queries and corpus with the encoder's prompts and scores exact cosine search.
 
     Under ``torch.distributed`` each rank embeds its shard of the corpus and of the queries once, searches
     only its own queries against the gathered corpus, and the per-rank means are combined: every rank returns
     the same metrics and no rank repeats the whole evaluation.
+
+    ``truncate_dim`` scores only the first that many dimensions of every embedding (a smaller size of a model
+    trained with ``loss=matryoshka``), as sentence-transformers' ``truncate_dim`` does; None scores them all.
     """
+    check_truncate_dim(truncate_dim, encoder.embedding_dim)
     rank, world = rank_and_world()
     query_ids = list(dataset.queries)[rank::world]
     corpus_ids = list(dataset.corpus)
-    corpus = _encode_sharded(encoder, [dataset.corpus[d] for d in corpus_ids], "document", batch_size)
-    queries = _encode(encoder, [dataset.queries[q] for q in query_ids], "query", batch_size)
+    corpus = _encode_sharded(encoder, [dataset.corpus[d] for d in corpus_ids], "document", batch_size, truncate_dim)
+    queries = _encode(encoder, [dataset.queries[q] for q in query_ids], "query", batch_size, truncate_dim)
     metrics = evaluate_embeddings(
         queries, corpus, query_ids, corpus_ids, dataset.relevant_docs, DEFAULT_K, corpus_chunk_size=corpus_chunk_size
     )
@@ -69,6 +84,16 @@ def evaluate_encoder(
     sums = sums.to(corpus.device)
     dist.all_reduce(sums)
     return {key: (sums[i] / sums[-1]).item() for i, key in enumerate(metrics)}
+
+
+def check_truncate_dim(truncate_dim: int | None, embedding_dim: int) -> None:
+    """Raises a ``LitEmbedError`` unless ``truncate_dim`` is None or between 1 and ``embedding_dim``."""
+    if truncate_dim is not None and not 1 <= truncate_dim <= embedding_dim:
+        raise LitEmbedError(
+            f"truncate_dim={truncate_dim} is not a size of this model's {embedding_dim}-dimensional embeddings: set "
+            f"eval.truncate_dim (lit-embed-eval --truncate-dim) between 1 and {embedding_dim}, or to null to score "
+            "the full embeddings."
+        )
 
 
 class IREvaluationCallback(L.Callback):
@@ -83,6 +108,8 @@ class IREvaluationCallback(L.Callback):
         batch_size: texts per encoder call.
         corpus_chunk_size: corpus rows scored at once (bounds memory for huge corpora).
         dataset: the validation set; None takes ``trainer.datamodule.val_dataset``.
+        truncate_dim: score only the first this many embedding dimensions, e.g. a smaller size trained with
+            ``loss=matryoshka`` (None = all). The logged metrics, and the checkpoint they select, are that size's.
     """
 
     def __init__(
@@ -91,11 +118,15 @@ class IREvaluationCallback(L.Callback):
         batch_size: int = 64,
         corpus_chunk_size: int = 50_000,
         dataset: QADataset | None = None,
+        truncate_dim: int | None = None,
     ) -> None:
+        if truncate_dim is not None and truncate_dim < 1:
+            raise LitEmbedError(f"eval.truncate_dim must be a positive embedding size or null, got {truncate_dim}.")
         self.evaluation_steps = evaluation_steps
         self.batch_size = batch_size
         self.corpus_chunk_size = corpus_chunk_size
         self.dataset = dataset
+        self.truncate_dim = truncate_dim
         self.history: list[dict[str, Any]] = []
 
     def metrics_at(self, step: int) -> dict[str, float] | None:
@@ -107,7 +138,9 @@ class IREvaluationCallback(L.Callback):
         dataset = self.dataset if self.dataset is not None else getattr(trainer.datamodule, "val_dataset", None)
         if dataset is None:
             return None
-        return evaluate_encoder(pl_module.encoder, dataset, self.batch_size, self.corpus_chunk_size)
+        return evaluate_encoder(
+            pl_module.encoder, dataset, self.batch_size, self.corpus_chunk_size, truncate_dim=self.truncate_dim
+        )
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step

@@ -1,0 +1,80 @@
+"""MatryoshkaLoss: a loss applied to nested prefixes of the embeddings, so a prefix is a usable smaller embedding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_embed.errors import LitEmbedError
+
+
+def matryoshka(
+    loss: Callable[[Tensor, Tensor], Tensor],
+    queries: Tensor,
+    documents: Tensor,
+    dims: Sequence[int],
+    weights: Sequence[float],
+) -> Tensor:
+    """Weighted sum over ``dims`` of ``loss`` on the first ``d`` dimensions of queries and documents.
+
+    Args:
+        loss: ``loss(queries [B, d], documents [B + N, d]) -> scalar``, e.g. a ``MultipleNegativesRankingLoss``.
+        queries: ``[B, D]`` query embeddings.
+        documents: ``[B + N, D]`` document embeddings, laid out as ``loss`` expects them.
+        dims: the prefix sizes, each at most ``D``.
+        weights: one weight per entry of ``dims``.
+
+    Returns:
+        ``sum(w * loss(queries[:, :d], documents[:, :d]))`` over ``zip(dims, weights)``.
+    """
+    size = queries.size(-1)
+    if max(dims) > size:
+        raise LitEmbedError(
+            f"loss.dims {list(dims)} has sizes larger than the embedding size {size} of the model: keep every "
+            f"entry of loss.dims at most {size} (e.g. loss.dims=[{size},{size // 2}])."
+        )
+    total = 0.0
+    for dim, weight in zip(dims, weights, strict=True):
+        # Renormalized as sentence-transformers' MatryoshkaLoss does, so a loss on dot products sees unit vectors
+        # at every size, not prefixes that shrink in norm as d drops.
+        prefix_queries = F.normalize(queries[:, :dim], dim=-1)  # [B, d]
+        prefix_documents = F.normalize(documents[:, :dim], dim=-1)  # [B + N, d]
+        total = total + weight * loss(prefix_queries, prefix_documents)
+    return total
+
+
+class MatryoshkaLoss(nn.Module):
+    """Trains nested embedding sizes: the wrapped loss on the first ``d`` dimensions, for each ``d`` in ``dims``.
+
+    Same definition and defaults as sentence-transformers' ``MatryoshkaLoss`` (every size, weights of 1), for
+    any ``loss(queries, documents) -> scalar``. Include the full embedding size in ``dims``, or the full
+    embeddings are not trained directly. Measure a smaller size with ``eval.truncate_dim`` (``lit-embed-eval
+    --truncate-dim``) and use it with ``SentenceTransformer(path, truncate_dim=...)``. With GradCache, this loss
+    goes inside ``CachedLoss`` as its ``loss``, not around it: the cached loss embeds the batch itself.
+
+    Args:
+        loss: the loss to apply at every size, e.g. :class:`~lit_embed.losses.mnrl.MultipleNegativesRankingLoss`.
+        dims: the embedding sizes to train, e.g. ``[384, 256, 128, 64]``.
+        weights: one weight per size (None = 1 each).
+    """
+
+    def __init__(self, loss: nn.Module, dims: Sequence[int], weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.loss = loss
+        self.dims = tuple(int(d) for d in dims)  # from a Hydra ListConfig too
+        if not self.dims or min(self.dims) < 1:
+            raise LitEmbedError(f"loss.dims needs one or more positive embedding sizes, got {list(self.dims)}.")
+        self.weights = tuple(float(w) for w in weights) if weights is not None else (1.0,) * len(self.dims)
+        if len(self.weights) != len(self.dims):
+            raise LitEmbedError(
+                f"loss.weights needs one weight per entry of loss.dims: {len(self.dims)} dims {list(self.dims)}, "
+                f"{len(self.weights)} weights {list(self.weights)}. Set loss.weights=null for 1 each."
+            )
+
+    def forward(self, queries: Tensor, documents: Tensor) -> Tensor:
+        return matryoshka(self.loss, queries, documents, self.dims, self.weights)
+
+    def extra_repr(self) -> str:
+        return f"dims={list(self.dims)}, weights={list(self.weights)}"
