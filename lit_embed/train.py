@@ -25,6 +25,7 @@ from lit_embed.callbacks.ir_eval import METRIC_TABLE_KEYS, IREvaluationCallback
 from lit_embed.data.formats import write_text_atomic
 from lit_embed.distributed import full_parameters
 from lit_embed.errors import LitEmbedError
+from lit_embed.evaluation.ir import DEFAULT_K
 from lit_embed.export import load_encoder_weights, to_sentence_transformers
 from lit_embed.models.adapters import AdaptedEncoder
 from lit_embed.models.precomputed import PrecomputedEmbeddings
@@ -213,19 +214,29 @@ def finetune(
     return run(cfg)
 
 
+def check_optimized_metric(name: str | None) -> None:
+    """Fails before training when ``optimized_metric`` names no validation metric (``val/ndcg@10`` for ``ndcg@10``)."""
+    names = [f"{metric}@{k}" for metric, ks in DEFAULT_K.items() for k in ks]
+    if name is not None and name not in names:
+        raise LitEmbedError(f"optimized_metric={name} is not a validation metric: use one of {', '.join(names)}.")
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """``python train.py``; returns the final ``optimized_metric`` for Hydra's sweepers (None without validation)."""
     # In a sweep Hydra gives each job its own folder under output_dir; that folder is the job's output_dir.
     with open_dict(cfg):
         cfg.output_dir = HydraConfig.get().runtime.output_dir
     try:
-        run(cfg)
+        check_optimized_metric(cfg.optimized_metric)
+        metrics = run(cfg)
     except LitEmbedError as err:
         log.error("%s", err)
         sys.exit(2)
     except SIGTERMException:
         log.error("Stopped by SIGTERM; the checkpoint is saved. Continue with resume=true.")
         sys.exit(143)
+    return metrics["final"][cfg.optimized_metric] if metrics and cfg.optimized_metric else None
 
 
 if __name__ == "__main__":
