@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from lit_embed.data.datamodule import PairCollator, TokenizedTexts
 from lit_embed.errors import LitEmbedError
 from lit_embed.losses.cached import CachedLoss, mini_batches
-from lit_embed.losses.mnrl import mnrl
+from lit_embed.losses.matryoshka import MatryoshkaLoss
+from lit_embed.losses.mnrl import MultipleNegativesRankingLoss, mnrl
 from lit_embed.models.encoder import Encoder, embed_batch
 from lit_embed.models.module import EmbeddingFinetuneModule
 from lit_embed.train import run
@@ -146,3 +147,19 @@ def test_cached_training_run_trains_the_model(tmp_path: Path) -> None:
     base = load_file(tmp_path / "run" / "base_model" / "model.safetensors")
     trained = load_file(tmp_path / "run" / "model" / "model.safetensors")
     assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+def test_wraps_matryoshka_and_not_the_other_way_round(tiny_encoder: Encoder) -> None:
+    tiny_encoder.eval()
+    batch = collated_batch(tiny_encoder, negatives=1)
+    nested = MatryoshkaLoss(MultipleNegativesRankingLoss(), dims=[64, 32, 16], weights=[1.0, 0.5, 0.25])
+    tiny_encoder.zero_grad()
+    loss = nested(embed_batch(tiny_encoder, batch["queries"]), embed_batch(tiny_encoder, batch["documents"]))
+    loss.backward()
+    expected = loss.detach(), gradients(tiny_encoder)
+    tiny_encoder.zero_grad()
+    cached = CachedLoss(nested, mini_batch_size=3)(tiny_encoder, batch)
+    cached.backward()
+    assert_same((cached.detach(), gradients(tiny_encoder)), expected)
+    with pytest.raises(LitEmbedError, match="put it inside"):
+        MatryoshkaLoss(CachedLoss(), dims=[16])

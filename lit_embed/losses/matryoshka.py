@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_embed.errors import LitEmbedError
+from lit_embed.losses.cached import CachedLoss
 
 
 def matryoshka(
@@ -62,6 +63,11 @@ class MatryoshkaLoss(nn.Module):
 
     def __init__(self, loss: nn.Module, dims: Sequence[int], weights: Sequence[float] | None = None) -> None:
         super().__init__()
+        if isinstance(loss, CachedLoss):
+            raise LitEmbedError(
+                "MatryoshkaLoss cannot wrap the cached loss, which embeds the batch itself: put it inside instead, "
+                "as the cached loss's `loss:` (CachedLoss(loss=MatryoshkaLoss(...)))."
+            )
         self.loss = loss
         self.dims = tuple(int(d) for d in dims)  # from a Hydra ListConfig too
         if not self.dims or min(self.dims) < 1:
