@@ -53,3 +53,35 @@ def test_perfect_alignment_gives_low_loss() -> None:
     assert mnrl(q, q.clone(), scale=20.0) < 1e-6
     with pytest.raises(ValueError, match="at least one positive per query"):
         mnrl(torch.randn(4, 8), torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("num_negatives", [0, 5])
+def test_query_chunks_give_the_same_loss_and_gradients(num_negatives: int) -> None:
+    torch.manual_seed(3)
+    q = torch.randn(10, 16, requires_grad=True)
+    d = torch.randn(10 + num_negatives, 16, requires_grad=True)
+    mnrl(q, d).backward()
+    expected = q.grad.clone(), d.grad.clone()
+    q.grad = d.grad = None
+    chunked = MultipleNegativesRankingLoss(query_chunk_size=3)
+    loss = chunked(q, d)
+    loss.backward()
+    assert loss.item() == pytest.approx(mnrl(q, d).item(), abs=1e-6)
+    torch.testing.assert_close((q.grad, d.grad), expected, atol=1e-6, rtol=0)
+
+
+def test_query_chunks_bound_the_scores_in_memory() -> None:
+    """Only ``[chunk, batch]`` blocks of scores are kept for the backward pass, not the ``[batch, batch]`` matrix."""
+    q, d = torch.randn(64, 8, requires_grad=True), torch.randn(64, 8, requires_grad=True)
+    saved: list[torch.Size] = []
+
+    def record(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.shape)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
+        MultipleNegativesRankingLoss(query_chunk_size=16)(q, d).backward()
+    assert max(shape.numel() for shape in saved) <= 16 * 64
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
+        MultipleNegativesRankingLoss(query_chunk_size=None)(q, d)
+    assert max(shape.numel() for shape in saved) == 64 * 64

@@ -5,11 +5,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lit_embed.distributed import all_gather_rows, gather_sizes, rank_and_world
 
 
-def mnrl(queries: Tensor, documents: Tensor, scale: float = 20.0, first_positive: int = 0) -> Tensor:
+def mnrl(
+    queries: Tensor,
+    documents: Tensor,
+    scale: float = 20.0,
+    first_positive: int = 0,
+    query_chunk_size: int | None = None,
+) -> Tensor:
     """Cross-entropy of each query against every document in the batch, its own positive being the target.
 
     Args:
@@ -20,6 +27,9 @@ def mnrl(queries: Tensor, documents: Tensor, scale: float = 20.0, first_positive
         scale: inverse temperature applied to the cosine similarities (20 = temperature 0.05).
         first_positive: row of ``documents`` that holds query 0's positive (query ``i``'s is that row + ``i``);
             non-zero when ``documents`` are gathered from several devices.
+        query_chunk_size: score at most this many queries at once, and again in the backward pass, so only a
+            ``[query_chunk_size, B + N]`` block of scores is ever in memory (None: all ``B`` at once). The
+            ``[B, B + N]`` scores of a 65,536-pair batch alone would take 17 GB in fp32.
 
     Returns:
         The mean loss over the ``B`` queries.
@@ -28,10 +38,29 @@ def mnrl(queries: Tensor, documents: Tensor, scale: float = 20.0, first_positive
         raise ValueError(
             f"need at least one positive per query: {queries.size(0)} queries, {documents.size(0)} documents"
         )
-    scores = F.normalize(queries, dim=-1) @ F.normalize(documents, dim=-1).T * scale  # [B, B + N]
+    queries, documents = F.normalize(queries, dim=-1), F.normalize(documents, dim=-1)
     labels = torch.arange(queries.size(0), device=queries.device) + first_positive  # query i's positive
+    size = queries.size(0)
+    if query_chunk_size is None or size <= query_chunk_size:
+        return _summed_cross_entropy(queries, documents, labels, scale) / size
+    total = sum(
+        checkpoint(
+            _summed_cross_entropy,
+            queries[start : start + query_chunk_size],
+            documents,
+            labels[start : start + query_chunk_size],
+            scale,
+            use_reentrant=False,
+        )
+        for start in range(0, size, query_chunk_size)
+    )
+    return total / size
+
+
+def _summed_cross_entropy(queries: Tensor, documents: Tensor, labels: Tensor, scale: float) -> Tensor:
+    scores = queries @ documents.T * scale  # [b, B + N]
     # bf16/fp16 logits lose too much precision in the softmax; compute it in at least fp32.
-    return F.cross_entropy(scores.to(torch.promote_types(scores.dtype, torch.float32)), labels)
+    return F.cross_entropy(scores.to(torch.promote_types(scores.dtype, torch.float32)), labels, reduction="sum")
 
 
 class MultipleNegativesRankingLoss(nn.Module):
@@ -43,25 +72,36 @@ class MultipleNegativesRankingLoss(nn.Module):
             batch), not only its own device's. The documents are all-gathered with their gradient and each
             device's labels are offset to its own positives, so the loss and the gradients equal those of one
             device holding the whole batch.
+        query_chunk_size: bounds the scores in memory to ``[query_chunk_size, batch]`` blocks (see :func:`mnrl`);
+            batches up to this size are scored at once.
     """
 
-    def __init__(self, scale: float = 20.0, gather_across_devices: bool = False) -> None:
+    def __init__(
+        self, scale: float = 20.0, gather_across_devices: bool = False, query_chunk_size: int | None = 4096
+    ) -> None:
         super().__init__()
         if scale <= 0:
             raise ValueError(f"loss.scale must be positive, got {scale}")
+        if query_chunk_size is not None and query_chunk_size < 1:
+            raise ValueError(f"loss.query_chunk_size must be at least 1 or null, got {query_chunk_size}")
         self.scale = scale
         self.gather_across_devices = gather_across_devices
+        self.query_chunk_size = query_chunk_size
 
     def forward(self, queries: Tensor, documents: Tensor) -> Tensor:
         rank, world = rank_and_world()
         if not self.gather_across_devices or world == 1:
-            return mnrl(queries, documents, self.scale)
+            return mnrl(queries, documents, self.scale, query_chunk_size=self.query_chunk_size)
         documents, documents_per_rank = all_gather_rows(documents)  # [sum over ranks of (B_r + N_r), D]
         queries_per_rank = gather_sizes(queries.size(0), queries.device)
-        local = mnrl(queries, documents, self.scale, first_positive=sum(documents_per_rank[:rank]))
+        first_positive = sum(documents_per_rank[:rank])
+        local = mnrl(queries, documents, self.scale, first_positive, self.query_chunk_size)
         # DDP averages the ranks' gradients; weighting by this rank's share of the queries makes that average
         # the gradient of the mean over the global batch, even when the last batches differ in size.
         return local * (queries.size(0) * world / sum(queries_per_rank))
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, gather_across_devices={self.gather_across_devices}"
+        return (
+            f"scale={self.scale}, gather_across_devices={self.gather_across_devices}, "
+            f"query_chunk_size={self.query_chunk_size}"
+        )
