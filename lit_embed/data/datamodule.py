@@ -137,6 +137,7 @@ def index_dataloader(
     collate_fn: Callable[[list[int]], Any],
     num_workers: int = 0,
     seed: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader that hands the batch sampler's row indices to ``collate_fn`` (which builds the features)."""
     return DataLoader(
@@ -145,6 +146,7 @@ def index_dataloader(
         collate_fn=collate_fn,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory and torch.cuda.is_available(),
         # Its own generator, so starting an epoch does not draw from the global RNG that dropout uses:
         # a resumed run then replays dropout exactly.
         generator=torch.Generator().manual_seed(seed),
@@ -227,6 +229,7 @@ class QAPairDataModule(ResumableDataModule):
         length_groups: pad each batch's texts in up to this many groups of similar length, so one long text
             does not pad the rest (1 = pad the whole batch to its longest text). Same texts, same loss.
         num_workers: DataLoader worker processes for collation.
+        pin_memory: collate into page-locked memory, so copies to the GPU overlap compute (ignored on the CPU).
         seed: shuffling seed.
         drop_last: drop a final incomplete batch.
         columns: for .csv/.parquet/datasets-directory data, which column holds what, e.g.
@@ -242,6 +245,7 @@ class QAPairDataModule(ResumableDataModule):
         max_negatives: int | None = None,
         length_groups: int = 4,
         num_workers: int = 0,
+        pin_memory: bool = True,
         seed: int = 0,
         drop_last: bool = False,
         columns: dict[str, str] | None = None,
@@ -254,6 +258,7 @@ class QAPairDataModule(ResumableDataModule):
         self.max_negatives = max_negatives
         self.length_groups = length_groups
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
         self.seed = seed
         self.drop_last = drop_last
         self.columns = columns
@@ -331,7 +336,7 @@ class QAPairDataModule(ResumableDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = self.batch_sampler(*distributed_position(self.trainer))
-        return index_dataloader(self.num_rows, sampler, self.collator, self.num_workers, self.seed)
+        return index_dataloader(self.num_rows, sampler, self.collator, self.num_workers, self.seed, self.pin_memory)
 
     @property
     def collator(self) -> PairCollator:

@@ -180,7 +180,7 @@ class MultiTaskDataModule(ResumableDataModule):
                 for sampler in samplers:
                     sampler.resume_at(epoch, done % max(1, len(sampler)))
             loaders = {
-                name: index_dataloader(data.num_rows, s, data.collator, data.num_workers, data.seed)
+                name: index_dataloader(data.num_rows, s, data.collator, data.num_workers, data.seed, data.pin_memory)
                 for (name, data), s in zip(self.tasks.items(), samplers, strict=True)
             }
             return CombinedLoader(loaders, mode=self.mode)
@@ -191,4 +191,5 @@ class MultiTaskDataModule(ResumableDataModule):
             schedule.resume_at(*self._resume_at)
         collator = TaskCollator(list(self.tasks), [data.collator for data in self.tasks.values()], offsets)
         workers = max(data.num_workers for data in self.tasks.values())
-        return index_dataloader(sum(sizes), schedule, collator, workers, self.seed)
+        pin_memory = any(data.pin_memory for data in self.tasks.values())
+        return index_dataloader(sum(sizes), schedule, collator, workers, self.seed, pin_memory)

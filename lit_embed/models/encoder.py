@@ -33,6 +33,8 @@ class Encoder(nn.Module):
         document_prompt: text put before every document. None keeps the model's saved prompt.
         trust_remote_code: allow the model directory to run its own Python code. Off unless you trust it.
         model_kwargs: passed to ``transformers``' ``from_pretrained`` (e.g. ``{"attn_implementation": "sdpa"}``).
+        compile: ``torch.compile`` the transformer (dynamic shapes, so the length groups do not recompile): fewer,
+            fused kernels for launch-bound small encoders on a GPU; the first steps pay the compilation.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class Encoder(nn.Module):
         document_prompt: str | None = None,
         trust_remote_code: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         path = str(model_name_or_path)
@@ -54,6 +57,7 @@ class Encoder(nn.Module):
             "document_prompt": document_prompt,
             "trust_remote_code": trust_remote_code,
             "model_kwargs": dict(model_kwargs or {}),
+            "compile": compile,
         }
         if _looks_like_a_path(path) and not Path(path).exists():
             raise LitEmbedError(
@@ -69,6 +73,8 @@ class Encoder(nn.Module):
             self.model.prompts["query"] = query_prompt
         if document_prompt is not None:
             self.model.prompts["document"] = document_prompt
+        if compile:  # in place, so the weights keep their names in checkpoints and exports
+            self.model[0].compile(dynamic=True)
         # sentence-transformers loads models in eval mode; training needs dropout on (encode() switches it off).
         self.train()
 

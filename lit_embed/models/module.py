@@ -34,7 +34,7 @@ class SchedulerFactory(Protocol):
     def __call__(self, optimizer: Optimizer, /, total_steps: int) -> LRScheduler: ...
 
 
-DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, lr=2e-5, weight_decay=0.01)
+DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, lr=2e-5, weight_decay=0.01, fused=True)
 
 
 class LinearWarmupDecay(LambdaLR):
