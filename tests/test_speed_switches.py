@@ -85,10 +85,11 @@ def test_compiled_encoder_gives_the_same_loss_and_gradients(tiny_model_path: str
         torch.testing.assert_close(got[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_throughput_benchmark_runs_and_prints_the_ratio(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--cached", "4"]], ids=["plain", "cached"])
+def test_throughput_benchmark_runs_and_prints_the_ratio(tmp_path: Path, extra: list[str]) -> None:
     result = subprocess.run(
         [sys.executable, "benchmarks/throughput.py", "--model", "tiny", "--batch-size", "16", "--steps", "4"]
-        + ["--warmup", "1", "--rounds", "1", "--no-evaluate", "--json", str(tmp_path / "result.json")],
+        + ["--warmup", "1", "--rounds", "1", "--no-evaluate", "--json", str(tmp_path / "result.json"), *extra],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -98,3 +99,29 @@ def test_throughput_benchmark_runs_and_prints_the_ratio(tmp_path: Path) -> None:
     assert "lit_embed / sentence-transformers:" in result.stdout
     assert "| sentence-transformers |" in result.stdout and "| lit_embed |" in result.stdout
     assert (tmp_path / "result.json").is_file()
+
+
+def test_bf16_run_with_fused_adamw_clips_and_trains(tmp_path: Path) -> None:
+    """Lightning's mixed-precision plugin refuses to clip for a fused optimizer; bf16 needs no refusal."""
+    from helpers import compose_train, tiny_run_overrides, write_toy_data
+
+    from lit_embed.train import run
+
+    train, val = write_toy_data(tmp_path)
+    settings = {"trainer.precision": "bf16-mixed", "optimizer.fused": "true", "trainer.gradient_clip_val": 1.0}
+    metrics = run(compose_train(tiny_run_overrides(train, val, tmp_path / "run", **settings)))
+    assert metrics["final"]["step"] >= 0 and (tmp_path / "run" / "model").is_dir()
+
+
+def test_bf16_gradients_are_clipped_directly(tiny_encoder: Encoder) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = EmbeddingFinetuneModule(tiny_encoder)
+    module._trainer = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"))
+    loss_and_gradients(tiny_encoder, collated_batch(tiny_encoder, negatives=1))
+    optimizer = torch.optim.AdamW(module._param_groups(), fused=True)
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=1e-3, gradient_clip_algorithm="norm")
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
+    assert norm == pytest.approx(1e-3, rel=1e-3)

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
@@ -139,6 +140,21 @@ class EmbeddingFinetuneModule(L.LightningModule):
         queries = embed_batch(self.encoder, batch["queries"])  # [B, D]
         documents = embed_batch(self.encoder, batch["documents"])  # [B + N, D]: positives, then hard negatives
         return loss(queries, documents)
+
+    def configure_gradient_clipping(
+        self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer (which unscales fp16 gradients
+        # itself). bf16 has no loss scaler: the gradients are the true ones, so clip them directly.
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lets `python -m lit_embed.export CKPT OUT` rebuild the encoder without the run's config.
