@@ -132,7 +132,8 @@ def test_global_batches_hold_no_text_twice_and_every_rank_gets_a_slice() -> None
 
 @pytest.mark.slow
 def test_ddp_cpu_run_with_gathered_negatives_trains_like_one_process_on_the_global_batch(tmp_path: Path) -> None:
-    """``python train.py trainer=ddp_cpu`` (2 gloo processes, 8 pairs each) == one process with batches of 16."""
+    """``python train.py trainer=ddp_cpu`` (2 gloo processes, 8 pairs each), with the plain and the cached loss,
+    == one process with batches of 16."""
     train, val = write_toy_data(tmp_path)
     common = {
         "trainer.max_steps": 3,
@@ -140,8 +141,10 @@ def test_ddp_cpu_run_with_gathered_negatives_trains_like_one_process_on_the_glob
         "eval.evaluation_steps": 0,
         "load_best_model_at_end": "false",  # compare the trained weights, whatever the toy metrics say
     }
+    cached = {"loss": "cached_mnrl", "loss.loss.gather_across_devices": "true", "loss.mini_batch_size": 3}
     runs = {
         "ddp": ("ddp_cpu", {"loss.gather_across_devices": "true", "data.batch_size": 8}),
+        "ddp_cached": ("ddp_cpu", {**cached, "data.batch_size": 8}),
         "single": ("cpu", {"data.batch_size": 16}),
     }
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -156,7 +159,8 @@ def test_ddp_cpu_run_with_gathered_negatives_trains_like_one_process_on_the_glob
         weights[name] = load_file(tmp_path / name / "model" / "model.safetensors")
     assert (tmp_path / "ddp" / "metrics.json").is_file()
     for key, expected in weights["single"].items():
-        torch.testing.assert_close(weights["ddp"][key], expected, atol=1e-4, rtol=0, msg=key)
+        for name in ("ddp", "ddp_cached"):
+            torch.testing.assert_close(weights[name][key], expected, atol=1e-4, rtol=0, msg=f"{name}: {key}")
 
 
 def sharded_worker(rank: int, rendezvous: str) -> None:
