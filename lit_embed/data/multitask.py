@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -21,8 +20,6 @@ from lit_embed.data.datamodule import (
 )
 from lit_embed.data.formats import DataFormatError, QADataset, load_dataset
 from lit_embed.data.sampler import NoDuplicatesBatchSampler
-
-log = logging.getLogger(__name__)
 
 # One task per step, as sentence-transformers' multi-dataset samplers do, or a batch of every task each step.
 ONE_TASK_MODES = ("round_robin", "proportional", "sequential")
