@@ -136,7 +136,7 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
     import lightning as L
     from hydra import compose, initialize_config_dir
 
-    from lit_embed.train import CONFIG_DIR, build, quiet_third_party_output
+    from lit_embed.train import CONFIG_DIR, build, build_module, quiet_third_party_output, trainer_arguments
 
     quiet_third_party_output()
     overrides = [
@@ -159,18 +159,15 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
         cfg = compose(config_name="train", overrides=overrides)
     L.seed_everything(args.seed, verbose=False)
     datamodule = build(cfg.data)
-    encoder = build(cfg.model)
-    parts = {"loss": build(cfg.loss), "optimizer": build(cfg.optimizer), "scheduler": build(cfg.scheduler)}
-    module = build(cfg.method, encoder=encoder, **parts)
+    module = build_module(cfg, datamodule)
     clock = StepClock(args.device)
 
     class Tick(L.Callback):
         def on_train_batch_end(self, *_: object) -> None:
             clock.tick()
 
-    trainer_args = {key: value for key, value in cfg.trainer.items() if key != "skip_nonfinite"}
     trainer = build(
-        trainer_args,
+        trainer_arguments(cfg),
         default_root_dir=str(workdir),
         logger=False,
         callbacks=[Tick()],

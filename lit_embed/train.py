@@ -73,13 +73,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     L.seed_everything(cfg.seed, workers=True)
 
+    module = build_module(cfg, datamodule)
+    evaluation = build(cfg.eval)
+    checkpointing = build(cfg.checkpoint, dirpath=str(output_dir / "checkpoints"))
+    trainer: L.Trainer = build(
+        trainer_arguments(cfg),
+        default_root_dir=str(output_dir),
+        logger=build(cfg.logger),
+        callbacks=[evaluation, checkpointing, *(build(c) for c in (cfg.callbacks or {}).values())],
+        plugins=[AtomicCheckpointIO()],
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    return finish(trainer, module, evaluation, checkpointing, output_dir, cfg.load_best_model_at_end)
+
+
+def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
+    """The configured LightningModule: encoder (wrapped by ``method``), loss, optimizer and schedule."""
     encoder = build(cfg.model)
     if "encoder" in cfg.method:  # method=adapter wraps the encoder: frozen, with a trainable head
         encoder = build(cfg.method.encoder)(encoder)
     elif isinstance(encoder, PrecomputedEmbeddings):
         raise LitEmbedError("model=precomputed has no encoder weights to finetune: use it with method=adapter.")
-    trainer_args = {key: value for key, value in cfg.trainer.items() if key != "skip_nonfinite"}
-    module = build(
+    return build(
         cfg.method,
         encoder=encoder,
         # Multi-task data brings a loss for each of its tasks.
@@ -88,17 +103,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         scheduler=build(cfg.scheduler),
         skip_nonfinite=cfg.trainer.get("skip_nonfinite", False),
     )
-    evaluation = build(cfg.eval)
-    checkpointing = build(cfg.checkpoint, dirpath=str(output_dir / "checkpoints"))
-    trainer: L.Trainer = build(
-        trainer_args,
-        default_root_dir=str(output_dir),
-        logger=build(cfg.logger),
-        callbacks=[evaluation, checkpointing, *(build(c) for c in (cfg.callbacks or {}).values())],
-        plugins=[AtomicCheckpointIO()],
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    return finish(trainer, module, evaluation, checkpointing, output_dir, cfg.load_best_model_at_end)
+
+
+def trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.trainer`` without lit_embed's own keys, which the module takes, not ``lightning.Trainer``."""
+    return {key: value for key, value in cfg.trainer.items() if key != "skip_nonfinite"}
 
 
 def finish(
