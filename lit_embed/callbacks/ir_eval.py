@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lit_embed.data.formats import QADataset
-from lit_embed.distributed import full_parameters, rank_and_world
+from lit_embed.distributed import all_gather_rows, full_parameters, rank_and_world
 from lit_embed.errors import LitEmbedError
 from lit_embed.evaluation.ir import DEFAULT_K, evaluate_embeddings
 from lit_embed.models.encoder import Encoder, TextKind
@@ -38,18 +38,10 @@ def _encode(
 def _encode_sharded(
     encoder: Encoder, texts: list[str], kind: TextKind, batch_size: int, truncate_dim: int | None = None
 ) -> Tensor:
-    """Each rank embeds every ``world``-th text; the shards are gathered back into the input order."""
+    """Each rank embeds its contiguous share of the texts; the shares are gathered back in the input order."""
     rank, world = rank_and_world()
-    local = _encode(encoder, texts[rank::world], kind, batch_size, truncate_dim)  # [ceil or floor(n / world), D]
-    if world == 1:
-        return local
-    per_rank = -(-len(texts) // world)
-    padded = torch.zeros(per_rank, local.size(1), device=local.device, dtype=local.dtype)
-    padded[: local.size(0)] = local
-    shards = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(shards, padded)
-    # Row i of rank r is text r + i * world: interleave the shards and drop the padding at the end.
-    return torch.stack(shards, dim=1).reshape(-1, local.size(1))[: len(texts)]
+    share = texts[rank * len(texts) // world : (rank + 1) * len(texts) // world]
+    return all_gather_rows(_encode(encoder, share, kind, batch_size, truncate_dim))[0]  # [len(texts), D]
 
 
 def evaluate_encoder(
