@@ -134,9 +134,10 @@ def evaluate(model, val) -> float:
 
 def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -> Run:
     import lightning as L
-    from hydra import compose, initialize_config_dir
 
-    from lit_embed.train import CONFIG_DIR, build, build_module, quiet_third_party_output, trainer_arguments
+    from lit_embed.config import build, compose_config
+    from lit_embed.console import quiet_third_party_output
+    from lit_embed.train import build_module
 
     quiet_third_party_output()
     overrides = [
@@ -155,10 +156,9 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
         *(["loss=cached_mnrl", f"loss.mini_batch_size={args.cached}"] if args.cached else []),
         *args.lit,
     ]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_config(overrides)
     L.seed_everything(args.seed, verbose=False)
-    datamodule = build(cfg.data)
+    datamodule = build(cfg.data, "data")
     module = build_module(cfg, datamodule)
     clock = StepClock(args.device)
 
@@ -167,7 +167,8 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
             clock.tick()
 
     trainer = build(
-        trainer_arguments(cfg),
+        cfg.trainer,
+        "trainer",
         default_root_dir=str(workdir),
         logger=False,
         callbacks=[Tick()],
@@ -295,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
-    from lit_embed.data.formats import save_llamaindex_json, training_examples
+    from lit_embed.data.formats import save_llamaindex_json
+    from lit_embed.data.schema import training_examples
     from lit_embed.data.stdlib import build_stdlib_dataset
 
     workdir = Path(tempfile.mkdtemp(prefix="lit_embed_throughput_"))

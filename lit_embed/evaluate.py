@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from lit_embed.callbacks.ir_eval import evaluate_encoder
+from lit_embed.console import quiet_third_party_output
 from lit_embed.data.formats import load_dataset
-from lit_embed.errors import LitEmbedError
+from lit_embed.errors import LitEmbedError, reported
+from lit_embed.evaluation.retrieval import evaluate_encoder, format_metrics_table
 from lit_embed.models.encoder import Encoder
-from lit_embed.train import format_metrics_table, quiet_third_party_output
 
 
 def model_directory(path: str | os.PathLike) -> Path:
@@ -94,10 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.truncate_dim is not None and args.truncate_dim < 1:
         parser.error(f"--truncate-dim must be at least 1, got {args.truncate_dim}")
     quiet_third_party_output()
-    try:
+    with reported("lit-embed-eval"):
         metrics = evaluate(args.model, args.data, args.batch_size, args.device, args.truncate_dim)
-    except LitEmbedError as err:
-        parser.exit(2, f"lit-embed-eval: error: {err}\n")
     print(json.dumps(metrics, indent=2) if args.json else format_metrics_table({"value": metrics}))
 
 

@@ -1,68 +1,18 @@
-"""Writing finetuned models where other tools can load them.
-
-Command line: ``python -m lit_embed.export CKPT OUT_DIR`` writes a sentence-transformers directory from any
-lit_embed checkpoint.
-"""
+"""``lit-embed-export CKPT OUT_DIR`` (or ``python -m lit_embed.export``): a sentence-transformers directory from any
+lit_embed checkpoint, rebuilt from the checkpoint alone."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 from functools import partial
-from pathlib import Path
 
-from lit_embed.callbacks.checkpointing import load_checkpoint
-from lit_embed.errors import LitEmbedError
+from lit_embed.errors import LitEmbedError, reported
 from lit_embed.models import adapters
-from lit_embed.models.adapters import AdaptedEncoder
-from lit_embed.models.encoder import Encoder, weights_are_finite
-
-
-def to_sentence_transformers(
-    encoder: Encoder | AdaptedEncoder, path: str | os.PathLike, overwrite: bool = True
-) -> Path:
-    """Saves ``encoder`` as a sentence-transformers directory that ``SentenceTransformer(path)`` loads as is.
-
-    The directory is written next to its destination and renamed into place, so a crash mid-save never
-    leaves a half-written model where a good one was.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise LitEmbedError(f"{path} already holds a model. Choose another output directory or set overwrite=true.")
-    if not weights_are_finite(encoder):
-        raise LitEmbedError(f"refusing to write {path}: the model's weights contain NaN or inf values.")
-    staging = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        encoder.save(staging)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            staging.rename(path)
-            shutil.rmtree(old)
-        else:
-            staging.rename(path)
-    except OSError as err:
-        raise LitEmbedError(
-            f"could not write the model to {path}: {err.strerror or err}. Nothing was replaced; the checkpoints are "
-            "intact. Free disk space or fix permissions, then run again with resume=true."
-        ) from err
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    return path
-
-
-def load_encoder_weights(encoder: Encoder | AdaptedEncoder, checkpoint: dict) -> Encoder | AdaptedEncoder:
-    """Copies a training checkpoint's encoder weights into ``encoder`` (strict: every weight must match)."""
-    prefix = "encoder."
-    weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    encoder.load_state_dict(weights, strict=True)
-    return encoder
+from lit_embed.models.adapted import AdaptedEncoder
+from lit_embed.models.encoder import Encoder
+from lit_embed.models.saving import to_sentence_transformers
+from lit_embed.training.checkpoint_io import load_checkpoint, load_encoder_weights
 
 
 def encoder_from_checkpoint(path: str | os.PathLike) -> Encoder | AdaptedEncoder:
@@ -82,19 +32,20 @@ def encoder_from_checkpoint(path: str | os.PathLike) -> Encoder | AdaptedEncoder
         encoder = AdaptedEncoder(Encoder(**config["base"]), partial(adapter_class, **head), cache_dir=None)
     else:
         encoder = Encoder(**config)
-    return load_encoder_weights(encoder, checkpoint)
+    load_encoder_weights(encoder, checkpoint)
+    return encoder
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a sentence-transformers model from a lit_embed checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="lit-embed-export", description="Write a sentence-transformers model from a lit_embed checkpoint."
+    )
     parser.add_argument("checkpoint", help="a .ckpt written during training, e.g. OUTPUT_DIR/checkpoints/last.ckpt")
     parser.add_argument("output_dir", help="where to write the sentence-transformers directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model in output_dir")
     args = parser.parse_args(argv)
-    try:
+    with reported("lit-embed-export"):
         path = to_sentence_transformers(encoder_from_checkpoint(args.checkpoint), args.output_dir, args.overwrite)
-    except (LitEmbedError, FileNotFoundError) as err:
-        parser.exit(2, f"lit_embed.export: error: {err}\n")
     print(f"Wrote {path}; load it with SentenceTransformer({str(path)!r}).")
 
 

@@ -21,11 +21,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lit_embed.callbacks.ir_eval import METRIC_TABLE_KEYS
-from lit_embed.data.formats import write_text_atomic
-from lit_embed.errors import LitEmbedError
+from lit_embed.errors import LitEmbedError, reported
+from lit_embed.evaluation import DEFAULT_METRIC, METRIC_TABLE_KEYS
+from lit_embed.files import write_text_atomic
 
-DEFAULT_SORT_METRIC = "ndcg@10"
 NOT_FINISHED = "no metrics.json: failed or still running"
 
 
@@ -46,7 +45,7 @@ def sweep_metric(job_dir: Path) -> str:
     """The ``optimized_metric`` the job was configured with (``ndcg@10`` when it has none)."""
     config = job_dir / ".hydra" / "config.yaml"
     metric = OmegaConf.load(config).get("optimized_metric") if config.is_file() else None
-    return metric or DEFAULT_SORT_METRIC
+    return metric or DEFAULT_METRIC
 
 
 def summarize_sweep(sweep_dir: str | os.PathLike, sort_by: str | None = None) -> list[dict[str, Any]]:
@@ -144,14 +143,14 @@ class SweepSummary(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the summary table of a `python train.py -m ...` sweep.")
+    parser = argparse.ArgumentParser(
+        prog="lit_embed.sweeps", description="Write the summary table of a `python train.py -m ...` sweep."
+    )
     parser.add_argument("sweep_dir", help="the sweep's output_dir (one folder per job)")
     parser.add_argument("--sort-by", help="final metric to rank jobs by (default: the sweep's optimized_metric)")
     args = parser.parse_args(argv)
-    try:
+    with reported("lit_embed.sweeps"):
         print(write_summary(args.sweep_dir, args.sort_by))
-    except LitEmbedError as err:
-        parser.exit(2, f"lit_embed.sweeps: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from lit_embed.data.formats import QADataset, save_llamaindex_json
-from lit_embed.train import CONFIG_DIR
+from lit_embed.config import compose_config
+from lit_embed.data.formats import save_llamaindex_json
+from lit_embed.data.schema import QADataset
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["sort a list", "open a file", "parse json", "join paths", "read csv", "format dates", "hash bytes"]
@@ -32,8 +31,7 @@ def write_toy_data(directory: Path, num_train: int = 48, num_val: int = 20) -> t
 
 
 def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose_config(overrides)
 
 
 def tiny_run_overrides(train: Path, val: Path | None, output_dir: Path, **extra: object) -> list[str]:

@@ -14,8 +14,10 @@ from helpers import compose_train, tiny_run_overrides, write_toy_data
 from sentence_transformers import SentenceTransformer
 
 from lit_embed.errors import LitEmbedError
-from lit_embed.models.adapters import AdaptedEncoder, LinearAdapter, MLPAdapter, dense_modules
+from lit_embed.models.adapted import AdaptedEncoder
+from lit_embed.models.adapters import LinearAdapter, MLPAdapter
 from lit_embed.models.encoder import Encoder
+from lit_embed.models.saving import dense_modules
 from lit_embed.train import run
 
 ADAPTERS = {
@@ -75,7 +77,7 @@ def test_adapter_run_trains_only_the_head_and_reuses_the_cache(tmp_path: Path, m
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
     assert cached == ["document", "document", "query", "query"]  # train and val, each kind once
 
-    from lit_embed.callbacks.checkpointing import load_checkpoint
+    from lit_embed.training.checkpoint_io import load_checkpoint
 
     state = load_checkpoint(out / "checkpoints" / "last.ckpt")["state_dict"]
     assert set(state) == {"encoder.adapter.linear.weight"}  # the frozen encoder is not checkpointed
@@ -114,7 +116,7 @@ def test_exports_load_without_lit_embed_and_map_queries_only(tmp_path: Path) -> 
     assert not emb["lit_embed_loaded"]
     torch.testing.assert_close(emb["d"], emb["base_d"], atol=1e-6, rtol=0)  # stored document vectors stay valid
 
-    from lit_embed.callbacks.checkpointing import load_checkpoint
+    from lit_embed.training.checkpoint_io import load_checkpoint
 
     weight = load_checkpoint(out / "checkpoints" / "last.ckpt")["state_dict"]["encoder.adapter.linear.weight"]
     torch.testing.assert_close(emb["q"], emb["base_q"] @ weight.T, atol=1e-5, rtol=0)

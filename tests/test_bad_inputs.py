@@ -18,12 +18,12 @@ import torch
 from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
 from hydra.errors import ConfigCompositionException
 
-from lit_embed.callbacks.checkpointing import StepCheckpoint, load_checkpoint
-from lit_embed.errors import LitEmbedError
-from lit_embed.export import to_sentence_transformers
+from lit_embed.errors import LitEmbedError, NonFiniteLossError
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
-from lit_embed.models.module import NonFiniteLossError
+from lit_embed.models.saving import to_sentence_transformers
 from lit_embed.train import run
+from lit_embed.training.callbacks.checkpointing import StepCheckpoint
+from lit_embed.training.checkpoint_io import load_checkpoint
 
 GOOD = {"queries": {"q1": "a question"}, "corpus": {"d1": "an answer"}, "relevant_docs": {"q1": ["d1"]}}
 
@@ -157,7 +157,7 @@ def test_nan_loss_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.Monkey
     train, val = write_toy_data(tmp_path)
     nan_on_call(monkeypatch, call=2)
     out = tmp_path / "out"
-    run(compose_train(tiny_run_overrides(train, val, out, **{"trainer.skip_nonfinite": "true"})))
+    run(compose_train(tiny_run_overrides(train, val, out, **{"method.skip_nonfinite": "true"})))
     last = load_checkpoint(out / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 4 and last["skipped_batches"] == 1
     assert all(torch.isfinite(w).all() for w in last["state_dict"].values())

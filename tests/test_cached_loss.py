@@ -10,19 +10,21 @@ import torch
 from helpers import compose_train, tiny_run_overrides, write_toy_data
 from safetensors.torch import load_file
 
-from lit_embed.data.datamodule import PairCollator, TokenizedTexts
+from lit_embed.batch import PairBatch
+from lit_embed.data.datamodule import PairCollator
+from lit_embed.data.tokens import TokenizedTexts
 from lit_embed.errors import LitEmbedError
 from lit_embed.losses.cached import CachedLoss, mini_batches
 from lit_embed.losses.matryoshka import MatryoshkaLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss, mnrl
-from lit_embed.models.encoder import Encoder, embed_batch
-from lit_embed.models.module import EmbeddingFinetuneModule
+from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
+from lit_embed.training.module import EmbeddingFinetuneModule
 
 WORDS = "sort open parse join read format hash split merge count filter map reduce zip walk copy".split()
 
 
-def collated_batch(encoder: Encoder, size: int = 12, negatives: int = 1, length_groups: int = 2) -> dict:
+def collated_batch(encoder: Encoder, size: int = 12, negatives: int = 1, length_groups: int = 2) -> PairBatch:
     """``size`` pairs of varied lengths with ``negatives`` hard negatives each, collated as for training."""
     queries = [f"how to {' '.join(WORDS[i % 16 : i % 16 + 1 + i % 5])} {i}" for i in range(size)]
     documents = [f"def f{i}(): return {' + '.join(WORDS[: 1 + i % 9])}" for i in range(size * (1 + negatives))]
@@ -40,16 +42,16 @@ def gradients(encoder: Encoder) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
 
 
-def plain_gradients(encoder: Encoder, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def plain_gradients(encoder: Encoder, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     encoder.zero_grad()
-    loss = mnrl(embed_batch(encoder, batch["queries"]), embed_batch(encoder, batch["documents"]))
+    loss = mnrl(batch.queries.embed(encoder), batch.documents.embed(encoder))
     loss.backward()
     return loss.detach(), gradients(encoder)
 
 
-def cached_gradients(encoder: Encoder, batch: dict, size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def cached_gradients(encoder: Encoder, batch: PairBatch, size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     encoder.zero_grad()
-    loss = CachedLoss(mini_batch_size=size)(encoder, batch)
+    loss = CachedLoss(mini_batch_size=size).batch_loss(encoder, batch)
     loss.backward()
     return loss.detach(), gradients(encoder)
 
@@ -76,8 +78,8 @@ def test_dropout_masks_are_replayed(tiny_encoder: Encoder) -> None:
     batch = collated_batch(tiny_encoder, negatives=1)
     torch.manual_seed(7)
     tiny_encoder.zero_grad()
-    sides = [batch["queries"], batch["documents"]]
-    embedded = [torch.cat([tiny_encoder(chunk) for chunk in mini_batches(side, 4)])[side["order"]] for side in sides]
+    sides = [batch.queries, batch.documents]
+    embedded = [torch.cat([tiny_encoder(chunk) for chunk in mini_batches(side, 4)])[side.order] for side in sides]
     reference = mnrl(*embedded)
     reference.backward()
     expected = reference.detach(), gradients(tiny_encoder)
@@ -107,21 +109,21 @@ def test_graphs_are_built_one_mini_batch_at_a_time(tiny_encoder: Encoder, monkey
 
     monkeypatch.setattr(Encoder, "forward", recording_forward)
     batch = collated_batch(tiny_encoder, size=40, negatives=1)
-    CachedLoss(mini_batch_size=5)(tiny_encoder, batch).backward()
+    CachedLoss(mini_batch_size=5).batch_loss(tiny_encoder, batch).backward()
     assert max(rows_with_graph) <= 5
     assert sum(rows_with_graph) == 40 + 80  # every query and document once
 
 
 def test_mini_batches_are_trimmed_to_their_longest_text(tiny_encoder: Encoder) -> None:
     batch = collated_batch(tiny_encoder, size=12, negatives=0, length_groups=1)
-    chunks = mini_batches(batch["documents"], 4)
+    chunks = mini_batches(batch.documents, 4)
     assert [c["input_ids"].size(0) for c in chunks] == [4, 4, 4]
     for chunk in chunks:
         assert chunk["attention_mask"][:, -1].any(), "a column of padding only was kept"
     with torch.no_grad():
         tiny_encoder.eval()
-        whole = embed_batch(tiny_encoder, batch["documents"])
-        pieces = torch.cat([tiny_encoder(c) for c in chunks])[batch["documents"]["order"]]
+        whole = batch.documents.embed(tiny_encoder)
+        pieces = torch.cat([tiny_encoder(c) for c in chunks])[batch.documents.order]
     torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=0)
 
 
@@ -154,11 +156,11 @@ def test_wraps_matryoshka_and_not_the_other_way_round(tiny_encoder: Encoder) -> 
     batch = collated_batch(tiny_encoder, negatives=1)
     nested = MatryoshkaLoss(MultipleNegativesRankingLoss(), dims=[64, 32, 16], weights=[1.0, 0.5, 0.25])
     tiny_encoder.zero_grad()
-    loss = nested(embed_batch(tiny_encoder, batch["queries"]), embed_batch(tiny_encoder, batch["documents"]))
+    loss = nested(batch.queries.embed(tiny_encoder), batch.documents.embed(tiny_encoder))
     loss.backward()
     expected = loss.detach(), gradients(tiny_encoder)
     tiny_encoder.zero_grad()
-    cached = CachedLoss(nested, mini_batch_size=3)(tiny_encoder, batch)
+    cached = CachedLoss(nested, mini_batch_size=3).batch_loss(tiny_encoder, batch)
     cached.backward()
     assert_same((cached.detach(), gradients(tiny_encoder)), expected)
     with pytest.raises(LitEmbedError, match="put it inside"):

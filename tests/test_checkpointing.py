@@ -14,11 +14,11 @@ from helpers import compose_train, tiny_run_overrides, write_toy_data
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
-from lit_embed.callbacks.checkpointing import load_checkpoint
 from lit_embed.data.formats import load_dataset
 from lit_embed.errors import LitEmbedError
-from lit_embed.models.module import EmbeddingFinetuneModule
 from lit_embed.train import run
+from lit_embed.training.checkpoint_io import load_checkpoint
+from lit_embed.training.module import EmbeddingFinetuneModule
 
 
 class SimulatedCrash(RuntimeError):
@@ -68,7 +68,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
 def test_retention_keeps_the_newest_and_the_best(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train, val = write_toy_data(tmp_path)
     # A monitor that is best at step 1 and worse afterwards, so the retention limit would delete it.
-    from lit_embed.callbacks.ir_eval import IREvaluationCallback
+    from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 
     def on_train_batch_end(self, trainer, pl_module, *args):
         trainer.callback_metrics["val/score"] = torch.tensor(-float(trainer.global_step))
@@ -115,7 +115,7 @@ def test_export_command_writes_the_checkpoint_model(tmp_path: Path) -> None:
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from lit_embed.callbacks.checkpointing import AtomicCheckpointIO
+    from lit_embed.training.checkpoint_io import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -134,7 +134,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path: Path
 
 
 def test_a_failed_model_export_keeps_the_previous_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_encoder):
-    from lit_embed.export import to_sentence_transformers
+    from lit_embed.models.saving import to_sentence_transformers
 
     to_sentence_transformers(tiny_encoder, tmp_path / "model")
     before = (tmp_path / "model" / "model.safetensors").read_bytes()

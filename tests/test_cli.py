@@ -14,10 +14,11 @@ from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
 from safetensors.torch import load_file
 
 from lit_embed import cli, evaluate
-from lit_embed.callbacks.ir_eval import evaluate_encoder
 from lit_embed.data.formats import load_dataset
+from lit_embed.evaluation.retrieval import evaluate_encoder
 from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
+from lit_embed.training.optim import OPTIMIZER_DEFAULTS
 
 FULL = REPO / "conf" / "cli" / "full.yaml"
 
@@ -88,11 +89,13 @@ def test_print_config_shows_every_class(capsys: pytest.CaptureFixture[str]) -> N
         cli.main(["fit", f"--config={FULL}", "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
-    assert "class_path: lit_embed.models.module.EmbeddingFinetuneModule" in printed
+    assert "class_path: lit_embed.training.module.EmbeddingFinetuneModule" in printed
     config = yaml.safe_load(printed)
     assert config["model"]["init_args"]["encoder"]["class_path"] == "lit_embed.models.encoder.Encoder"
     assert Path(config["model"]["init_args"]["encoder"]["init_args"]["model_name_or_path"]).is_dir()  # packaged
     assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 2e-5
+    optimizer = config["model"]["init_args"]["optimizer"]["init_args"]
+    assert {key: optimizer[key] for key in OPTIMIZER_DEFAULTS} == OPTIMIZER_DEFAULTS  # the module's defaults
     assert [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]] == [
         "IREvaluationCallback",
         "StepCheckpoint",
@@ -150,8 +153,9 @@ def test_evaluate_applies_an_adapter_exports_query_route(tmp_path: Path, tiny_mo
     from sentence_transformers import SentenceTransformer
 
     from lit_embed.evaluation.ir import DEFAULT_K, evaluate_embeddings
-    from lit_embed.export import to_sentence_transformers
-    from lit_embed.models.adapters import AdaptedEncoder, LinearAdapter
+    from lit_embed.models.adapted import AdaptedEncoder
+    from lit_embed.models.adapters import LinearAdapter
+    from lit_embed.models.saving import to_sentence_transformers
 
     _, val = write_toy_data(tmp_path)
     adapted = AdaptedEncoder(Encoder(tiny_model_path), partial(LinearAdapter), cache_dir=None)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_embed.data.datamodule import QAPairDataModule, padding_groups
-from lit_embed.data.formats import DataFormatError
+from lit_embed.data.datamodule import QAPairDataModule
+from lit_embed.data.tokens import padding_groups
+from lit_embed.errors import DataFormatError
 
 
 class CountingTokenizer:
@@ -52,14 +53,14 @@ def test_tokenizes_each_distinct_text_once_and_pads_per_batch(tmp_path: Path, ti
         loader.batch_sampler.set_epoch(epoch)
         for batch in loader:
             texts = []
-            for features in batch["documents"]["groups"]:
+            for features in batch.documents.groups:
                 ids, mask = features["input_ids"], features["attention_mask"]
                 assert mask.sum(1).max() == ids.shape[1]  # each group padded to its own longest row only
                 widths.add(ids.shape[1])
                 texts += [tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
             assert len(texts) == len(set(texts)), "a passage repeated inside a batch would be a false negative"
-            assert sorted(batch["documents"]["order"].tolist()) == list(range(len(texts)))
-            assert len(batch["queries"]["order"]) == len(texts)
+            assert sorted(batch.documents.order.tolist()) == list(range(len(texts)))
+            assert len(batch.queries.order) == len(texts)
     assert tokenizer.texts_seen == 60  # iterating epochs does not tokenize again
     assert len(widths) > 1
 
@@ -72,7 +73,7 @@ def test_prompts_are_applied_when_tokenizing(tmp_path: Path, tiny_model_path: st
     dm.tokenize(encoder)
     batch = next(iter(dm.train_dataloader()))
     query_prefix = encoder.model.tokenizer("query: ", add_special_tokens=False)["input_ids"]
-    features = batch["queries"]["groups"][0]
+    features = batch.queries.groups[0]
     assert features["input_ids"][0, 1 : 1 + len(query_prefix)].tolist() == query_prefix
     assert features["prompt_length"] == len(query_prefix) + 1  # [CLS] + prompt, for prompt-aware pooling
 
@@ -82,8 +83,8 @@ def test_hard_negatives_follow_the_positives(tmp_path: Path, tiny_encoder) -> No
     dm = QAPairDataModule(train_path=str(write_jsonl(tmp_path / "t.jsonl", rows)), batch_size=4, max_negatives=1)
     dm.tokenize(tiny_encoder)
     batch = next(iter(dm.train_dataloader()))
-    assert len(batch["documents"]["order"]) == 4 + 4  # 4 positives, then one negative each
-    assert batch["num_negatives"] == 4
+    assert len(batch.documents.order) == 4 + 4  # 4 positives, then one negative each
+    assert len(batch.documents) - len(batch.queries) == 4  # the hard negatives follow the positives
 
 
 @pytest.mark.parametrize("lengths", [[3, 3, 4, 9, 30], [5] * 7, [1, 2, 3, 50, 51, 52, 300], list(range(1, 12))])
@@ -110,7 +111,7 @@ def test_padding_groups_are_optimal(lengths: list[int]) -> None:
 
 def test_length_groups_leave_loss_and_gradients_unchanged(tmp_path: Path, tiny_model_path: str) -> None:
     from lit_embed.losses.mnrl import mnrl
-    from lit_embed.models.encoder import Encoder, embed_batch
+    from lit_embed.models.encoder import Encoder
 
     rows = [{"query": f"q{i} " * (1 + i % 4), "positive": "code line\n" * (1 + (i * 7) % 40)} for i in range(16)]
     path = str(write_jsonl(tmp_path / "t.jsonl", rows))
@@ -120,8 +121,8 @@ def test_length_groups_leave_loss_and_gradients_unchanged(tmp_path: Path, tiny_m
         dm = QAPairDataModule(train_path=path, batch_size=16, length_groups=groups)
         dm.tokenize(encoder)
         batch = next(iter(dm.train_dataloader()))
-        assert len(batch["documents"]["groups"]) == (1 if groups == 1 else 3)
-        loss = mnrl(embed_batch(encoder, batch["queries"]), embed_batch(encoder, batch["documents"]))
+        assert len(batch.documents.groups) == (1 if groups == 1 else 3)
+        loss = mnrl(batch.queries.embed(encoder), batch.documents.embed(encoder))
         loss.backward()
         results.append(
             (loss.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})
@@ -146,15 +147,15 @@ def test_missing_train_path() -> None:
 def test_lightning_reshuffles_every_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from helpers import compose_train, tiny_run_overrides, write_toy_data
 
-    from lit_embed.models.module import EmbeddingFinetuneModule
     from lit_embed.train import run
+    from lit_embed.training.module import EmbeddingFinetuneModule
 
     seen: list[tuple[int, tuple[int, ...]]] = []
 
     def record(self, batch, batch_idx):
         queries = [
             tuple(row[mask.bool()].tolist())
-            for group in batch["queries"]["groups"]
+            for group in batch.queries.groups
             for row, mask in zip(group["input_ids"], group["attention_mask"], strict=True)
         ]
         seen.append((self.current_epoch, tuple(sorted(queries))))

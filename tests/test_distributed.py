@@ -18,12 +18,12 @@ from lightning.pytorch.strategies import FSDPStrategy
 from safetensors.torch import load_file
 from torch import nn
 
+from lit_embed.batch import PairBatch, TokenGroups
 from lit_embed.data.datamodule import distributed_position
 from lit_embed.data.sampler import NoDuplicatesBatchSampler
 from lit_embed.errors import LitEmbedError
 from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss, mnrl
-from lit_embed.models.encoder import embed_batch
 
 WORLD = 2
 
@@ -43,12 +43,12 @@ class ToyEncoder(nn.Module):
         return self.projection(tokens.sum(1) / mask.sum(1))  # [n, 8]
 
 
-def side(texts: list[list[int]]) -> dict:
-    """Token-id lists as one right-padded group, in the collator's ``{"groups", "order"}`` form."""
+def side(texts: list[list[int]]) -> TokenGroups:
+    """Token-id lists as one right-padded group, as the collator builds a side of a batch."""
     length = max(map(len, texts))
     ids = torch.tensor([t + [0] * (length - len(t)) for t in texts])
     mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in texts])
-    return {"groups": [{"input_ids": ids, "attention_mask": mask}], "order": torch.arange(len(texts))}
+    return TokenGroups([{"input_ids": ids, "attention_mask": mask}], torch.arange(len(texts)))
 
 
 def random_texts(count: int, seed: int) -> list[list[int]]:
@@ -68,21 +68,21 @@ def check_against_one_process(rank: int, queries_per_rank: list[int], num_negati
     negatives = random_texts(total * num_negatives, 3)  # query i's negatives: rows i*k .. i*k + k - 1
 
     encoder = ToyEncoder()
-    reference = mnrl(embed_batch(encoder, side(queries)), embed_batch(encoder, side(positives + negatives)))
+    reference = mnrl(side(queries).embed(encoder), side(positives + negatives).embed(encoder))
     reference.backward()
     expected = gradients(encoder)
 
     encoder.zero_grad()
     start, end = sum(queries_per_rank[:rank]), sum(queries_per_rank[: rank + 1])
-    local = {
-        "queries": side(queries[start:end]),
-        "documents": side(positives[start:end] + negatives[start * num_negatives : end * num_negatives]),
-    }
+    local = PairBatch(
+        queries=side(queries[start:end]),
+        documents=side(positives[start:end] + negatives[start * num_negatives : end * num_negatives]),
+    )
     gathered = MultipleNegativesRankingLoss(gather_across_devices=True)
     if cached:
-        loss = CachedLoss(gathered, mini_batch_size=2)(encoder, local)
+        loss = CachedLoss(gathered, mini_batch_size=2).batch_loss(encoder, local)
     else:
-        loss = gathered(embed_batch(encoder, local["queries"]), embed_batch(encoder, local["documents"]))
+        loss = gathered(local.queries.embed(encoder), local.documents.embed(encoder))
     loss.backward()
     actual = gradients(encoder)
     for value in [*actual, loss := loss.detach()]:
@@ -173,14 +173,14 @@ def sharded_worker(rank: int, rendezvous: str) -> None:
         encoder = ToyEncoder()
         texts = side(random_texts(6, 4))
         with torch.no_grad():
-            expected = embed_batch(encoder, texts)
+            expected = texts.embed(encoder)
         sharded = FullyShardedDataParallel(encoder, use_orig_params=True, device_id=torch.device("cpu"))
         with torch.no_grad():
-            sharded(texts["groups"][0])  # FSDP shards lazily, at its first forward pass
+            sharded(texts.groups[0])  # FSDP shards lazily, at its first forward pass
         trainer = SimpleNamespace(strategy=SimpleNamespace(model=sharded))
         assert encoder.embedding.weight.dim() == 1, "FSDP should leave each rank only a flat shard"
         with full_parameters(trainer), torch.no_grad():
-            torch.testing.assert_close(embed_batch(encoder, texts), expected)
+            torch.testing.assert_close(texts.embed(encoder), expected)
     finally:
         dist.destroy_process_group()
 

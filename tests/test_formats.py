@@ -7,15 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lit_embed.data.formats import (
-    DataFormatError,
-    QADataset,
-    TrainingExample,
-    load_dataset,
-    save_jsonl,
-    save_llamaindex_json,
-    training_examples,
-)
+from lit_embed.data.formats import load_dataset, save_jsonl, save_llamaindex_json
+from lit_embed.data.schema import QADataset, TrainingExample, training_examples
+from lit_embed.errors import DataFormatError
 
 # Shaped exactly like LlamaIndex's EmbeddingQAFinetuneDataset.save_json output (uuid ids, indent=4).
 LLAMAINDEX_FILE = {

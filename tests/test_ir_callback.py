@@ -14,8 +14,8 @@ from helpers import compose_train, tiny_run_overrides, write_toy_data
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
-from lit_embed.callbacks.ir_eval import evaluate_encoder
-from lit_embed.data.formats import QADataset
+from lit_embed.data.schema import QADataset
+from lit_embed.evaluation.retrieval import evaluate_encoder
 from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
 

@@ -15,13 +15,14 @@ from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss as 
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as STMNRL
 from torch import Tensor
 
-from lit_embed.callbacks.ir_eval import IREvaluationCallback, evaluate_encoder
 from lit_embed.errors import LitEmbedError
 from lit_embed.evaluate import main as eval_main
+from lit_embed.evaluation.retrieval import evaluate_encoder
 from lit_embed.losses.matryoshka import MatryoshkaLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss, mnrl
 from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
+from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 
 
 @pytest.fixture(scope="module")

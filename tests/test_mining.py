@@ -13,9 +13,10 @@ import torch
 from helpers import toy_split
 
 from lit_embed.data.datamodule import QAPairDataModule
-from lit_embed.data.formats import QADataset, load_dataset, save_llamaindex_json
-from lit_embed.data.mining import main, mine_hard_negatives
+from lit_embed.data.formats import load_dataset, save_llamaindex_json
+from lit_embed.data.schema import QADataset
 from lit_embed.errors import LitEmbedError
+from lit_embed.mine import main, mine_hard_negatives
 from lit_embed.models.encoder import Encoder
 
 
@@ -129,7 +130,7 @@ def test_num_negatives_caps_each_query_and_shortfalls_are_logged(caplog: pytest.
     dataset, encoder = scored(
         {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.6, "e": 0.5}, {"q0": ["a"], "q1": ["a", "b", "c", "d"]}
     )
-    with caplog.at_level(logging.INFO, logger="lit_embed.data.mining"):
+    with caplog.at_level(logging.INFO, logger="lit_embed.mine"):
         negatives = mined(dataset, encoder, num_negatives=2)
     assert negatives == {"q0": ["b", "c"], "q1": ["e"]}
     assert "Mined 3 hard negatives for 2 queries" in caplog.text

@@ -11,8 +11,7 @@ import torch
 from helpers import compose_train, toy_split, write_toy_data
 from test_checkpointing import SimulatedCrash, crash_before_step, encoder_weights
 
-from lit_embed.data.multitask import TaskSchedule
-from lit_embed.data.sampler import NoDuplicatesBatchSampler
+from lit_embed.data.sampler import NoDuplicatesBatchSampler, TaskSchedule
 from lit_embed.errors import LitEmbedError
 from lit_embed.train import run
 

@@ -9,8 +9,8 @@ import pytest
 from helpers import compose_train, tiny_run_overrides, write_toy_data
 
 import lit_embed
-from lit_embed.callbacks.plots import PairsPerSecond, TrainingPlot, plot_run
 from lit_embed.train import run
+from lit_embed.training.callbacks.progress import PairsPerSecond, TrainingPlot, plot_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

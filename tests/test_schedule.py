@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_embed.models.module import LinearWarmupDecay
+from lit_embed.training.optim import LinearWarmupDecay
 
 
 def lrs(total: int, warmup_ratio: float = 0.1, peak: float = 2e-5) -> list[float]:

@@ -13,13 +13,13 @@ from test_cached_loss import collated_batch, gradients
 
 from lit_embed.data.datamodule import QAPairDataModule
 from lit_embed.losses.mnrl import mnrl
-from lit_embed.models.encoder import Encoder, embed_batch
-from lit_embed.models.module import EmbeddingFinetuneModule
+from lit_embed.models.encoder import Encoder
+from lit_embed.training.module import EmbeddingFinetuneModule
 
 
 def loss_and_gradients(encoder: Encoder, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     encoder.zero_grad()
-    loss = mnrl(embed_batch(encoder, batch["queries"]), embed_batch(encoder, batch["documents"]))
+    loss = mnrl(batch.queries.embed(encoder), batch.documents.embed(encoder))
     loss.backward()
     return loss.detach().float(), gradients(encoder)
 
@@ -69,7 +69,7 @@ def test_pinned_batches_are_the_same_batches(tiny_encoder: Encoder, tmp_path: Pa
         data.tokenize(tiny_encoder)
         loader = data.train_dataloader()
         assert loader.pin_memory == (pin and torch.cuda.is_available())
-        batches[pin] = [batch["queries"]["groups"][0]["input_ids"] for batch in loader]
+        batches[pin] = [batch.queries.groups[0]["input_ids"] for batch in loader]
     assert all(torch.equal(a, b) for a, b in zip(batches[False], batches[True], strict=True))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lit_embed.data import stdlib
-from lit_embed.data.formats import QADataset
+from lit_embed.data.schema import QADataset
 from lit_embed.data.stdlib import build_stdlib_dataset, first_sentence
 
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from helpers import REPO, tiny_run_overrides, write_toy_data
 
-from lit_embed.callbacks.ir_eval import METRIC_TABLE_KEYS
 from lit_embed.errors import LitEmbedError
+from lit_embed.evaluation import METRIC_TABLE_KEYS
 from lit_embed.sweeps import NOT_FINISHED, main, summarize_sweep, write_summary
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lit_embed.data.formats import DataFormatError, load_dataset, save_llamaindex_json
-from lit_embed.data.synthetic import DEFAULT_PROMPT, generate_qa_pairs, parse_questions
-from lit_embed.errors import LitEmbedError
+from lit_embed.data.formats import load_dataset, save_llamaindex_json
+from lit_embed.errors import DataFormatError, LitEmbedError
+from lit_embed.generate import DEFAULT_PROMPT, generate_qa_pairs, parse_questions
 
 CHUNKS = [f"Chunk {i} says that fact number {i} is true." for i in range(5)]
 TEMPLATE = "{context_str}|{num_questions_per_chunk}"  # lets the fake LLM read the chunk back
@@ -119,7 +119,7 @@ def test_too_few_questions_are_retried_then_kept_and_counted(caplog: pytest.LogC
         calls.append(prompt)
         return "Here is a question:\n1. What is this?" if len(calls) != 2 else "Nothing useful."
 
-    with caplog.at_level(logging.INFO, logger="lit_embed.data.synthetic"):
+    with caplog.at_level(logging.INFO, logger="lit_embed.generate"):
         data = generate_qa_pairs(["Some text."], complete, num_questions_per_chunk=3, max_retries=2)
     assert len(calls) == 3  # first try + 2 retries
     assert list(data.queries.values()) == ["What is this?"]
@@ -131,7 +131,7 @@ def test_failing_chunk_is_skipped_counted_and_asked_again_next_time(
 ) -> None:
     progress = tmp_path / "progress.jsonl"
     llm = FakeLLM(fail_chunk=CHUNKS[1])
-    with caplog.at_level(logging.WARNING, logger="lit_embed.data.synthetic"):
+    with caplog.at_level(logging.WARNING, logger="lit_embed.generate"):
         data = generate_qa_pairs(CHUNKS, llm, prompt_template=TEMPLATE, progress_path=progress, retry_delay=0)
     assert llm.calls.count(CHUNKS[1]) == 4  # 1 try + 3 retries
     assert len(data.corpus) == 5 and len(data.queries) == 8  # still in the corpus, without questions

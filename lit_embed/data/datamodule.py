@@ -1,134 +1,24 @@
-"""LightningDataModules that serve tokenized (query, positive, negatives) batches."""
+"""LightningDataModules that serve tokenized (query, positive, negatives) batches as :class:`PairBatch`."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from lit_embed.data.formats import (
-    DataFormatError,
-    QADataset,
-    TrainingExample,
-    load_dataset,
-    training_examples,
-)
+from lit_embed.batch import PairBatch
+from lit_embed.data.formats import load_dataset
 from lit_embed.data.sampler import NoDuplicatesBatchSampler
-from lit_embed.data.stdlib import build_stdlib_dataset
-from lit_embed.errors import LitEmbedError
+from lit_embed.data.schema import QADataset, TrainingExample, training_examples
+from lit_embed.data.stdlib import build_stdlib_dataset, check_split_sizes
+from lit_embed.data.tokens import TextTokenizer, TokenizedTexts
+from lit_embed.errors import DataFormatError, LitEmbedError, check, is_bool, is_int
 
 log = logging.getLogger(__name__)
-
-
-class TextTokenizer(Protocol):
-    """What the data needs from an encoder (see ``lit_embed.models.encoder.Encoder``)."""
-
-    pad_token_id: int
-    max_seq_length: int
-
-    def tokenize(self, texts: Sequence[str], kind: str) -> dict[str, Any]: ...
-
-
-class TokenizedTexts:
-    """Every distinct text of one kind (queries or documents), tokenized once and kept unpadded.
-
-    Args:
-        texts: distinct texts; row ``i`` of the store is ``texts[i]``.
-        kind: ``"query"`` or ``"document"`` (selects the prompt).
-        tokenizer: the encoder (its prompts and truncation apply).
-        chunk_size: texts per tokenizer call.
-    """
-
-    def __init__(self, texts: Sequence[str], kind: str, tokenizer: TextTokenizer, chunk_size: int = 1024) -> None:
-        self.rows: dict[str, list[Tensor]] = {}
-        self.shared: dict[str, Any] = {}  # per-call values such as the prompt length, equal for every row
-        for start in range(0, len(texts), chunk_size):
-            features = tokenizer.tokenize(texts[start : start + chunk_size], kind)
-            mask = features["attention_mask"].bool()
-            for key, value in features.items():
-                if isinstance(value, Tensor) and value.dim() == 2 and value.shape == mask.shape:
-                    self.rows.setdefault(key, []).extend(row[m] for row, m in zip(value, mask, strict=True))
-                else:
-                    self.shared[key] = value
-        self.padding_values = {key: tokenizer.pad_token_id if key == "input_ids" else 0 for key in self.rows}
-        truncated = sum(len(mask) >= tokenizer.max_seq_length for mask in self.rows.get("attention_mask", []))
-        if truncated:
-            log.warning(
-                "%d of %d %s texts reach model.max_seq_length=%d tokens and are cut there; raise "
-                "model.max_seq_length to keep more of them.",
-                truncated,
-                len(texts),
-                kind,
-                tokenizer.max_seq_length,
-            )
-
-    def __len__(self) -> int:
-        return len(self.rows["attention_mask"]) if self.rows else 0
-
-    def pad(self, indices: Sequence[int]) -> dict[str, Any]:
-        """Features of the chosen rows, padded to the longest of them."""
-        batch: dict[str, Any] = {
-            key: torch.nn.utils.rnn.pad_sequence(
-                [rows[i] for i in indices], batch_first=True, padding_value=self.padding_values[key]
-            )
-            for key, rows in self.rows.items()
-        }
-        return batch | self.shared
-
-    def collate(self, indices: Sequence[int], max_groups: int = 1) -> dict[str, Any]:
-        """The chosen rows as up to ``max_groups`` padded groups of similar length.
-
-        One long document no longer pads the whole batch to its length: each group is padded to its own
-        longest row. Returns ``{"groups": [features, ...], "order": [N]}``, where row ``i`` of the batch is row
-        ``order[i]`` of the groups' concatenated outputs (see ``Encoder.embed``). Only the padding changes:
-        the texts of the batch, hence its in-batch negatives, are the same for any ``max_groups``.
-        """
-        lengths = [len(self.rows["attention_mask"][i]) for i in indices]
-        by_length = sorted(range(len(indices)), key=lengths.__getitem__)
-        bounds = padding_groups([lengths[i] for i in by_length], max_groups)
-        groups = [self.pad([indices[i] for i in by_length[start:end]]) for start, end in bounds]
-        order = torch.empty(len(indices), dtype=torch.long)
-        order[torch.tensor(by_length, dtype=torch.long)] = torch.arange(len(indices))
-        return {"groups": groups, "order": order}
-
-
-def padding_groups(sorted_lengths: Sequence[int], max_groups: int, max_candidates: int = 64) -> list[tuple[int, int]]:
-    """Splits ascending lengths into at most ``max_groups`` contiguous groups with the fewest padded tokens.
-
-    A group costs ``size x its longest length``. Exact dynamic programming over split points, restricted to at
-    most ``max_candidates`` evenly spaced ones so huge batches stay cheap; another group is only taken when it
-    saves at least 10% of the tokens. Returns ``(start, end)`` pairs.
-    """
-    n = len(sorted_lengths)
-    if max_groups <= 1 or n <= 1:
-        return [(0, n)]
-    step = max(1, n // max_candidates)
-    points = sorted(set(range(0, n, step)) | {n})  # candidate group boundaries, 0 and n included
-    inf = float("inf")
-    # best[k][j]: fewest tokens covering items before points[j] with k groups; back[k][j]: the previous boundary.
-    best = [[inf] * len(points) for _ in range(max_groups + 1)]
-    back = [[0] * len(points) for _ in range(max_groups + 1)]
-    best[0][0] = 0
-    for k in range(1, max_groups + 1):
-        for j in range(1, len(points)):
-            for i in range(j):
-                cost = best[k - 1][i] + (points[j] - points[i]) * sorted_lengths[points[j] - 1]
-                if cost < best[k][j]:
-                    best[k][j], back[k][j] = cost, i
-    k = 1  # each further forward pass has a fixed cost: take another group only if it saves 10% of the tokens
-    while k < max_groups and best[k + 1][-1] < 0.9 * best[k][-1]:
-        k += 1
-    bounds, j = [], len(points) - 1
-    while j > 0:
-        i = back[k][j]
-        bounds.append((points[i], points[j]))
-        j, k = i, k - 1
-    return bounds[::-1]
 
 
 def index_dataloader(
@@ -166,10 +56,7 @@ def distributed_position(trainer: L.Trainer | None) -> tuple[int, int]:
 
 
 class PairCollator:
-    """Turns a list of row indices into ``{"queries": grouped features, "documents": grouped features}``.
-
-    ``documents`` holds the batch's positives first (row ``i`` answers query ``i``), then all hard negatives.
-    """
+    """Turns a list of row indices into a :class:`PairBatch` (positives first, then all hard negatives)."""
 
     def __init__(
         self,
@@ -178,22 +65,24 @@ class PairCollator:
         documents: TokenizedTexts,
         length_groups: int = 1,
         query_ids: Sequence[str] = (),
+        task: str = "",
     ):
         self.rows = rows
         self.query_ids = query_ids
+        self.task = task
         self.queries = queries
         self.documents = documents
         self.length_groups = length_groups
 
-    def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
+    def __call__(self, indices: Sequence[int]) -> PairBatch:
         rows = [self.rows[i] for i in indices]
         doc_ids = [positive for _, positive, _ in rows] + [n for _, _, negatives in rows for n in negatives]
-        return {
-            "queries": self.queries.collate([query for query, _, _ in rows], self.length_groups),
-            "documents": self.documents.collate(doc_ids, self.length_groups),
-            "num_negatives": len(doc_ids) - len(rows),
-            "query_ids": [self.query_ids[i] for i in indices] if self.query_ids else [],
-        }
+        return PairBatch(
+            queries=self.queries.collate([query for query, _, _ in rows], self.length_groups),
+            documents=self.documents.collate(doc_ids, self.length_groups),
+            query_ids=[self.query_ids[i] for i in indices] if self.query_ids else [],
+            task=self.task,
+        )
 
 
 class ResumableDataModule(L.LightningDataModule):
@@ -251,6 +140,18 @@ class QAPairDataModule(ResumableDataModule):
         columns: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
+        check(is_int(batch_size) and batch_size >= 1, "batch_size", batch_size, "a whole number of pairs >= 1")
+        check(
+            max_negatives is None or is_int(max_negatives) and max_negatives >= 0,
+            "max_negatives",
+            max_negatives,
+            "a whole number >= 0, or null for every hard negative the data has",
+        )
+        check(is_int(length_groups) and length_groups >= 1, "length_groups", length_groups, "a whole number >= 1")
+        check(is_int(num_workers) and num_workers >= 0, "num_workers", num_workers, "a whole number >= 0")
+        check(is_int(seed), "seed", seed, "a whole number")
+        for key, value in (("use_all_docs", use_all_docs), ("pin_memory", pin_memory), ("drop_last", drop_last)):
+            check(is_bool(value), key, value, "true or false")
         self.train_path = train_path
         self.val_path = val_path
         self.batch_size = batch_size
@@ -262,6 +163,7 @@ class QAPairDataModule(ResumableDataModule):
         self.seed = seed
         self.drop_last = drop_last
         self.columns = columns
+        self.task = ""  # set by a multi-task data module: the name its batches carry
         self.train_dataset: QADataset | None = None
         self.val_dataset: QADataset | None = None
         self._collator: PairCollator | None = None
@@ -323,7 +225,9 @@ class QAPairDataModule(ResumableDataModule):
         rows = [(query_row[e.query], doc_row[e.positive], tuple(doc_row[n] for n in e.negatives)) for e in examples]
         queries = TokenizedTexts(query_texts, "query", tokenizer)
         documents = TokenizedTexts(doc_texts, "document", tokenizer)
-        self._collator = PairCollator(rows, queries, documents, self.length_groups, [e.query_id for e in examples])
+        self._collator = PairCollator(
+            rows, queries, documents, self.length_groups, [e.query_id for e in examples], self.task
+        )
         # Queries and documents live in separate id spaces: a query equal to a document is no clash.
         self._row_texts = [(q, *(len(query_texts) + d for d in (p, *n))) for q, p, n in rows]
         log.info(
@@ -364,6 +268,13 @@ class StdlibDataModule(QAPairDataModule):
 
     def __init__(self, num_train: int | None = 1500, num_val: int | None = 300, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        for key in ("train_path", "val_path"):
+            if getattr(self, key) is not None:
+                raise LitEmbedError(
+                    f"data.{key} is set, but data=stdlib builds its own data from the standard library: train on "
+                    f"your files with data=qa_json data.train_path=... data.val_path=..."
+                )
+        check_split_sizes(num_train, num_val)
         self.num_train = num_train
         self.num_val = num_val
 

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
+from lit_embed.batch import PairBatch
 from lit_embed.data.datamodule import (
     PairCollator,
     QAPairDataModule,
     ResumableDataModule,
-    TextTokenizer,
     distributed_position,
     index_dataloader,
 )
-from lit_embed.data.formats import DataFormatError, QADataset, load_dataset
-from lit_embed.data.sampler import NoDuplicatesBatchSampler
+from lit_embed.data.formats import load_dataset
+from lit_embed.data.sampler import TaskSchedule
+from lit_embed.data.schema import QADataset
+from lit_embed.data.tokens import TextTokenizer
+from lit_embed.errors import DataFormatError, InvalidValueError
 
 # One task per step, as sentence-transformers' multi-dataset samplers do, or a batch of every task each step.
 ONE_TASK_MODES = ("round_robin", "proportional", "sequential")
@@ -27,87 +29,16 @@ EVERY_TASK_MODES = ("max_size_cycle", "min_size")  # Lightning's CombinedLoader 
 Mode = Literal["round_robin", "proportional", "sequential", "max_size_cycle", "min_size"]
 
 
-def task_batches(batch: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A batch is one task's pairs (``{"queries": ..., ...}``), or ``{task name: pairs}`` for multi-task data."""
-    return {"": batch} if "queries" in batch else batch
-
-
-def num_pairs(batch: dict[str, Any]) -> int:
-    """Training pairs in a batch, over all its tasks."""
-    return sum(len(pairs["queries"]["order"]) for pairs in task_batches(batch).values())
-
-
-class TaskSchedule(Sampler[list[int]]):
-    """Interleaves the tasks' batches, one task per step; indices are offset into one shared index space.
-
-    Args:
-        samplers: each task's batch sampler (its no-duplicates guarantee holds within every batch).
-        offsets: each task's first index in the shared space.
-        mode: ``round_robin`` (one batch of each task in turn, until the task with the fewest batches runs out),
-            ``proportional`` (every batch of every task once, in an order drawn so each task is spread evenly
-            in expectation) or ``sequential`` (task after task).
-        seed: epoch ``e`` is drawn from ``seed + e``, identically on every rank.
-    """
-
-    def __init__(self, samplers: list[NoDuplicatesBatchSampler], offsets: list[int], mode: str, seed: int = 0):
-        self.samplers = samplers
-        self.offsets = offsets
-        self.mode = mode
-        self.seed = seed
-        self.epoch = 0
-        self._resume_at: tuple[int, int] | None = None
-
-    @property
-    def sampler(self) -> TaskSchedule:
-        # Lightning calls ``batch_sampler.sampler.set_epoch(epoch)`` at every epoch start.
-        return self
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        for sampler in self.samplers:
-            sampler.set_epoch(epoch)
-
-    def resume_at(self, epoch: int, batches_done: int) -> None:
-        """Continues ``epoch`` after its first ``batches_done`` steps (exact resume)."""
-        self.set_epoch(epoch)
-        self._resume_at = (epoch, batches_done)
-
-    def order(self) -> list[int]:
-        """The task of each step of this epoch."""
-        counts = [len(sampler) for sampler in self.samplers]
-        if self.mode == "round_robin":
-            return list(range(len(counts))) * min(counts)
-        tasks = [task for task, count in enumerate(counts) for _ in range(count)]
-        if self.mode == "proportional":
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            return [tasks[i] for i in torch.randperm(len(tasks), generator=generator).tolist()]
-        return tasks
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = [iter(sampler.batches()) for sampler in self.samplers]
-        steps = ([self.offsets[t] + row for row in next(batches[t])] for t in self.order())
-        start = 0
-        if self._resume_at is not None and self._resume_at[0] == self.epoch:
-            start, self._resume_at = self._resume_at[1], None
-        for step, batch in enumerate(steps):
-            if step >= start:
-                yield batch
-
-    def __len__(self) -> int:
-        return len(self.order())
-
-
 class TaskCollator:
-    """Collates a batch of shared-space indices with its task's collator into ``{task name: pairs}``."""
+    """Collates a batch of shared-space indices with its task's collator (the batch carries the task's name)."""
 
-    def __init__(self, names: list[str], collators: list[PairCollator], offsets: list[int]):
-        self.names = names
+    def __init__(self, collators: list[PairCollator], offsets: list[int]):
         self.collators = collators
         self.offsets = offsets
 
-    def __call__(self, indices: list[int]) -> dict[str, Any]:
+    def __call__(self, indices: list[int]) -> PairBatch:
         task = max(t for t, offset in enumerate(self.offsets) if offset <= indices[0])
-        return {self.names[task]: self.collators[task]([i - self.offsets[task] for i in indices])}
+        return self.collators[task]([i - self.offsets[task] for i in indices])
 
 
 class MultiTaskDataModule(ResumableDataModule):
@@ -135,7 +66,7 @@ class MultiTaskDataModule(ResumableDataModule):
     ) -> None:
         super().__init__()
         if mode not in ONE_TASK_MODES + EVERY_TASK_MODES:
-            raise DataFormatError(f"data.mode={mode!r} is not one of {', '.join(ONE_TASK_MODES + EVERY_TASK_MODES)}.")
+            raise InvalidValueError("mode", mode, f"one of {', '.join(ONE_TASK_MODES + EVERY_TASK_MODES)}")
         if not tasks:
             raise DataFormatError("data.tasks is empty: list at least one task with its data and loss.")
         for name, task in tasks.items():
@@ -144,6 +75,8 @@ class MultiTaskDataModule(ResumableDataModule):
                     f"data.tasks.{name} needs a `data:` (a QAPairDataModule config) and a `loss:` (a loss config)."
                 )
         self.tasks = {name: task["data"] for name, task in tasks.items()}
+        for name, data in self.tasks.items():
+            data.task = name
         self.losses = {name: task["loss"] for name, task in tasks.items()}
         self.mode = mode
         self.val_path = val_path
@@ -186,7 +119,7 @@ class MultiTaskDataModule(ResumableDataModule):
         schedule = TaskSchedule(samplers, offsets, self.mode, self.seed)
         if self._resume_at is not None:
             schedule.resume_at(*self._resume_at)
-        collator = TaskCollator(list(self.tasks), [data.collator for data in self.tasks.values()], offsets)
+        collator = TaskCollator([data.collator for data in self.tasks.values()], offsets)
         workers = max(data.num_workers for data in self.tasks.values())
         pin_memory = any(data.pin_memory for data in self.tasks.values())
         return index_dataloader(sum(sizes), schedule, collator, workers, self.seed, pin_memory)

@@ -8,26 +8,48 @@ import torch
 from torch.utils.data import Sampler
 
 
-class EpochShuffle(Sampler[int]):
-    """A fresh permutation of ``range(size)`` every epoch, drawn from ``seed + epoch`` (so resumable)."""
+class ResumableBatchSampler(Sampler[list[int]]):
+    """An epoch's batches, drawn from ``seed + epoch``; an interrupted epoch continues after its done batches.
 
-    def __init__(self, size: int, seed: int = 0) -> None:
-        self.size = size
+    Subclasses say what an epoch's batches are (:meth:`batches`); resuming and epoch bookkeeping live here.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self.epoch = 0
+        self._resume_at: tuple[int, int] | None = None
+
+    @property
+    def sampler(self) -> ResumableBatchSampler:
+        # Lightning calls ``batch_sampler.sampler.set_epoch(epoch)`` at every epoch start.
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Continues ``epoch`` after its first ``batches_done`` batches (exact resume).
+
+        The epoch is set here too: Lightning iterates a restarted epoch before its ``set_epoch`` call.
+        """
+        self.set_epoch(epoch)
+        self._resume_at = (epoch, batches_done)
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches of row indices."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = 0
+        if self._resume_at is not None and self._resume_at[0] == self.epoch:
+            start, self._resume_at = self._resume_at[1], None
+        return iter(self.batches()[start:])
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.batches())
 
 
-class NoDuplicatesBatchSampler(Sampler[list[int]]):
+class NoDuplicatesBatchSampler(ResumableBatchSampler):
     """Shuffles every epoch from ``seed + epoch`` and fills each batch with rows that share no text.
 
     A row that clashes with the batch being filled waits for the next one, so every row is used exactly once per
@@ -59,30 +81,13 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        super().__init__(seed)
         self.row_texts = [frozenset(texts) for texts in row_texts]
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.num_replicas = num_replicas
         self.rank = rank
-        # Lightning calls ``batch_sampler.sampler.set_epoch(epoch)`` at every epoch start, as for a BatchSampler.
-        self.sampler = EpochShuffle(len(self.row_texts), seed)
         self._batches: tuple[int, list[list[int]]] | None = None
-        self._resume_at: tuple[int, int] | None = None
-
-    def resume_at(self, epoch: int, batches_done: int) -> None:
-        """Continues ``epoch`` after its first ``batches_done`` batches (exact resume).
-
-        The epoch is set here too: Lightning iterates a restarted epoch before its ``set_epoch`` call.
-        """
-        self.set_epoch(epoch)
-        self._resume_at = (epoch, batches_done)
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
 
     def batches(self) -> list[list[int]]:
         """This rank's batches of this epoch (computed once per epoch; ``len`` and iteration agree)."""
@@ -98,7 +103,8 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
     def global_batches(self) -> list[list[int]]:
         """This epoch's batches over all ranks, each of up to ``batch_size x num_replicas`` rows sharing no text."""
         batch_size = self.batch_size * self.num_replicas
-        order = list(self.sampler)
+        order = torch.randperm(len(self.row_texts), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = order.tolist()
         batches = []
         pending: list[int] = []  # rows that clashed earlier; they get the first try at the next batch
         position = 0
@@ -127,12 +133,41 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         # Every rank needs a row of every batch; only the tail of rows that clash with all others can fall short.
         return [batch for batch in batches if len(batch) >= self.num_replicas]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        start = 0
-        if self._resume_at is not None and self._resume_at[0] == self.epoch:
-            start = self._resume_at[1]
-            self._resume_at = None
-        return iter(self.batches()[start:])
 
-    def __len__(self) -> int:
-        return len(self.batches())
+class TaskSchedule(ResumableBatchSampler):
+    """Interleaves the tasks' batches, one task per step; indices are offset into one shared index space.
+
+    Args:
+        samplers: each task's batch sampler (its no-duplicates guarantee holds within every batch).
+        offsets: each task's first index in the shared space.
+        mode: ``round_robin`` (one batch of each task in turn, until the task with the fewest batches runs out),
+            ``proportional`` (every batch of every task once, in an order drawn so each task is spread evenly
+            in expectation) or ``sequential`` (task after task).
+        seed: epoch ``e`` is drawn from ``seed + e``, identically on every rank.
+    """
+
+    def __init__(self, samplers: list[NoDuplicatesBatchSampler], offsets: list[int], mode: str, seed: int = 0):
+        super().__init__(seed)
+        self.samplers = samplers
+        self.offsets = offsets
+        self.mode = mode
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch)
+
+    def order(self) -> list[int]:
+        """The task of each step of this epoch."""
+        counts = [len(sampler) for sampler in self.samplers]
+        if self.mode == "round_robin":
+            return list(range(len(counts))) * min(counts)
+        tasks = [task for task, count in enumerate(counts) for _ in range(count)]
+        if self.mode == "proportional":
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            return [tasks[i] for i in torch.randperm(len(tasks), generator=generator).tolist()]
+        return tasks
+
+    def batches(self) -> list[list[int]]:
+        task_batches = [iter(sampler.batches()) for sampler in self.samplers]
+        return [[self.offsets[task] + row for row in next(task_batches[task])] for task in self.order()]

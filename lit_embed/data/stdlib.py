@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from importlib.util import decode_source
 from pathlib import Path
 
-from lit_embed.data.formats import QADataset
+from lit_embed.data.schema import QADataset
+from lit_embed.errors import DataFormatError, check, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +64,14 @@ def build_stdlib_dataset(
         (train, val), with ids ``q:<name>`` / ``d:<name>`` and one relevant document per query.
 
     Raises:
-        ValueError: a negative cap, both caps None, or fewer than 50 usable pairs under ``stdlib_dir``.
+        InvalidValueError: a negative cap, or both caps None.
+        DataFormatError: fewer than 50 usable pairs under ``stdlib_dir``.
     """
-    if num_train is None and num_val is None:
-        raise ValueError("num_train and num_val cannot both be None: one split must take what the other leaves.")
-    for label, cap in (("num_train", num_train), ("num_val", num_val)):
-        if cap is not None and cap < 0:
-            raise ValueError(f"{label} must be >= 0 or None, got {cap}.")
+    check_split_sizes(num_train, num_val)
     root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
     pairs = _collect_pairs(root)
     if len(pairs) < MIN_PAIRS:
-        raise ValueError(
+        raise DataFormatError(
             f"Only {len(pairs)} usable docstring/code pairs found under stdlib_dir={str(root)!r} "
             f"(need at least {MIN_PAIRS}); this Python install may ship without its .py sources. "
             "Point stdlib_dir at a full standard library, or train on your own data with data=qa_json."
@@ -98,6 +96,18 @@ def build_stdlib_dataset(
         )
     logger.info("stdlib dataset from %s: %d pairs -> %d train, %d val.", root, len(pairs), len(train), len(val))
     return _to_dataset(train), _to_dataset(val)
+
+
+def check_split_sizes(num_train: int | None, num_val: int | None) -> None:
+    """Raises :class:`InvalidValueError` unless both caps are whole numbers >= 0 or None, not both None."""
+    check(
+        num_train is not None or num_val is not None,
+        "num_train",
+        num_train,
+        "num_train and num_val cannot both be None; set one, and the other split takes what it leaves",
+    )
+    for label, cap in (("num_train", num_train), ("num_val", num_val)):
+        check(cap is None or is_int(cap) and cap >= 0, label, cap, "a whole number >= 0, or null for all the rest")
 
 
 def _to_dataset(pairs: list[_Pair]) -> QADataset:

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lit_embed.data.formats import DataFormatError, QADataset, _read_text, rows_to_dataset, validate
+from lit_embed.data.schema import QADataset, read_text, rows_to_dataset, validate
+from lit_embed.errors import DataFormatError
 
 ROLES = ("query", "positive", "negatives")
 
@@ -38,7 +39,7 @@ def load_table(path: str | os.PathLike, columns: Mapping[str, str] | None = None
             their own name as the column. A negatives column named here must exist.
 
     Returns:
-        The dataset, built as :func:`lit_embed.data.formats.load_jsonl` builds it; query ids are ``"row N"``
+        The dataset, built as :func:`lit_embed.data.json_files.load_jsonl` builds it; query ids are ``"row N"``
         (N counts data rows from 1, the header excluded).
     """
     path = Path(path)
@@ -122,8 +123,7 @@ def _negatives(value: Any, where: str, column: str) -> list[str]:
 
 
 def _open_csv(path: Path) -> tuple[list[str], RowReader]:
-    # Excel writes a byte-order mark, which would otherwise become part of the first column's name.
-    reader = csv.reader(io.StringIO(_read_text(path).removeprefix("\ufeff"), newline=""))
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
     try:
         header = next(reader, None)
     except csv.Error as err:

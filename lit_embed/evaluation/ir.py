@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DEFAULT_K = dict(
-    accuracy=(1, 3, 5, 10), precision=(1, 3, 5, 10), recall=(1, 3, 5, 10), mrr=(10,), ndcg=(10,), map=(100,)
-)  # sentence-transformers' InformationRetrievalEvaluator defaults
+from lit_embed.evaluation import DEFAULT_K
 
 _SIMILARITIES = ("cosine", "dot")
 

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lit_embed.batch import Features, PairBatch, TokenGroups
+from lit_embed.errors import check, is_int
+from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 
 
-def mini_batches(side: dict[str, Any], size: int) -> list[dict[str, Any]]:
-    """Splits one side of a collated batch (``{"groups": [features, ...], "order": ...}``) into mini-batches.
+def mini_batches(side: TokenGroups, size: int) -> list[Features]:
+    """Splits one side of a batch into mini-batches of at most ``size`` rows.
 
     Each length group is cut into runs of at most ``size`` rows, each trimmed to its own longest row. Rows keep
     the groups' order, so the mini-batches' outputs concatenated are the groups' outputs (``order`` still applies).
     """
     chunks = []
-    for features in side["groups"]:
+    for features in side.groups:
         mask = features["attention_mask"]  # [n, L]
         for start in range(0, mask.size(0), size):
             rows = slice(start, start + size)
@@ -62,7 +64,7 @@ class _WithGradients(torch.autograd.Function):
         return (None, None, *(g * grad.to(g.dtype) for g in ctx.gradients))
 
 
-class CachedLoss(nn.Module):
+class CachedLoss(EmbeddingLoss):
     """Trains on huge batches in the memory of one mini-batch, with exactly the big batch's gradients (GradCache).
 
     1. Every text of the batch is embedded in mini-batches without a graph (the RNG state before each is kept).
@@ -79,16 +81,23 @@ class CachedLoss(nn.Module):
         mini_batch_size: texts encoded at once; bounds the activation memory.
     """
 
-    def __init__(self, loss: nn.Module | None = None, mini_batch_size: int = 32) -> None:
+    def __init__(self, loss: EmbeddingLoss | None = None, mini_batch_size: int = 32) -> None:
         super().__init__()
-        if mini_batch_size < 1:
-            raise ValueError(f"loss.mini_batch_size must be at least 1, got {mini_batch_size}")
+        check(
+            is_int(mini_batch_size) and mini_batch_size >= 1,
+            "mini_batch_size",
+            mini_batch_size,
+            "a whole number of texts encoded at once, >= 1",
+        )
         self.loss = loss if loss is not None else MultipleNegativesRankingLoss()
         self.mini_batch_size = mini_batch_size
 
-    def forward(self, encoder: nn.Module, batch: dict[str, Any]) -> Tensor:
-        """The loss of a collated batch (``{"queries": ..., "documents": ...}``), ready for ``backward()``."""
-        sides = [batch["queries"], batch["documents"]]
+    def forward(self, queries: Tensor, documents: Tensor) -> Tensor:
+        return self.loss(queries, documents)
+
+    def batch_loss(self, encoder: nn.Module, batch: PairBatch) -> Tensor:
+        """The loss of a batch, ready for ``backward()``, which hands the encoder the whole batch's gradients."""
+        sides = [batch.queries, batch.documents]
         chunks = [mini_batches(side, self.mini_batch_size) for side in sides]
         states: list[list[tuple[Tensor, Tensor | None]]] = [[], []]
         grouped = []
@@ -101,7 +110,7 @@ class CachedLoss(nn.Module):
                 grouped.append(torch.cat(outputs))  # [N, D] in group order
         # Leaves in the batch's row order; their gradients are what each mini-batch back-propagates.
         queries, documents = (
-            rows[side["order"]].detach().requires_grad_() for rows, side in zip(grouped, sides, strict=True)
+            rows[side.order].detach().requires_grad_() for rows, side in zip(grouped, sides, strict=True)
         )
         with torch.enable_grad():
             loss = self.loss(queries, documents)
@@ -112,7 +121,7 @@ class CachedLoss(nn.Module):
         totals: list[Tensor | None] = [None] * len(params)
         for side, side_chunks, side_states, grad in zip(sides, chunks, states, embedding_grads, strict=True):
             grouped_grad = torch.empty_like(grad)
-            grouped_grad[side["order"]] = grad  # back to group order, the order the mini-batches come in
+            grouped_grad[side.order] = grad  # back to group order, the order the mini-batches come in
             start = 0
             for chunk, state in zip(side_chunks, side_states, strict=True):
                 with torch.enable_grad(), replayed_rng(state):

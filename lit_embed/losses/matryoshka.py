@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lit_embed.errors import LitEmbedError
+from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.cached import CachedLoss
 
 
@@ -46,7 +47,7 @@ def matryoshka(
     return total
 
 
-class MatryoshkaLoss(nn.Module):
+class MatryoshkaLoss(EmbeddingLoss):
     """Trains nested embedding sizes: the wrapped loss on the first ``d`` dimensions, for each ``d`` in ``dims``.
 
     Same definition and defaults as sentence-transformers' ``MatryoshkaLoss`` (every size, weights of 1), for
@@ -61,7 +62,7 @@ class MatryoshkaLoss(nn.Module):
         weights: one weight per size (None = 1 each).
     """
 
-    def __init__(self, loss: nn.Module, dims: Sequence[int], weights: Sequence[float] | None = None) -> None:
+    def __init__(self, loss: EmbeddingLoss, dims: Sequence[int], weights: Sequence[float] | None = None) -> None:
         super().__init__()
         if isinstance(loss, CachedLoss):
             raise LitEmbedError(

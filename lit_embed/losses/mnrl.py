@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from lit_embed.distributed import all_gather_rows, gather_sizes, rank_and_world
+from lit_embed.errors import check, is_bool, is_int, is_number
+from lit_embed.losses.base import EmbeddingLoss
 
 
 def mnrl(
@@ -63,7 +65,7 @@ def _summed_cross_entropy(queries: Tensor, documents: Tensor, labels: Tensor, sc
     return F.cross_entropy(scores.to(torch.promote_types(scores.dtype, torch.float32)), labels, reduction="sum")
 
 
-class MultipleNegativesRankingLoss(nn.Module):
+class MultipleNegativesRankingLoss(EmbeddingLoss):
     """Thin module around :func:`mnrl` so the scale and the negatives' reach are part of the config.
 
     Args:
@@ -80,10 +82,19 @@ class MultipleNegativesRankingLoss(nn.Module):
         self, scale: float = 20.0, gather_across_devices: bool = False, query_chunk_size: int | None = 4096
     ) -> None:
         super().__init__()
-        if scale <= 0:
-            raise ValueError(f"loss.scale must be positive, got {scale}")
-        if query_chunk_size is not None and query_chunk_size < 1:
-            raise ValueError(f"loss.query_chunk_size must be at least 1 or null, got {query_chunk_size}")
+        check(
+            is_number(scale) and scale > 0,
+            "scale",
+            scale,
+            "the scale must be positive (an inverse temperature: 20 = temperature 0.05)",
+        )
+        check(
+            query_chunk_size is None or is_int(query_chunk_size) and query_chunk_size >= 1,
+            "query_chunk_size",
+            query_chunk_size,
+            "a whole number of queries >= 1, or null to score all at once",
+        )
+        check(is_bool(gather_across_devices), "gather_across_devices", gather_across_devices, "true or false")
         self.scale = scale
         self.gather_across_devices = gather_across_devices
         self.query_chunk_size = query_chunk_size

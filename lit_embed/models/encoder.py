@@ -12,7 +12,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 
-from lit_embed.errors import LitEmbedError
+from lit_embed.errors import LitEmbedError, check, is_bool, is_int
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ class Encoder(nn.Module):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        check(
+            max_seq_length is None or is_int(max_seq_length) and max_seq_length >= 1,
+            "max_seq_length",
+            max_seq_length,
+            "a whole number of tokens >= 1, or null for the model's own limit",
+        )
+        for key, value in (("trust_remote_code", trust_remote_code), ("compile", compile)):
+            check(is_bool(value), key, value, "true or false")
         path = str(model_name_or_path)
         # Enough to rebuild this encoder around a checkpoint's weights (see lit_embed.export).
         self.config = {
@@ -133,12 +141,6 @@ class Encoder(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         """Writes a sentence-transformers directory (safetensors weights, prompts included)."""
         self.model.save(str(path), safe_serialization=True)
-
-
-def embed_batch(encoder: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """A collated batch ``{"groups": [features, ...], "order": [N]}`` -> ``[N, D]`` in the batch's row order."""
-    embeddings = torch.cat([encoder(features) for features in batch["groups"]])  # [N, D], grouped by length
-    return embeddings[batch["order"]]
 
 
 def weights_are_finite(module: nn.Module) -> bool:

@@ -82,7 +82,8 @@ class PrecomputedEmbeddings(nn.Module):
     def prompt(self, kind: TextKind) -> str:
         return ""
 
-    def encode(self, texts: Sequence[str], kind: TextKind, batch_size: int = 0) -> Tensor:
+    def vectors(self, texts: Sequence[str], kind: TextKind) -> Tensor:
+        """``[len(texts), D]``: the file's vector of each text's id."""
         missing = next((t for t in texts if t not in self.lookup[kind]), None)
         if missing is not None:
             raise LitEmbedError(f"{self.sources[kind]}: no vector for the {kind} text {missing[:80]!r}.")

@@ -8,14 +8,17 @@ from typing import Any
 
 import lightning as L
 
-from lit_embed.callbacks.ir_eval import IREvaluationCallback
-from lit_embed.data.multitask import num_pairs
+from lit_embed.batch import pair_batches
+from lit_embed.errors import check, is_number
+from lit_embed.evaluation import METRIC_NAMES
+from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 
 
 class PairsPerSecond(L.Callback):
     """Shows training pairs per second (smoothed over recent steps) in the progress bar as ``pairs/s``."""
 
     def __init__(self, smoothing: float = 0.9) -> None:
+        check(is_number(smoothing) and 0 <= smoothing < 1, "smoothing", smoothing, "a number in [0, 1)")
         self.smoothing = smoothing
         self._start: float | None = None
         self._rate: float | None = None
@@ -26,7 +29,7 @@ class PairsPerSecond(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *args):
         if self._start is None:
             return
-        pairs = num_pairs(batch)
+        pairs = sum(len(pairs) for pairs in pair_batches(batch))
         rate = pairs / max(time.perf_counter() - self._start, 1e-9)
         self._rate = rate if self._rate is None else self.smoothing * self._rate + (1 - self.smoothing) * rate
         pl_module.log("pairs/s", self._rate, prog_bar=True, logger=False, batch_size=pairs)
@@ -42,6 +45,8 @@ class TrainingPlot(L.Callback):
     """
 
     def __init__(self, filename: str = "training.png", metrics: tuple[str, ...] = ("mrr@10", "ndcg@10")) -> None:
+        unknown = [name for name in metrics if name not in METRIC_NAMES]
+        check(not unknown, "metrics", list(metrics), f"validation metrics among {', '.join(METRIC_NAMES)}")
         self.filename = filename
         self.metrics = metrics
         self.losses: list[tuple[int, Any]] = []  # (step, loss); losses stay tensors until needed: no sync per step

@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from lit_embed.data.formats import DataFormatError, QADataset, validate
-from lit_embed.errors import LitEmbedError
+from lit_embed.data.schema import QADataset, validate
+from lit_embed.errors import DataFormatError, LitEmbedError
 
 log = logging.getLogger(__name__)
 

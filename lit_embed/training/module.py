@@ -1,74 +1,44 @@
-"""The LightningModule for full-model contrastive finetuning."""
+"""The LightningModule: an encoder, a contrastive loss per task, and the training step that joins them.
+
+It serves full finetuning (every encoder weight) and adapters (an :class:`~lit_embed.models.adapted.AdaptedEncoder`,
+whose only trainable weights are its head) alike.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from functools import partial
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from lit_embed.data.multitask import num_pairs, task_batches
-from lit_embed.errors import LitEmbedError
+from lit_embed.batch import PairBatch, pair_batches
+from lit_embed.errors import LitEmbedError, NonFiniteLossError, check, is_bool
+from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
-from lit_embed.models.encoder import Encoder, embed_batch
-
-
-class NonFiniteLossError(LitEmbedError):
-    """The loss became NaN or infinite."""
-
-
-OptimizerFactory = Callable[..., Optimizer]
-
-
-class SchedulerFactory(Protocol):
-    """``scheduler(optimizer, total_steps=N) -> LRScheduler``: a Hydra partial, or a LightningCLI ``class_path``
-    whose ``init_args`` leave out ``optimizer`` and ``total_steps`` (jsonargparse reads this signature)."""
-
-    def __call__(self, optimizer: Optimizer, /, total_steps: int) -> LRScheduler: ...
-
-
-DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, lr=2e-5, weight_decay=0.01, fused=True)
-
-
-class LinearWarmupDecay(LambdaLR):
-    """Linear warmup from 0 to the peak over ``warmup_ratio`` of the steps, then linear decay to 0 at the end.
-
-    ``warmup_steps = int(total_steps * warmup_ratio)``, as LlamaIndex and sentence-transformers compute it. A class
-    rather than a function, so Hydra (``_partial_``) and LightningCLI (``class_path``) configure it the same way.
-
-    Args:
-        optimizer: the optimizer whose learning rate is scheduled.
-        total_steps: optimizer steps of the whole run (the module passes it).
-        warmup_ratio: fraction of the steps spent warming up.
-    """
-
-    def __init__(self, optimizer: Optimizer, total_steps: int, warmup_ratio: float = 0.1) -> None:
-        self.total_steps = total_steps
-        self.warmup_steps = int(total_steps * warmup_ratio)
-        super().__init__(optimizer, self.factor)
-
-    def factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return step / self.warmup_steps
-        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
+from lit_embed.training.optim import (
+    DEFAULT_OPTIMIZER,
+    LinearWarmupDecay,
+    OptimizerFactory,
+    SchedulerFactory,
+    check_optimization,
+)
 
 
 class EmbeddingFinetuneModule(L.LightningModule):
     """Trains an encoder so each query embeds closest to its own document among all documents of the batch.
 
     Args:
-        encoder: texts -> embeddings (a sentence-transformers model).
-        loss: ``loss(query_embeddings [B, D], document_embeddings [B + N, D]) -> scalar``, or a
-            :class:`CachedLoss` (which embeds the batch itself); for multi-task data, ``{task name: loss}``.
-        optimizer: ``optimizer(param_groups) -> Optimizer`` (a Hydra partial).
+        encoder: texts -> embeddings: an :class:`~lit_embed.models.encoder.Encoder`, or an
+            :class:`~lit_embed.models.adapted.AdaptedEncoder` for adapter training.
+        loss: an :class:`~lit_embed.losses.base.EmbeddingLoss` (default: MNRL, scale 20); for multi-task data,
+            ``{task name: loss}``.
+        optimizer: ``optimizer(param_groups) -> Optimizer`` (a Hydra partial); default AdamW, lr 2e-5, decay 0.01.
         scheduler: ``scheduler(optimizer, total_steps=...) -> LRScheduler`` stepped per optimizer step,
             or None for a constant learning rate.
         skip_nonfinite: on a NaN/inf loss, skip that batch (counted in ``train/skipped_batches``) instead of
@@ -77,13 +47,15 @@ class EmbeddingFinetuneModule(L.LightningModule):
 
     def __init__(
         self,
-        encoder: Encoder,
-        loss: nn.Module | Mapping[str, nn.Module] | None = None,
+        encoder: nn.Module,
+        loss: EmbeddingLoss | Mapping[str, EmbeddingLoss] | None = None,
         optimizer: OptimizerFactory = DEFAULT_OPTIMIZER,
         scheduler: SchedulerFactory | None = LinearWarmupDecay,
         skip_nonfinite: bool = False,
     ) -> None:
         super().__init__()
+        check(is_bool(skip_nonfinite), "skip_nonfinite", skip_nonfinite, "true or false")
+        check_optimization(optimizer, scheduler)
         self.encoder = encoder
         if isinstance(loss, Mapping):
             loss = nn.ModuleDict(dict(loss))
@@ -101,45 +73,41 @@ class EmbeddingFinetuneModule(L.LightningModule):
                 "use trainer.precision=bf16-mixed or 32-true."
             )
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        losses = {task: self.task_loss(task, pairs) for task, pairs in task_batches(batch).items()}
+    def training_step(self, batch: PairBatch | Mapping[str, PairBatch], batch_idx: int) -> Tensor | None:
+        tasks = pair_batches(batch)  # one task's pairs, or every task's when a step trains them all
+        losses = {pairs.task: self.loss_for(pairs.task).batch_loss(self.encoder, pairs) for pairs in tasks}
         loss = torch.stack(list(losses.values())).sum()
-        batch_size = num_pairs(batch)
+        num_pairs = sum(len(pairs) for pairs in tasks)
         if not torch.isfinite(loss):
             if not self.skip_nonfinite:
-                query_ids = [i for pairs in task_batches(batch).values() for i in pairs.get("query_ids", [])]
+                query_ids = [i for pairs in tasks for i in pairs.query_ids]
                 raise NonFiniteLossError(
                     f"the loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch "
                     f"{self.current_epoch}), on the batch with query ids {query_ids}. Check those "
-                    "texts, lower optimizer.lr, or set trainer.skip_nonfinite=true to skip such batches. "
+                    "texts, lower optimizer.lr, or set method.skip_nonfinite=true to skip such batches. "
                     "The checkpoints written so far are intact; resume=true continues from the last one."
                 )
             self.skipped_batches += 1  # returning None makes Lightning skip this batch's backward and step
-            self.log("train/skipped_batches", float(self.skipped_batches), batch_size=batch_size)
+            self.log("train/skipped_batches", float(self.skipped_batches), batch_size=num_pairs)
             return None
         # With gather_across_devices each rank's loss is weighted by its share of the batch; their mean is the loss.
         sync = self.trainer.world_size > 1
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=sync)
+        self.log("train/loss", loss, prog_bar=True, batch_size=num_pairs, sync_dist=sync)
         if isinstance(self.loss, nn.ModuleDict):
             # NaN for a task this step did not train on: Lightning would otherwise repeat its last value.
             for task in self.loss:
                 task_loss = losses.get(task, torch.tensor(float("nan"), device=loss.device))
-                self.log(f"train/loss/{task}", task_loss, batch_size=batch_size, sync_dist=sync)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, batch_size=batch_size)
+                self.log(f"train/loss/{task}", task_loss, batch_size=num_pairs, sync_dist=sync)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, batch_size=num_pairs)
         return loss
 
-    def task_loss(self, task: str, batch: dict[str, Any]) -> Tensor:
-        """One task's loss on its pairs (single-task data has the one task ``""``)."""
-        loss = self.loss
-        if isinstance(loss, nn.ModuleDict):
-            if task not in loss:
-                raise LitEmbedError(f"no loss for the task {task!r}: the losses are for {sorted(loss)}.")
-            loss = loss[task]
-        if isinstance(loss, CachedLoss):
-            return loss(self.encoder, batch)
-        queries = embed_batch(self.encoder, batch["queries"])  # [B, D]
-        documents = embed_batch(self.encoder, batch["documents"])  # [B + N, D]: positives, then hard negatives
-        return loss(queries, documents)
+    def loss_for(self, task: str) -> EmbeddingLoss:
+        """The loss of one task (single-task data has one loss, for the task ``""``)."""
+        if not isinstance(self.loss, nn.ModuleDict):
+            return self.loss
+        if task not in self.loss:
+            raise LitEmbedError(f"no loss for the task {task!r}: the losses are for {sorted(self.loss)}.")
+        return self.loss[task]
 
     def configure_gradient_clipping(
         self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
@@ -170,7 +138,7 @@ class EmbeddingFinetuneModule(L.LightningModule):
             return {"optimizer": optimizer}
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps):
-            raise ValueError(
+            raise LitEmbedError(
                 "the learning-rate schedule needs a finite run: set trainer.max_epochs or trainer.max_steps."
             )
         scheduler = self.scheduler_factory(optimizer, total_steps=int(total_steps))

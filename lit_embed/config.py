@@ -1,0 +1,142 @@
+"""From a Hydra config to objects: where the configs are, and every config mistake as one clear error.
+
+Used by the Hydra app (``lit_embed.train``), ``lit_embed.finetune``, the LightningCLI (moved class paths) and the
+tests. The configs live in the repository's ``conf/``, shipped inside the package as ``lit_embed/conf``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from importlib.resources import files
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lit_embed.errors import InvalidValueError, LitEmbedError, check, is_int, is_number
+
+CONFIG_DIR = str(files("lit_embed") / "conf")
+
+# Keys that moved to another place: old key -> new key.
+RENAMED_KEYS = {"trainer.skip_nonfinite": "method.skip_nonfinite"}
+
+# Classes that moved to another module: old ``_target_`` / ``class_path`` -> new one.
+MOVED_TARGETS = {
+    "lit_embed.callbacks.ir_eval.IREvaluationCallback": "lit_embed.training.callbacks.ir_eval.IREvaluationCallback",
+    "lit_embed.callbacks.checkpointing.StepCheckpoint": "lit_embed.training.callbacks.checkpointing.StepCheckpoint",
+    "lit_embed.callbacks.checkpointing.AtomicCheckpointIO": "lit_embed.training.checkpoint_io.AtomicCheckpointIO",
+    "lit_embed.callbacks.plots.PairsPerSecond": "lit_embed.training.callbacks.progress.PairsPerSecond",
+    "lit_embed.callbacks.plots.TrainingPlot": "lit_embed.training.callbacks.progress.TrainingPlot",
+    "lit_embed.models.module.EmbeddingFinetuneModule": "lit_embed.training.module.EmbeddingFinetuneModule",
+    "lit_embed.models.module.LinearWarmupDecay": "lit_embed.training.optim.LinearWarmupDecay",
+    "lit_embed.models.adapters.AdaptedEncoder": "lit_embed.models.adapted.AdaptedEncoder",
+}
+
+
+def bf16_if_gpu() -> str:
+    """Lightning precision for ``trainer=default``: bf16 autocast where the GPU supports it, else fp32."""
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def register_resolvers() -> None:
+    """The ``${bf16_if_gpu:}`` resolver the trainer configs use (idempotent)."""
+    OmegaConf.register_new_resolver("bf16_if_gpu", bf16_if_gpu, replace=True)
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """``conf/train.yaml`` with ``overrides`` applied, as ``python train.py OVERRIDES`` composes it."""
+    check_overrides(overrides)
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def check_overrides(overrides: Iterable[str]) -> None:
+    """Names the new key of an override that uses a renamed one (``trainer.skip_nonfinite=true``)."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in RENAMED_KEYS:
+            raise LitEmbedError(f"{key} was renamed to {RENAMED_KEYS[key]}: write {RENAMED_KEYS[key]}=... instead.")
+
+
+def check_moved_targets(text: str, where: str) -> None:
+    """Names the new class path when ``text`` (a config or argument) uses one that moved."""
+    for old, new in MOVED_TARGETS.items():
+        if re.search(rf"{re.escape(old)}\b", text):
+            raise LitEmbedError(f"{where}: {old} moved to {new}. Change the class path in your config to the new one.")
+
+
+def build(config: Any, key: str = "", **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, with every error a constructor raises turned into one ``LitEmbedError``.
+
+    The error names the config key (``data.batch_size=0 is not allowed: ...``); ``HYDRA_FULL_ERROR=1`` shows the
+    original traceback instead.
+    """
+    if OmegaConf.is_config(config):
+        check_moved_targets(OmegaConf.to_yaml(config, resolve=False), key or "config")
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise _config_error(err, key) from None
+    except OmegaConfBaseException as err:
+        raise LitEmbedError(f"{err}. Set the value on the command line (key=value) or in the config.") from None
+
+
+def _config_error(err: InstantiationException, key: str) -> LitEmbedError:
+    match = re.search(r"full_key: (\S+)", str(err))
+    full_key = match.group(1) if match else key
+    cause = err.__cause__
+    if isinstance(cause, InvalidValueError):
+        # A bare argument name is the constructor's; a dotted key was already named in full by whoever raised it.
+        qualify = full_key and "." not in cause.key
+        return InvalidValueError(f"{full_key}.{cause.key}" if qualify else cause.key, cause.value, cause.allowed)
+    if isinstance(cause, LitEmbedError):
+        return cause
+    reason = str(cause if cause is not None else err).strip().rstrip(".")
+    return LitEmbedError(f"{full_key or 'config'}: {reason}. Fix the settings under {full_key or 'the config'}.")
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """The top-level and ``trainer`` values that no constructor of ours checks."""
+    check(is_int(cfg.seed), "seed", cfg.seed, "a whole number")
+    for key in ("overwrite", "load_best_model_at_end"):
+        check(isinstance(cfg[key], bool), key, cfg[key], "true or false")
+    check(
+        cfg.resume is None or isinstance(cfg.resume, bool | str),
+        "resume",
+        cfg.resume,
+        "true (this output_dir's last.ckpt), the path of a .ckpt file, or null",
+    )
+    trainer = cfg.trainer
+    epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    check(
+        epochs is None or is_int(epochs) and (epochs >= 1 or epochs == -1),
+        "trainer.max_epochs",
+        epochs,
+        "a whole number of epochs >= 1, or -1 with trainer.max_steps set",
+    )
+    check(
+        is_int(steps) and (steps >= 1 or steps == -1),
+        "trainer.max_steps",
+        steps,
+        "a whole number of optimizer steps >= 1, or -1 for no limit",
+    )
+    check(
+        epochs not in (None, -1) or steps != -1,
+        "trainer.max_epochs",
+        epochs,
+        "a number of epochs, unless trainer.max_steps limits the run",
+    )
+    clip = trainer.get("gradient_clip_val")
+    check(clip is None or is_number(clip) and clip >= 0, "trainer.gradient_clip_val", clip, "a number >= 0, or null")
+    for name in ("log_every_n_steps", "accumulate_grad_batches"):
+        value = trainer.get(name, 1)
+        check(is_int(value) and value >= 1, f"trainer.{name}", value, "a whole number >= 1")

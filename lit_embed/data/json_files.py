@@ -1,0 +1,121 @@
+"""LlamaIndex's JSON and query/positive/negatives JSONL: reading (validated) and writing (atomic).
+
+* ``.json``: LlamaIndex's ``EmbeddingQAFinetuneDataset``
+  ``{"queries": {qid: text}, "corpus": {doc_id: text}, "relevant_docs": {qid: [doc_id, ...]}, "mode": "text"}``,
+  as ``generate_qa_embedding_pairs(...).save_json(...)`` writes it.
+* ``.jsonl``: one ``{"query": ..., "positive": ..., "negatives": [...]}`` object per line (negatives optional).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lit_embed.data.schema import QADataset, TrainingExample, read_text, rows_to_dataset, validate
+from lit_embed.errors import DataFormatError
+from lit_embed.files import write_text_atomic
+
+
+def _reject_duplicate_keys(path: Path):
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen: set[str] = set()
+            dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise DataFormatError(f"{path}: id {dup!r} appears twice in one object. Give each entry its own id.")
+        return obj
+
+    return hook
+
+
+def load_llamaindex_json(path: str | os.PathLike) -> QADataset:
+    """Loads LlamaIndex's ``EmbeddingQAFinetuneDataset.save_json`` output and validates it."""
+    path = Path(path)
+    try:
+        raw = json.loads(read_text(path), object_pairs_hook=_reject_duplicate_keys(path))
+    except json.JSONDecodeError as err:
+        raise DataFormatError(
+            f"{path}, line {err.lineno}, column {err.colno}: malformed JSON ({err.msg}). Fix the file or "
+            "regenerate it with LlamaIndex's generate_qa_embedding_pairs."
+        ) from None
+    if not isinstance(raw, dict):
+        raise DataFormatError(
+            f"{path}: expected a JSON object with queries/corpus/relevant_docs, got {type(raw).__name__}."
+        )
+    missing = [key for key in ("queries", "corpus", "relevant_docs") if key not in raw]
+    if missing:
+        raise DataFormatError(
+            f"{path}: missing key(s) {missing}. A LlamaIndex EmbeddingQAFinetuneDataset file has "
+            '{"queries": {id: text}, "corpus": {id: text}, "relevant_docs": {query_id: [doc_id, ...]}}.'
+        )
+    for key in ("queries", "corpus", "relevant_docs"):
+        if not isinstance(raw[key], dict):
+            raise DataFormatError(f"{path}: '{key}' must be an object mapping ids, got {type(raw[key]).__name__}.")
+    mode = raw.get("mode", "text")
+    if mode != "text":
+        raise DataFormatError(f"{path}: mode {mode!r} is not supported; lit_embed trains on text (mode 'text').")
+    relevant_docs = {}
+    for qid, doc_ids in raw["relevant_docs"].items():
+        if isinstance(doc_ids, str):
+            doc_ids = [doc_ids]
+        if not isinstance(doc_ids, list):
+            raise DataFormatError(f"{path}: relevant_docs[{qid!r}] must be a list of document ids.")
+        relevant_docs[str(qid)] = [str(d) for d in doc_ids]
+    dataset = QADataset(
+        queries={str(k): v for k, v in raw["queries"].items()},
+        corpus={str(k): v for k, v in raw["corpus"].items()},
+        relevant_docs=relevant_docs,
+    )
+    return validate(dataset, source=str(path))
+
+
+def load_jsonl(path: str | os.PathLike) -> QADataset:
+    """Loads ``{"query", "positive", "negatives"}`` lines; equal texts share one id."""
+    path = Path(path)
+    rows = []
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(
+                f"{where}: malformed JSON ({err.msg}, column {err.colno}). Fix or remove the line."
+            ) from None
+        if not isinstance(row, dict) or "query" not in row or "positive" not in row:
+            raise DataFormatError(
+                f'{where}: each line must be an object with "query" and "positive" (and optionally "negatives").'
+            )
+        negatives = row.get("negatives", [])
+        if not isinstance(negatives, list):
+            raise DataFormatError(f'{where}: "negatives" must be a list of texts.')
+        for name, text in [("query", row["query"]), ("positive", row["positive"])] + [
+            (f"negatives[{i}]", t) for i, t in enumerate(negatives)
+        ]:
+            if not isinstance(text, str) or not text.strip():
+                raise DataFormatError(f"{where}: {name} is empty or not a string. Remove the line or fill in the text.")
+        rows.append((f"line {lineno}", row["query"], row["positive"], negatives))
+    return validate(rows_to_dataset(rows), source=str(path))
+
+
+def save_llamaindex_json(dataset: QADataset, path: str | os.PathLike) -> None:
+    """Writes the dataset as LlamaIndex's ``EmbeddingQAFinetuneDataset`` JSON (atomically)."""
+    payload: dict[str, Any] = {
+        "queries": dataset.queries,
+        "corpus": dataset.corpus,
+        "relevant_docs": dataset.relevant_docs,
+        "mode": "text",
+    }
+    write_text_atomic(path, json.dumps(payload, indent=4, ensure_ascii=False))
+
+
+def save_jsonl(examples: list[TrainingExample], path: str | os.PathLike) -> None:
+    """Writes training rows as ``{"query", "positive", "negatives"}`` JSONL (atomically)."""
+    lines = (
+        json.dumps({"query": e.query, "positive": e.positive, "negatives": list(e.negatives)}, ensure_ascii=False)
+        for e in examples
+    )
+    write_text_atomic(path, "".join(line + "\n" for line in lines))

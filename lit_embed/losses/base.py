@@ -1,0 +1,23 @@
+"""What every loss is: a pure function of query and document embeddings, and how it gets them from a batch."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lit_embed.batch import PairBatch
+
+
+class EmbeddingLoss(nn.Module):
+    """A loss of embeddings: ``loss(queries [B, D], documents [B + N, D]) -> scalar``.
+
+    Document row ``i < B`` is query ``i``'s positive; the ``N`` rows after them are hard negatives. The
+    LightningModule calls :meth:`batch_loss`, which embeds the batch with the encoder and calls the loss; a loss
+    that must control how the batch is embedded (GradCache) overrides it, and nothing else changes.
+    """
+
+    def forward(self, queries: Tensor, documents: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def batch_loss(self, encoder: nn.Module, batch: PairBatch) -> Tensor:
+        """The loss of a batch: its queries and documents embedded by ``encoder``, then scored."""
+        return self(batch.queries.embed(encoder), batch.documents.embed(encoder))

@@ -1,0 +1,180 @@
+"""Adapter training's encoder: a frozen base whose embeddings are computed once per text, then a trainable head.
+
+Training the head never runs the base encoder again: its embeddings are kept in an in-memory table and cached on
+disk across runs, keyed by everything that could change them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lit_embed.errors import LitEmbedError, check, is_int
+from lit_embed.files import open_atomic
+from lit_embed.models.encoder import Encoder, TextKind
+from lit_embed.models.precomputed import PrecomputedEmbeddings
+from lit_embed.models.saving import dense_modules, save_head, save_llamaindex_adapter
+
+
+class AdaptedEncoder(nn.Module):
+    """A frozen encoder followed by a trainable adapter, with the encoder's embeddings cached per text.
+
+    It is a drop-in for :class:`Encoder` in the LightningModule, the data module and the IR callback:
+    ``tokenize`` embeds each new text once with the frozen encoder (or loads it from ``cache_dir``) and returns
+    its row in the in-memory table, and ``forward`` is a table lookup followed by the adapter. Only the adapter
+    is a registered submodule, so only it trains and only it is saved in checkpoints.
+
+    Args:
+        base: the frozen encoder, or vectors computed elsewhere (:class:`PrecomputedEmbeddings`).
+        adapter: ``adapter(in_dim=...) -> nn.Module`` (a Hydra partial of :class:`LinearAdapter` /
+            :class:`MLPAdapter`); its ``transform`` says whether documents are mapped too.
+        cache_dir: where base embeddings are cached across runs (None = no disk cache).
+        batch_size: texts per encoder call when filling the cache.
+    """
+
+    def __init__(
+        self,
+        base: Encoder | PrecomputedEmbeddings,
+        adapter: Callable[..., nn.Module],
+        cache_dir: str | os.PathLike | None = "~/.cache/lit_embed/embeddings",
+        batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        check(
+            is_int(batch_size) and batch_size >= 1,
+            "method.encoder.batch_size",
+            batch_size,
+            "a whole number of texts >= 1",
+        )
+        self.__dict__["base"] = base.requires_grad_(False).eval()  # not a submodule: frozen, not checkpointed
+        self.adapter = adapter(in_dim=base.embedding_dim)
+        same_size = self.adapter.out_dim == base.embedding_dim
+        self.transform = self.adapter.transform or ("query" if same_size else "both")
+        if self.transform == "query" and not same_size:
+            raise LitEmbedError(
+                f"adapter.transform=query needs the adapter to keep the embedding size ({base.embedding_dim}), "
+                f"but out_dim is {self.adapter.out_dim}: set adapter.transform=both so documents are mapped too."
+            )
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.batch_size = batch_size
+        self.rows: dict[str, dict[str, int]] = {"query": {}, "document": {}}
+        self.register_buffer("query_table", torch.empty(0, base.embedding_dim), persistent=False)
+        self.register_buffer("document_table", torch.empty(0, base.embedding_dim), persistent=False)
+        self.config = {
+            "base": base.config,
+            "base_class": type(base).__name__,
+            "adapter": {"class": type(self.adapter).__name__, **self.adapter.init_args(), "transform": self.transform},
+        }
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.adapter.out_dim
+
+    @property
+    def pad_token_id(self) -> int:
+        return 0
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.base.max_seq_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_table.device
+
+    def _table(self, kind: TextKind) -> Tensor:
+        return self.query_table if kind == "query" else self.document_table
+
+    def tokenize(self, texts: Sequence[str], kind: TextKind) -> dict[str, Any]:
+        """Rows of the embedding table for ``texts`` (new texts are embedded by the frozen encoder first)."""
+        return self._rows_of(texts, kind, self.batch_size)
+
+    def _rows_of(self, texts: Sequence[str], kind: TextKind, batch_size: int) -> dict[str, Any]:
+        rows = self.rows[kind]
+        new = list(dict.fromkeys(t for t in texts if t not in rows))
+        if new:
+            embeddings = self._base_embeddings(new, kind, batch_size).to(self.device)
+            for text in new:
+                rows[text] = len(rows)
+            name = f"{kind}_table"
+            setattr(self, name, torch.cat([getattr(self, name), embeddings]))
+        ids = torch.tensor([[rows[t]] for t in texts], dtype=torch.long)
+        return {"text_ids": ids, "attention_mask": torch.ones_like(ids), "kind": kind}
+
+    def _base_embeddings(self, texts: list[str], kind: TextKind, batch_size: int) -> Tensor:
+        if isinstance(self.base, PrecomputedEmbeddings):
+            return self.base.vectors(texts, kind)
+        path = self._cache_path(texts, kind)
+        if path is not None and path.is_file():
+            return torch.load(path, weights_only=True)
+        embeddings = self.base.to(self.device).encode(texts, kind, batch_size).cpu()
+        if path is not None:
+            with open_atomic(path, binary=True) as f:  # runs sharing the cache never read half a file
+                torch.save(embeddings, f)
+        return embeddings
+
+    def _cache_path(self, texts: list[str], kind: TextKind) -> Path | None:
+        """One file per (model, weights, prompt, max length, texts): any change gives a new key."""
+        if self.cache_dir is None:
+            return None
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.base.config, sort_keys=True, default=str).encode())
+        digest.update(json.dumps([kind, self.base.prompt(kind), self.base.max_seq_length]).encode())
+        # Every byte of every weight: two finetunes of one model may differ anywhere.
+        for name, tensor in self.base.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        for text in texts:
+            digest.update(text.encode())
+            digest.update(b"\0")
+        return self.cache_dir / f"{kind}-{digest.hexdigest()[:32]}.pt"
+
+    def adapts(self, kind: TextKind) -> bool:
+        return kind == "query" or self.transform == "both"
+
+    def forward(self, features: dict[str, Any]) -> Tensor:
+        kind = features["kind"]
+        embeddings = self._table(kind)[features["text_ids"][:, 0]]  # [B, D] cached base embeddings
+        return self.adapter(embeddings) if self.adapts(kind) else embeddings
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], kind: TextKind, batch_size: int = 64) -> Tensor:
+        """``[len(texts), D]``: base embeddings (new texts embedded ``batch_size`` at a time), then the head."""
+        return self(self._rows_of(texts, kind, batch_size)).float()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """A sentence-transformers directory: the base model, then the adapter as plain ``Dense`` modules.
+
+        With ``transform=query`` the adapter sits on a ``Router`` query route, so ``encode_query`` maps queries
+        and ``encode_document`` returns the base model's document embeddings unchanged. Over vectors from
+        elsewhere (an embedding API) there is no text model to save: only the head, to apply to those vectors.
+        """
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.base.modules import Router
+
+        if isinstance(self.base, PrecomputedEmbeddings):
+            save_head(self.adapter, self.config["adapter"], path)
+            return
+        head = dense_modules(self.adapter)
+        if self.transform == "query":
+            head = [Router.for_query_document(query_modules=head, document_modules=[])]
+        model = SentenceTransformer(modules=[*self.base.model, *head], device="cpu")
+        model.prompts = dict(self.base.model.prompts)
+        model.save(str(path), safe_serialization=True)
+
+    def save_llamaindex_adapter(self, path: str | os.PathLike) -> bool:
+        """Writes the head as LlamaIndex's ``AdapterEmbeddingModel`` reads it; returns whether it could.
+
+        LlamaIndex maps queries only, so only ``transform=query`` adapters can be written.
+        """
+        if self.transform != "query":
+            return False
+        save_llamaindex_adapter(self.adapter, path)
+        return True

@@ -1,0 +1,65 @@
+"""Checkpoint files: written atomically, read with ``weights_only=True``, and what a checkpoint holds of the encoder."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
+
+from lit_embed.errors import LitEmbedError
+from lit_embed.files import open_atomic
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file, syncs it, then renames it into place; loads with
+    ``weights_only=True`` so a checkpoint file cannot run code.
+
+    A crash or a full disk mid-write leaves the previous checkpoints as they were.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        try:
+            with open_atomic(path, binary=True) as f:
+                torch.save(checkpoint, f)
+        except OSError as err:
+            raise _unwritable(path, err) from err
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        if not Path(path).is_file():
+            raise LitEmbedError(
+                f"checkpoint {path} does not exist. Check the path (checkpoints are OUTPUT_DIR/checkpoints/)."
+            )
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise LitEmbedError(
+                f"{path} holds objects other than tensors and plain containers, so it was not loaded: lit_embed never "
+                f"runs code from a checkpoint (torch.load with weights_only=True). Details: {str(err).splitlines()[0]}"
+            ) from err
+
+
+def _unwritable(path: Path, err: OSError) -> LitEmbedError:
+    return LitEmbedError(
+        f"could not write checkpoint {path}: {err.strerror or err}. The checkpoints already in {path.parent} are "
+        "intact. Free disk space or fix permissions, then continue with resume=true."
+    )
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a lit_embed checkpoint safely (tensors and plain containers only)."""
+    return AtomicCheckpointIO().load_checkpoint(path)
+
+
+def load_encoder_weights(encoder: nn.Module, checkpoint: dict[str, Any]) -> nn.Module:
+    """Copies a training checkpoint's encoder weights into ``encoder`` (strict: every weight must match)."""
+    prefix = "encoder."
+    weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    encoder.load_state_dict(weights, strict=True)
+    return encoder

@@ -1,0 +1,62 @@
+"""After ``trainer.fit``: the model to keep, its metrics, its export. Shared by the Hydra app and LightningCLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from lit_embed.distributed import full_parameters
+from lit_embed.evaluation.retrieval import format_metrics_table
+from lit_embed.files import write_text_atomic
+from lit_embed.models.adapted import AdaptedEncoder
+from lit_embed.models.saving import to_sentence_transformers
+from lit_embed.training.callbacks.checkpointing import StepCheckpoint
+from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
+from lit_embed.training.checkpoint_io import load_checkpoint, load_encoder_weights
+
+
+def finish(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    evaluation: IREvaluationCallback | None,
+    checkpointing: StepCheckpoint | None,
+    output_dir: Path,
+    load_best_model_at_end: bool = True,
+) -> dict[str, Any]:
+    """Picks the model to keep, scores it, exports it and writes ``metrics.json``.
+
+    Args:
+        trainer: the trainer that ran ``fit``.
+        module: the trained module; its ``encoder`` is exported.
+        evaluation: the run's IR evaluation callback (None: no metrics).
+        checkpointing: the run's checkpoint callback (None: the last step is exported).
+        output_dir: the run's directory; ``model/`` and ``metrics.json`` go there.
+        load_best_model_at_end: export the best checkpoint's weights instead of the last step's.
+
+    Returns:
+        ``metrics.json``'s content: ``{"base": {...}, "final": {..., "step": N}}``, or ``{}`` without validation.
+    """
+    # Under FSDP every rank gathers the whole weights for this; other strategies hold them already.
+    with full_parameters(trainer):
+        encoder = module.encoder
+        step = trainer.global_step
+        if load_best_model_at_end and checkpointing is not None and checkpointing.best is not None:
+            step = checkpointing.best["step"]
+            load_encoder_weights(encoder, load_checkpoint(checkpointing.best["path"]))
+        metrics: dict[str, Any] = {}
+        if evaluation is not None and evaluation.history:
+            # The best step may have been picked by a monitor other than the IR metrics: then measure it now.
+            final = evaluation.metrics_at(step) or evaluation.evaluate(trainer, module)
+            metrics = {"base": evaluation.metrics_at(0), "final": {**final, "step": step}}
+        if trainer.is_global_zero:
+            model_dir = to_sentence_transformers(encoder, output_dir / "model", overwrite=True)
+            adapter_dir = output_dir / "llamaindex_adapter"
+            if isinstance(encoder, AdaptedEncoder) and encoder.save_llamaindex_adapter(adapter_dir):
+                print(f"LlamaIndex adapter saved to {adapter_dir} (AdapterEmbeddingModel).")
+            write_text_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            print(format_metrics_table(metrics))
+            print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
+    return metrics

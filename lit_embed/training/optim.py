@@ -1,0 +1,77 @@
+"""The optimizer and learning-rate schedule: their defaults (one place), the schedule, and an early check."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Protocol
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from lit_embed.errors import InvalidValueError, LitEmbedError, check, is_number
+
+OptimizerFactory = Callable[..., Optimizer]
+
+# AdamW as sentence-transformers and LlamaIndex finetune with it; conf/train.yaml spells out the same values.
+OPTIMIZER_DEFAULTS = {"lr": 2e-5, "weight_decay": 0.01, "fused": True}
+DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, **OPTIMIZER_DEFAULTS)
+
+
+class SchedulerFactory(Protocol):
+    """``scheduler(optimizer, total_steps=N) -> LRScheduler``: a Hydra partial, or a LightningCLI ``class_path``
+    whose ``init_args`` leave out ``optimizer`` and ``total_steps`` (jsonargparse reads this signature)."""
+
+    def __call__(self, optimizer: Optimizer, /, total_steps: int) -> LRScheduler: ...
+
+
+class LinearWarmupDecay(LambdaLR):
+    """Linear warmup from 0 to the peak over ``warmup_ratio`` of the steps, then linear decay to 0 at the end.
+
+    ``warmup_steps = int(total_steps * warmup_ratio)``, as LlamaIndex and sentence-transformers compute it. A class
+    rather than a function, so Hydra (``_partial_``) and LightningCLI (``class_path``) configure it the same way.
+
+    Args:
+        optimizer: the optimizer whose learning rate is scheduled.
+        total_steps: optimizer steps of the whole run (the module passes it).
+        warmup_ratio: fraction of the steps spent warming up.
+    """
+
+    def __init__(self, optimizer: Optimizer, total_steps: int, warmup_ratio: float = 0.1) -> None:
+        check(
+            is_number(warmup_ratio) and 0 <= warmup_ratio <= 1,
+            "warmup_ratio",
+            warmup_ratio,
+            "a fraction of the steps between 0 and 1",
+        )
+        self.total_steps = total_steps
+        self.warmup_steps = int(total_steps * warmup_ratio)
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
+
+
+def check_optimization(optimizer: OptimizerFactory, scheduler: SchedulerFactory | None) -> None:
+    """Builds both on a stand-in weight, so a bad setting fails before any model is trained.
+
+    The optimizers' own checks (torch's ``Invalid learning rate: -1``) become a :class:`LitEmbedError`.
+    """
+    weight = torch.nn.Parameter(torch.zeros(1))
+    try:
+        built = optimizer([{"params": [weight]}])
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise LitEmbedError(
+            f"the optimizer cannot be built from its settings: {err}. Fix the optimizer setting it names "
+            "(optimizer.lr must be > 0, optimizer.weight_decay >= 0)."
+        ) from None
+    if scheduler is not None:
+        try:
+            scheduler(built, total_steps=10)
+        except InvalidValueError as err:
+            raise InvalidValueError(f"scheduler.{err.key}", err.value, err.allowed) from None
+        except (ValueError, TypeError) as err:
+            raise LitEmbedError(f"the learning-rate schedule cannot be built from its settings: {err}.") from None

@@ -1,0 +1,142 @@
+"""Every value a user can mistype on the command line ends in one message that names the key, the value and what is
+allowed, and exit status 2: no traceback, no Hydra wrapper."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
+
+from lit_embed.config import MOVED_TARGETS, build
+from lit_embed.errors import LitEmbedError
+from lit_embed.train import run
+
+# (overrides, a fragment of the one message)
+INVALID_VALUES = [
+    (["data.batch_size=0"], "data.batch_size=0 is not allowed: a whole number of pairs >= 1"),
+    (["data.batch_size=abc"], "data.batch_size='abc' is not allowed"),
+    (["data.length_groups=0"], "data.length_groups=0 is not allowed"),
+    (["data.num_workers=-1"], "data.num_workers=-1 is not allowed"),
+    (["data.max_negatives=-1"], "data.max_negatives=-1 is not allowed"),
+    (["data.use_all_docs=maybe"], "data.use_all_docs='maybe' is not allowed: true or false"),
+    (["loss.scale=0"], "loss.scale=0 is not allowed: the scale must be positive"),
+    (["loss.query_chunk_size=0"], "loss.query_chunk_size=0 is not allowed"),
+    (["loss=cached_mnrl", "loss.mini_batch_size=0"], "loss.mini_batch_size=0 is not allowed"),
+    (["loss=cached_mnrl", "loss.loss.scale=-1"], "loss.loss.scale=-1 is not allowed"),
+    (["loss=matryoshka", "loss.dims=[0]"], "loss.dims needs one or more positive embedding sizes"),
+    (["checkpoint.mode=best"], "checkpoint.mode='best' is not allowed: max (higher monitor is better) or min"),
+    (["checkpoint.save_steps=-1"], "checkpoint.save_steps=-1 is not allowed"),
+    (["checkpoint.save_total_limit=-2"], "checkpoint.save_total_limit=-2 is not allowed"),
+    (["eval.evaluation_steps=-1"], "eval.evaluation_steps=-1 is not allowed"),
+    (["eval.batch_size=0"], "eval.batch_size=0 is not allowed"),
+    (["eval.corpus_chunk_size=0"], "eval.corpus_chunk_size=0 is not allowed"),
+    (["eval.truncate_dim=0"], "eval.truncate_dim must be a positive embedding size or null, got 0"),
+    (["optimizer.lr=-1"], "Invalid learning rate: -1"),
+    (["optimizer.weight_decay=-0.5"], "Invalid weight_decay value: -0.5"),
+    (
+        ["scheduler.warmup_ratio=1.5"],
+        "scheduler.warmup_ratio=1.5 is not allowed: a fraction of the steps between 0 and 1",
+    ),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0 is not allowed"),
+    (["trainer.max_steps=-5"], "trainer.max_steps=-5 is not allowed"),
+    (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 is not allowed"),
+    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 is not allowed"),
+    (["trainer.accelerator=abacus"], "trainer: You selected an invalid accelerator name"),
+    (["trainer.precision=17"], "trainer: "),
+    (["model.max_seq_length=0"], "model.max_seq_length=0 is not allowed"),
+    (["method.skip_nonfinite=sometimes"], "method.skip_nonfinite='sometimes' is not allowed: true or false"),
+    (["seed=abc"], "seed='abc' is not allowed: a whole number"),
+    (["callbacks.training_plot.metrics=[speed]"], "callbacks.training_plot.metrics=['speed'] is not allowed"),
+    (["callbacks.pairs_per_second.smoothing=1.5"], "callbacks.pairs_per_second.smoothing=1.5 is not allowed"),
+    (["overwrite=maybe"], "overwrite='maybe' is not allowed: true or false"),
+    (["optimized_metric=speed"], "optimized_metric=speed is not a validation metric"),
+    (["resume=nowhere.ckpt"], "cannot resume: nowhere.ckpt does not exist"),
+    (["method=adapter", "adapter.out_dim=0"], "adapter.out_dim=0 is not allowed"),
+    (["method=adapter", "adapter=mlp", "adapter.activation=gelu"], "adapter.activation='gelu' is not allowed"),
+    (["method=adapter", "adapter.transform=documents"], "adapter.transform='documents' is not allowed"),
+    (["method=adapter", "method.encoder.batch_size=0"], "method.encoder.batch_size=0 is not allowed"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), INVALID_VALUES, ids=[" ".join(o) for o, _ in INVALID_VALUES])
+def test_invalid_value_names_key_value_and_what_is_allowed(tmp_path: Path, overrides: list[str], message: str) -> None:
+    train, val = write_toy_data(tmp_path, num_train=16, num_val=4)
+    out = tmp_path / "out"
+    with pytest.raises(LitEmbedError) as err:
+        run(compose_train([*tiny_run_overrides(train, val, out), *overrides]))
+    assert message in str(err.value)
+    assert not (out / "checkpoints").exists() and not (out / "model").exists()
+
+
+def test_stdlib_split_sizes_are_checked() -> None:
+    with pytest.raises(LitEmbedError, match=r"data.num_train=-5 is not allowed: a whole number >= 0"):
+        build(compose_train(["data.num_train=-5"]).data, "data")
+    with pytest.raises(LitEmbedError, match="data=stdlib builds its own data"):
+        build(compose_train(["data.train_path=train.json"]).data, "data")
+
+
+def test_multitask_mode_is_checked(tmp_path: Path) -> None:
+    train, _ = write_toy_data(tmp_path, num_train=16, num_val=4)
+    cfg = compose_train(
+        ["data=multitask", f"data.tasks.qa.data.train_path={train}", f"data.tasks.triplets.data.train_path={train}"]
+        + ["data.mode=shuffled"]
+    )
+    with pytest.raises(LitEmbedError, match=r"data.mode='shuffled' is not allowed: one of round_robin, proportional"):
+        build(cfg.data, "data")
+
+
+def test_renamed_key_names_the_new_one() -> None:
+    with pytest.raises(LitEmbedError, match="trainer.skip_nonfinite was renamed to method.skip_nonfinite"):
+        compose_train(["trainer.skip_nonfinite=true"])
+
+
+def test_moved_class_path_names_the_new_one() -> None:
+    cfg = compose_train(["eval._target_=lit_embed.callbacks.ir_eval.IREvaluationCallback"])
+    with pytest.raises(LitEmbedError, match=r"moved to lit_embed\.training\.callbacks\.ir_eval\.IREvaluationCallback"):
+        build(cfg.eval, "eval")
+    for new in MOVED_TARGETS.values():  # every new path exists
+        module, name = new.rsplit(".", 1)
+        assert hasattr(__import__(module, fromlist=[name]), name), new
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["loss.scale=0"], "loss.scale=0 is not allowed"),
+        (["checkpoint.mode=best"], "checkpoint.mode='best' is not allowed"),
+        (["data.batchsize=3"], "Could not override 'data.batchsize'"),  # Hydra's own message for an unknown key
+        (["model=nonexistent"], "Could not find 'model/nonexistent'"),
+        (["trainer.skip_nonfinite=true"], "renamed to method.skip_nonfinite"),
+    ],
+)
+def test_command_line_exits_2_with_one_message(tmp_path: Path, args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "train.py", "model=tiny", "trainer=cpu", f"output_dir={tmp_path / 'out'}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr  # Hydra logs to stdout
+    assert result.returncode == 2, output
+    assert message in output
+    for noise in ("Traceback", "Error executing job", "Error in call to target"):
+        assert noise not in output, output
+
+
+def test_lightning_cli_names_a_moved_class_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lit_embed import cli
+
+    old_config = tmp_path / "old.yaml"
+    old_config.write_text(
+        (REPO / "conf" / "cli" / "full.yaml")
+        .read_text()
+        .replace("lit_embed.training.module.EmbeddingFinetuneModule", "lit_embed.models.module.EmbeddingFinetuneModule")
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", f"--config={old_config}"])
+    assert exit_info.value.code == 2
+    assert "moved to lit_embed.training.module.EmbeddingFinetuneModule" in capsys.readouterr().err
