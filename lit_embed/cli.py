@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lit_embed.config import bf16_if_gpu, check_moved_targets
 from lit_embed.console import quiet_third_party_output
 from lit_embed.data.datamodule import QAPairDataModule
-from lit_embed.errors import LitEmbedError, StoppedError, reported
+from lit_embed.errors import LitEmbedError, StoppedError, reported, user_error_behind
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 from lit_embed.training.finish import finish
@@ -110,6 +110,10 @@ def main(args: ArgsType = None) -> None:
             check_moved_targets(Path(value).read_text(encoding="utf-8") if is_file else str(arg), value)
         try:
             LitEmbedCLI(args=args)
+        except ValueError as err:  # jsonargparse wraps what a constructor raised
+            if (user_error := user_error_behind(err)) is None:
+                raise
+            raise user_error from None
         except SIGTERMException:
             raise StoppedError(
                 "stopped by SIGTERM; the checkpoint is saved. Continue with "

@@ -47,6 +47,13 @@ class StoppedError(LitEmbedError):
     exit_code = 143  # 128 + SIGTERM, what a shell reports for a job killed by SIGTERM
 
 
+def user_error_behind(err: BaseException) -> LitEmbedError | None:
+    """The :class:`LitEmbedError` that ``err`` wraps (a framework re-raising a constructor's error), if any."""
+    while err is not None and not isinstance(err, LitEmbedError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raises :class:`InvalidValueError` for ``key=value`` unless ``ok``; ``allowed`` says what is."""
     if not ok:

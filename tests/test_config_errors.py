@@ -50,7 +50,7 @@ INVALID_VALUES = [
     (["method.skip_nonfinite=sometimes"], "method.skip_nonfinite='sometimes' is not allowed: true or false"),
     (["seed=abc"], "seed='abc' is not allowed: a whole number"),
     (["callbacks.training_plot.metrics=[speed]"], "callbacks.training_plot.metrics=['speed'] is not allowed"),
-    (["callbacks.pairs_per_second.smoothing=1.5"], "callbacks.pairs_per_second.smoothing=1.5 is not allowed"),
+    (["++callbacks.pairs_per_second.smoothing=1.5"], "callbacks.pairs_per_second.smoothing=1.5 is not allowed"),
     (["overwrite=maybe"], "overwrite='maybe' is not allowed: true or false"),
     (["optimized_metric=speed"], "optimized_metric=speed is not a validation metric"),
     (["resume=nowhere.ckpt"], "cannot resume: nowhere.ckpt does not exist"),
@@ -140,3 +140,17 @@ def test_lightning_cli_names_a_moved_class_path(tmp_path: Path, capsys: pytest.C
         cli.main(["fit", f"--config={old_config}"])
     assert exit_info.value.code == 2
     assert "moved to lit_embed.training.module.EmbeddingFinetuneModule" in capsys.readouterr().err
+
+
+def test_lightning_cli_reports_an_invalid_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lit_embed import cli
+
+    config = REPO / "conf" / "cli" / "full.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(
+            ["fit", f"--config={config}", "--data.init_args.batch_size=0", f"--trainer.default_root_dir={tmp_path}"]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "lit-embed: error: batch_size=0 is not allowed: a whole number of pairs >= 1." in err
+    assert "Traceback" not in err
