@@ -139,6 +139,9 @@ def finetune(
     return run(compose_config(args))
 
 
+_job_started: list[bool] = []  # filled by the first job: Hydra's own errors come before it
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def hydra_app(cfg: DictConfig) -> float | None:
     """One job; returns the final ``optimized_metric`` for Hydra's sweepers (None without validation)."""
@@ -149,9 +152,6 @@ def hydra_app(cfg: DictConfig) -> float | None:
     with reported("lit-embed-train", log):
         metrics = run(cfg)
     return metrics["final"][cfg.optimized_metric] if metrics and cfg.optimized_metric else None
-
-
-_job_started: list[bool] = []
 
 
 def main() -> None:

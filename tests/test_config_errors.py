@@ -154,3 +154,11 @@ def test_lightning_cli_reports_an_invalid_value(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert "lit-embed: error: batch_size=0 is not allowed: a whole number of pairs >= 1." in err
     assert "Traceback" not in err
+
+
+def test_hydra_full_error_shows_the_original_exception(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra.errors import InstantiationException
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(InstantiationException, match="scale"):
+        build(compose_train(["loss.scale=0"]).loss, "loss")
