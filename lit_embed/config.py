@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from lit_embed.errors import InvalidValueError, LitEmbedError, check, is_int, is_number
+from lit_embed.errors import InvalidValueError, LitEmbedError, check, is_bool, is_int, is_number, user_error_behind
 
 CONFIG_DIR = str(files("lit_embed") / "conf")
 
@@ -86,21 +86,25 @@ def build(config: Any, key: str = "", **kwargs: Any) -> Any:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         raise _config_error(err, key) from None
+    except MissingMandatoryValue as err:
+        raise LitEmbedError(f"{err.full_key} has no value: set it on the command line ({err.full_key}=...).") from None
     except OmegaConfBaseException as err:
-        raise LitEmbedError(f"{err}. Set the value on the command line (key=value) or in the config.") from None
+        raise LitEmbedError(
+            f"{str(err).splitlines()[0]}. Fix the value in the config or on the command line."
+        ) from None
 
 
 def _config_error(err: InstantiationException, key: str) -> LitEmbedError:
     match = re.search(r"full_key: (\S+)", str(err))
     full_key = match.group(1) if match else key
-    cause = err.__cause__
-    if isinstance(cause, InvalidValueError):
+    user_error = user_error_behind(err)
+    if isinstance(user_error, InvalidValueError):
         # A bare argument name is the constructor's; a dotted key was already named in full by whoever raised it.
-        qualify = full_key and "." not in cause.key
-        return InvalidValueError(f"{full_key}.{cause.key}" if qualify else cause.key, cause.value, cause.allowed)
-    if isinstance(cause, LitEmbedError):
-        return cause
-    reason = str(cause if cause is not None else err).strip().rstrip(".")
+        key = f"{full_key}.{user_error.key}" if full_key and "." not in user_error.key else user_error.key
+        return InvalidValueError(key, user_error.value, user_error.allowed)
+    if user_error is not None:
+        return user_error
+    reason = str(err.__cause__ or err).strip().rstrip(".")
     return LitEmbedError(f"{full_key or 'config'}: {reason}. Fix the settings under {full_key or 'the config'}.")
 
 
@@ -108,7 +112,7 @@ def check_run_settings(cfg: DictConfig) -> None:
     """The top-level and ``trainer`` values that no constructor of ours checks."""
     check(is_int(cfg.seed), "seed", cfg.seed, "a whole number")
     for key in ("overwrite", "load_best_model_at_end"):
-        check(isinstance(cfg[key], bool), key, cfg[key], "true or false")
+        check(is_bool(cfg[key]), key, cfg[key], "true or false")
     check(
         cfg.resume is None or isinstance(cfg.resume, bool | str),
         "resume",

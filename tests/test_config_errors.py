@@ -110,6 +110,7 @@ def test_moved_class_path_names_the_new_one() -> None:
         (["data.batchsize=3"], "Could not override 'data.batchsize'"),  # Hydra's own message for an unknown key
         (["model=nonexistent"], "Could not find 'model/nonexistent'"),
         (["trainer.skip_nonfinite=true"], "renamed to method.skip_nonfinite"),
+        (["data=qa_json"], "data.train_path has no value: set it on the command line (data.train_path=...)."),
     ],
 )
 def test_command_line_exits_2_with_one_message(tmp_path: Path, args: list[str], message: str) -> None:
