@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from lit_embed.errors import InvalidValueError, LitEmbedError, check, is_bool, is_int, is_number, user_error_behind
+from lit_embed.evaluation import DEFAULT_METRIC
 
 CONFIG_DIR = str(files("lit_embed") / "conf")
 
@@ -44,9 +45,15 @@ def bf16_if_gpu() -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def validation_metric(name: str | None) -> str:
+    """The logged name of a validation metric (``val/ndcg@10``); None picks the default metric."""
+    return f"val/{name or DEFAULT_METRIC}"
+
+
 def register_resolvers() -> None:
-    """The ``${bf16_if_gpu:}`` resolver the trainer configs use (idempotent)."""
+    """The ``${bf16_if_gpu:}`` and ``${validation_metric:NAME}`` resolvers the configs use (idempotent)."""
     OmegaConf.register_new_resolver("bf16_if_gpu", bf16_if_gpu, replace=True)
+    OmegaConf.register_new_resolver("validation_metric", validation_metric, replace=True)
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:

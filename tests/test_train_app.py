@@ -31,6 +31,7 @@ def test_default_config_composes_with_the_documented_keys() -> None:
     assert {key: cfg.optimizer[key] for key in OPTIMIZER_DEFAULTS} == OPTIMIZER_DEFAULTS
     assert cfg.checkpoint.monitor == f"val/{cfg.optimized_metric}" == StepCheckpoint().monitor
     assert compose_train(["optimized_metric=mrr@10"]).checkpoint.monitor == "val/mrr@10"
+    assert compose_train(["optimized_metric=null"]).checkpoint.monitor == "val/ndcg@10"
     assert cfg.loss.scale == 20.0
     for key in ("data.batch_size", "trainer.max_epochs", "trainer.max_steps", "model.max_seq_length", "seed"):
         assert OmegaConf.select(compose_train([f"{key}=3"]), key) == 3
