@@ -13,6 +13,7 @@ from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
 from lit_embed.config import MOVED_TARGETS, build
 from lit_embed.errors import LitEmbedError
 from lit_embed.train import run
+from lit_embed.training.checkpoint_io import load_checkpoint
 
 # (overrides, a fragment of the one message)
 INVALID_VALUES = [
@@ -49,6 +50,7 @@ INVALID_VALUES = [
     (["model.max_seq_length=0"], "model.max_seq_length=0 is not allowed"),
     (["method.skip_nonfinite=sometimes"], "method.skip_nonfinite='sometimes' is not allowed: true or false"),
     (["seed=abc"], "seed='abc' is not allowed: a whole number"),
+    (["model.query_prompt=123"], "model.query_prompt=123 is not allowed: a text (quote it)"),
     (["callbacks.training_plot.metrics=[speed]"], "callbacks.training_plot.metrics=['speed'] is not allowed"),
     (["++callbacks.pairs_per_second.smoothing=1.5"], "callbacks.pairs_per_second.smoothing=1.5 is not allowed"),
     (["overwrite=maybe"], "overwrite='maybe' is not allowed: true or false"),
@@ -163,3 +165,23 @@ def test_hydra_full_error_shows_the_original_exception(monkeypatch: pytest.Monke
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(InstantiationException, match="scale"):
         build(compose_train(["loss.scale=0"]).loss, "loss")
+
+
+def test_an_empty_validation_split_means_no_validation(tmp_path: Path) -> None:
+    data = build(compose_train(["data.num_train=64", "data.num_val=0"]).data, "data")
+    data.prepare_data()
+    assert data.val_dataset is None and len(data.train_dataset.queries) == 64
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"queries": {}, "corpus": {}, "relevant_docs": {}}')
+    train, _ = write_toy_data(tmp_path, num_train=16, num_val=4)
+    with pytest.raises(LitEmbedError, match=r"empty.json: no validation queries"):
+        run(compose_train(tiny_run_overrides(train, empty, tmp_path / "out")))
+
+
+def test_a_monitor_that_is_never_logged_is_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    train, val = write_toy_data(tmp_path, num_train=16, num_val=4)
+    overrides = tiny_run_overrides(train, val, tmp_path / "out", **{"checkpoint.monitor": "val/ndcg10"})
+    metrics = run(compose_train(overrides))
+    assert "checkpoint.monitor=val/ndcg10 was never logged" in caplog.text and "val/ndcg@10" in caplog.text
+    last = load_checkpoint(tmp_path / "out" / "checkpoints" / "last.ckpt")
+    assert metrics["final"]["step"] == last["global_step"] > 0  # no best: the last step is exported

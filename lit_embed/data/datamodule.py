@@ -179,6 +179,11 @@ class QAPairDataModule(ResumableDataModule):
             )
         train = load_dataset(self.train_path, self.columns)
         val = load_dataset(self.val_path, self.columns) if self.val_path else None
+        if val is not None and not val.queries:
+            raise DataFormatError(
+                f"{self.val_path}: no validation queries. Add queries with their relevant documents, or leave "
+                "data.val_path unset to train without validation."
+            )
         return train, val
 
     def prepare_data(self) -> None:
@@ -283,4 +288,5 @@ class StdlibDataModule(QAPairDataModule):
         return "stdlib dataset"
 
     def load_splits(self) -> tuple[QADataset, QADataset | None]:
-        return build_stdlib_dataset(seed=self.seed, num_train=self.num_train, num_val=self.num_val)
+        train, val = build_stdlib_dataset(seed=self.seed, num_train=self.num_train, num_val=self.num_val)
+        return train, val if val.queries else None  # num_val=0: no validation

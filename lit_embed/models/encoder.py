@@ -56,6 +56,8 @@ class Encoder(nn.Module):
         )
         for key, value in (("trust_remote_code", trust_remote_code), ("compile", compile)):
             check(is_bool(value), key, value, "true or false")
+        for key, value in (("query_prompt", query_prompt), ("document_prompt", document_prompt)):
+            check(value is None or isinstance(value, str), key, value, "a text (quote it), or null for the model's own")
         path = str(model_name_or_path)
         # Enough to rebuild this encoder around a checkpoint's weights (see lit_embed.export).
         self.config = {

@@ -136,6 +136,15 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
         step = trainer.global_step
         if not self._saved_at(step):
             self._save(trainer, step, self._improved(trainer, pl_module))
+        if self.monitor is not None and self.monitor not in trainer.callback_metrics and trainer.is_global_zero:
+            # Another callback may log the monitored value, so an unknown name is allowed: say it never came.
+            logged = ", ".join(sorted(trainer.callback_metrics))
+            log.warning(
+                "checkpoint.monitor=%s was never logged (logged: %s), so no best checkpoint was chosen; the last "
+                "step is kept. Monitor one of the logged values, e.g. checkpoint.monitor=val/ndcg@10.",
+                self.monitor,
+                logged,
+            )
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # SIGTERM is what schedulers send before killing a job: keep the work done so far.
