@@ -115,9 +115,19 @@ def _config_error(err: InstantiationException, key: str) -> LitEmbedError:
     return LitEmbedError(f"{full_key or 'config'}: {reason}. Fix the settings under {full_key or 'the config'}.")
 
 
+def check_output_dir(output_dir: Any) -> None:
+    """An empty output_dir would put the model and checkpoints in the current directory."""
+    check(
+        isinstance(output_dir, str) and bool(output_dir.strip()),
+        "output_dir",
+        output_dir,
+        "a folder for everything the run writes, e.g. output_dir=runs/mine",
+    )
+
+
 def check_run_settings(cfg: DictConfig) -> None:
     """The top-level and ``trainer`` values that no constructor of ours checks."""
-    check(is_int(cfg.seed), "seed", cfg.seed, "a whole number")
+    check(is_int(cfg.seed) and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "a whole number from 0 to 2**32 - 1")
     for key in ("overwrite", "load_best_model_at_end"):
         check(is_bool(cfg[key]), key, cfg[key], "true or false")
     check(

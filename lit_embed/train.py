@@ -19,7 +19,15 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 
-from lit_embed.config import CONFIG_DIR, build, check_overrides, check_run_settings, compose_config, register_resolvers
+from lit_embed.config import (
+    CONFIG_DIR,
+    build,
+    check_output_dir,
+    check_overrides,
+    check_run_settings,
+    compose_config,
+    register_resolvers,
+)
 from lit_embed.console import quiet_third_party_output
 from lit_embed.errors import LitEmbedError, StoppedError, reported
 from lit_embed.evaluation import METRIC_NAMES
@@ -34,8 +42,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs one finetuning job as configured and returns ``metrics.json``'s content."""
     register_resolvers()
     quiet_third_party_output()
-    output_dir = Path(cfg.output_dir)
     # Everything a user can get wrong is checked before training starts or anything is written.
+    check_output_dir(cfg.output_dir)
+    output_dir = Path(cfg.output_dir)
     check_run_settings(cfg)
     check_optimized_metric(cfg.optimized_metric)
     if (output_dir / "model").exists() and not cfg.overwrite:
@@ -146,10 +155,11 @@ _job_started: list[bool] = []  # filled by the first job: Hydra's own errors com
 def hydra_app(cfg: DictConfig) -> float | None:
     """One job; returns the final ``optimized_metric`` for Hydra's sweepers (None without validation)."""
     _job_started.append(True)
-    # In a sweep Hydra gives each job its own folder under output_dir; that folder is the job's output_dir.
-    with open_dict(cfg):
-        cfg.output_dir = HydraConfig.get().runtime.output_dir
     with reported("lit-embed-train", log):
+        check_output_dir(cfg.output_dir)
+        # In a sweep Hydra gives each job its own folder under output_dir; that folder is the job's output_dir.
+        with open_dict(cfg):
+            cfg.output_dir = HydraConfig.get().runtime.output_dir
         metrics = run(cfg)
     return metrics["final"][cfg.optimized_metric] if metrics and cfg.optimized_metric else None
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_embed.errors import LitEmbedError
+from lit_embed.errors import LitEmbedError, is_int, is_number
 from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.cached import CachedLoss
 
@@ -70,9 +70,13 @@ class MatryoshkaLoss(EmbeddingLoss):
                 "as the cached loss's `loss:` (CachedLoss(loss=MatryoshkaLoss(...)))."
             )
         self.loss = loss
+        if isinstance(dims, str | int) or not all(is_int(d) for d in dims):
+            raise LitEmbedError(f"loss.dims needs a list of embedding sizes such as [384,256,128], got {dims!r}.")
         self.dims = tuple(int(d) for d in dims)  # from a Hydra ListConfig too
         if not self.dims or min(self.dims) < 1:
             raise LitEmbedError(f"loss.dims needs one or more positive embedding sizes, got {list(self.dims)}.")
+        if weights is not None and (isinstance(weights, str | int | float) or not all(is_number(w) for w in weights)):
+            raise LitEmbedError(f"loss.weights needs a list of numbers, one per entry of loss.dims, got {weights!r}.")
         self.weights = tuple(float(w) for w in weights) if weights is not None else (1.0,) * len(self.dims)
         if len(self.weights) != len(self.dims):
             raise LitEmbedError(

@@ -53,6 +53,12 @@ class AdaptedEncoder(nn.Module):
             batch_size,
             "a whole number of texts >= 1",
         )
+        check(
+            cache_dir is None or isinstance(cache_dir, str | os.PathLike),
+            "method.encoder.cache_dir",
+            cache_dir,
+            "a folder for the cached embeddings, or null for no disk cache",
+        )
         self.__dict__["base"] = base.requires_grad_(False).eval()  # not a submodule: frozen, not checkpointed
         self.adapter = adapter(in_dim=base.embedding_dim)
         same_size = self.adapter.out_dim == base.embedding_dim

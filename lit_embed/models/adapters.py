@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_embed.errors import InvalidValueError, check, is_int
+from lit_embed.errors import InvalidValueError, check, is_bool, is_int
 
 Transform = Literal["query", "both"]
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -56,6 +56,7 @@ class LinearAdapter(nn.Module):
         super().__init__()
         check_head_sizes(out_dim=out_dim)
         check_transform(transform)
+        check(is_bool(bias), "adapter.bias", bias, "true or false")
         self.in_dim, self.out_dim, self.bias = in_dim, out_dim or in_dim, bias
         self.transform = transform
         self.linear = nn.Linear(in_dim, self.out_dim, bias=bias)
@@ -102,6 +103,7 @@ class MLPAdapter(nn.Module):
         super().__init__()
         check_head_sizes(out_dim=out_dim, hidden_dim=hidden_dim)
         check_transform(transform)
+        check(is_bool(residual), "adapter.residual", residual, "true or false")
         self.transform = transform
         if activation not in ACTIVATIONS:
             raise InvalidValueError("adapter.activation", activation, f"one of {', '.join(sorted(ACTIVATIONS))}")

@@ -78,6 +78,15 @@ class Encoder(nn.Module):
             path, device="cpu", trust_remote_code=trust_remote_code, model_kwargs=dict(model_kwargs or {})
         )
         if max_seq_length is not None:
+            # Longer inputs than the position embeddings cover would fail in the middle of training.
+            positions = getattr(getattr(self.model[0], "auto_model", None), "config", None)
+            limit = getattr(positions, "max_position_embeddings", None)
+            check(
+                limit is None or max_seq_length <= limit,
+                "max_seq_length",
+                max_seq_length,
+                f"at most {limit} tokens, the longest input this model's position embeddings cover",
+            )
             self.model.max_seq_length = max_seq_length
         if query_prompt is not None:
             self.model.prompts["query"] = query_prompt
