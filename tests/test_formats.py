@@ -166,3 +166,14 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         save_llamaindex_json(data, target)
     assert target.read_text() == "previous content"
     assert list(tmp_path.iterdir()) == [target]  # no temporary file left behind
+
+
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path: Path) -> None:
+    """Windows tools and spreadsheet exports start UTF-8 files with a BOM; every reader shares read_text."""
+    jsonl, json_file = tmp_path / "pairs.jsonl", tmp_path / "qa.json"
+    jsonl.write_bytes(
+        b"\xef\xbb\xbf" + b'{"query": "q one", "positive": "doc one"}\n{"query": "q two", "positive": "d"}\n'
+    )
+    json_file.write_bytes(b"\xef\xbb\xbf" + json.dumps(LLAMAINDEX_FILE).encode())
+    assert sorted(load_dataset(jsonl).queries.values()) == ["q one", "q two"]
+    assert load_dataset(json_file).queries == LLAMAINDEX_FILE["queries"]
