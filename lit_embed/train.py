@@ -161,7 +161,7 @@ def hydra_app(cfg: DictConfig) -> float | None:
         with open_dict(cfg):
             cfg.output_dir = HydraConfig.get().runtime.output_dir
         metrics = run(cfg)
-    return metrics["final"][cfg.optimized_metric] if metrics and cfg.optimized_metric else None
+    return metrics["final"][cfg.optimized_metric] if "final" in metrics and cfg.optimized_metric else None
 
 
 def main() -> None:

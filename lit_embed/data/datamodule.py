@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader, Sampler
 from lit_embed.batch import PairBatch
 from lit_embed.data.formats import load_dataset
 from lit_embed.data.sampler import NoDuplicatesBatchSampler
-from lit_embed.data.schema import QADataset, TrainingExample, training_examples
+from lit_embed.data.schema import QADataset, SkipPolicy, TrainingExample, training_examples
 from lit_embed.data.stdlib import build_stdlib_dataset, check_split_sizes
 from lit_embed.data.tokens import TextTokenizer, TokenizedTexts
-from lit_embed.errors import DataFormatError, LitEmbedError, check, is_bool, is_int
+from lit_embed.errors import DataFormatError, LitEmbedError, check, is_bool, is_int, is_number
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,10 @@ class ResumableDataModule(L.LightningDataModule):
         if state_dict:
             self._resume_at = (state_dict["epoch"], state_dict["batches_done"])
 
+    def skipped_records(self) -> dict[str, dict[str, Any]]:
+        """File -> what was left out of it as wrong on its own (for metrics.json); empty when nothing was."""
+        return {}
+
 
 class QAPairDataModule(ResumableDataModule):
     """Serves query/positive(/negatives) batches from a LlamaIndex ``.json`` or a ``.jsonl`` file.
@@ -123,6 +127,10 @@ class QAPairDataModule(ResumableDataModule):
         drop_last: drop a final incomplete batch.
         columns: for .csv/.parquet/datasets-directory data, which column holds what, e.g.
             ``{"query": "question", "positive": "answer"}`` (unset roles: columns named query, positive, negatives).
+        max_skipped: records wrong on their own (an empty text, an unknown id, a query without a relevant
+            document, a hard negative equal to a positive) that a file may hold; they are skipped with a warning.
+            A fraction of the file's records below 1 (0.01 = 1%), or a whole number of records.
+        strict: refuse a file with any such record instead.
     """
 
     def __init__(
@@ -138,6 +146,8 @@ class QAPairDataModule(ResumableDataModule):
         seed: int = 0,
         drop_last: bool = False,
         columns: dict[str, str] | None = None,
+        max_skipped: float = 0.01,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         check(is_int(batch_size) and batch_size >= 1, "batch_size", batch_size, "a whole number of pairs >= 1")
@@ -150,7 +160,14 @@ class QAPairDataModule(ResumableDataModule):
         check(is_int(length_groups) and length_groups >= 1, "length_groups", length_groups, "a whole number >= 1")
         check(is_int(num_workers) and num_workers >= 0, "num_workers", num_workers, "a whole number >= 0")
         check(is_int(seed), "seed", seed, "a whole number")
-        for key, value in (("use_all_docs", use_all_docs), ("pin_memory", pin_memory), ("drop_last", drop_last)):
+        check(
+            is_number(max_skipped) and 0 <= max_skipped < 1 or is_int(max_skipped) and max_skipped >= 1,
+            "max_skipped",
+            max_skipped,
+            "a fraction of the records from 0 to below 1 (0.01 = 1%), or a whole number of records >= 1",
+        )
+        bools = {"use_all_docs": use_all_docs, "pin_memory": pin_memory, "drop_last": drop_last, "strict": strict}
+        for key, value in bools.items():
             check(is_bool(value), key, value, "true or false")
         self.train_path = train_path
         self.val_path = val_path
@@ -163,6 +180,7 @@ class QAPairDataModule(ResumableDataModule):
         self.seed = seed
         self.drop_last = drop_last
         self.columns = columns
+        self.skip_policy = SkipPolicy(max_skipped, strict)
         self.task = ""  # set by a multi-task data module: the name its batches carry
         self.train_dataset: QADataset | None = None
         self.val_dataset: QADataset | None = None
@@ -177,8 +195,8 @@ class QAPairDataModule(ResumableDataModule):
                 "data.train_path is not set. Pass data.train_path=PATH (.json, .jsonl, .csv, .parquet or a "
                 "datasets directory)."
             )
-        train = load_dataset(self.train_path, self.columns)
-        val = load_dataset(self.val_path, self.columns) if self.val_path else None
+        train = load_dataset(self.train_path, self.columns, self.skip_policy)
+        val = load_dataset(self.val_path, self.columns, self.skip_policy) if self.val_path else None
         if val is not None and not val.queries:
             raise DataFormatError(
                 f"{self.val_path}: no validation queries. Add queries with their relevant documents, or leave "
@@ -196,6 +214,10 @@ class QAPairDataModule(ResumableDataModule):
                     f"{self.source}: only {len(self._examples)} training pairs, fewer than one batch "
                     f"(data.batch_size={self.batch_size}). Add data or lower data.batch_size."
                 )
+
+    def skipped_records(self) -> dict[str, dict[str, Any]]:
+        splits = ((self.train_path, self.train_dataset), (self.val_path, self.val_dataset))
+        return {str(path): data.skipped.as_dict() for path, data in splits if data is not None and data.skipped}
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()

@@ -13,7 +13,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lit_embed.data.schema import QADataset, TrainingExample, read_text, rows_to_dataset, validate
+from lit_embed.data.schema import (
+    DEFAULT_POLICY,
+    QADataset,
+    Skipped,
+    SkipPolicy,
+    TrainingExample,
+    read_text,
+    rows_to_dataset,
+    validate,
+)
 from lit_embed.errors import DataFormatError
 from lit_embed.files import write_text_atomic
 
@@ -30,8 +39,8 @@ def _reject_duplicate_keys(path: Path):
     return hook
 
 
-def load_llamaindex_json(path: str | os.PathLike) -> QADataset:
-    """Loads LlamaIndex's ``EmbeddingQAFinetuneDataset.save_json`` output and validates it."""
+def load_llamaindex_json(path: str | os.PathLike, policy: SkipPolicy = DEFAULT_POLICY) -> QADataset:
+    """Loads LlamaIndex's ``EmbeddingQAFinetuneDataset.save_json`` output and validates it (see ``validate``)."""
     path = Path(path)
     try:
         raw = json.loads(read_text(path), object_pairs_hook=_reject_duplicate_keys(path))
@@ -68,16 +77,21 @@ def load_llamaindex_json(path: str | os.PathLike) -> QADataset:
         corpus={str(k): v for k, v in raw["corpus"].items()},
         relevant_docs=relevant_docs,
     )
-    return validate(dataset, source=str(path))
+    return validate(dataset, str(path), policy)
 
 
-def load_jsonl(path: str | os.PathLike) -> QADataset:
-    """Loads ``{"query", "positive", "negatives"}`` lines; equal texts share one id."""
+def load_jsonl(path: str | os.PathLike, policy: SkipPolicy = DEFAULT_POLICY) -> QADataset:
+    """Loads ``{"query", "positive", "negatives"}`` lines; equal texts share one id.
+
+    A line with an empty query or positive is skipped, and so is an empty negative, within ``policy``.
+    """
     path = Path(path)
     rows = []
+    skipped = Skipped()
     for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
+        skipped.records += 1
         where = f"{path}, line {lineno}"
         try:
             row = json.loads(line)
@@ -89,16 +103,26 @@ def load_jsonl(path: str | os.PathLike) -> QADataset:
             raise DataFormatError(
                 f'{where}: each line must be an object with "query" and "positive" (and optionally "negatives").'
             )
-        negatives = row.get("negatives", [])
+        negatives = row.get("negatives") or []
         if not isinstance(negatives, list):
             raise DataFormatError(f'{where}: "negatives" must be a list of texts.')
-        for name, text in [("query", row["query"]), ("positive", row["positive"])] + [
-            (f"negatives[{i}]", t) for i, t in enumerate(negatives)
-        ]:
-            if not isinstance(text, str) or not text.strip():
-                raise DataFormatError(f"{where}: {name} is empty or not a string. Remove the line or fill in the text.")
-        rows.append((f"line {lineno}", row["query"], row["positive"], negatives))
-    return validate(rows_to_dataset(rows), source=str(path))
+        texts = {name: row[name] for name in ("query", "positive")} | {
+            f"negatives[{i}]": t for i, t in enumerate(negatives)
+        }
+        for name, text in texts.items():
+            if text is not None and not isinstance(text, str):
+                raise DataFormatError(f"{where}: {name} is {type(text).__name__}, expected a text (a JSON string).")
+        empty = [name for name, text in texts.items() if text is None or not text.strip()]
+        for name in empty:
+            skipped.add(
+                "empty_text",
+                f"line {lineno} ({name})",
+                f"{where}: {name} is empty. Remove the line or fill in the text.",
+            )
+        if "query" in empty or "positive" in empty:
+            continue
+        rows.append((f"line {lineno}", row["query"], row["positive"], [t for t in negatives if t.strip()]))
+    return validate(rows_to_dataset(rows), str(path), policy, skipped)
 
 
 def save_llamaindex_json(dataset: QADataset, path: str | os.PathLike) -> None:

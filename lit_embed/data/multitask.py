@@ -92,6 +92,12 @@ class MultiTaskDataModule(ResumableDataModule):
             self.val_dataset = load_dataset(self.val_path) if self.val_path else None
             self._prepared = True
 
+    def skipped_records(self) -> dict[str, dict[str, Any]]:
+        records = {path: report for data in self.tasks.values() for path, report in data.skipped_records().items()}
+        if self.val_dataset is not None and self.val_dataset.skipped:
+            records[str(self.val_path)] = self.val_dataset.skipped.as_dict()
+        return records
+
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
         self.tokenize(self.trainer.lightning_module.encoder)

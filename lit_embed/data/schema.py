@@ -5,11 +5,15 @@ Every reader (``json_files``, ``tables``, the stdlib builder) produces a :class:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lit_embed.errors import DataFormatError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,12 +25,14 @@ class QADataset:
         corpus: document id -> document text.
         relevant_docs: query id -> ids of the documents that answer it (at least one each).
         hard_negatives: query id -> ids of documents known NOT to answer it (optional).
+        skipped: the records of the file that were wrong on their own and left out (None: none were).
     """
 
     queries: dict[str, str]
     corpus: dict[str, str]
     relevant_docs: dict[str, list[str]]
     hard_negatives: dict[str, list[str]] = field(default_factory=dict)
+    skipped: Skipped | None = field(default=None, compare=False)  # what the reader left out of the file
 
 
 @dataclass(frozen=True)
@@ -72,36 +78,174 @@ def rows_to_dataset(rows: Iterable[tuple[str, str, str, Sequence[str]]]) -> QADa
     return QADataset(queries, corpus, relevant_docs, {q: n for q, n in hard_negatives.items() if n})
 
 
-def validate(dataset: QADataset, source: str) -> QADataset:
-    """Checks ids and texts; returns the dataset or raises a :class:`DataFormatError` naming the culprit.
+# Records wrong on their own, by kind: what the warning and metrics.json call them.
+SKIP_KINDS = {
+    "empty_text": "empty texts",
+    "unknown_query": "relevant_docs entries for a query not in 'queries'",
+    "unknown_document": "ids of documents not in 'corpus'",
+    "negative_is_positive": "hard negatives equal to a positive of their query",
+    "unanswered": "queries without a relevant document",
+}
 
-    Nothing is dropped silently: anything that would make a query or document unusable is an error.
+
+@dataclass(frozen=True)
+class SkipPolicy:
+    """How many records that are wrong on their own a file may hold before it is refused.
+
+    Attributes:
+        max_skipped: a fraction of the records below 1 (0.01 = 1%), or a whole number of records.
+        strict: refuse any such record (each is an error, as before skipping existed).
     """
-    for kind, texts in (("query", dataset.queries), ("document", dataset.corpus)):
-        for key, text in texts.items():
-            if not isinstance(text, str):
-                raise DataFormatError(f"{source}: {kind} {key!r} is {type(text).__name__}, expected a string.")
-            if not text.strip():
-                raise DataFormatError(f"{source}: {kind} {key!r} has empty text. Remove it or fill in the text.")
+
+    max_skipped: float | int = 0.01
+    strict: bool = False
+
+    def allows(self, skipped: int, records: int) -> bool:
+        if self.strict:
+            return skipped == 0
+        limit = self.max_skipped * records if self.max_skipped < 1 else self.max_skipped
+        return skipped <= limit
+
+    def describe(self) -> str:
+        if self.strict:
+            return "data.strict=true refuses any"
+        if self.max_skipped < 1:
+            return (
+                f"more than data.max_skipped={self.max_skipped:g} ({self.max_skipped * 100:g}% of the records) allows"
+            )
+        return f"more than data.max_skipped={self.max_skipped} records allows"
+
+
+@dataclass
+class Skipped:
+    """What a reader left out of a file, and why: kind -> the ids of the records (or lines, rows) in file order."""
+
+    records: int = 0  # how many records the file holds: queries + documents, or lines / rows
+    ids: dict[str, list[str]] = field(default_factory=dict)
+    first_error: str = ""  # the first culprit's own message, its file named: what a refusal reports first
+
+    def add(self, kind: str, record_id: str, message: str) -> None:
+        self.ids.setdefault(kind, []).append(record_id)
+        self.first_error = self.first_error or message
+
+    @property
+    def count(self) -> int:
+        return sum(len(ids) for ids in self.ids.values())
+
+    def summary(self) -> str:
+        """``empty texts: 1 (document 'd3'); queries without a relevant document: 2 ('q1', 'q2')``."""
+        parts = []
+        for kind, ids in self.ids.items():
+            shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+            parts.append(f"{SKIP_KINDS[kind]}: {len(ids)} ({shown})")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For metrics.json: the record count and, per kind, how many were skipped and the first ids."""
+        kinds = {kind: {"count": len(ids), "first": ids[:10]} for kind, ids in self.ids.items()}
+        return {"records": self.records, "skipped": self.count, **kinds}
+
+
+DEFAULT_POLICY = SkipPolicy()
+
+# What the user can do about each kind, after the message that names the culprit.
+FIX = {
+    "empty_text": "Remove it or fill in the text.",
+    "unknown_query": "Add the query or drop the entry.",
+    "unknown_document": "Add the document to the corpus or remove the id.",
+    "negative_is_positive": "Remove it from the negatives.",
+    "unanswered": "Add their relevant_docs entries or remove those queries.",
+}
+
+
+def validate(
+    dataset: QADataset, source: str, policy: SkipPolicy = DEFAULT_POLICY, skipped: Skipped | None = None
+) -> QADataset:
+    """Leaves out the records that are wrong on their own, and refuses the file when they are too many.
+
+    A record wrong on its own (an empty text, an id naming nothing, a query left without a relevant document, a hard
+    negative equal to a positive) is skipped with one warning, as long as ``policy`` allows that many; otherwise, or
+    with ``policy.strict``, it is a :class:`DataFormatError` naming the first culprit. A text that is not a string
+    is a problem of the whole file's shape and always an error.
+
+    Args:
+        dataset: the records as read; not modified.
+        source: the file, for messages.
+        policy: how many skipped records are allowed.
+        skipped: what the reader already left out (lines or rows), with its record count; None for a reader of
+            ids (LlamaIndex JSON), whose records are its queries and documents.
+
+    Returns:
+        A new dataset of the usable records; its ``skipped`` says what was left out.
+    """
+    skipped = skipped or Skipped(records=len(dataset.queries) + len(dataset.corpus))
+    queries = _texts(dataset.queries, "query", source, skipped)
+    corpus = _texts(dataset.corpus, "document", source, skipped)
+
+    def known_documents(qid: str, doc_ids: list[str]) -> list[str]:
+        for doc_id in doc_ids:
+            if doc_id not in dataset.corpus:  # an empty document is skipped already, not unknown
+                where = f"{source}: query {qid!r} names document {doc_id!r}, which is not in 'corpus'."
+                skipped.add("unknown_document", f"{doc_id!r} (query {qid!r})", f"{where} {FIX['unknown_document']}")
+        return [d for d in dict.fromkeys(doc_ids) if d in corpus]
+
+    relevant_docs = {}
     for qid, doc_ids in dataset.relevant_docs.items():
         if qid not in dataset.queries:
-            raise DataFormatError(
-                f"{source}: relevant_docs names query {qid!r}, which is not in 'queries'. "
-                "Add the query or drop the entry."
-            )
-        for doc_id in doc_ids + dataset.hard_negatives.get(qid, []):
-            if doc_id not in dataset.corpus:
-                raise DataFormatError(
-                    f"{source}: query {qid!r} names document {doc_id!r}, which is not in 'corpus'. "
-                    "Add the document to the corpus or remove the id."
+            where = f"{source}: relevant_docs names query {qid!r}, which is not in 'queries'."
+            skipped.add("unknown_query", repr(qid), f"{where} {FIX['unknown_query']}")
+        elif qid in queries:
+            relevant_docs[qid] = known_documents(qid, doc_ids)
+    hard_negatives = {}
+    for qid, doc_ids in dataset.hard_negatives.items():
+        if qid not in relevant_docs:
+            continue
+        positives = {corpus[d].strip() for d in relevant_docs[qid]}
+        for doc_id in known_documents(qid, doc_ids):
+            if corpus[doc_id].strip() in positives:  # training on it would push the query away from its answer
+                where = f"{source}: query {qid!r} has document {doc_id!r} as a hard negative with a positive's text."
+                skipped.add(
+                    "negative_is_positive", f"{doc_id!r} (query {qid!r})", f"{where} {FIX['negative_is_positive']}"
                 )
-    unanswered = [qid for qid in dataset.queries if not dataset.relevant_docs.get(qid)]
-    if unanswered:
-        raise DataFormatError(
-            f"{source}: {len(unanswered)} of {len(dataset.queries)} queries have no relevant document "
-            f"(first: {unanswered[0]!r}). Add their relevant_docs entries or remove those queries."
-        )
-    return dataset
+            else:
+                hard_negatives.setdefault(qid, []).append(doc_id)
+    unanswered = [qid for qid in queries if not relevant_docs.get(qid)]
+    for qid in unanswered:
+        where = f"{source}: {len(unanswered)} of {len(queries)} queries have no relevant document"
+        skipped.add("unanswered", repr(qid), f"{where} (first: {unanswered[0]!r}). {FIX['unanswered']}")
+    if skipped.count:
+        _allow_or_refuse(skipped, source, policy)
+    return QADataset(
+        queries={qid: text for qid, text in queries.items() if relevant_docs.get(qid)},
+        corpus=corpus,  # documents no query names stay: they are distractors in evaluation
+        relevant_docs={qid: ids for qid, ids in relevant_docs.items() if ids},
+        hard_negatives=hard_negatives,
+        skipped=skipped if skipped.count else None,
+    )
+
+
+def _texts(records: dict[str, Any], kind: str, source: str, skipped: Skipped) -> dict[str, str]:
+    """The records whose text is usable; a missing or blank text is skipped, a non-text is an error."""
+    usable = {}
+    for key, text in records.items():
+        if text is not None and not isinstance(text, str):
+            raise DataFormatError(f"{source}: {kind} {key!r} is {type(text).__name__}, expected a string.")
+        if text is None or not text.strip():
+            skipped.add(
+                "empty_text", f"{kind} {key!r}", f"{source}: {kind} {key!r} has empty text. {FIX['empty_text']}"
+            )
+        else:
+            usable[key] = text
+    return usable
+
+
+def _allow_or_refuse(skipped: Skipped, source: str, policy: SkipPolicy) -> None:
+    """One warning for what is skipped, or one error when the policy allows fewer."""
+    counted = f"{skipped.count} of {skipped.records} records that are wrong on their own ({skipped.summary()})"
+    if not policy.allows(skipped.count, skipped.records):
+        other_way = "set data.strict=false to skip a few" if policy.strict else "raise data.max_skipped to skip them"
+        raise DataFormatError(f"{skipped.first_error}\n{counted}: {policy.describe()}. Fix them, or {other_way}.")
+    log.warning("%s: skipped %s. data.strict=true refuses them instead.", source, counted)
 
 
 def training_examples(dataset: QADataset, use_all_docs: bool = False) -> list[TrainingExample]:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lit_embed.data.schema import QADataset, read_text, rows_to_dataset, validate
+from lit_embed.data.schema import DEFAULT_POLICY, QADataset, Skipped, SkipPolicy, read_text, rows_to_dataset, validate
 from lit_embed.errors import DataFormatError
 
 ROLES = ("query", "positive", "negatives")
@@ -30,13 +30,17 @@ ROLES = ("query", "positive", "negatives")
 RowReader = Callable[[list[str]], Iterator[tuple[int, str, dict[str, Any]]]]
 
 
-def load_table(path: str | os.PathLike, columns: Mapping[str, str] | None = None) -> QADataset:
+def load_table(
+    path: str | os.PathLike, columns: Mapping[str, str] | None = None, policy: SkipPolicy = DEFAULT_POLICY
+) -> QADataset:
     """Loads and validates a ``.csv``, ``.parquet`` or ``save_to_disk`` directory of pairs.
 
     Args:
         path: the file or directory.
         columns: role -> column name, roles being ``query``, ``positive`` and ``negatives``; missing roles use
             their own name as the column. A negatives column named here must exist.
+        policy: how many rows with an empty query or positive (skipped) the table may hold; an empty negative is
+            dropped from its row and counted the same way.
 
     Returns:
         The dataset, built as :func:`lit_embed.data.json_files.load_jsonl` builds it; query ids are ``"row N"``
@@ -54,12 +58,22 @@ def load_table(path: str | os.PathLike, columns: Mapping[str, str] | None = None
         raise DataFormatError(f"{path}: not a table; use .csv, .parquet or a datasets save_to_disk directory.")
     chosen = _choose_columns(path, available, names, negatives_required="negatives" in (columns or {}))
     rows = []
+    skipped = Skipped()
     for n, where, record in read(list(dict.fromkeys(chosen.values()))):
-        query = _text(record[chosen["query"]], where, "query", chosen["query"])
-        positive = _text(record[chosen["positive"]], where, "positive", chosen["positive"])
-        negatives = _negatives(record[chosen["negatives"]], where, chosen["negatives"]) if "negatives" in chosen else []
-        rows.append((f"row {n}", query, positive, negatives))
-    return validate(rows_to_dataset(rows), source=str(path))
+        skipped.records += 1
+        texts = {role: _text(record[chosen[role]], where, role, chosen[role]) for role in ("query", "positive")}
+        if "negatives" in chosen:
+            negatives = _negatives(record[chosen["negatives"]], where, chosen["negatives"])
+            texts |= {f"negatives[{i}]": text for i, text in enumerate(negatives)}
+        for role, text in texts.items():
+            if text is None:
+                column = chosen[role.split("[")[0]]
+                message = f"{where}: {role} (column {column!r}) is empty. Remove the row or fill in the text."
+                skipped.add("empty_text", f"row {n} ({role})", message)
+        if texts["query"] is not None and texts["positive"] is not None:
+            negatives = [text for role, text in texts.items() if role.startswith("negatives") and text is not None]
+            rows.append((f"row {n}", texts["query"], texts["positive"], negatives))
+    return validate(rows_to_dataset(rows), str(path), policy, skipped)
 
 
 def _column_names(path: Path, columns: Mapping[str, str]) -> dict[str, str]:
@@ -96,15 +110,19 @@ def _choose_columns(
     return chosen
 
 
-def _text(value: Any, where: str, role: str, column: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        shown = "empty" if value is None or isinstance(value, str) else f"{type(value).__name__}, not text"
-        raise DataFormatError(f"{where}: {role} (column {column!r}) is {shown}. Remove the row or fill in the text.")
+def _text(value: Any, where: str, role: str, column: str) -> str | None:
+    """The cell's text; None when it is empty (the caller skips it), an error when it holds something else."""
+    if value is None or isinstance(value, str) and not value.strip():
+        return None
+    if not isinstance(value, str):
+        raise DataFormatError(
+            f"{where}: {role} (column {column!r}) is {type(value).__name__}, not text. Store texts in that column."
+        )
     return value
 
 
-def _negatives(value: Any, where: str, column: str) -> list[str]:
-    """A list of texts, the same list as a JSON string, or nothing (empty cell, null)."""
+def _negatives(value: Any, where: str, column: str) -> list[str | None]:
+    """A list of texts (None for an empty one), the same list as a JSON string, or nothing (empty cell, null)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return []
     if isinstance(value, str):
@@ -117,9 +135,7 @@ def _negatives(value: Any, where: str, column: str) -> list[str]:
             f'{where}: negatives (column {column!r}) must be a list of texts or a JSON list such as ["first text", '
             '"second text"]. Fix the cell or leave it empty.'
         )
-    for i, text in enumerate(value):
-        _text(text, where, f"negatives[{i}]", column)
-    return value
+    return [_text(text, where, f"negatives[{i}]", column) for i, text in enumerate(value)]
 
 
 def _open_csv(path: Path) -> tuple[list[str], RowReader]:

@@ -37,7 +37,8 @@ def finish(
         load_best_model_at_end: export the best checkpoint's weights instead of the last step's.
 
     Returns:
-        ``metrics.json``'s content: ``{"base": {...}, "final": {..., "step": N}}``, or ``{}`` without validation.
+        ``metrics.json``'s content: ``{"base": {...}, "final": {..., "step": N}}``, or ``{}`` without validation;
+        ``"skipped"`` lists, per file, the records left out as wrong on their own, when there were any.
     """
     # Under FSDP every rank gathers the whole weights for this; other strategies hold them already.
     with full_parameters(trainer):
@@ -51,12 +52,15 @@ def finish(
             # The best step may have been picked by a monitor other than the IR metrics: then measure it now.
             final = evaluation.metrics_at(step) or evaluation.evaluate(trainer, module)
             metrics = {"base": evaluation.metrics_at(0), "final": {**final, "step": step}}
+        # Any LightningDataModule can train (LightningCLI); ours say which records they skipped.
+        skipped = getattr(trainer.datamodule, "skipped_records", dict)()
+        report = {**metrics, "skipped": skipped} if skipped else metrics
         if trainer.is_global_zero:
             model_dir = to_sentence_transformers(encoder, output_dir / "model", overwrite=True)
             adapter_dir = output_dir / "llamaindex_adapter"
             if isinstance(encoder, AdaptedEncoder) and encoder.save_llamaindex_adapter(adapter_dir):
                 print(f"LlamaIndex adapter saved to {adapter_dir} (AdapterEmbeddingModel).")
-            write_text_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            write_text_atomic(output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
             print(format_metrics_table(metrics))
             print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
-    return metrics
+    return report
