@@ -125,6 +125,19 @@ def check_output_dir(output_dir: Any) -> None:
     )
 
 
+TRAINER_SWITCHES = (
+    "enable_checkpointing",
+    "enable_model_summary",
+    "enable_progress_bar",
+    "benchmark",
+    "use_distributed_sampler",
+    "detect_anomaly",
+    "inference_mode",
+    "barebones",
+    "sync_batchnorm",
+)
+
+
 def check_run_settings(cfg: DictConfig) -> None:
     """The top-level and ``trainer`` values that no constructor of ours checks."""
     check(is_int(cfg.seed) and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "a whole number from 0 to 2**32 - 1")
@@ -161,3 +174,16 @@ def check_run_settings(cfg: DictConfig) -> None:
     for name in ("log_every_n_steps", "accumulate_grad_batches"):
         value = trainer.get(name, 1)
         check(is_int(value) and value >= 1, f"trainer.{name}", value, "a whole number >= 1")
+    # Lightning takes any truthy value for its switches; a typo there would silently mean "on".
+    for name in TRAINER_SWITCHES:
+        value = trainer.get(name)
+        check(value is None or is_bool(value), f"trainer.{name}", value, "true or false")
+    deterministic = trainer.get("deterministic")
+    check(deterministic in (None, True, False, "warn"), "trainer.deterministic", deterministic, "true, false or warn")
+    sanity = trainer.get("num_sanity_val_steps")
+    check(
+        sanity is None or is_int(sanity) and sanity >= -1,
+        "trainer.num_sanity_val_steps",
+        sanity,
+        "a whole number of validation batches >= 0, or -1 for all",
+    )

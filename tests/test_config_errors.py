@@ -35,7 +35,17 @@ INVALID_VALUES = [
     (["eval.batch_size=0"], "eval.batch_size=0 is not allowed"),
     (["eval.corpus_chunk_size=0"], "eval.corpus_chunk_size=0 is not allowed"),
     (["eval.truncate_dim=0"], "eval.truncate_dim must be a positive embedding size or null, got 0"),
-    (["optimizer.lr=-1"], "Invalid learning rate: -1"),
+    (["optimizer.lr=-1"], "optimizer.lr=-1 is not allowed: a learning rate > 0"),
+    (["optimizer.lr=0"], "optimizer.lr=0 is not allowed"),
+    (["optimizer.fused=maybe"], "optimizer.fused='maybe' is not allowed: true, false or null"),
+    (["trainer.enable_checkpointing=maybe"], "trainer.enable_checkpointing='maybe' is not allowed: true or false"),
+    (["trainer.deterministic=3"], "trainer.deterministic=3 is not allowed: true, false or warn"),
+    (["trainer.num_sanity_val_steps=abc"], "trainer.num_sanity_val_steps='abc' is not allowed"),
+    (["checkpoint.monitor=-1"], "checkpoint.monitor=-1 is not allowed: a logged metric's name, or null"),
+    (["++data.columns=abc"], "data.columns='abc' is not allowed: which column holds what"),
+    (["data.max_skipped=2.5"], "data.max_skipped=2.5 is not allowed"),
+    (["callbacks.training_plot.metrics=ndcg@10"], "callbacks.training_plot.metrics='ndcg@10' is not allowed: a list"),
+    (["model.model_name_or_path.dropout=1"], "model.model_name_or_path.dropout=1 is not allowed: a probability"),
     (["optimizer.weight_decay=-0.5"], "Invalid weight_decay value: -0.5"),
     (
         ["scheduler.warmup_ratio=1.5"],
@@ -69,6 +79,7 @@ INVALID_VALUES = [
     (["method=adapter", "adapter=mlp", "adapter.activation=gelu"], "adapter.activation='gelu' is not allowed"),
     (["method=adapter", "adapter.transform=documents"], "adapter.transform='documents' is not allowed"),
     (["method=adapter", "method.encoder.batch_size=0"], "method.encoder.batch_size=0 is not allowed"),
+    (["method=adapter", "method.encoder.adapter=abc"], "method.encoder.adapter=.abc. is not allowed: an adapter"),
 ]
 
 

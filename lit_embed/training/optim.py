@@ -10,7 +10,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from lit_embed.errors import InvalidValueError, LitEmbedError, check, is_number
+from lit_embed.errors import InvalidValueError, LitEmbedError, check, is_bool, is_number
 
 OptimizerFactory = Callable[..., Optimizer]
 
@@ -61,6 +61,13 @@ def check_optimization(optimizer: OptimizerFactory, scheduler: SchedulerFactory 
     The optimizers' own checks (torch's ``Invalid learning rate: -1``) become a :class:`LitEmbedError`.
     """
     weight = torch.nn.Parameter(torch.zeros(1))
+    settings = getattr(optimizer, "keywords", {})  # a Hydra partial's arguments; a LightningCLI factory has none here
+    if "lr" in settings:
+        lr = settings["lr"]
+        check(is_number(lr) and lr > 0, "optimizer.lr", lr, "a learning rate > 0, e.g. 2e-5")
+    for name in ("fused", "foreach", "amsgrad", "maximize", "capturable", "differentiable"):
+        value = settings.get(name)
+        check(value is None or is_bool(value), f"optimizer.{name}", value, "true, false or null")
     try:
         built = optimizer([{"params": [weight]}])
     except (ValueError, TypeError, RuntimeError) as err:

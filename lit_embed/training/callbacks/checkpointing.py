@@ -69,6 +69,7 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
         mode: str = "max",
     ) -> None:
         check(mode in ("max", "min"), "mode", mode, "max (higher monitor is better) or min")
+        check(monitor is None or isinstance(monitor, str), "monitor", monitor, "a logged metric's name, or null")
         check(
             is_int(save_steps) and save_steps >= 0,
             "save_steps",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,10 @@ class TrainingPlot(L.Callback):
     """
 
     def __init__(self, filename: str = "training.png", metrics: tuple[str, ...] = ("mrr@10", "ndcg@10")) -> None:
+        allowed = f"a list of validation metrics among {', '.join(METRIC_NAMES)}"
+        check(isinstance(metrics, Sequence) and not isinstance(metrics, str), "metrics", metrics, allowed)
         unknown = [name for name in metrics if name not in METRIC_NAMES]
-        check(not unknown, "metrics", list(metrics), f"validation metrics among {', '.join(METRIC_NAMES)}")
+        check(not unknown, "metrics", list(metrics), allowed)
         self.filename = filename
         self.metrics = metrics
         self.losses: list[tuple[int, Any]] = []  # (step, loss); losses stay tensors until needed: no sync per step
