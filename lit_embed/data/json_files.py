@@ -49,6 +49,8 @@ def load_llamaindex_json(path: str | os.PathLike, policy: SkipPolicy = DEFAULT_P
             f"{path}, line {err.lineno}, column {err.colno}: malformed JSON ({err.msg}). Fix the file or "
             "regenerate it with LlamaIndex's generate_qa_embedding_pairs."
         ) from None
+    except RecursionError:
+        raise DataFormatError(f"{path}: JSON nested too deeply to be a dataset. Check what wrote the file.") from None
     if not isinstance(raw, dict):
         raise DataFormatError(
             f"{path}: expected a JSON object with queries/corpus/relevant_docs, got {type(raw).__name__}."
@@ -99,6 +101,8 @@ def load_jsonl(path: str | os.PathLike, policy: SkipPolicy = DEFAULT_POLICY) -> 
             raise DataFormatError(
                 f"{where}: malformed JSON ({err.msg}, column {err.colno}). Fix or remove the line."
             ) from None
+        except RecursionError:
+            raise DataFormatError(f"{where}: JSON nested too deeply to be a record. Fix or remove the line.") from None
         if not isinstance(row, dict) or "query" not in row or "positive" not in row:
             raise DataFormatError(
                 f'{where}: each line must be an object with "query" and "positive" (and optionally "negatives").'

@@ -128,7 +128,7 @@ def _negatives(value: Any, where: str, column: str) -> list[str | None]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             value = None  # reported below with the fix
     if not isinstance(value, list):
         raise DataFormatError(

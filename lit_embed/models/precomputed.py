@@ -12,37 +12,86 @@ import torch
 from torch import Tensor, nn
 
 from lit_embed.data.formats import load_dataset
+from lit_embed.data.schema import read_text
 from lit_embed.errors import LitEmbedError
 from lit_embed.models.encoder import TextKind
 
 
 def read_embedding_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """``id -> vector`` from ``.npy`` (rows, with the ids as a JSON list in the ``.json`` file of the same name)
-    or ``.parquet`` (columns ``id`` and ``embedding``)."""
+    or ``.parquet`` (columns ``id`` and ``embedding``); anything else is one :class:`LitEmbedError` naming the file."""
     path = Path(path)
+    if not path.is_file():
+        raise LitEmbedError(f"{path}: no such file. Check the path of the embeddings.")
     if path.suffix == ".npy":
-        ids_path = path.with_suffix(".json")
-        if not ids_path.is_file():
-            raise LitEmbedError(f"{path}: the ids of its rows are missing; write them as a JSON list to {ids_path}.")
-        vectors = np.load(path, allow_pickle=False)
-        ids = json.loads(ids_path.read_text(encoding="utf-8"))
-        if vectors.ndim != 2 or len(ids) != len(vectors):
-            raise LitEmbedError(f"{path}: {len(ids)} ids in {ids_path.name} for an array of shape {vectors.shape}.")
+        ids, vectors = _read_npy(path)
     elif path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise LitEmbedError(f"{path}: reading parquet needs pyarrow: pip install 'lit_embed[parquet]'.") from None
-        table = pq.read_table(path)
-        if not {"id", "embedding"} <= set(table.column_names):
-            raise LitEmbedError(f"{path}: needs columns 'id' and 'embedding', has {table.column_names}.")
-        ids = [str(i) for i in table.column("id").to_pylist()]
-        vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+        ids, vectors = _read_parquet(path)
     else:
         raise LitEmbedError(f"{path}: use .npy (with a .json list of ids beside it) or .parquet (id, embedding).")
+    if vectors.ndim != 2 or len(ids) != len(vectors) or vectors.shape[1] == 0:
+        raise LitEmbedError(
+            f"{path}: {len(ids)} ids for vectors of shape {vectors.shape}; expected one vector of one size >= 1 per id."
+        )
+    if not all(isinstance(i, str | int) and not isinstance(i, bool) for i in ids):
+        bad = next(i for i in ids if not isinstance(i, str | int) or isinstance(i, bool))
+        raise LitEmbedError(
+            f"{path}: id {bad!r} is not a text or a whole number; give every vector the id of its text."
+        )
+    ids = [str(i) for i in ids]
     if len(set(ids)) != len(ids):
         raise LitEmbedError(f"{path}: an id appears twice; each id needs exactly one vector.")
-    return dict(zip((str(i) for i in ids), vectors.astype(np.float32), strict=True))
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        raise LitEmbedError(
+            f"{path}: the vector of id {ids[int(np.argmin(finite))]!r} holds NaN or inf; embed it again."
+        )
+    return dict(zip(ids, vectors, strict=True))
+
+
+def _read_npy(path: Path) -> tuple[list, np.ndarray]:
+    ids_path = path.with_suffix(".json")
+    if not ids_path.is_file():
+        raise LitEmbedError(f"{path}: the ids of its rows are missing; write them as a JSON list to {ids_path}.")
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise LitEmbedError(f"{path}: not a readable .npy array ({err}). Write it with numpy.save.") from None
+    try:
+        ids = json.loads(read_text(ids_path))
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise LitEmbedError(
+            f"{ids_path}: not a JSON list of ids ({err}); it gives {path.name}'s rows their ids."
+        ) from None
+    if not isinstance(ids, list):
+        raise LitEmbedError(f"{ids_path}: expected a JSON list of ids, one per row of {path.name}.")
+    return ids, _as_float32(vectors, path)
+
+
+def _read_parquet(path: Path) -> tuple[list, np.ndarray]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LitEmbedError(f"{path}: reading parquet needs pyarrow: pip install 'lit_embed[parquet]'.") from None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise LitEmbedError(f"{path}: not a readable Parquet file ({err}). Write it again.") from None
+    if not {"id", "embedding"} <= set(table.column_names):
+        raise LitEmbedError(f"{path}: needs columns 'id' and 'embedding', has {table.column_names}.")
+    rows = table.column("embedding").to_pylist()
+    try:
+        vectors = np.asarray(rows, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise LitEmbedError(f"{path}: every 'embedding' must be a list of numbers of one length.") from None
+    return table.column("id").to_pylist(), vectors
+
+
+def _as_float32(vectors: np.ndarray, path: Path) -> np.ndarray:
+    if vectors.dtype.kind not in "iuf":  # bools, complex numbers, texts, dates are no embeddings
+        raise LitEmbedError(f"{path}: the array holds {vectors.dtype} values; embeddings are numbers (float32).")
+    return vectors.astype(np.float32)
 
 
 class PrecomputedEmbeddings(nn.Module):
