@@ -138,6 +138,24 @@ TRAINER_SWITCHES = (
 )
 
 
+def check_logger(logger: DictConfig | None) -> None:
+    """Lightning's loggers turn any value into a folder or run name; a number or a flag there is a typo."""
+    if not logger:
+        return
+    for key in ("save_dir", "name", "experiment_name", "run_name", "tracking_uri"):
+        value = logger.get(key)
+        check(value is None or isinstance(value, str), f"logger.{key}", value, "a text (quote it), or null")
+    version = logger.get("version")
+    check(
+        version is None or isinstance(version, str) or is_int(version) and version >= 0,
+        "logger.version",
+        version,
+        "a whole number >= 0 or a name, or null for the next free version",
+    )
+    hp_metric = logger.get("default_hp_metric")
+    check(hp_metric is None or is_bool(hp_metric), "logger.default_hp_metric", hp_metric, "true or false")
+
+
 def check_run_settings(cfg: DictConfig) -> None:
     """The top-level and ``trainer`` values that no constructor of ours checks."""
     check(is_int(cfg.seed) and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "a whole number from 0 to 2**32 - 1")
@@ -180,6 +198,7 @@ def check_run_settings(cfg: DictConfig) -> None:
         check(value is None or is_bool(value), f"trainer.{name}", value, "true or false")
     deterministic = trainer.get("deterministic")
     check(deterministic in (None, True, False, "warn"), "trainer.deterministic", deterministic, "true, false or warn")
+    check_logger(cfg.get("logger"))
     sanity = trainer.get("num_sanity_val_steps")
     check(
         sanity is None or is_int(sanity) and sanity >= -1,
