@@ -75,7 +75,7 @@ def mine_hard_negatives(
         A copy of the dataset whose ``hard_negatives`` (replacing any it had) map each query id that got at least
         one negative to the negatives' document ids, best ranked first.
     """
-    _check_settings(num_negatives, range_min, range_max, relative_margin, absolute_margin)
+    _check_settings(num_negatives, range_min, range_max, relative_margin, absolute_margin, batch_size)
     faiss = _faiss(use_faiss)
 
     # Equal texts are embedded once and count as one document; a row's id is the first id with that text.
@@ -159,7 +159,10 @@ def _check_settings(
     range_max: int,
     relative_margin: float | None,
     absolute_margin: float | None,
+    batch_size: int = 64,
 ) -> None:
+    if batch_size < 1:
+        raise LitEmbedError(f"batch_size={batch_size}: embed at least 1 text per call (default 64).")
     if num_negatives < 1:
         raise LitEmbedError(f"num_negatives={num_negatives}: ask for at least 1 negative per query.")
     if range_min < 0 or range_max <= range_min:
@@ -174,7 +177,7 @@ def _check_settings(
     for name, margin in (("relative_margin", relative_margin), ("absolute_margin", absolute_margin)):
         # A negative margin would let through candidates scoring above the positive: the false negatives
         # margins exist to drop.
-        if margin is not None and margin < 0:
+        if margin is not None and not margin >= 0:  # NaN too
             raise LitEmbedError(f"{name}={margin}: a margin must be >= 0 (e.g. relative_margin=0.05).")
 
 
@@ -240,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         # A .json output would be read back as LlamaIndex JSON, which has no negatives: refuse it before mining.
         if Path(args.out).suffix.lower() != ".jsonl":
             raise LitEmbedError(f"{args.out}: the output must be a .jsonl file (training reads .json as LlamaIndex).")
+        margins = (args.relative_margin, args.absolute_margin)
+        _check_settings(args.num_negatives, args.range_min, args.range_max, *margins, args.batch_size)
         dataset = load_dataset(args.data)
         encoder = _load_encoder(args.model)
         mined = mine_hard_negatives(

@@ -159,6 +159,8 @@ def test_result_is_a_copy_whose_negatives_replace_the_old_ones() -> None:
         ({"num_negatives": 4, "range_min": 8, "range_max": 10}, "num_negatives=4"),
         ({"absolute_margin": -0.1}, "absolute_margin=-0.1"),
         ({"relative_margin": -0.1}, "relative_margin=-0.1"),
+        ({"relative_margin": float("nan")}, "relative_margin=nan"),
+        ({"batch_size": 0}, "batch_size=0"),
     ],
 )
 def test_unusable_settings_are_user_errors(settings: dict, named: str) -> None:
@@ -259,3 +261,12 @@ def test_cli_refuses_two_margins(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["train.json", "out.jsonl", "--relative-margin", "0.05", "--absolute-margin", "0.1"])
     assert exit_info.value.code == 2
+
+
+def test_command_line_settings_are_checked_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("lit_embed.mine._load_encoder", lambda model: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as stopped:
+        main(["no_such.json", str(tmp_path / "out.jsonl"), "--batch-size", "0"])
+    assert stopped.value.code == 2 and "batch_size=0: embed at least 1 text" in caplog.text
