@@ -1,17 +1,73 @@
 """Writing files so that a crash, a kill or a full disk never leaves half of one where a whole one was.
 
 Every file and directory lit_embed writes goes through one of these: a temporary sibling, then one rename.
+``tempfile`` creates its files ``0600`` and directories ``0700`` whatever the umask; these end with the mode a plain
+``open()`` or ``mkdir`` would give (``0666`` / ``0777`` less the umask), so a model is as readable as any other
+file its owner writes.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+
+def _umask_by_setting() -> int:
+    # The only portable way to read the umask is to set it, which is process-wide: a file another thread
+    # creates meanwhile gets 0o077, more private rather than less. Done once, at import.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _umask_from_proc() -> int | None:
+    """The umask as Linux (4.7 and later) reports it, read without changing it; None where it does not."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+_UMASK_AT_IMPORT = _umask_from_proc()
+if _UMASK_AT_IMPORT is None:
+    _UMASK_AT_IMPORT = _umask_by_setting()
+
+
+def umask() -> int:
+    """The process umask now where Linux reports it, else as it was when lit_embed was imported."""
+    mask = _umask_from_proc()
+    return _UMASK_AT_IMPORT if mask is None else mask
+
+
+def plain_mode(directory: bool = False, executable: bool = False) -> int:
+    """The mode ``mkdir`` (``directory``) or ``open()`` would give a new entry under the current umask."""
+    return (0o777 if directory or executable else 0o666) & ~umask()
+
+
+def _make_plain(root: Path) -> None:
+    """Gives ``root`` and everything below it the modes a plain ``mkdir`` / ``open()`` would have.
+
+    Writers inside a staged directory (safetensors, tempfile) create some files ``0600``; the directory is new
+    and ours, so nothing in it was meant to be more private than the umask says.
+    """
+    os.chmod(root, plain_mode(directory=True))
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(parent, name)
+            if os.path.islink(path):  # a link has no mode of its own; its target is not ours to change
+                continue
+            mode = os.stat(path).st_mode
+            os.chmod(path, plain_mode(directory=stat.S_ISDIR(mode), executable=bool(mode & 0o111)))
 
 
 @contextmanager
@@ -25,6 +81,7 @@ def open_atomic(path: str | os.PathLike, binary: bool = False) -> Iterator[IO[An
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            os.fchmod(f.fileno(), plain_mode())  # mkstemp's 0600 would hide the file from everyone else
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -60,13 +117,14 @@ def write_directory_atomic(path: str | os.PathLike, write: Callable[[Path], None
     """Calls ``write(staging)`` on a fresh sibling directory, then swaps it in for ``path``.
 
     A crash mid-write leaves ``path`` as it was: the old directory is only moved aside once the new one is
-    complete, and removed after the new one is in place.
+    complete, and removed after the new one is in place. Everything in it gets the umask's modes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         write(staging)
+        _make_plain(staging)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
