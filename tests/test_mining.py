@@ -266,7 +266,7 @@ def test_cli_refuses_two_margins(tmp_path: Path) -> None:
 def test_command_line_settings_are_checked_before_the_model_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr("lit_embed.mine._load_encoder", lambda model: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("lit_embed.mine._load_encoder", lambda *args: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit) as stopped:
         main(["no_such.json", str(tmp_path / "out.jsonl"), "--batch-size", "0"])
     assert stopped.value.code == 2 and "batch_size=0: embed at least 1 text" in caplog.text

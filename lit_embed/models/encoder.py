@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +33,9 @@ class Encoder(nn.Module):
         query_prompt: text put before every query, e.g. bge's
             ``"Represent this sentence for searching relevant passages: "``. None keeps the model's saved prompt.
         document_prompt: text put before every document. None keeps the model's saved prompt.
-        trust_remote_code: allow the model directory to run its own Python code. Off unless you trust it.
+        trust_remote_code: allow the model directory to run code from outside sentence-transformers: module
+            classes its ``modules.json`` names, custom activations, Hugging Face custom models. Off unless you
+            trust it; a directory that needs it is refused with a message naming the file and the class.
         model_kwargs: passed to ``transformers``' ``from_pretrained`` (e.g. ``{"attn_implementation": "sdpa"}``).
         compile: ``torch.compile`` the transformer (dynamic shapes, so the length groups do not recompile): fewer,
             fused kernels for launch-bound small encoders on a GPU; the first steps pay the compilation.
@@ -74,9 +78,19 @@ class Encoder(nn.Module):
                 f"model path {path} does not exist. Point model.model_name_or_path at a sentence-transformers "
                 "directory (one with modules.json) or a hub id on a machine with hub access."
             )
-        self.model = SentenceTransformer(
-            path, device="cpu", trust_remote_code=trust_remote_code, model_kwargs=dict(model_kwargs or {})
-        )
+        check_module_classes(path, trust_remote_code)
+        try:
+            self.model = SentenceTransformer(
+                path, device="cpu", trust_remote_code=trust_remote_code, model_kwargs=dict(model_kwargs or {})
+            )
+        except ValueError as err:
+            # What the check above cannot see before loading: a hub id's modules, Hugging Face custom models.
+            if trust_remote_code or "trust_remote_code" not in str(err):
+                raise
+            reason = str(err).splitlines()[0].rstrip(" .")  # names the model and the code
+            raise LitEmbedError(
+                f"{reason}. If you trust this model's code, {TRUST_FIX}; otherwise use another model."
+            ) from None
         if max_seq_length is not None:
             # Longer inputs than the position embeddings cover would fail in the middle of training.
             positions = getattr(getattr(self.model[0], "auto_model", None), "config", None)
@@ -99,7 +113,7 @@ class Encoder(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        return self.model.get_sentence_embedding_dimension()
+        return self.model.get_embedding_dimension()
 
     @property
     def pad_token_id(self) -> int:
@@ -152,6 +166,78 @@ class Encoder(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         """Writes a sentence-transformers directory (safetensors weights, prompts included)."""
         self.model.save(str(path), safe_serialization=True)
+
+
+TRUST_FIX = "set model.trust_remote_code=true"
+
+
+def check_module_classes(path: str | os.PathLike, trust_remote_code: bool = False, fix: str = TRUST_FIX) -> None:
+    """Refuses a local sentence-transformers directory that names code from outside sentence-transformers.
+
+    Loading imports every class ``modules.json`` (and a ``Router``'s ``router_config.json``) names, and every
+    ``Dense`` activation: code that runs on load, from an installed package or from the model directory itself.
+    Classes under ``sentence_transformers.`` and the ``torch.nn`` modules sentence-transformers writes for a
+    ``Dense`` activation are trusted; anything else needs ``trust_remote_code``. ``fix`` says how to give it.
+    """
+    model_dir = Path(path)
+    if trust_remote_code or not (model_dir / "modules.json").is_file():
+        return
+    for file, what, name in _named_classes(model_dir, model_dir / "modules.json"):
+        trusted = name.startswith("sentence_transformers.") if what == "module class" else _is_torch_module(name)
+        if not trusted:
+            raise LitEmbedError(
+                f"{file} names the {what} {name!r}, which is not part of "
+                f"{'sentence-transformers' if what == 'module class' else 'torch.nn'}: loading the model would run "
+                f"its code. If you trust the code of {model_dir}, {fix}; otherwise use another model."
+            )
+
+
+def _named_classes(model_dir: Path, file: Path) -> Iterator[tuple[Path, str, str]]:
+    """(file, "module class" or "activation function", dotted name) for every class that loading imports."""
+    entries = _read_json(file)
+    if file.name == "modules.json":
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "type" in e for e in entries):
+            raise LitEmbedError(
+                f"{file} is not a sentence-transformers module list (a JSON list of {{'path', 'type'}} objects). "
+                "Save the model again with sentence-transformers, or remove the file to load a plain transformer."
+            )
+        modules = [(model_dir / str(e.get("path", "")), e["type"]) for e in entries]
+    else:  # a Router's config: {"types": {subfolder: class}}
+        types = entries.get("types", {}) if isinstance(entries, dict) else {}
+        modules = [(file.parent / str(sub), name) for sub, name in types.items()] if isinstance(types, dict) else []
+    for folder, name in modules:
+        yield file, "module class", str(name)
+        kind = str(name).rpartition(".")[2]
+        if kind in ("Router", "Asym"):
+            config = folder / "router_config.json"
+            config = config if config.is_file() else folder / "config.json"
+            if config.is_file():
+                yield from _named_classes(model_dir, config)
+        elif kind == "Dense" and (folder / "config.json").is_file():
+            activation = _read_json(folder / "config.json")
+            if isinstance(activation, dict) and "activation_function" in activation:
+                yield folder / "config.json", "activation function", str(activation["activation_function"])
+
+
+def _read_json(file: Path) -> object:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LitEmbedError(
+            f"{file} could not be read as JSON ({err}). Save the model again with sentence-transformers."
+        ) from None
+
+
+def _is_torch_module(name: str) -> bool:
+    """A ``torch.nn`` module class, as sentence-transformers writes a ``Dense`` activation (``torch.nn.Tanh``)."""
+    module, _, attr = name.rpartition(".")
+    if module != "torch.nn" and not module.startswith("torch.nn."):
+        return False
+    try:
+        value = getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return False
+    return isinstance(value, type) and issubclass(value, nn.Module)
 
 
 def weights_are_finite(module: nn.Module) -> bool:
