@@ -16,6 +16,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 
@@ -32,6 +33,7 @@ from lit_embed.console import quiet_third_party_output
 from lit_embed.errors import LitEmbedError, StoppedError, reported
 from lit_embed.evaluation import METRIC_NAMES
 from lit_embed.models.precomputed import PrecomputedEmbeddings
+from lit_embed.sweeps import sweep_job
 from lit_embed.training.checkpoint_io import AtomicCheckpointIO
 from lit_embed.training.finish import finish
 
@@ -155,13 +157,17 @@ _job_started: list[bool] = []  # filled by the first job: Hydra's own errors com
 def hydra_app(cfg: DictConfig) -> float | None:
     """One job; returns the final ``optimized_metric`` for Hydra's sweepers (None without validation)."""
     _job_started.append(True)
-    with reported("lit-embed-train", log):
+    job = HydraConfig.get()
+    # A single run ends with the message and exit 2; a sweep's job records it and the sweep goes on (sweeps.py).
+    sweeping = job.mode == RunMode.MULTIRUN
+    with sweep_job(job.runtime.output_dir, log) if sweeping else reported("lit-embed-train", log):
         check_output_dir(cfg.output_dir)
         # In a sweep Hydra gives each job its own folder under output_dir; that folder is the job's output_dir.
         with open_dict(cfg):
-            cfg.output_dir = HydraConfig.get().runtime.output_dir
+            cfg.output_dir = job.runtime.output_dir
         metrics = run(cfg)
-    return metrics["final"][cfg.optimized_metric] if "final" in metrics and cfg.optimized_metric else None
+        return metrics["final"][cfg.optimized_metric] if "final" in metrics and cfg.optimized_metric else None
+    return None  # sweep_job recorded a failure; Optuna counts a trial without a value as failed
 
 
 def main() -> None:

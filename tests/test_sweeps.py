@@ -12,10 +12,21 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import REPO, tiny_run_overrides, write_toy_data
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from lit_embed.errors import LitEmbedError
 from lit_embed.evaluation import METRIC_TABLE_KEYS
-from lit_embed.sweeps import NOT_FINISHED, main, summarize_sweep, write_summary
+from lit_embed.sweeps import (
+    FAILURE_FILE,
+    NOT_FINISHED,
+    SweepSummary,
+    main,
+    summarize_sweep,
+    swept_keys,
+    write_summary,
+)
 
 
 def write_job(sweep: Path, name: str, overrides: list[str], metrics: dict | None, optimized_metric: str = "") -> None:
@@ -98,15 +109,81 @@ def test_a_folder_without_jobs_is_an_error_that_names_it(tmp_path: Path) -> None
         write_summary(tmp_path / "missing")
 
 
-def run_sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """``python train.py -m`` on the tiny model and the toy data, with the learning rate left to ``overrides``."""
-    train, val = write_toy_data(tmp_path)
+def test_a_failed_job_gets_its_reason_and_the_swept_keys_are_columns_before_any_job_differs(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    # Only the first job's folder exists, and it failed: the columns come from the sweep's own config.
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(
+        yaml.safe_dump(
+            {"hydra": {"overrides": {"task": ["model=tiny", "optimizer.lr=1e-5,3e-5", "data.batch_size=32,64"]}}}
+        )
+    )
+    write_job(sweep, "0", ["model=tiny", "optimizer.lr=1e-5", "data.batch_size=32"], final(ndcg=0.5, mrr=0.9))
+    # A rerun that failed leaves the metrics.json of the run before: the row must not rank with it.
+    (sweep / "0" / FAILURE_FILE).write_text("train.json: only 20 training pairs,\nfewer than one batch.\n")
+
+    rows = summarize_sweep(sweep)
+    assert list(rows[0])[:4] == ["job", "optimizer.lr", "data.batch_size", "ndcg@10"]
+    assert rows[0]["status"] == "failed: train.json: only 20 training pairs, fewer than one batch."
+    assert rows[0]["ndcg@10"] is None and rows[0]["step"] is None
+
+
+def test_swept_keys_are_the_sweeps_and_the_search_space_less_what_the_command_line_fixes() -> None:
+    config = OmegaConf.create(
+        {
+            "hydra": {
+                "overrides": {"task": ["model=tiny", "++data.x=1,2", "optimizer.lr=1e-3", "seed=range(1,3)"]},
+                "sweeper": {
+                    "params": {"optimizer.lr": "tag(log, interval(1e-6, 1e-4))", "data.batch_size": "choice(16, 32)"}
+                },
+            }
+        }
+    )
+    assert swept_keys(config) == ["++data.x", "seed", "data.batch_size"]
+    assert swept_keys(OmegaConf.create({})) == []
+
+
+def test_the_callback_records_a_job_that_crashed(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    write_job(sweep, "0", ["data.batch_size=32"], final(ndcg=0.5, mrr=0.9))
+    write_job(sweep, "1", ["data.batch_size=4096"], None)
+    job_config = OmegaConf.create(
+        {
+            "optimized_metric": "ndcg@10",
+            "hydra": {
+                "mode": RunMode.MULTIRUN,
+                "sweep": {"dir": str(sweep)},
+                "runtime": {"output_dir": str(sweep / "1")},
+                "job": {"num": 1},
+            },
+        }
+    )
+    crashed = JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("CUDA out of memory.\nTried 2 GiB"))
+
+    SweepSummary().on_job_end(job_config, crashed)
+
+    rows = read_csv(sweep / "summary.csv")
+    assert [(row["job"], row["status"]) for row in rows] == [
+        ("0", "done"),
+        ("1", "failed: RuntimeError: CUDA out of memory. Tried 2 GiB"),
+    ]
+
+
+def run_sweep(
+    tmp_path: Path, *overrides: str, returncode: int = 0, num_train: int = 48
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """``python train.py -m`` on the tiny model and the toy data; ``overrides`` replace the fixed settings they name.
+
+    The learning rate is always left to ``overrides`` (or to the search space).
+    """
+    train, val = write_toy_data(tmp_path, num_train=num_train)
     out = tmp_path / "sweep"
     fixed = tiny_run_overrides(train, val, out, load_best_model_at_end="false")
-    cmd = [sys.executable, "train.py", "-m", *(o for o in fixed if not o.startswith("optimizer.lr=")), *overrides]
+    swept = {"optimizer.lr", *(override.split("=", 1)[0] for override in overrides)}
+    cmd = [sys.executable, "train.py", "-m", *(o for o in fixed if o.split("=", 1)[0] not in swept), *overrides]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stderr[-3000:]
     return proc, out
 
 
@@ -141,3 +218,64 @@ def test_optuna_sweep_runs_its_trials_and_summarizes_them(tmp_path: Path) -> Non
     assert yaml.safe_load((out / "optimization_results.yaml").read_text())["best_value"] == max(values)
     rows = read_csv(out / "summary.csv")
     assert sorted(row["job"] for row in rows) == ["0", "1"] and "optimizer.lr" in rows[0]
+
+
+def test_a_job_that_fails_does_not_end_the_sweep(tmp_path: Path) -> None:
+    # 48 training pairs: batch size 64 is a user error (fewer pairs than one batch) in two of the four jobs.
+    proc, out = run_sweep(tmp_path, "optimizer.lr=1e-3,3e-3", "data.batch_size=8,64", returncode=2)
+
+    rows = read_csv(out / "summary.csv")
+    assert sorted(row["job"] for row in rows) == ["0", "1", "2", "3"]  # every job ran
+    assert [row["data.batch_size"] for row in rows] == ["8", "8", "64", "64"]  # finished first, then failed
+    for row in rows[:2]:
+        assert row["status"] == "done" and (out / row["job"] / "model").is_dir()
+    failed = [row["job"] for row in rows[2:]]
+    for row in rows[2:]:
+        assert row["status"].startswith("failed: ") and row["status"].endswith(
+            "train.json: only 48 training pairs, fewer than one batch (data.batch_size=64). Add data or lower "
+            "data.batch_size."
+        )
+        assert row["ndcg@10"] == "" and (out / row["job"] / FAILURE_FILE).is_file()
+    assert (out / "summary.md").read_text() in proc.stdout  # printed at the end, failed rows included
+    assert "Traceback" not in proc.stderr
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"lit-embed-train: error: 2 of 4 jobs failed (job {', '.join(failed)}): the status ")
+
+
+def test_a_sweep_whose_every_job_fails_still_has_its_table(tmp_path: Path) -> None:
+    proc, out = run_sweep(tmp_path, "optimizer.lr=1e-3,3e-3", "data.batch_size=64", returncode=2)
+
+    rows = read_csv(out / "summary.csv")
+    assert [(row["job"], row["optimizer.lr"], row["status"][:8]) for row in rows] == [
+        ("0", "0.001", "failed: "),
+        ("1", "0.003", "failed: "),
+    ]
+    assert "Traceback" not in proc.stderr and "2 of 2 jobs failed" in proc.stderr
+
+
+def test_a_single_run_still_ends_at_its_error(tmp_path: Path) -> None:
+    train, val = write_toy_data(tmp_path)
+    cmd = [sys.executable, "train.py", *tiny_run_overrides(train, val, tmp_path / "run", **{"data.batch_size": 64})]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / FAILURE_FILE).exists()
+
+
+@pytest.mark.slow
+def test_optuna_search_goes_on_after_a_failed_trial_and_ends_cleanly_when_all_fail(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    # Seeded: of three trials, some draw batch size 8 and finish, some draw 64 (fewer pairs than one batch) and fail.
+    proc, out = run_sweep(
+        tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=3", "data.batch_size=choice(8,64)", returncode=2
+    )
+    rows = read_csv(out / "summary.csv")
+    assert sorted(row["job"] for row in rows) == ["0", "1", "2"]
+    assert {(row["data.batch_size"], row["status"][:8]) for row in rows} == {("8", "done"), ("64", "failed: ")}
+    assert list(rows[0])[1:3] == ["data.batch_size", "optimizer.lr"]  # the command line's, then the search space
+    assert yaml.safe_load((out / "optimization_results.yaml").read_text())["best_params"]["data.batch_size"] == 8
+
+    proc, out = run_sweep(
+        tmp_path / "all", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "data.batch_size=64", returncode=2
+    )
+    assert [row["status"][:8] for row in read_csv(out / "summary.csv")] == ["failed: ", "failed: "]
+    assert "Traceback" not in proc.stderr and "2 of 2 jobs failed" in proc.stderr
