@@ -31,13 +31,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except OSError as err:
             raise _unwritable(path, err) from err
 
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None, mmap: bool = False
+    ) -> dict:
         if not Path(path).is_file():
             raise LitEmbedError(
                 f"checkpoint {path} does not exist. Check the path (checkpoints are OUTPUT_DIR/checkpoints/)."
             )
         try:
-            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as err:
             raise LitEmbedError(
                 f"{path} holds objects other than tensors and plain containers, so it was not loaded: lit_embed never "
@@ -52,9 +54,31 @@ def _unwritable(path: Path, err: OSError) -> LitEmbedError:
     )
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a lit_embed checkpoint safely (tensors and plain containers only)."""
-    return AtomicCheckpointIO().load_checkpoint(path)
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Reads a lit_embed checkpoint safely (tensors and plain containers only).
+
+    ``mmap=True`` maps the tensors instead of reading them: cheap when only the settings or shapes are wanted.
+    """
+    try:
+        return AtomicCheckpointIO().load_checkpoint(path, mmap=mmap)
+    except RuntimeError as err:
+        raise LitEmbedError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0]}).") from err
+
+
+# What the best model needs once it is no longer the newest checkpoint: its weights for load_best_model_at_end,
+# and what lit-embed-export rebuilds the encoder from. The optimizer state (twice the weights) only resumes.
+WEIGHTS_ONLY_KEYS = ("encoder_config", "global_step", "epoch", "lit_embed_config", "pytorch-lightning_version")
+
+
+def keep_weights_only(path: str | os.PathLike) -> int:
+    """Rewrites a training checkpoint (atomically) with only its encoder's weights; returns the bytes saved."""
+    before = Path(path).stat().st_size
+    checkpoint = load_checkpoint(path, mmap=True)
+    slim = {key: checkpoint[key] for key in WEIGHTS_ONLY_KEYS if key in checkpoint}
+    slim["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("encoder.")}
+    slim["weights_only_best"] = True  # a resume from it is refused with a message, not a page of missing keys
+    AtomicCheckpointIO().save_checkpoint(slim, path)
+    return before - Path(path).stat().st_size
 
 
 def load_encoder_weights(encoder: nn.Module, checkpoint: dict[str, Any]) -> nn.Module:

@@ -63,4 +63,6 @@ def finish(
             write_text_atomic(output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
             print(format_metrics_table(metrics))
             print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
+            if checkpointing is not None:
+                print(checkpointing.kept_summary())
     return report

@@ -16,6 +16,7 @@ from lit_embed.errors import check, is_int
 from lit_embed.evaluation import DEFAULT_METRIC
 from lit_embed.files import link_atomic
 from lit_embed.models.encoder import weights_are_finite
+from lit_embed.training.checkpoint_io import keep_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,16 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
     """Saves ``step=N.ckpt`` every ``save_steps`` optimizer steps and whenever the monitored metric improves.
 
     ``last.ckpt`` always points at the newest checkpoint. The newest ``save_total_limit`` step checkpoints are
-    kept (0 = all), and the best one by ``monitor`` is never deleted. The checkpoint also carries the RNG
-    states, restored right before the next training batch, so a resumed run continues exactly where the
-    interrupted one stopped.
+    kept whole (0 = all), and the best one by ``monitor`` is never deleted: when it is older than those, only its
+    encoder's weights are kept (what ``load_best_model_at_end`` and ``lit-embed-export`` need; the optimizer state,
+    twice the weights, is only for resuming). The checkpoint also carries the RNG states, restored right before
+    the next training batch, so a resumed run continues exactly where the interrupted one stopped.
 
     Args:
         dirpath: where checkpoints go (default ``<trainer.default_root_dir>/checkpoints``).
         save_steps: save every this many optimizer steps (0 = only on improvement and at the end).
-        save_total_limit: how many step checkpoints to keep, best excluded (0 = keep all).
+        save_total_limit: how many step checkpoints to keep whole, ``last.ckpt``'s included and the best excluded
+            (1 = only what resuming needs; 0 = keep all).
         monitor: metric in ``trainer.callback_metrics`` that picks the best checkpoint (None = no best).
         mode: ``"max"`` or ``"min"``: which direction is better for ``monitor``.
     """
@@ -64,7 +67,7 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
         self,
         dirpath: str | None = None,
         save_steps: int = 500,
-        save_total_limit: int = 0,
+        save_total_limit: int = 1,
         monitor: str | None = f"val/{DEFAULT_METRIC}",
         mode: str = "max",
     ) -> None:
@@ -80,14 +83,14 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
             is_int(save_total_limit) and save_total_limit >= 0,
             "save_total_limit",
             save_total_limit,
-            "a whole number of step checkpoints to keep >= 0 (0 = keep all)",
+            "a whole number of step checkpoints to keep >= 0 (1 = only last.ckpt and the best; 0 = keep all)",
         )
         self.dirpath = Path(dirpath) if dirpath else None
         self.save_steps = save_steps
         self.save_total_limit = save_total_limit
         self.monitor = monitor
         self.mode = mode
-        self.saved: list[dict[str, Any]] = []  # {"step", "path"}, oldest first
+        self.saved: list[dict[str, Any]] = []  # {"step", "path"[, "weights_only"]}, oldest first
         self.best: dict[str, Any] | None = None  # {"step", "path", "score"}
         self._rng_to_restore: dict[str, Any] | None = None
         self._deferred: tuple[int, bool] | None = None
@@ -148,10 +151,10 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
             )
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # SIGTERM is what schedulers send before killing a job: keep the work done so far.
+        # SIGTERM is what schedulers send before killing a job (and Ctrl-C takes its way): keep the work done so far.
         if isinstance(exception, SIGTERMException) and not self._saved_at(trainer.global_step):
             self._save(trainer, trainer.global_step, improved=False)
-            log.warning("SIGTERM: saved %s; continue with resume=true.", self.last_path)
+            log.warning("Stopped by a signal: saved %s; continue with resume=true.", self.last_path)
 
     def _saved_at(self, step: int) -> bool:
         return bool(self.saved) and self.saved[-1]["step"] == step
@@ -183,11 +186,35 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
         if self.save_total_limit <= 0:
             return
         keep = {entry["path"] for entry in self.saved[-self.save_total_limit :]}
-        if self.best:
-            keep.add(self.best["path"])
         for entry in [e for e in self.saved if e["path"] not in keep]:
-            Path(entry["path"]).unlink(missing_ok=True)
-            self.saved.remove(entry)
+            if self.best and entry["path"] == self.best["path"]:
+                if not entry.get("weights_only") and Path(entry["path"]).is_file():
+                    keep_weights_only(entry["path"])
+                entry["weights_only"] = True
+            else:
+                Path(entry["path"]).unlink(missing_ok=True)
+                self.saved.remove(entry)
+
+    def kept_summary(self) -> str:
+        """One line on what is left in the checkpoint folder, for the end of a run."""
+        if not self.saved or self.dirpath is None:
+            return "checkpoints: none saved"
+        newest = self.saved[-1]
+        kept = [f"last.ckpt (resume, step {newest['step']})"]
+        others = [e for e in self.saved[:-1] if not (self.best and e["path"] == self.best["path"])]
+        if others:
+            kept.append(f"{len(others)} more whole: " + ", ".join(Path(e["path"]).name for e in others))
+        if self.best is not None:
+            score = f"{self.monitor} {self.best['score']:.4f}"
+            best_entry = next((e for e in self.saved if e["path"] == self.best["path"]), {})
+            if self.best["path"] == newest["path"]:
+                kept[0] = f"last.ckpt (resume, step {newest['step']}, also the best: {score})"
+            else:
+                what = "weights only" if best_entry.get("weights_only") else "whole"
+                kept.append(f"best {Path(self.best['path']).name} ({score}, {what})")
+        # Hard links (last.ckpt and its step file) count once.
+        sizes = {(s.st_dev, s.st_ino): s.st_size for s in (p.stat() for p in self.dirpath.glob("*.ckpt"))}
+        return f"checkpoints: kept {' and '.join(kept)}, {sum(sizes.values()) / 1e6:.0f} MB in {self.dirpath}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": self.saved, "best": self.best, "rng": _rng_states()}
