@@ -3,6 +3,7 @@ app, configured by ``class_path``/``init_args``, and exports the model and ``met
 
 from __future__ import annotations
 
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,9 @@ from lit_embed.data.datamodule import QAPairDataModule
 from lit_embed.errors import LitEmbedError, StoppedError, reported, user_error_behind
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
+from lit_embed.training.checkpoint_io import load_checkpoint
 from lit_embed.training.finish import finish
+from lit_embed.training.lifecycle import check_resumable, check_weights_fit, ctrl_c_saves
 from lit_embed.training.module import EmbeddingFinetuneModule
 from lit_embed.training.optim import OPTIMIZER_DEFAULTS
 
@@ -89,6 +92,14 @@ class LitEmbedCLI(LightningCLI):
             )
         quiet_third_party_output()
 
+    def before_fit(self) -> None:
+        # --ckpt_path of another model: one message instead of Lightning's page of size mismatches.
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            checkpoint = load_checkpoint(ckpt_path, mmap=True)
+            check_resumable(ckpt_path, checkpoint)
+            check_weights_fit(ckpt_path, checkpoint, self.model)
+
     def after_fit(self) -> None:
         callbacks = self.trainer.callbacks
         finish(
@@ -109,15 +120,18 @@ def main(args: ArgsType = None) -> None:
             is_file = value.endswith((".yaml", ".yml")) and Path(value).is_file()
             check_moved_targets(Path(value).read_text(encoding="utf-8") if is_file else str(arg), value)
         try:
-            LitEmbedCLI(args=args)
+            with ctrl_c_saves() as signals:
+                LitEmbedCLI(args=args)
         except ValueError as err:  # jsonargparse wraps what a constructor raised
             if (user_error := user_error_behind(err)) is None:
                 raise
             raise user_error from None
         except SIGTERMException:
+            signum = signals[0] if signals else signal.SIGTERM
             raise StoppedError(
-                "stopped by SIGTERM; the checkpoint is saved. Continue with "
-                "--ckpt_path=<default_root_dir>/checkpoints/last.ckpt."
+                f"stopped by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}; the checkpoint is saved. Continue "
+                "with --ckpt_path=<default_root_dir>/checkpoints/last.ckpt.",
+                signum,
             ) from None
 
 

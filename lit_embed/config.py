@@ -159,8 +159,8 @@ def check_logger(logger: DictConfig | None) -> None:
 def check_run_settings(cfg: DictConfig) -> None:
     """The top-level and ``trainer`` values that no constructor of ours checks."""
     check(is_int(cfg.seed) and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "a whole number from 0 to 2**32 - 1")
-    for key in ("overwrite", "load_best_model_at_end"):
-        check(is_bool(cfg[key]), key, cfg[key], "true or false")
+    for key in ("overwrite", "load_best_model_at_end", "resume_changed"):
+        check(is_bool(cfg.get(key, False)), key, cfg.get(key), "true or false")
     check(
         cfg.resume is None or isinstance(cfg.resume, bool | str),
         "resume",

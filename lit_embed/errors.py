@@ -46,6 +46,10 @@ class StoppedError(LitEmbedError):
 
     exit_code = 143  # 128 + SIGTERM, what a shell reports for a job killed by SIGTERM
 
+    def __init__(self, message: str, signum: int = 15) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # 130 for Ctrl-C (SIGINT), as a shell reports it
+
 
 def user_error_behind(err: BaseException) -> LitEmbedError | None:
     """The :class:`LitEmbedError` that ``err`` wraps (a framework re-raising a constructor's error), if any."""

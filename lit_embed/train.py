@@ -7,6 +7,7 @@ job from Python.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -34,19 +35,64 @@ from lit_embed.errors import LitEmbedError, StoppedError, reported
 from lit_embed.evaluation import METRIC_NAMES
 from lit_embed.models.precomputed import PrecomputedEmbeddings
 from lit_embed.sweeps import sweep_job
-from lit_embed.training.checkpoint_io import AtomicCheckpointIO
+from lit_embed.training.checkpoint_io import AtomicCheckpointIO, load_checkpoint
 from lit_embed.training.finish import finish
+from lit_embed.training.lifecycle import (
+    OutputDirLock,
+    RecordConfig,
+    check_resume_config,
+    check_weights_fit,
+    ctrl_c_saves,
+    hydra_record,
+    is_launching_process,
+    keep_log_files_out_of,
+    resolved_config,
+    write_hydra_record,
+)
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Runs one finetuning job as configured and returns ``metrics.json``'s content."""
+def run(cfg: DictConfig, hydra_record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Runs one finetuning job as configured and returns ``metrics.json``'s content.
+
+    ``hydra_record``: a Hydra job's ``.hydra/`` files, written once this run owns its output_dir.
+    """
     register_resolvers()
     quiet_third_party_output()
-    # Everything a user can get wrong is checked before training starts or anything is written.
     check_output_dir(cfg.output_dir)
     output_dir = Path(cfg.output_dir)
+    # One run per output_dir. Only the launching process locks: the other ranks of a distributed run share the
+    # folder. A folder that exists (always, under Hydra) is locked at once; a new one once the input is known to be
+    # good, since nothing may be written before that.
+    lock = OutputDirLock(output_dir) if is_launching_process() else None
+    new_folder = not any((output_dir / name).exists() for name in (".hydra", "model", "checkpoints"))
+    ours = False  # whether this run may write into the folder before its checks pass
+    try:
+        if lock is not None and output_dir.is_dir():
+            lock.acquire()
+        ours = new_folder
+        if lock is not None and hydra_record and new_folder:
+            write_hydra_record(output_dir, hydra_record)  # a new job's folder: kept even if a check below fails
+        # Everything a user can get wrong is checked before training starts or anything is written.
+        config, resume_from, resumed = _checked_settings(cfg, output_dir)
+    except LitEmbedError:
+        if not ours:  # another run's folder: its train.log must not get this run's message either
+            keep_log_files_out_of(output_dir)
+        if lock is not None:
+            lock.release()
+        raise
+    try:
+        if lock is not None and hydra_record:
+            write_hydra_record(output_dir, hydra_record)  # only now: a refused run leaves the folder as it was
+        return _train(cfg, output_dir, lock, config, resume_from, resumed)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _checked_settings(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any], str | None, dict | None]:
+    """The checks that refuse a run before it changes anything; returns the resolved config and the resume."""
     check_run_settings(cfg)
     check_optimized_metric(cfg.optimized_metric)
     if (output_dir / "model").exists() and not cfg.overwrite:
@@ -54,7 +100,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"{output_dir / 'model'} already holds a finished model. Choose another output_dir, or set "
             "overwrite=true to replace it."
         )
+    config = resolved_config(cfg)
     resume_from = resume_checkpoint(cfg.resume, output_dir / "checkpoints")
+    resumed = load_checkpoint(resume_from, mmap=True) if resume_from else None
+    if resumed is not None:
+        check_resume_config(resume_from, resumed, config, cfg.get("resume_changed", False))
+    return config, resume_from, resumed
+
+
+def _train(
+    cfg: DictConfig,
+    output_dir: Path,
+    lock: OutputDirLock | None,
+    config: dict[str, Any],
+    resume_from: str | None,
+    resumed: dict | None,
+) -> dict[str, Any]:
     evaluation = build(cfg.eval, "eval")
     checkpointing = build(cfg.checkpoint, "checkpoint", dirpath=str(output_dir / "checkpoints"))
     trainer: L.Trainer = build(
@@ -62,17 +123,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "trainer",
         default_root_dir=str(output_dir),
         logger=build(cfg.logger, "logger"),
-        callbacks=[evaluation, checkpointing, *(build(c, "callbacks") for c in (cfg.callbacks or {}).values())],
+        callbacks=[
+            evaluation,
+            checkpointing,
+            RecordConfig(config),
+            *(build(c, "callbacks") for c in (cfg.callbacks or {}).values()),
+        ],
         plugins=[AtomicCheckpointIO()],
     )
     datamodule = build(cfg.data, "data")
     datamodule.prepare_data()
     L.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, datamodule)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    except SIGTERMException:
-        raise StoppedError("stopped by SIGTERM; the checkpoint is saved. Continue with resume=true.") from None
+    if lock is not None and not lock.held:
+        lock.acquire()  # a new folder, once data and model are known to be good
+    if resumed is not None:
+        check_weights_fit(resume_from, resumed, module)
+        del resumed
+    with ctrl_c_saves() as signals:
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        except SIGTERMException:
+            signum = signals[0] if signals else signal.SIGTERM
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            raise StoppedError(
+                f"stopped by {name}; the checkpoint is saved. Continue with resume=true.", signum
+            ) from None
     return finish(trainer, module, evaluation, checkpointing, output_dir, cfg.load_best_model_at_end)
 
 
@@ -162,10 +238,11 @@ def hydra_app(cfg: DictConfig) -> float | None:
     sweeping = job.mode == RunMode.MULTIRUN
     with sweep_job(job.runtime.output_dir, log) if sweeping else reported("lit-embed-train", log):
         check_output_dir(cfg.output_dir)
+        record = hydra_record(cfg)  # the config as composed, before output_dir becomes the job's folder
         # In a sweep Hydra gives each job its own folder under output_dir; that folder is the job's output_dir.
         with open_dict(cfg):
             cfg.output_dir = job.runtime.output_dir
-        metrics = run(cfg)
+        metrics = run(cfg, hydra_record=record)
         return metrics["final"][cfg.optimized_metric] if "final" in metrics and cfg.optimized_metric else None
     return None  # sweep_job recorded a failure; Optuna counts a trial without a value as failed
 

@@ -1,0 +1,294 @@
+"""One run's life in its output_dir: the lock that keeps a second run out, the config record, the check that a
+resumed run trains what its checkpoint trained, and Ctrl-C taking SIGTERM's way (save, then stop)."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lit_embed.errors import LitEmbedError
+from lit_embed.files import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+CONFIG_KEY = "lit_embed_config"  # the run's resolved config, in every checkpoint
+
+# Top-level keys whose values decide what is trained. The others (output_dir, resume, resume_changed, overwrite,
+# logger, callbacks, eval, checkpoint, optimized_metric, load_best_model_at_end) may differ on a resume.
+TRAINED_KEYS = ("model", "method", "adapter", "data", "loss", "optimizer", "scheduler", "seed", "trainer")
+# ...except these, which change how long, how fast or how visibly the same training runs: extending a run
+# (trainer.max_steps) or giving it more data workers is what a resume is for.
+UNTRAINED_KEYS = {
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.min_steps",
+    "trainer.min_epochs",
+    "trainer.max_time",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.enable_checkpointing",
+    "trainer.num_sanity_val_steps",
+    "trainer.val_check_interval",
+    "trainer.check_val_every_n_epoch",
+    "trainer.limit_val_batches",
+    "trainer.profiler",
+    "model.compile",
+    "method.encoder.cache_dir",
+    "method.encoder.batch_size",
+}
+UNTRAINED_DATA_LEAVES = {"val_path", "num_workers", "pin_memory", "persistent_workers"}
+
+
+def is_launching_process() -> bool:
+    """False in the ranks > 0 of a distributed run, which share the launching process's output_dir.
+
+    Lightning's DDP launcher starts them as copies of this command with ``LOCAL_RANK`` / ``NODE_RANK`` set;
+    torchrun and SLURM give every process ``RANK`` / ``SLURM_PROCID``.
+    """
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        value = os.environ.get(name, "0").strip() or "0"
+        if not value.isdigit() or int(value) != 0:
+            return False
+    return True
+
+
+class OutputDirLock:
+    """An OS lock (``flock``) on ``output_dir/.lock``, held while the run lives; the file holds its process id.
+
+    The kernel drops the lock when the process ends in any way (``kill -9`` included), so a folder is never left
+    locked by a dead run; a marker file would be. The file is removed on release: a run that opened it just
+    before then sees, once it holds the lock, that the path names another file, and tries again.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.path = Path(output_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputDirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+                os.close(fd)
+                raise LitEmbedError(
+                    f"output_dir={self.path.parent} is in use by another run (process {holder}): two runs in one "
+                    "folder would write over each other. Wait for that run to end or stop it, or choose another "
+                    "output_dir."
+                ) from None
+            try:
+                same_file = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                break
+            os.close(fd)  # released and removed by its holder between our open and our lock
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked, so no other run holds a lock on it
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> OutputDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def hydra_record(cfg: DictConfig) -> dict[str, str]:
+    """The ``.hydra/`` files of the running Hydra job, as Hydra names and writes them.
+
+    ``conf/train.yaml`` sets ``hydra.output_subdir: null`` so that Hydra does not write them itself before the job
+    starts: a run that is refused (its folder holds a finished model, another run holds it, its checkpoint was
+    trained otherwise) then leaves that folder's record as it was. The app writes them once the run owns the folder.
+    """
+    hydra = HydraConfig.instance().cfg  # {"hydra": ...}, what Hydra writes to hydra.yaml
+    return {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(hydra),
+        "overrides.yaml": OmegaConf.to_yaml(hydra.hydra.overrides.task),
+    }
+
+
+def write_hydra_record(output_dir: str | os.PathLike, files: dict[str, str]) -> None:
+    """Writes the files of :func:`hydra_record` into ``output_dir/.hydra``, each atomically."""
+    for name, text in files.items():
+        write_text_atomic(Path(output_dir) / ".hydra" / name, text)
+
+
+def keep_log_files_out_of(output_dir: str | os.PathLike) -> None:
+    """Detaches the log files inside ``output_dir`` (Hydra's ``train.log``): a refused run's message then goes to
+    the console only, and the log of the run that owns the folder stays as it was."""
+    root, folder = logging.getLogger(), Path(output_dir).resolve()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(folder):
+            root.removeHandler(handler)
+            handler.close()
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config with every interpolation resolved, as plain containers (a checkpoint loads it with weights_only)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise LitEmbedError(
+            f"{str(err).splitlines()[0]}. Fix the value in the config or on the command line."
+        ) from None
+
+
+class RecordConfig(L.Callback):
+    """Stores the run's resolved config in every checkpoint, so that a resume can see what changed."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[CONFIG_KEY] = self.config
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def _trains(key: str) -> bool:
+    if key.split(".")[0] not in TRAINED_KEYS or any(key == k or key.startswith(k + ".") for k in UNTRAINED_KEYS):
+        return False
+    return not (key.startswith("data.") and key.rsplit(".", 1)[-1] in UNTRAINED_DATA_LEAVES)
+
+
+def _relative(value: Any, output_dir: str) -> Any:
+    # Paths inside the run's own folder (model=tiny's base_model) move with it: compare them relative to it.
+    if isinstance(value, str) and output_dir and value.startswith(output_dir):
+        return "${output_dir}" + value[len(output_dir) :]
+    if isinstance(value, list):
+        return [_relative(v, output_dir) for v in value]
+    return value
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that changes what is trained (see TRAINED_KEYS)."""
+    old_flat = {k: _relative(v, str(old.get("output_dir", ""))) for k, v in _flat(old).items() if _trains(k)}
+    new_flat = {k: _relative(v, str(new.get("output_dir", ""))) for k, v in _flat(new).items() if _trains(k)}
+    absent = "(not set)"
+    return [
+        f"{key}: {old_flat.get(key, absent)} -> {new_flat.get(key, absent)}"
+        for key in sorted(old_flat.keys() | new_flat.keys())
+        if old_flat.get(key, absent) != new_flat.get(key, absent)
+    ]
+
+
+def check_resumable(path: str, checkpoint: dict[str, Any]) -> None:
+    """A best checkpoint kept with its weights only cannot continue training: say so, and what can."""
+    if checkpoint.get("weights_only_best"):
+        raise LitEmbedError(
+            f"cannot resume from {path}: it holds only the model's weights (a best step kept without the optimizer "
+            "state to save disk). Resume from last.ckpt in the same folder, or export this one with "
+            f"`lit-embed-export {path} OUT_DIR`. checkpoint.save_total_limit=0 keeps every checkpoint whole."
+        )
+
+
+def check_resume_config(path: str, checkpoint: dict[str, Any], config: dict[str, Any], allow_changed: bool) -> None:
+    """Refuses to resume a checkpoint whose run trained something else (another model, batch size, loss ...).
+
+    Continuing such a run silently mixes two setups: the data position counts the old batches, the optimizer
+    state belongs to the old weights. ``resume_changed=true`` continues anyway.
+    """
+    check_resumable(path, checkpoint)
+    old = checkpoint.get(CONFIG_KEY)
+    if old is None:
+        log.warning("%s has no record of its run's settings (written before they were stored): not compared.", path)
+        return
+    changes = changed_settings(old, config)
+    if changes and not allow_changed:
+        raise LitEmbedError(
+            f"cannot resume from {path}: these settings differ from the run that wrote it:\n  "
+            + "\n  ".join(changes)
+            + "\nResume with the checkpoint's settings, start a new run (another output_dir, no resume), or set "
+            "resume_changed=true to continue from its weights, optimizer state and data position anyway."
+        )
+    if changes:
+        log.warning("resume_changed=true: resuming %s with changed settings: %s", path, "; ".join(changes))
+
+
+def check_weights_fit(path: str, checkpoint: dict[str, Any], module: L.LightningModule) -> None:
+    """One message, instead of a page of size mismatches, when a checkpoint's weights are not this model's."""
+    saved = checkpoint.get("state_dict")
+    if not isinstance(saved, dict):
+        return
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    found = {name: tuple(getattr(t, "shape", ())) for name, t in saved.items()}
+    problems = [f"{n} missing" for n in expected if n not in found]
+    problems += [f"{n} not in this model" for n in found if n not in expected]
+    problems += [f"{n} {found[n]} vs {expected[n]}" for n in expected if n in found and found[n] != expected[n]]
+    if problems:
+        raise LitEmbedError(
+            f"cannot resume from {path}: its weights do not fit this model ({len(problems)} of {len(expected)} "
+            f"differ, e.g. {'; '.join(problems[:3])}). It was trained with another model: resume with that model's "
+            "settings, or start a new run without resuming."
+        )
+
+
+@contextmanager
+def ctrl_c_saves() -> Iterator[list[int]]:
+    """While Lightning trains, Ctrl-C (SIGINT) takes SIGTERM's way: stop after the step, save, exit.
+
+    Lightning's own Ctrl-C handling saves nothing and exits 1. Here the first SIGINT is handed to the SIGTERM
+    handler Lightning installs during fit (so the loop stops at the next batch and the checkpoint callback saves);
+    a second one in the launching process stops at once. Outside fit Ctrl-C is a plain KeyboardInterrupt. The
+    yielded list receives the signal, so the caller can tell SIGINT (exit 130) from SIGTERM (143).
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous, sigterm_before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        if received:  # DDP ranks > 0 get it twice: from the terminal and forwarded by rank 0
+            if is_launching_process():
+                raise KeyboardInterrupt
+            return
+        if on_sigterm is sigterm_before or not callable(on_sigterm):  # not training (yet)
+            raise KeyboardInterrupt
+        received.append(signum)
+        log.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once).")
+        on_sigterm(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,333 @@
+"""A run's life in its output_dir: one run at a time, a refused run changes nothing, a resume trains what its
+checkpoint trained, Ctrl-C saves, and only what resuming and the best model need is kept on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
+
+from lit_embed.errors import InvalidValueError, LitEmbedError
+from lit_embed.train import run
+from lit_embed.training.checkpoint_io import load_checkpoint
+from lit_embed.training.lifecycle import LOCK_NAME, OutputDirLock, changed_settings
+
+HOLD_LOCK = (
+    "import sys, time\n"
+    "from lit_embed.training.lifecycle import OutputDirLock\n"
+    "OutputDirLock(sys.argv[1]).acquire()\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def hold_lock(output_dir: Path) -> subprocess.Popen:
+    """Another process holding output_dir's lock, as a live run does."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(output_dir)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file under folder: content hash and modification time."""
+    return {
+        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def train_py(out: Path, *extra: str, **kwargs) -> subprocess.CompletedProcess:
+    args = ["model=tiny", "trainer=cpu", "data.num_train=64", "data.num_val=16", "data.batch_size=8"]
+    args += ["trainer.max_steps=2", "eval.evaluation_steps=0", f"output_dir={out}", *extra]
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs
+    )
+
+
+# --- one run per output_dir ---------------------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_held_output_dir_is_refused_at_once(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    (out / "train.log").write_text("the live run's log\n")
+    try:
+        before = snapshot(out)
+        proc = train_py(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert f"output_dir={out} is in use by another run (process {holder.pid} on" in output
+    assert "Traceback" not in output
+    assert snapshot(out) == before  # no .hydra/ of the refused run, nothing else either
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path: Path) -> None:
+    train, val = write_toy_data(tmp_path)
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    holder.send_signal(signal.SIGKILL)  # the kernel drops a flock with its process; the file stays
+    holder.wait()
+    assert (out / LOCK_NAME).read_text().startswith(str(holder.pid))
+    metrics = run(compose_train(tiny_run_overrides(train, val, out, **{"trainer.max_steps": 1})))
+    assert metrics["final"]["step"] >= 0
+    assert not (out / LOCK_NAME).exists()  # released and removed at the end of the run
+
+
+def test_the_lock_is_held_while_the_run_lives_and_refuses_in_process(tmp_path: Path, monkeypatch) -> None:
+    train, val = write_toy_data(tmp_path)
+    out = tmp_path / "run"
+    seen = []
+
+    def second_run_during_fit(*args, **kwargs):
+        with pytest.raises(LitEmbedError, match=rf"in use by another run \(process {os.getpid()} on"):
+            OutputDirLock(out).acquire()
+        seen.append(True)
+        raise KeyboardInterrupt  # stop here: only the lock matters
+
+    monkeypatch.setattr("lightning.Trainer.fit", second_run_during_fit)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_train(tiny_run_overrides(train, val, out)))
+    assert seen
+    OutputDirLock(out).acquire().release()  # released when the run ended, even by an exception
+
+
+def test_distributed_ranks_after_the_first_do_not_take_the_lock(tmp_path: Path, monkeypatch) -> None:
+    train, val = write_toy_data(tmp_path)
+    out = tmp_path / "run"
+    holder = hold_lock(out)  # rank 0 of a DDP run holds it
+    try:
+        monkeypatch.setenv("LOCAL_RANK", "1")  # how Lightning's launcher starts rank 1
+        run(compose_train(tiny_run_overrides(train, val, out, **{"trainer.max_steps": 1})))
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        with pytest.raises(LitEmbedError, match="in use by another run"):
+            run(compose_train(tiny_run_overrides(train, val, out, overwrite="true")))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# --- a refused run changes nothing ---------------------------------------------------------------------------
+
+
+def test_a_refused_rerun_leaves_the_finished_run_as_it_was(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = train_py(out, "optimizer.lr=1e-3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    hydra = {name: (out / ".hydra" / name).read_text() for name in ("config.yaml", "overrides.yaml", "hydra.yaml")}
+    assert "optimizer.lr=1e-3" in hydra["overrides.yaml"] and "lr: 0.001" in hydra["config.yaml"]
+    assert "output_subdir: null" in hydra["hydra.yaml"]
+    before = snapshot(out)
+
+    refused = train_py(out, "optimizer.lr=0.5")
+    assert refused.returncode == 2
+    assert "already holds a finished model" in refused.stdout + refused.stderr
+    assert snapshot(out) == before  # .hydra/, train.log and every other file: same bytes, same times
+
+    bad_setting = train_py(out, "data.batch_size=0")
+    assert bad_setting.returncode == 2
+    assert snapshot(out) == before
+
+
+def test_a_new_folder_keeps_its_record_when_a_setting_is_wrong(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = train_py(out, "seed=-1")
+    assert proc.returncode == 2 and "seed=-1 is not allowed" in proc.stdout + proc.stderr
+    assert "seed=-1" in (out / ".hydra" / "overrides.yaml").read_text()  # a sweep's summary finds the job
+    assert "seed=-1 is not allowed" in (out / "train.log").read_text()
+
+
+# --- a resume trains what its checkpoint trained -------------------------------------------------------------
+
+
+def interrupted_run(tmp_path: Path, **settings: object) -> tuple[Path, Path, Path]:
+    """A finished tiny run with its model/ removed: a folder as a killed run leaves it."""
+    train, val = write_toy_data(tmp_path)
+    out = tmp_path / "run"
+    run(compose_train(tiny_run_overrides(train, val, out, **settings)))
+    shutil.rmtree(out / "model")
+    return train, val, out
+
+
+def test_resume_with_another_batch_size_or_model_is_refused_listing_the_changes(tmp_path: Path) -> None:
+    train, val, out = interrupted_run(tmp_path)
+    hydra_before = snapshot(out)
+    changed = {"data.batch_size": 4, "++model.model_name_or_path.hidden_size": 32, "optimizer.lr": 0.01}
+    with pytest.raises(LitEmbedError) as err:
+        run(compose_train(tiny_run_overrides(train, val, out, resume="true", **changed)))
+    message = str(err.value)
+    assert f"cannot resume from {out / 'checkpoints' / 'last.ckpt'}" in message
+    assert "data.batch_size: 8 -> 4" in message
+    assert "model.model_name_or_path.hidden_size: (not set) -> 32" in message
+    assert "optimizer.lr: 0.001 -> 0.01" in message
+    assert "resume_changed=true" in message
+    assert snapshot(out) == hydra_before
+
+    # Run length, evaluation, checkpointing and logging may change on a resume.
+    same = {"trainer.max_steps": 6, "eval.evaluation_steps": 2, "checkpoint.save_steps": 1}
+    same["trainer.log_every_n_steps"] = 3
+    assert run(compose_train(tiny_run_overrides(train, val, out, resume="true", **same)))["final"]
+
+
+def test_resume_changed_continues_but_weights_of_another_model_are_one_message(tmp_path: Path) -> None:
+    train, val, out = interrupted_run(tmp_path)
+    overrides = tiny_run_overrides(train, val, out, resume="true", resume_changed="true", **{"data.batch_size": 4})
+    assert run(compose_train(overrides))["final"]
+    shutil.rmtree(out / "model")
+
+    other_model = {"++model.model_name_or_path.hidden_size": 32, "resume_changed": "true"}
+    fit = r"its weights do not fit this model \(\d+ of \d+ differ, e\.g\. encoder\."
+    with pytest.raises(LitEmbedError, match=fit) as err:
+        run(compose_train(tiny_run_overrides(train, val, out, resume="true", **other_model)))
+    assert len(str(err.value)) < 800  # one message, not a page of size mismatches
+
+
+def test_resume_path_from_another_runs_checkpoint(tmp_path: Path) -> None:
+    train, val, out = interrupted_run(tmp_path)
+    last = out / "checkpoints" / "last.ckpt"
+    # Same settings in another folder: the tiny model's ${output_dir}/base_model path moves with the folder.
+    assert run(compose_train(tiny_run_overrides(train, val, tmp_path / "copy", resume=last)))["final"]
+    with pytest.raises(LitEmbedError, match="data.batch_size: 8 -> 16"):
+        run(compose_train(tiny_run_overrides(train, val, tmp_path / "other", resume=last, **{"data.batch_size": 16})))
+
+
+def test_resume_changed_must_be_a_bool(tmp_path: Path) -> None:
+    train, val = write_toy_data(tmp_path)
+    with pytest.raises(InvalidValueError, match="resume_changed='yes' is not allowed: true or false"):
+        run(compose_train(tiny_run_overrides(train, val, tmp_path / "run", resume_changed="yes")))
+
+
+def test_which_settings_count_as_changed() -> None:
+    old = {
+        "output_dir": "/runs/a",
+        "model": {"path": "/runs/a/base_model", "compile": False},
+        "data": {"batch_size": 8, "num_workers": 0, "val_path": "v.json"},
+        "trainer": {"max_steps": 10, "accumulate_grad_batches": 1, "precision": "32-true", "log_every_n_steps": 5},
+        "eval": {"evaluation_steps": 50},
+        "checkpoint": {"save_steps": 500},
+        "logger": {"name": "csv"},
+        "resume": None,
+        "overwrite": False,
+    }
+    new = {
+        "output_dir": "/runs/b",
+        "model": {"path": "/runs/b/base_model", "compile": True},
+        "data": {"batch_size": 8, "num_workers": 4, "val_path": "w.json"},
+        "trainer": {"max_steps": 99, "accumulate_grad_batches": 2, "precision": "bf16-mixed", "log_every_n_steps": 1},
+        "eval": {"evaluation_steps": 5},
+        "checkpoint": {"save_steps": 1},
+        "logger": None,
+        "resume": True,
+        "overwrite": True,
+        "resume_changed": True,
+    }
+    assert changed_settings(old, new) == [
+        "trainer.accumulate_grad_batches: 1 -> 2",
+        "trainer.precision: 32-true -> bf16-mixed",
+    ]
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    common = ["data.num_train=400", "data.num_val=40", "data.batch_size=4", "trainer.max_steps=60"]
+    common += ["checkpoint.save_steps=0"]  # Ctrl-C must save on its own
+    straight = train_py(tmp_path / "straight", *common, env=env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "interrupted"
+    args = ["model=tiny", "trainer=cpu", "eval.evaluation_steps=0", f"output_dir={out}", *common]
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step=0.ckpt").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "training never started"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output[-3000:]
+    assert "stopped by Ctrl-C; the checkpoint is saved. Continue with resume=true." in output
+    assert "Traceback" not in output
+    interrupted_at = load_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"]
+    assert 0 < interrupted_at < 60
+    assert not (out / "model").exists()
+
+    resumed = train_py(out, *common, "resume=true", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
+    actual = load_checkpoint(out / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_ctrl_c_outside_training_is_a_plain_keyboard_interrupt() -> None:
+    from lit_embed.training.lifecycle import ctrl_c_saves
+
+    with pytest.raises(KeyboardInterrupt), ctrl_c_saves() as received:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    assert received == []
+
+
+# --- what is kept on disk ---------------------------------------------------------------------------------------
+
+
+def test_by_default_only_last_and_the_best_weights_are_kept(tmp_path: Path, capsys, monkeypatch) -> None:
+    from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
+
+    def on_train_batch_end(self, trainer, pl_module, *args):  # best at step 2, worse afterwards
+        trainer.callback_metrics["val/score"] = torch.tensor(-abs(float(trainer.global_step) - 2))
+
+    monkeypatch.setattr(IREvaluationCallback, "on_train_batch_end", on_train_batch_end)
+    train, val = write_toy_data(tmp_path)
+    out = tmp_path / "run"
+    settings = {"trainer.max_steps": 5, "checkpoint.save_steps": 1, "checkpoint.monitor": "val/score"}
+    metrics = run(compose_train(tiny_run_overrides(train, val, out, **settings)))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step=2.ckpt", "step=5.ckpt"]
+    assert (out / "checkpoints" / "last.ckpt").samefile(out / "checkpoints" / "step=5.ckpt")
+    best = load_checkpoint(out / "checkpoints" / "step=2.ckpt")
+    assert best["weights_only_best"] and "optimizer_states" not in best
+    assert all(key.startswith("encoder.") for key in best["state_dict"])
+    full = (out / "checkpoints" / "last.ckpt").stat().st_size
+    assert (out / "checkpoints" / "step=2.ckpt").stat().st_size < full / 2
+    assert metrics["final"]["step"] == 2  # load_best_model_at_end reads the slimmed best
+    assert (
+        "checkpoints: kept last.ckpt (resume, step 5) and best step=2.ckpt (val/score -0.0000, weights only)"
+        in capsys.readouterr().out
+    )
+
+    # lit-embed-export still writes a model from it; a resume from it is one message.
+    target = tmp_path / "exported"
+    cmd = [sys.executable, "-m", "lit_embed.export", str(out / "checkpoints" / "step=2.ckpt"), str(target)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert (target / "model.safetensors").read_bytes() == (out / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(LitEmbedError, match="holds only the model's weights.*Resume from last.ckpt"):
+        best_path = f'"{out / "checkpoints" / "step=2.ckpt"}"'  # quoted: Hydra reads an unquoted = as an override
+        run(compose_train(tiny_run_overrides(train, val, tmp_path / "again", resume=best_path)))
+
+
+def test_save_total_limit_zero_keeps_every_checkpoint_whole(tmp_path: Path) -> None:
+    train, val = write_toy_data(tmp_path)
+    out = tmp_path / "run"
+    settings = {"trainer.max_steps": 3, "checkpoint.save_steps": 1, "checkpoint.save_total_limit": 0}
+    run(compose_train(tiny_run_overrides(train, val, out, **settings)))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step=0.ckpt", "step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]
+    assert all("optimizer_states" in load_checkpoint(out / "checkpoints" / n) for n in names if n != "step=0.ckpt")
