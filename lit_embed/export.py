@@ -7,6 +7,7 @@ import argparse
 import os
 from functools import partial
 
+from lit_embed.console import quiet_third_party_output
 from lit_embed.errors import LitEmbedError, reported
 from lit_embed.models import adapters
 from lit_embed.models.adapted import AdaptedEncoder
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir", help="where to write the sentence-transformers directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model in output_dir")
     args = parser.parse_args(argv)
+    quiet_third_party_output()
     with reported("lit-embed-export"):
         path = to_sentence_transformers(encoder_from_checkpoint(args.checkpoint), args.output_dir, args.overwrite)
     print(f"Wrote {path}; load it with SentenceTransformer({str(path)!r}).")

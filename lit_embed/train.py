@@ -35,6 +35,7 @@ from lit_embed.errors import LitEmbedError, StoppedError, reported
 from lit_embed.evaluation import METRIC_NAMES
 from lit_embed.models.precomputed import PrecomputedEmbeddings
 from lit_embed.sweeps import sweep_job
+from lit_embed.training.callbacks.progress import default_progress_bar
 from lit_embed.training.checkpoint_io import AtomicCheckpointIO, load_checkpoint
 from lit_embed.training.finish import finish
 from lit_embed.training.lifecycle import (
@@ -118,6 +119,7 @@ def _train(
 ) -> dict[str, Any]:
     evaluation = build(cfg.eval, "eval")
     checkpointing = build(cfg.checkpoint, "checkpoint", dirpath=str(output_dir / "checkpoints"))
+    extras = [build(c, "callbacks") for c in (cfg.callbacks or {}).values()]
     trainer: L.Trainer = build(
         cfg.trainer,
         "trainer",
@@ -127,7 +129,8 @@ def _train(
             evaluation,
             checkpointing,
             RecordConfig(config),
-            *(build(c, "callbacks") for c in (cfg.callbacks or {}).values()),
+            *extras,
+            *default_progress_bar(cfg.trainer.get("enable_progress_bar"), extras),
         ],
         plugins=[AtomicCheckpointIO()],
     )

@@ -21,6 +21,20 @@ from lit_embed.errors import DataFormatError, LitEmbedError, check, is_bool, is_
 log = logging.getLogger(__name__)
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that tells Lightning it resumes mid-epoch exactly, so Lightning does not warn that it cannot.
+
+    The position is the data module's state (:class:`ResumableDataModule`), restored before the loader is built
+    and applied by its batch sampler; the loader has nothing of its own to save.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
 def index_dataloader(
     num_rows: int,
     batch_sampler: Sampler[list[int]],
@@ -30,7 +44,7 @@ def index_dataloader(
     pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader that hands the batch sampler's row indices to ``collate_fn`` (which builds the features)."""
-    return DataLoader(
+    return ResumableDataLoader(
         range(num_rows),
         batch_sampler=batch_sampler,
         collate_fn=collate_fn,

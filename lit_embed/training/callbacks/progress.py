@@ -1,4 +1,4 @@
-"""What a run shows while and after it trains: pairs/s in the progress bar, and a PNG of the run at the end."""
+"""What a run shows while and after it trains: the progress bar with pairs/s, and a PNG of the run at the end."""
 
 from __future__ import annotations
 
@@ -8,11 +8,46 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as LightningProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 from lit_embed.batch import pair_batches
 from lit_embed.errors import check, is_number
 from lit_embed.evaluation import METRIC_NAMES
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
+
+
+def epoch_description(trainer: L.Trainer, epoch: int) -> str:
+    """``Epoch 1/2``, counted from 1 (Lightning shows the first of one epoch as ``Epoch 0/0``)."""
+    total = trainer.max_epochs
+    return f"Epoch {epoch + 1}/{total}" if total is not None and total > 0 else f"Epoch {epoch + 1}"
+
+
+class ProgressBar(RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar):
+    """Lightning's progress bar (rich where installed, else tqdm) without the logger's version number (``v_num``),
+    which says nothing about training, and with epochs counted from 1."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+    def _get_train_description(self, current_epoch: int) -> str:  # RichProgressBar's one place for the text
+        # Padded like Lightning's, so the bar does not jump between training and validation descriptions.
+        return f"{epoch_description(self.trainer, current_epoch):{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if isinstance(self, TQDMProgressBar):  # tqdm's bar takes its text here
+            self.train_progress_bar.set_description(epoch_description(trainer, trainer.current_epoch))
+
+
+def default_progress_bar(enabled: bool | None, callbacks: Sequence[L.Callback]) -> list[L.Callback]:
+    """``[ProgressBar()]`` unless the trainer's bar is switched off or ``callbacks`` bring their own."""
+    if enabled is False or any(isinstance(c, LightningProgressBar) for c in callbacks):
+        return []
+    return [ProgressBar()]
 
 
 class PairsPerSecond(L.Callback):
