@@ -331,3 +331,22 @@ def test_save_total_limit_zero_keeps_every_checkpoint_whole(tmp_path: Path) -> N
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["last.ckpt", "step=0.ckpt", "step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]
     assert all("optimizer_states" in load_checkpoint(out / "checkpoints" / n) for n in names if n != "step=0.ckpt")
+
+
+def test_cli_ckpt_path_of_another_model_is_one_message(tmp_path: Path, monkeypatch, capsys) -> None:
+    from lit_embed import cli
+    from lit_embed.models.tiny import build_tiny_bert
+
+    monkeypatch.setattr(sys, "argv", ["lit-embed"])
+    train, val, out = interrupted_run(tmp_path)
+    other = build_tiny_bert(tmp_path / "wider", hidden_size=32, seed=0)
+    args = ["fit", f"--config={REPO / 'conf' / 'cli' / 'full.yaml'}", f"--data.train_path={train}"]
+    args += ["--data=lit_embed.data.datamodule.QAPairDataModule", f"--data.val_path={val}", "--data.batch_size=8"]
+    args += [f"--model.encoder.init_args.model_name_or_path={other}", "--model.encoder.init_args.max_seq_length=128"]
+    args += ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.max_steps=6"]
+    args += [f"--trainer.default_root_dir={tmp_path / 'cli'}", f"--ckpt_path={out / 'checkpoints' / 'last.ckpt'}"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "its weights do not fit this model" in err and "Traceback" not in err and len(err) < 1000
