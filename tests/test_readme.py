@@ -8,7 +8,7 @@ here or listed in ``NOT_RUN`` with the reason; a new README command that is neit
 How a command is made tiny, without changing what it says:
 - it runs in a folder of its own (``$HOME`` too, so caches land there) that holds the README's data files
   (``train.json``, ``val.json``, ...), written small, and links to ``train.py``, ``conf/`` and ``benchmarks/``;
-- ``...`` (the README's "your other settings") becomes the README's own data settings, ``DATA``;
+- ``...`` (the README's "your other settings") becomes the settings of its first own-data run, ``DATA``;
 - Hydra commands get ``TINY_HYDRA`` appended: a random-init model as wide as minilm (384, so ``loss.dims`` and
   ``--truncate-dim`` mean what they say), the CPU, two steps; ``model=`` given in the command is kept;
 - the other tools get their tiny flags from ``TINY_FLAGS``.
@@ -35,7 +35,9 @@ from helpers import REPO, toy_split
 from lit_embed.data.formats import save_llamaindex_json
 
 README = REPO / "README.md"
-DATA = ["data=qa_json", "data.train_path=train.json", "data.val_path=val.json"]
+# "...": the settings of the README's first run of your own data, so that resuming runs/mine resumes what it ran.
+DATA = ["data=qa_json", "data.train_path=train.json", "data.val_path=val.json", "data.batch_size=10"]
+DATA += ["trainer.max_epochs=2"]
 TINY_MODEL = ["model=tiny", "++model.model_name_or_path.hidden_size=384"]
 TINY_HYDRA = ["trainer=cpu", "trainer.max_steps=2"]
 TINY_STDLIB = ["data.num_train=64", "data.num_val=16"]  # the default data, when the command names none
