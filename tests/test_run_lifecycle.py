@@ -149,6 +149,19 @@ def test_a_new_folder_keeps_its_record_when_a_setting_is_wrong(tmp_path: Path) -
     assert "seed=-1 is not allowed" in (out / "train.log").read_text()
 
 
+def test_each_sweep_job_gets_its_hydra_record(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    args = ["model=tiny", "trainer=cpu", "data.num_train=64", "data.num_val=16", "data.batch_size=8"]
+    args += ["trainer.max_steps=1", "eval.evaluation_steps=0", f"output_dir={out}", "optimizer.lr=1e-3,2e-3"]
+    proc = subprocess.run([sys.executable, "train.py", "-m", *args], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, lr in (("0", "0.001"), ("1", "0.002")):  # as Hydra writes a swept value
+        record = out / job / ".hydra"
+        assert sorted(p.name for p in record.iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+        assert f"optimizer.lr={lr}" in (record / "overrides.yaml").read_text()
+        assert f"lr: {lr}" in (record / "config.yaml").read_text()
+
+
 # --- a resume trains what its checkpoint trained -------------------------------------------------------------
 
 
