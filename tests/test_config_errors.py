@@ -82,7 +82,7 @@ INVALID_VALUES = [
     (["method=adapter", "adapter=mlp", "adapter.activation=gelu"], "adapter.activation='gelu' is not allowed"),
     (["method=adapter", "adapter.transform=documents"], "adapter.transform='documents' is not allowed"),
     (["method=adapter", "method.encoder.batch_size=0"], "method.encoder.batch_size=0 is not allowed"),
-    (["method=adapter", "method.encoder.adapter=abc"], "method.encoder.adapter=.abc. is not allowed: an adapter"),
+    (["method=adapter", "method.encoder.adapter=abc"], "method.encoder.adapter='abc' is not allowed: an adapter"),
 ]
 
 
