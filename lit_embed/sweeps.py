@@ -197,6 +197,25 @@ def write_summary(
     return rows
 
 
+def refuse_a_finished_sweep(config: DictConfig) -> None:
+    """Stops a sweep into a folder whose jobs finished before Hydra rewrites its ``multirun.yaml``.
+
+    Each job would be refused on its own (its folder holds a finished model), but only after the sweep's record
+    was replaced by the refused sweep's; nothing of a finished sweep may change. ``overwrite=true`` replaces its
+    models; ``resume=true`` finishes the jobs that did not finish.
+    """
+    sweep_dir = Path(config.hydra.sweep.dir)
+    if config.get("overwrite") or config.get("resume") or not sweep_dir.is_dir():
+        return
+    finished = [job.name for job in job_dirs(sweep_dir) if (job / "model").exists()]
+    if finished:
+        with reported("lit-embed-train"):
+            raise LitEmbedError(
+                f"{sweep_dir} holds a finished sweep (job {', '.join(finished)} finished): choose another "
+                "output_dir, set overwrite=true to replace its models, or resume=true to finish the jobs that did not."
+            )
+
+
 class SweepSummary(Callback):
     """Hydra callback: the summary table of a sweep, sorted by ``optimized_metric``; single runs are left alone.
 
@@ -207,6 +226,7 @@ class SweepSummary(Callback):
         self.swept: list[str] | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        refuse_a_finished_sweep(config)
         # Hydra's sweepers write multirun.yaml or not (Optuna's does not); the keys are in the config either way.
         self.swept = swept_keys(config)
 

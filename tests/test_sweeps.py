@@ -209,6 +209,14 @@ def test_train_py_sweep_trains_each_job_in_its_folder_and_summarizes_them(tmp_pa
     assert table.count("| done ") == 2 and "| 0.001 " in table and "| 0.003 " in table
     assert table in proc.stdout  # printed at the end of the sweep
 
+    # The same sweep again into its folder is refused before anything there changes.
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    again = subprocess.run(proc.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "holds a finished sweep (job 0, 1 finished)" in again.stderr
+    assert "Traceback" not in again.stderr + again.stdout
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
 
 def test_optuna_sweep_runs_its_trials_and_summarizes_them(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
