@@ -41,6 +41,10 @@ class NonFiniteLossError(LitEmbedError):
     """The loss became NaN or infinite."""
 
 
+class FinishedRunError(LitEmbedError):
+    """The output_dir already holds a finished model, and ``overwrite`` is off."""
+
+
 class StoppedError(LitEmbedError):
     """The run was stopped by a signal after saving a checkpoint; the message says how to continue."""
 

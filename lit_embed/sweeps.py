@@ -29,7 +29,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lit_embed.errors import LitEmbedError, StoppedError, reported
+from lit_embed.errors import FinishedRunError, LitEmbedError, StoppedError, reported
 from lit_embed.evaluation import DEFAULT_METRIC, METRIC_TABLE_KEYS
 from lit_embed.files import write_text_atomic
 
@@ -58,6 +58,10 @@ def sweep_job(job_dir: str | os.PathLike, log: logging.Logger) -> Iterator[None]
     except StoppedError:
         with reported("lit-embed-train", log):
             raise
+    except FinishedRunError:
+        # Only reached with resume=true (a new sweep into finished jobs is refused before it starts): the job
+        # finished before the sweep was stopped, and its row keeps its metrics.
+        log.info("%s finished before; kept as it is.", job_dir)
     except LitEmbedError as err:
         log.error("%s", err)
         record_failure(job_dir, str(err))

@@ -31,7 +31,7 @@ from lit_embed.config import (
     register_resolvers,
 )
 from lit_embed.console import quiet_third_party_output
-from lit_embed.errors import LitEmbedError, StoppedError, reported
+from lit_embed.errors import FinishedRunError, LitEmbedError, StoppedError, reported
 from lit_embed.evaluation import METRIC_NAMES
 from lit_embed.models.precomputed import PrecomputedEmbeddings
 from lit_embed.sweeps import sweep_job
@@ -97,7 +97,7 @@ def _checked_settings(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any]
     check_run_settings(cfg)
     check_optimized_metric(cfg.optimized_metric)
     if (output_dir / "model").exists() and not cfg.overwrite:
-        raise LitEmbedError(
+        raise FinishedRunError(
             f"{output_dir / 'model'} already holds a finished model. Choose another output_dir, or set "
             "overwrite=true to replace it."
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +217,18 @@ def test_train_py_sweep_trains_each_job_in_its_folder_and_summarizes_them(tmp_pa
     assert again.returncode == 2 and "holds a finished sweep (job 0, 1 finished)" in again.stderr
     assert "Traceback" not in again.stderr + again.stdout
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+    # A sweep stopped before job 1 finished: resume=true finishes it and keeps job 0 as it was.
+    shutil.rmtree(out / "1" / "model")
+    (out / "1" / "metrics.json").unlink()
+    job0 = {path: path.read_bytes() for path in (out / "0").rglob("*") if path.is_file()}
+    resumed = subprocess.run(
+        [*proc.args, "resume=true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {path: path.read_bytes() for path in (out / "0").rglob("*") if path.is_file()} == job0
+    assert [row["status"] for row in read_csv(out / "summary.csv")] == ["done", "done"]
+    assert (out / "1" / "model" / "model.safetensors").is_file()
 
 
 def test_optuna_sweep_runs_its_trials_and_summarizes_them(tmp_path: Path) -> None:
