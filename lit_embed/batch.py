@@ -49,12 +49,17 @@ class PairBatch:
             batch's hard negatives. Every document is a candidate for every query (in-batch negatives).
         query_ids: where each query came from, for error messages.
         task: the task these pairs belong to (``""`` for single-task data).
+        scores: ``[B, 1 + k]`` a teacher's scores of each query's positive and its ``k`` hard negatives, for the
+            distillation losses (None: the data has none).
+        candidates: ``[B, 1 + k]`` the rows of ``documents`` those scores are of (set with ``scores``).
     """
 
     queries: TokenGroups
     documents: TokenGroups
     query_ids: list[str] = field(default_factory=list)
     task: str = ""
+    scores: Tensor | None = None
+    candidates: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.queries)
