@@ -52,6 +52,11 @@ class PairBatch:
         scores: ``[B, 1 + k]`` a teacher's scores of each query's positive and its ``k`` hard negatives, for the
             distillation losses (None: the data has none).
         candidates: ``[B, 1 + k]`` the rows of ``documents`` those scores are of (set with ``scores``).
+        document_rows: ``[B + N]`` the query (row of this batch) each document was given with, as a positive or a
+            hard negative (``doc_to_doc`` scoring leaves a query's own documents out). None: not recorded.
+        positives: ``[B + N]`` bool, set when rows hold several positives (``data.multi_positive``): which documents
+            are positives of their ``document_rows`` query. Row ``i < B`` is always one; the other positives follow
+            them, then the hard negatives. None: one positive per query, row ``i``.
     """
 
     queries: TokenGroups
@@ -60,6 +65,8 @@ class PairBatch:
     task: str = ""
     scores: Tensor | None = None
     candidates: Tensor | None = None
+    document_rows: Tensor | None = None
+    positives: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.queries)
