@@ -33,6 +33,8 @@ from lit_embed.config import (
 from lit_embed.console import quiet_third_party_output
 from lit_embed.errors import FinishedRunError, LitEmbedError, StoppedError, reported
 from lit_embed.evaluation import METRIC_NAMES
+from lit_embed.losses.base import EmbeddingLoss
+from lit_embed.losses.distill import check_distillation_data
 from lit_embed.models.precomputed import PrecomputedEmbeddings
 from lit_embed.sweeps import sweep_job
 from lit_embed.training.callbacks.progress import default_progress_bar
@@ -138,6 +140,8 @@ def _train(
     datamodule.prepare_data()
     L.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, datamodule)
+    if isinstance(module.loss, EmbeddingLoss):  # a multi-task loss meets its data at the first batch
+        check_distillation_data(module.loss, getattr(datamodule, "has_teacher_scores", False))
     if lock is not None and not lock.held:
         lock.acquire()  # a new folder, once data and model are known to be good
     if resumed is not None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss, MarginMSELoss
 
 from lit_embed.batch import PairBatch, TokenGroups
-from lit_embed.errors import InvalidValueError, LitEmbedError
+from lit_embed.data.datamodule import QAPairDataModule
+from lit_embed.data.json_files import load_jsonl
+from lit_embed.data.schema import SkipPolicy
+from lit_embed.errors import DataFormatError, InvalidValueError, LitEmbedError
 from lit_embed.losses.distill import KLDistillLoss
 from lit_embed.losses.distill import MarginMSELoss as OurMarginMSE
 
@@ -94,3 +99,80 @@ def test_configs_build_the_losses(name: str, cls: type) -> None:
     from lit_embed.config import build
 
     assert isinstance(build(compose_train([f"loss={name}"]).loss, "loss"), cls)
+
+
+def scored_rows(n: int, k: int = 2) -> list[dict]:
+    return [
+        {
+            "query": f"question {i}",
+            "positive": f"answer {i}",
+            "negatives": [f"wrong answer {i}.{j}" for j in range(k)],
+            "scores": [5.0 + i, *(float(j - i) for j in range(k))],
+        }
+        for i in range(n)
+    ]
+
+
+def write_jsonl(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_scores_travel_from_the_file_to_the_batch(tmp_path, tiny_encoder) -> None:
+    rows = scored_rows(6, k=3)
+    rows[0]["negatives"][1] = " "  # an empty negative is skipped, and its score with it
+    data = QAPairDataModule(str(write_jsonl(tmp_path / "s.jsonl", rows)), batch_size=3, max_negatives=2, max_skipped=1)
+    data.prepare_data()
+    assert data.has_teacher_scores
+    assert data._examples[0].scores == (5.0, 0.0, 2.0)  # negatives 0 and 2 of row 0, trimmed to 2
+    data.tokenize(tiny_encoder)
+    batch = data.collator([3, 1, 4])
+    assert batch.scores.tolist() == [[8.0, -3.0, -2.0], [6.0, -1.0, 0.0], [9.0, -4.0, -3.0]]
+    texts = data.collator.documents.texts
+    doc_rows = [p for _, p, _ in (data.collator.rows[i] for i in (3, 1, 4))]
+    doc_rows += [n for i in (3, 1, 4) for n in data.collator.rows[i][2]]
+    assert [[texts[doc_rows[c]] for c in row] for row in batch.candidates.tolist()][1] == [
+        "answer 1",
+        "wrong answer 1.0",
+        "wrong answer 1.1",
+    ]
+
+
+def test_rows_with_different_numbers_of_negatives_are_refused_with_scores(tmp_path) -> None:
+    rows = scored_rows(6, k=3)
+    rows[2] = scored_rows(3, k=1)[2]
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    with pytest.raises(DataFormatError, match=r"from 1 to 3 hard negatives.*data.max_negatives=1"):
+        QAPairDataModule(str(path), batch_size=2).prepare_data()
+    data = QAPairDataModule(str(path), batch_size=2, max_negatives=1)
+    data.prepare_data()
+    assert {len(e.scores) for e in data._examples} == {2}
+
+
+def test_wrong_scores_are_a_file_error_and_nonfinite_ones_a_skipped_line(tmp_path) -> None:
+    rows = scored_rows(4)
+    rows[1]["scores"] = [1.0, 2.0]
+    with pytest.raises(DataFormatError, match=r"line 2: \"scores\" must be a list of 3 numbers"):
+        load_jsonl(write_jsonl(tmp_path / "short.jsonl", rows))
+    rows[1]["scores"] = [1.0, "2", 3.0]
+    with pytest.raises(DataFormatError, match="line 2"):
+        load_jsonl(write_jsonl(tmp_path / "text.jsonl", rows))
+    rows[1]["scores"] = [1.0, float("nan"), 3.0]
+    path = write_jsonl(tmp_path / "nan.jsonl", rows)
+    dataset = load_jsonl(path, SkipPolicy(max_skipped=1))
+    assert len(dataset.queries) == 3 and dataset.skipped.ids == {"nonfinite_score": ["line 2"]}
+    with pytest.raises(DataFormatError, match="line 2: the teacher scores .* not all finite"):
+        load_jsonl(path, SkipPolicy(strict=True))
+
+
+def test_a_distillation_run_on_data_without_scores_is_refused_before_training(tmp_path) -> None:
+    from helpers import compose_train, tiny_run_overrides
+
+    from lit_embed.train import run
+
+    rows = [{k: v for k, v in r.items() if k != "scores"} for r in scored_rows(8)]
+    path = write_jsonl(tmp_path / "plain.jsonl", rows)
+    cfg = compose_train(tiny_run_overrides(path, None, tmp_path / "run", loss="margin_mse"))
+    with pytest.raises(LitEmbedError, match="lit-embed-score"):
+        run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()

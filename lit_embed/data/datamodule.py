@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -80,23 +81,50 @@ class PairCollator:
         length_groups: int = 1,
         query_ids: Sequence[str] = (),
         task: str = "",
+        scores: Sequence[tuple[float, ...]] | None = None,
     ):
         self.rows = rows
+        self.scores = scores  # a teacher's scores of each row's positive and negatives (every row has k negatives)
         self.query_ids = query_ids
         self.task = task
         self.queries = queries
         self.documents = documents
         self.length_groups = length_groups
+        # Per row, the further positives of a multi-positive row (data.multi_positive); empty: one per row.
+        self.other_positives: Sequence[tuple[int, ...]] = []
 
     def __call__(self, indices: Sequence[int]) -> PairBatch:
         rows = [self.rows[i] for i in indices]
         doc_ids = [positive for _, positive, _ in rows] + [n for _, _, negatives in rows for n in negatives]
+        # The batch row each document came with: positives, then the hard negatives, then further positives
+        # last, so the first B + N rows keep the layout every loss reads.
+        owners = [*range(len(rows)), *(i for i, (_, _, negatives) in enumerate(rows) for _ in negatives)]
+        positives = None
+        if self.other_positives:
+            others = [self.other_positives[i] for i in indices]
+            doc_ids += [d for row_others in others for d in row_others]
+            owners += [i for i, row_others in enumerate(others) for _ in row_others]
+            positives = torch.ones(len(doc_ids), dtype=torch.bool)
+            positives[len(rows) : len(rows) + len(doc_ids) - len(owners) + len(owners) - sum(map(len, others)) - len(rows)] = False
         return PairBatch(
             queries=self.queries.collate([query for query, _, _ in rows], self.length_groups),
             documents=self.documents.collate(doc_ids, self.length_groups),
             query_ids=[self.query_ids[i] for i in indices] if self.query_ids else [],
             task=self.task,
+            **self._scored(indices, rows),
         )
+
+    def _scored(self, indices: Sequence[int], rows: list[tuple[int, int, tuple[int, ...]]]) -> dict[str, Any]:
+        """The teacher's scores of the batch's rows and where their documents are: positives, then negatives."""
+        if self.scores is None:
+            return {}
+        size, k = len(rows), len(rows[0][2])
+        row = torch.arange(size)[:, None]
+        negatives = size + row * k + torch.arange(k)  # [B, k]: row i's negatives follow the B positives, in order
+        return {
+            "scores": torch.tensor([self.scores[i] for i in indices], dtype=torch.float32),  # [B, 1 + k]
+            "candidates": torch.cat([row, negatives], dim=1),  # [B, 1 + k]
+        }
 
 
 class ResumableDataModule(L.LightningDataModule):
@@ -132,6 +160,8 @@ class QAPairDataModule(ResumableDataModule):
         batch_size: pairs per batch; each query sees ``batch_size - 1`` in-batch negatives.
         use_all_docs: False = one pair per query (its first relevant doc, as LlamaIndex); True = one per
             (query, relevant doc).
+        multi_positive: one row per query with all its relevant documents, each a positive that is never another
+            positive's negative (the loss must be MNRL, cached or Matryoshka around it); overrides ``use_all_docs``.
         max_negatives: cap on hard negatives per pair (None = all the data has).
         length_groups: pad each batch's texts in up to this many groups of similar length, so one long text
             does not pad the rest (1 = pad the whole batch to its longest text). Same texts, same loss.
@@ -162,6 +192,7 @@ class QAPairDataModule(ResumableDataModule):
         columns: dict[str, str] | None = None,
         max_skipped: float = 0.01,
         strict: bool = False,
+        multi_positive: bool = False,
     ) -> None:
         super().__init__()
         check(is_int(batch_size) and batch_size >= 1, "batch_size", batch_size, "a whole number of pairs >= 1")
@@ -187,12 +218,14 @@ class QAPairDataModule(ResumableDataModule):
             "which column holds what, e.g. ++data.columns.query=question, or null",
         )
         bools = {"use_all_docs": use_all_docs, "pin_memory": pin_memory, "drop_last": drop_last, "strict": strict}
+        bools["multi_positive"] = multi_positive
         for key, value in bools.items():
             check(is_bool(value), key, value, "true or false")
         self.train_path = train_path
         self.val_path = val_path
         self.batch_size = batch_size
         self.use_all_docs = use_all_docs
+        self.multi_positive = multi_positive
         self.max_negatives = max_negatives
         self.length_groups = length_groups
         self.num_workers = num_workers
@@ -228,12 +261,36 @@ class QAPairDataModule(ResumableDataModule):
         """Loads and checks the data; every data error surfaces here, before anything is trained or written."""
         if self.train_dataset is None:
             self.train_dataset, self.val_dataset = self.load_splits()
-            self._examples = training_examples(self.train_dataset, self.use_all_docs)
+            self._examples = training_examples(self.train_dataset, self.use_all_docs, self.multi_positive)
             if len(self._examples) < self.batch_size:
                 raise DataFormatError(
                     f"{self.source}: only {len(self._examples)} training pairs, fewer than one batch "
                     f"(data.batch_size={self.batch_size}). Add data or lower data.batch_size."
                 )
+            if self.max_negatives is not None:
+                self._examples = [self._trimmed(e) for e in self._examples]
+            if self.has_teacher_scores:
+                self._check_negatives_per_row()
+
+    def _trimmed(self, example: TrainingExample) -> TrainingExample:
+        scores = example.scores[: 1 + self.max_negatives] if example.scores is not None else None
+        return replace(example, negatives=example.negatives[: self.max_negatives], scores=scores)
+
+    @property
+    def has_teacher_scores(self) -> bool:
+        """Whether every training row carries a teacher's scores (known after :meth:`prepare_data`)."""
+        return bool(self._examples) and all(e.scores is not None for e in self._examples)
+
+    def _check_negatives_per_row(self) -> None:
+        """A batch's scores are one ``[B, 1 + k]`` tensor: every scored row needs the same number of negatives."""
+        counts = sorted({len(e.negatives) for e in self._examples})
+        if len(counts) > 1:
+            first = next(e for e in self._examples if len(e.negatives) == counts[0])
+            raise DataFormatError(
+                f"{self.source}: the rows with teacher scores have from {counts[0]} to {counts[-1]} hard negatives "
+                f"(query {first.query_id!r} has {counts[0]}); a batch of scores needs the same number in every row. "
+                f"Set data.max_negatives={counts[0]} to keep that many per row, or give each row as many."
+            )
 
     def skipped_records(self) -> dict[str, dict[str, Any]]:
         splits = ((self.train_path, self.train_dataset), (self.val_path, self.val_dataset))
@@ -260,23 +317,26 @@ class QAPairDataModule(ResumableDataModule):
     def tokenize(self, tokenizer: TextTokenizer) -> None:
         """Builds the training rows and tokenizes each distinct text once."""
         self.prepare_data()
-        examples = self._examples
-        if self.max_negatives is not None:
-            examples = [
-                TrainingExample(e.query, e.positive, e.negatives[: self.max_negatives], e.query_id) for e in examples
-            ]
+        examples = self._examples  # trimmed to max_negatives by prepare_data
         query_texts = list(dict.fromkeys(e.query for e in examples))
-        doc_texts = list(dict.fromkeys(t for e in examples for t in (e.positive, *e.negatives)))
+        doc_texts = list(dict.fromkeys(t for e in examples for t in e.texts()[1:]))
         query_row = {t: i for i, t in enumerate(query_texts)}
         doc_row = {t: i for i, t in enumerate(doc_texts)}
         rows = [(query_row[e.query], doc_row[e.positive], tuple(doc_row[n] for n in e.negatives)) for e in examples]
         queries = TokenizedTexts(query_texts, "query", tokenizer)
         documents = TokenizedTexts(doc_texts, "document", tokenizer)
+        scores = [e.scores for e in examples] if self.has_teacher_scores else None
         self._collator = PairCollator(
-            rows, queries, documents, self.length_groups, [e.query_id for e in examples], self.task
+            rows, queries, documents, self.length_groups, [e.query_id for e in examples], self.task, scores
         )
-        # Queries and documents live in separate id spaces: a query equal to a document is no clash.
-        self._row_texts = [(q, *(len(query_texts) + d for d in (p, *n))) for q, p, n in rows]
+        if self.multi_positive:
+            self._collator.other_positives = [tuple(doc_row[t] for t in e.other_positives) for e in examples]
+        # Queries and documents live in separate id spaces: a query equal to a document is no clash. A row's texts
+        # include all its positives, so none of them is in the batch as another row's document (a negative).
+        self._row_texts = [
+            (q, *(len(query_texts) + d for d in (p, *n, *others)))
+            for (q, p, n), others in zip(rows, self._collator.other_positives or [()] * len(rows), strict=True)
+        ]
         log.info(
             "%s: %d training pairs from %d queries and %d documents (tokenized once).",
             self.source,

@@ -3,18 +3,21 @@
 * ``.json``: LlamaIndex's ``EmbeddingQAFinetuneDataset``
   ``{"queries": {qid: text}, "corpus": {doc_id: text}, "relevant_docs": {qid: [doc_id, ...]}, "mode": "text"}``,
   as ``generate_qa_embedding_pairs(...).save_json(...)`` writes it.
-* ``.jsonl``: one ``{"query": ..., "positive": ..., "negatives": [...]}`` object per line (negatives optional).
+* ``.jsonl``: one ``{"query": ..., "positive": ..., "negatives": [...]}`` object per line (negatives optional),
+  optionally with ``"scores": [s_pos, s_neg1, ...]``, a teacher's score of the positive and of each negative.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from lit_embed.data.schema import (
     DEFAULT_POLICY,
+    FIX,
     QADataset,
     Skipped,
     SkipPolicy,
@@ -85,7 +88,8 @@ def load_llamaindex_json(path: str | os.PathLike, policy: SkipPolicy = DEFAULT_P
 def load_jsonl(path: str | os.PathLike, policy: SkipPolicy = DEFAULT_POLICY) -> QADataset:
     """Loads ``{"query", "positive", "negatives"}`` lines; equal texts share one id.
 
-    A line with an empty query or positive is skipped, and so is an empty negative, within ``policy``.
+    A line with an empty query or positive is skipped, and so is an empty negative, within ``policy``; so is a line
+    whose teacher ``"scores"`` are not all finite. Scores of the wrong length or type are an error.
     """
     path = Path(path)
     rows = []
@@ -123,10 +127,32 @@ def load_jsonl(path: str | os.PathLike, policy: SkipPolicy = DEFAULT_POLICY) -> 
                 f"line {lineno} ({name})",
                 f"{where}: {name} is empty. Remove the line or fill in the text.",
             )
+        scores = _scores(row, len(negatives), where)
+        if scores is not None and not all(math.isfinite(s) for s in scores):
+            message = f"{where}: the teacher scores {scores} are not all finite numbers. {FIX['nonfinite_score']}"
+            skipped.add("nonfinite_score", f"line {lineno}", message)
+            continue
         if "query" in empty or "positive" in empty:
             continue
-        rows.append((f"line {lineno}", row["query"], row["positive"], [t for t in negatives if t.strip()]))
+        kept = [i for i, t in enumerate(negatives) if t and t.strip()]
+        if scores is not None:
+            scores = [scores[0], *(scores[1 + i] for i in kept)]
+        rows.append((f"line {lineno}", row["query"], row["positive"], [negatives[i] for i in kept], scores))
     return validate(rows_to_dataset(rows), str(path), policy, skipped)
+
+
+def _scores(row: dict[str, Any], num_negatives: int, where: str) -> list[float] | None:
+    """The line's teacher scores, one for its positive and one per negative, or None when it has none."""
+    scores = row.get("scores")
+    if scores is None:
+        return None
+    numbers = isinstance(scores, list) and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
+    if not numbers or len(scores) != 1 + num_negatives:
+        raise DataFormatError(
+            f'{where}: "scores" must be a list of {1 + num_negatives} numbers (the positive\'s, then one per '
+            f"negative), got {scores!r}. Score the file again with lit-embed-score."
+        )
+    return [float(s) for s in scores]
 
 
 def save_llamaindex_json(dataset: QADataset, path: str | os.PathLike) -> None:
@@ -141,9 +167,13 @@ def save_llamaindex_json(dataset: QADataset, path: str | os.PathLike) -> None:
 
 
 def save_jsonl(examples: list[TrainingExample], path: str | os.PathLike) -> None:
-    """Writes training rows as ``{"query", "positive", "negatives"}`` JSONL (atomically)."""
-    lines = (
-        json.dumps({"query": e.query, "positive": e.positive, "negatives": list(e.negatives)}, ensure_ascii=False)
-        for e in examples
-    )
+    """Writes training rows as ``{"query", "positive", "negatives"}`` JSONL (atomically), with their ``"scores"``."""
+    lines = (json.dumps(_jsonl_row(e), ensure_ascii=False) for e in examples)
     write_text_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def _jsonl_row(example: TrainingExample) -> dict[str, Any]:
+    row: dict[str, Any] = {"query": example.query, "positive": example.positive, "negatives": list(example.negatives)}
+    if example.scores is not None:
+        row["scores"] = list(example.scores)
+    return row

@@ -26,6 +26,8 @@ class QADataset:
         relevant_docs: query id -> ids of the documents that answer it (at least one each).
         hard_negatives: query id -> ids of documents known NOT to answer it (optional).
         skipped: the records of the file that were wrong on their own and left out (None: none were).
+        teacher_scores: query id -> document id -> a teacher's score of that pair (``lit-embed-score``), for
+            the distillation losses (optional).
     """
 
     queries: dict[str, str]
@@ -33,6 +35,7 @@ class QADataset:
     relevant_docs: dict[str, list[str]]
     hard_negatives: dict[str, list[str]] = field(default_factory=dict)
     skipped: Skipped | None = field(default=None, compare=False)  # what the reader left out of the file
+    teacher_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -43,16 +46,19 @@ class TrainingExample:
     positive: str
     negatives: tuple[str, ...] = ()
     query_id: str = field(default="", compare=False)  # where the row came from, for error messages
+    scores: tuple[float, ...] | None = None  # a teacher's scores of the positive, then of each negative
+    other_positives: tuple[str, ...] = ()  # the query's further relevant documents, when a row holds them all
 
     def texts(self) -> tuple[str, ...]:
-        return (self.query, self.positive, *self.negatives)
+        return (self.query, self.positive, *self.negatives, *self.other_positives)
 
 
-def rows_to_dataset(rows: Iterable[tuple[str, str, str, Sequence[str]]]) -> QADataset:
+def rows_to_dataset(rows: Iterable[tuple[str, str, str, Sequence[str]] | tuple[Any, ...]]) -> QADataset:
     """Builds a dataset from ``(row id, query, positive, negatives)`` rows, as the ``.jsonl`` loader does.
 
     Equal texts share one id: a query's id is the id of the row where it first appears, documents are numbered
-    ``d0, d1, ...`` in order of appearance. A query that appears on several rows gets every row's positive.
+    ``d0, d1, ...`` in order of appearance. A query that appears on several rows gets every row's positive. A row
+    may end with a teacher's scores of its positive and negatives (or None), kept in ``teacher_scores``.
     """
     queries: dict[str, str] = {}
     corpus: dict[str, str] = {}
@@ -60,6 +66,7 @@ def rows_to_dataset(rows: Iterable[tuple[str, str, str, Sequence[str]]]) -> QADa
     hard_negatives: dict[str, list[str]] = {}
     query_ids: dict[str, str] = {}
     doc_ids: dict[str, str] = {}
+    teacher_scores: dict[str, dict[str, float]] = {}
 
     def doc_id(text: str) -> str:
         if text not in doc_ids:
@@ -67,15 +74,19 @@ def rows_to_dataset(rows: Iterable[tuple[str, str, str, Sequence[str]]]) -> QADa
             corpus[doc_ids[text]] = text
         return doc_ids[text]
 
-    for row_id, query, positive, negatives in rows:
+    for row_id, query, positive, negatives, *scores in rows:
         qid = query_ids.setdefault(query, row_id)
+        if scores and scores[0] is not None:
+            pairs = zip((positive, *negatives), scores[0], strict=True)
+            teacher_scores.setdefault(qid, {}).update((doc_id(text), float(score)) for text, score in pairs)
         queries[qid] = query
         if doc_id(positive) not in relevant_docs.setdefault(qid, []):
             relevant_docs[qid].append(doc_id(positive))
         for text in negatives:
             if doc_id(text) not in hard_negatives.setdefault(qid, []):
                 hard_negatives[qid].append(doc_id(text))
-    return QADataset(queries, corpus, relevant_docs, {q: n for q, n in hard_negatives.items() if n})
+    negatives_by_query = {q: n for q, n in hard_negatives.items() if n}
+    return QADataset(queries, corpus, relevant_docs, negatives_by_query, teacher_scores=teacher_scores)
 
 
 # Records wrong on their own, by kind: what the warning and metrics.json call them.
@@ -85,6 +96,7 @@ SKIP_KINDS = {
     "unknown_document": "ids of documents not in 'corpus'",
     "negative_is_positive": "hard negatives equal to a positive of their query",
     "unanswered": "queries without a relevant document",
+    "nonfinite_score": "teacher scores that are not finite numbers",
 }
 
 
@@ -155,6 +167,7 @@ FIX = {
     "unknown_document": "Add the document to the corpus or remove the id.",
     "negative_is_positive": "Remove it from the negatives.",
     "unanswered": "Add their relevant_docs entries or remove those queries.",
+    "nonfinite_score": "Score the file again (lit-embed-score) or remove the line.",
 }
 
 
@@ -221,6 +234,7 @@ def validate(
         relevant_docs={qid: ids for qid, ids in relevant_docs.items() if ids},
         hard_negatives=hard_negatives,
         skipped=skipped if skipped.count else None,
+        teacher_scores=dataset.teacher_scores,
     )
 
 
@@ -248,19 +262,34 @@ def _allow_or_refuse(skipped: Skipped, source: str, policy: SkipPolicy) -> None:
     log.warning("%s: skipped %s. data.strict=true refuses them instead.", source, counted)
 
 
-def training_examples(dataset: QADataset, use_all_docs: bool = False) -> list[TrainingExample]:
+def training_examples(
+    dataset: QADataset, use_all_docs: bool = False, multi_positive: bool = False
+) -> list[TrainingExample]:
     """Flattens a dataset into (query, positive, negatives) rows.
 
     Args:
         dataset: the validated dataset.
         use_all_docs: False (LlamaIndex's default) = one row per query with its first relevant document;
             True = one row per (query, relevant document).
+        multi_positive: one row per query holding every relevant document (the first as ``positive``, the rest
+            as ``other_positives``), whatever ``use_all_docs`` says; a teacher's scores are not carried.
     """
     examples = []
     for qid, doc_ids in dataset.relevant_docs.items():
-        negatives = tuple(dataset.corpus[d] for d in dataset.hard_negatives.get(qid, []))
+        negative_ids = dataset.hard_negatives.get(qid, [])
+        negatives = tuple(dataset.corpus[d] for d in negative_ids)
+        scored = dataset.teacher_scores.get(qid, {})
+        if multi_positive:
+            others = tuple(dataset.corpus[d] for d in doc_ids[1:])
+            examples.append(
+                TrainingExample(dataset.queries[qid], dataset.corpus[doc_ids[0]], negatives, qid, None, others)
+            )
+            continue
         for doc_id in doc_ids if use_all_docs else doc_ids[:1]:
-            examples.append(TrainingExample(dataset.queries[qid], dataset.corpus[doc_id], negatives, qid))
+            scores = None
+            if all(d in scored for d in (doc_id, *negative_ids)):
+                scores = tuple(scored[d] for d in (doc_id, *negative_ids))
+            examples.append(TrainingExample(dataset.queries[qid], dataset.corpus[doc_id], negatives, qid, scores))
     return examples
 
 

@@ -81,6 +81,21 @@ class DistillationLoss(EmbeddingLoss):
         return self(batch.queries.embed(encoder), documents[batch.candidates], batch.scores)  # [B, 1 + k, D]
 
 
+def check_distillation_data(loss: nn.Module, has_teacher_scores: bool) -> None:
+    """Refuses, before training, a distillation loss the data cannot feed or another loss cannot call."""
+    distillation = [m for m in loss.modules() if isinstance(m, DistillationLoss)]
+    if not distillation:
+        return
+    name = type(distillation[0]).__name__
+    if not isinstance(loss, DistillationLoss):
+        raise LitEmbedError(
+            f"{name} scores each query against its own candidates with the teacher's scores: it cannot be wrapped "
+            f"in {type(loss).__name__}. Use loss=margin_mse or loss=kl_distill on their own."
+        )
+    if not has_teacher_scores:
+        raise LitEmbedError(f"{name}: {NO_SCORES}. Every row needs them.")
+
+
 class MarginMSELoss(DistillationLoss):
     """sentence-transformers' ``MarginMSELoss`` (dot products, several negatives): see :func:`margin_mse`."""
 
