@@ -23,10 +23,14 @@ class TokenGroups:
     Attributes:
         groups: padded features, one dict per length group.
         order: ``[N]``; row ``i`` of the batch is row ``order[i]`` of the groups' outputs concatenated.
+        texts: the ``N`` texts in the batch's row order (references to the data's strings, so free to carry), for
+            what needs the words rather than this tokenizer's ids: a guide model with its own tokenizer, a cache
+            keyed by text. Empty when the batch was built without them.
     """
 
     groups: list[Features]
     order: Tensor
+    texts: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -36,7 +40,7 @@ class TokenGroups:
         return torch.cat([encoder(features) for features in self.groups])[self.order]  # [N, D]
 
     def pin_memory(self) -> TokenGroups:
-        return TokenGroups([_pinned(features) for features in self.groups], self.order.pin_memory())
+        return TokenGroups([_pinned(features) for features in self.groups], self.order.pin_memory(), self.texts)
 
 
 @dataclass

@@ -34,6 +34,7 @@ class TokenizedTexts:
     """
 
     def __init__(self, texts: Sequence[str], kind: str, tokenizer: TextTokenizer, chunk_size: int = 1024) -> None:
+        self.texts = list(texts)
         self.rows: dict[str, list[Tensor]] = {}
         self.shared: dict[str, Any] = {}  # per-call values such as the prompt length, equal for every row
         for start in range(0, len(texts), chunk_size):
@@ -82,7 +83,7 @@ class TokenizedTexts:
         groups = [self.pad([indices[i] for i in by_length[start:end]]) for start, end in bounds]
         order = torch.empty(len(indices), dtype=torch.long)
         order[torch.tensor(by_length, dtype=torch.long)] = torch.arange(len(indices))
-        return TokenGroups(groups, order)
+        return TokenGroups(groups, order, [self.texts[i] for i in indices])
 
 
 def padding_groups(sorted_lengths: Sequence[int], max_groups: int, max_candidates: int = 64) -> list[tuple[int, int]]:
