@@ -28,6 +28,7 @@ FLOORS = [
             "lit_embed.evaluate",
             "lit_embed.export",
             "lit_embed.mine",
+            "lit_embed.score",
             "lit_embed.generate",
             "lit_embed.sweeps",
             "lit_embed",

@@ -43,6 +43,7 @@ TINY_HYDRA = ["trainer=cpu", "trainer.max_steps=2"]
 TINY_STDLIB = ["data.num_train=64", "data.num_val=16"]  # the default data, when the command names none
 TINY_FLAGS = {
     "lit-embed-mine": ["--model", "{tiny}"],
+    "lit-embed-score": ["--teacher", "{tiny}"],  # the tiny bi-encoder stands in for the cross-encoder
     "benchmarks/throughput.py": ["--model", "tiny", "--steps", "3", "--warmup", "1", "--rounds", "1"],
     "lit-embed": [
         "--trainer.accelerator=cpu",
