@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
+
+log = logging.getLogger(__name__)
+
+# Deferred rows tried per batch (at least 4 batches' worth): bounds the work per batch when one text is shared by
+# a large part of the data, while rows that clash now and then still get the first try at the next batch.
+LOOKAHEAD = 256
+# Recent full batches a deferred row at the end of an epoch may be swapped into.
+SWAP_WINDOW = 64
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -101,37 +111,106 @@ class NoDuplicatesBatchSampler(ResumableBatchSampler):
         return batch[self.rank * size // self.num_replicas : (self.rank + 1) * size // self.num_replicas]
 
     def global_batches(self) -> list[list[int]]:
-        """This epoch's batches over all ranks, each of up to ``batch_size x num_replicas`` rows sharing no text."""
+        """This epoch's batches over all ranks, each of up to ``batch_size x num_replicas`` rows sharing no text.
+
+        One pass over the shuffled rows fills each batch in turn; a row that clashes with the batch waits in a
+        queue of deferred rows, which get the first try at the next batch (the first ``LOOKAHEAD`` of them, so a
+        text shared by a large part of the data costs a bounded scan per batch, not one over every waiting row).
+        When the shuffled rows run out, the deferred rows that still clash with each other are swapped into
+        recent full batches for rows that fit the batch being filled, so only batches of rows that fit nowhere
+        come out short. Without shared texts nothing waits and the batches are the shuffled order cut in pieces.
+        """
         batch_size = self.batch_size * self.num_replicas
-        order = torch.randperm(len(self.row_texts), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        texts = self.row_texts
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         order = order.tolist()
-        batches = []
-        pending: list[int] = []  # rows that clashed earlier; they get the first try at the next batch
+        lookahead = max(LOOKAHEAD, 4 * batch_size)
+        batches: list[list[int]] = []
+        recent: deque[tuple[list[int], set[int]]] = deque(maxlen=SWAP_WINDOW)  # full batches and their texts
+        deferred: deque[int] = deque()
+        num_deferred = 0
+        swapping = True  # until a short batch cannot be filled by swaps: its rows fit nowhere
         position = 0
-        while position < len(order) or pending:
+        while position < len(order) or deferred:
             batch: list[int] = []
             seen: set[int] = set()
-            still_pending = []
-            for row in pending:
-                if len(batch) < batch_size and seen.isdisjoint(self.row_texts[row]):
+            waiting = []
+            while deferred and len(waiting) < lookahead and len(batch) < batch_size:
+                row = deferred.popleft()
+                if seen.isdisjoint(texts[row]):
                     batch.append(row)
-                    seen.update(self.row_texts[row])
+                    seen.update(texts[row])
                 else:
-                    still_pending.append(row)
+                    waiting.append(row)
             while len(batch) < batch_size and position < len(order):
                 row = order[position]
                 position += 1
-                if seen.isdisjoint(self.row_texts[row]):
+                if seen.isdisjoint(texts[row]):
                     batch.append(row)
-                    seen.update(self.row_texts[row])
+                    seen.update(texts[row])
                 else:
-                    still_pending.append(row)
+                    deferred.append(row)
+                    num_deferred += 1
+            if len(batch) < batch_size and (waiting or deferred) and swapping:
+                # The shuffled rows have run out: every deferred row (up to the lookahead) is a candidate.
+                waiting += [deferred.popleft() for _ in range(min(lookahead - len(waiting), len(deferred)))]
+                waiting = self._swap_into_recent(batch, seen, waiting, recent, batch_size)
+                swapping = len(batch) == batch_size
+            deferred.extendleft(reversed(waiting))
             batches.append(batch)
-            pending = still_pending
+            if len(batch) == batch_size:
+                recent.append((batch, seen))
         if self.drop_last and batches and len(batches[-1]) < batch_size:
             batches.pop()
         # Every rank needs a row of every batch; only the tail of rows that clash with all others can fall short.
-        return [batch for batch in batches if len(batch) >= self.num_replicas]
+        kept = [batch for batch in batches if len(batch) >= self.num_replicas]
+        if num_deferred and self.rank == 0:
+            short = sum(len(batch) < batch_size for batch in kept[:-1])
+            left_out = sum(len(batch) for batch in batches) - sum(len(batch) for batch in kept)
+            log.info(
+                "Epoch %d: %d of %d rows shared a text with the batch being filled and went into a later one; "
+                "%d batches before the last are short (their rows share texts with every other row left)%s.",
+                self.epoch,
+                num_deferred,
+                len(texts),
+                short,
+                f"; {left_out} rows left out (fewer than one per process in a final batch)" if left_out else "",
+            )
+        return kept
+
+    def _swap_into_recent(
+        self,
+        batch: list[int],
+        seen: set[int],
+        waiting: list[int],
+        recent: deque[tuple[list[int], set[int]]],
+        batch_size: int,
+    ) -> list[int]:
+        """Fills ``batch`` by swaps: a waiting row goes into a recent full batch whose one clashing row (or any
+        row, if none clashes) fits ``batch`` and moves there. Returns the rows still waiting, in order."""
+        texts = self.row_texts
+        still_waiting = []
+        for row in waiting:
+            if len(batch) == batch_size:
+                still_waiting.append(row)
+                continue
+            for full, full_texts in reversed(recent):
+                common = texts[row] & full_texts
+                clashing = [x for x in full if not texts[x].isdisjoint(common)] if common else full
+                if len(clashing) > 1 and common:
+                    continue
+                out = next((x for x in clashing if seen.isdisjoint(texts[x])), None)
+                if out is None:
+                    continue
+                full[full.index(out)] = row
+                full_texts -= texts[out]
+                full_texts |= texts[row]
+                batch.append(out)
+                seen.update(texts[out])
+                break
+            else:
+                still_waiting.append(row)
+        return still_waiting
 
 
 class TaskSchedule(ResumableBatchSampler):
