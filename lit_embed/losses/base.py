@@ -20,4 +20,16 @@ class EmbeddingLoss(nn.Module):
 
     def batch_loss(self, encoder: nn.Module, batch: PairBatch) -> Tensor:
         """The loss of a batch: its queries and documents embedded by ``encoder``, then scored."""
-        return self(batch.queries.embed(encoder), batch.documents.embed(encoder))
+        return self.embeddings_loss(encoder, batch, batch.queries.embed(encoder), batch.documents.embed(encoder))
+
+    def embeddings_loss(self, encoder: nn.Module, batch: PairBatch, queries: Tensor, documents: Tensor) -> Tensor:
+        """The loss of a batch's embeddings ``queries [B, D]``, ``documents [B + N, D]``.
+
+        A loss that needs more of the batch than its embeddings (GIST: a guide's view of the same texts) overrides
+        this, and GradCache, which embeds the batch its own way, still hands it the batch.
+        """
+        return self(queries, documents)
+
+    def step_metrics(self) -> dict[str, Tensor]:
+        """What the last :meth:`batch_loss` measured besides the loss; the module logs each as ``train/<name>``."""
+        return {}

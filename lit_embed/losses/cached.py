@@ -113,7 +113,7 @@ class CachedLoss(EmbeddingLoss):
             rows[side.order].detach().requires_grad_() for rows, side in zip(grouped, sides, strict=True)
         )
         with torch.enable_grad():
-            loss = self.loss(queries, documents)
+            loss = self.loss.embeddings_loss(encoder, batch, queries, documents)
         if not torch.isfinite(loss):
             return loss.detach()  # the module reports or skips it; nothing to back-propagate
         embedding_grads = torch.autograd.grad(loss, [queries, documents])

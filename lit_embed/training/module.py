@@ -99,6 +99,8 @@ class EmbeddingFinetuneModule(L.LightningModule):
                 task_loss = losses.get(task, torch.tensor(float("nan"), device=loss.device))
                 self.log(f"train/loss/{task}", task_loss, batch_size=num_pairs, sync_dist=sync)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, batch_size=num_pairs)
+        for name, value in self.step_metrics(tasks).items():
+            self.log(f"train/{name}", value.float(), batch_size=num_pairs, sync_dist=sync, reduce_fx="sum")
         return loss
 
     def loss_for(self, task: str) -> EmbeddingLoss:
@@ -108,6 +110,16 @@ class EmbeddingFinetuneModule(L.LightningModule):
         if task not in self.loss:
             raise LitEmbedError(f"no loss for the task {task!r}: the losses are for {sorted(self.loss)}.")
         return self.loss[task]
+
+    def step_metrics(self, tasks: list[PairBatch]) -> dict[str, Tensor]:
+        """What this step's losses measured besides the loss (GIST's masked candidates), summed over the tasks."""
+        metrics: dict[str, Tensor] = {}
+        # A wrapped loss (GradCache's) reports too: every EmbeddingLoss inside each task's loss.
+        losses = [m for pairs in tasks for m in self.loss_for(pairs.task).modules() if isinstance(m, EmbeddingLoss)]
+        for loss in losses:
+            for name, value in loss.step_metrics().items():
+                metrics[name] = metrics.get(name, 0) + value
+        return metrics
 
     def configure_gradient_clipping(
         self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None

@@ -1,0 +1,189 @@
+"""loss=gist equals sentence-transformers' GISTEmbedLoss, caches its guide, and trains end to end."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import compose_train, tiny_run_overrides, write_toy_data
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, gist_embed
+
+from lit_embed.data.datamodule import PairCollator
+from lit_embed.data.tokens import TokenizedTexts
+from lit_embed.errors import InvalidValueError, LitEmbedError
+from lit_embed.losses.cached import CachedLoss
+from lit_embed.losses.gist import GISTLoss, gist
+from lit_embed.models.encoder import Encoder
+from lit_embed.train import run
+
+
+@pytest.fixture(scope="module")
+def st_model(tiny_model_path: str) -> SentenceTransformer:
+    return SentenceTransformer(tiny_model_path, device="cpu")
+
+
+def st_gist_of_embeddings(
+    st_model: SentenceTransformer,
+    monkeypatch: pytest.MonkeyPatch,
+    student: list[torch.Tensor],
+    guide: list[torch.Tensor],
+    **options: object,
+) -> torch.Tensor:
+    """sentence-transformers' loss on given embeddings: each column's features name its student and guide rows."""
+    guide_model = SentenceTransformer(modules=list(st_model), device="cpu")  # a second model, the same tokenizer
+    loss = GISTEmbedLoss(st_model, guide_model, **options)
+
+    def embed_columns(model: SentenceTransformer, features: list[dict]) -> list[torch.Tensor]:
+        return [(student if model is st_model else guide)[f["column"]] for f in features]
+
+    monkeypatch.setattr(gist_embed, "embed_columns", embed_columns)
+    return loss([{"column": i} for i in range(len(student))], labels=None)
+
+
+@pytest.mark.parametrize("negatives", [False, True])
+@pytest.mark.parametrize(("margin_strategy", "margin"), [("absolute", 0.0), ("absolute", 0.1), ("relative", 0.05)])
+@pytest.mark.parametrize("contrast", [True, False])
+def test_equals_sentence_transformers(
+    st_model: SentenceTransformer,
+    monkeypatch: pytest.MonkeyPatch,
+    negatives: bool,
+    margin_strategy: str,
+    margin: float,
+    contrast: bool,
+) -> None:
+    torch.manual_seed(7)
+    batch, dim, guide_dim = 16, 8, 6  # few dimensions, so the guide finds some candidates above the positive
+    columns = 3 if negatives else 2
+    student = [torch.randn(batch, dim, dtype=torch.float64) for _ in range(columns)]
+    guide = [torch.randn(batch, guide_dim, dtype=torch.float64) for _ in range(columns)]
+    guide[1] = guide[0] + 0.8 * guide[1]  # positives the guide scores high, as a real guide would
+    options = dict(
+        temperature=0.05,
+        margin_strategy=margin_strategy,
+        margin=margin,
+        contrast_anchors=contrast,
+        contrast_positives=contrast,
+    )
+    expected = st_gist_of_embeddings(st_model, monkeypatch, student, guide, **options)
+    # Ours takes the documents as one list: the positives, then the hard negatives (one per query here).
+    loss, masked = gist(student[0], torch.cat(student[1:]), guide[0], torch.cat(guide[1:]), **options)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert masked > 0  # the case is one where the guide drops candidates
+
+
+def test_a_dropped_candidate_is_counted_and_left_out() -> None:
+    """A candidate the guide scores above the positive leaves that query's softmax, and only that query's."""
+    torch.manual_seed(0)
+    queries, documents = torch.randn(3, 4), torch.randn(4, 4)  # 3 positives, 1 hard negative
+    guide_queries = torch.eye(3, 4)
+    guide_documents = torch.tensor([[0.9, 0.1, 0, 0], [0, 0.9, 0.1, 0], [0, 0, 0.9, 0.1], [1.0, 0, 0, 0]])
+    loss, masked = gist(
+        queries, documents, guide_queries, guide_documents, contrast_anchors=False, contrast_positives=False
+    )
+    assert masked.item() == 1  # query 0's guide scores the negative (1.0) above its positive (0.99)
+    scores = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(documents, dim=-1).T
+    scores[0, 3] = -torch.inf
+    expected = torch.nn.functional.cross_entropy(scores / 0.01, torch.arange(3))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("margin_strategy", "loose", "absolute"),
+        ("margin", -0.1, "margin"),
+        ("temperature", 0, "positive"),
+        ("contrast_anchors", "yes", "true or false"),
+        ("guide", "", "model path"),
+    ],
+)
+def test_bad_values_are_refused(key: str, value: object, message: str) -> None:
+    with pytest.raises(InvalidValueError, match=message):
+        GISTLoss(**{key: value})
+
+
+def collated(encoder: Encoder, size: int = 6, negatives: int = 1):
+    queries = [f"how to sort list number {i}" for i in range(size)]
+    documents = [f"def sort_{i}(xs): return sorted(xs) + [{i}]" for i in range(size * (1 + negatives))]
+    rows = [(i, i, tuple(size + i * negatives + k for k in range(negatives))) for i in range(size)]
+    collator = PairCollator(
+        rows, TokenizedTexts(queries, "query", encoder), TokenizedTexts(documents, "document", encoder), 2
+    )
+    return collator(list(range(size)))
+
+
+@pytest.mark.parametrize("negatives", [0, 1])
+def test_batch_loss_equals_sentence_transformers_on_the_model(
+    tiny_model_path: str, st_model: SentenceTransformer, negatives: int
+) -> None:
+    """Same model, guide (the base model) and batch: the same loss as GISTEmbedLoss, which embeds them itself."""
+    encoder = Encoder(tiny_model_path).eval()  # dropout off, so both embed alike
+    batch = collated(encoder, negatives=negatives)
+    ours = GISTLoss(temperature=0.05, margin=0.01)
+    loss = ours.batch_loss(encoder, batch)
+    guide = SentenceTransformer(tiny_model_path, device="cpu")
+    theirs = GISTEmbedLoss(encoder.model, guide, temperature=0.05, margin=0.01)
+    size = len(batch)
+    columns = [batch.queries.texts] + [
+        batch.documents.texts[start : start + size] for start in range(0, len(batch.documents), size)
+    ]
+    expected = theirs([encoder.model.preprocess(texts) for texts in columns], labels=None)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_guide_is_frozen_unsaved_and_embeds_each_text_once(tiny_model_path: str) -> None:
+    encoder = Encoder(tiny_model_path)
+    batch = collated(encoder)
+    loss = GISTLoss()
+    calls = []
+    loss.batch_loss(encoder, batch)
+    guide = loss.guide(encoder)
+    guide.register_forward_hook(lambda *args: calls.append(1))
+    first_state = {k: v.clone() for k, v in guide.state_dict().items()}
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)  # the student trains; the guide must not follow
+    loss.batch_loss(encoder, batch)  # every text is in the cache: the guide does not run
+    assert calls == []
+    assert list(loss.state_dict()) == [] and not any(p.requires_grad for p in guide.parameters())
+    assert all(torch.equal(v, first_state[k]) for k, v in guide.state_dict().items())
+    assert not guide.training
+    assert loss.step_metrics()["gist_masked"].dtype == torch.long
+
+
+def test_embeddings_alone_are_refused() -> None:
+    """Without the batch there are no texts for the guide: a wrapper calling the loss on embeddings is refused."""
+    with pytest.raises(LitEmbedError, match="embeddings_loss"):
+        GISTLoss()(torch.randn(2, 4), torch.randn(2, 4))
+
+
+def test_cached_gist_equals_gist(tiny_model_path: str) -> None:
+    encoder = Encoder(tiny_model_path).eval()
+    batch = collated(encoder, size=8)
+    plain = GISTLoss(margin=0.01)
+    expected = plain.batch_loss(encoder, batch)
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+    encoder.zero_grad()
+    cached = CachedLoss(GISTLoss(margin=0.01), mini_batch_size=3)
+    loss = cached.batch_loss(encoder, batch)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(encoder.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4)
+    assert cached.loss.step_metrics()["gist_masked"] == plain.step_metrics()["gist_masked"]
+
+
+@pytest.mark.parametrize("loss", ["gist", "cached_gist"])
+def test_tiny_run_logs_masked_candidates_and_exports(tmp_path: Path, loss: str) -> None:
+    train, _ = write_toy_data(tmp_path)
+    out = tmp_path / "run"
+    overrides = tiny_run_overrides(train, None, out, **{"trainer.max_steps": 2})
+    run(compose_train([*overrides, f"loss={loss}", "logger=csv"]))
+    assert (out / "model" / "modules.json").is_file()
+    rows = list(csv.DictReader((out / "logs" / "version_0" / "metrics.csv").open()))
+    masked = [float(row["train/gist_masked"]) for row in rows if row.get("train/gist_masked")]
+    assert len(masked) == 2 and all(count >= 0 for count in masked)
+    print(f"{loss}: train/gist_masked per step = {masked}")
