@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
+import torch
+
+from lit_embed.data import sampler as sampler_module
 from lit_embed.data.sampler import NoDuplicatesBatchSampler
 
 
@@ -51,3 +55,74 @@ def test_drop_last() -> None:
     rows = [(i, 100 + i) for i in range(20)]
     assert [len(b) for b in NoDuplicatesBatchSampler(rows, batch_size=8, drop_last=True)] == [8, 8]
     assert [len(b) for b in NoDuplicatesBatchSampler(rows, batch_size=8)] == [8, 8, 4]
+
+
+def mined_rows(n: int, pool: int = 200, seed: int = 0) -> list[tuple[int, ...]]:
+    # Like lit-embed-mine output: each row's query and positive are its own, its 3 negatives come from a small
+    # pool shared by many rows, so rows clash often.
+    rng = random.Random(seed)
+    return [(i, n + i, *(2 * n + k for k in rng.sample(range(pool), 3))) for i in range(n)]
+
+
+def assert_no_text_twice(rows: list[tuple[int, ...]], batches: list[list[int]]) -> None:
+    for batch in batches:
+        texts = [t for i in batch for t in rows[i]]
+        assert len(texts) == len(set(texts)), batch
+
+
+def test_mined_negatives_give_full_batches_and_drop_nothing() -> None:
+    rows = mined_rows(2000)
+    for epoch in range(3):
+        sampler = NoDuplicatesBatchSampler(rows, batch_size=16, seed=7)
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert [len(b) for b in batches[:-1]] == [16] * (len(batches) - 1)
+        assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+        assert_no_text_twice(rows, batches)
+
+
+def test_mined_negatives_under_two_ranks() -> None:
+    rows = mined_rows(2003, seed=1)
+    ranks = [NoDuplicatesBatchSampler(rows, batch_size=8, seed=2, num_replicas=2, rank=r) for r in range(2)]
+    per_rank = [list(s) for s in ranks]
+    assert len(per_rank[0]) == len(per_rank[1])
+    global_batches = [a + b for a, b in zip(*per_rank, strict=True)]
+    assert [len(b) for b in global_batches[:-1]] == [16] * (len(global_batches) - 1)
+    assert global_batches == ranks[0].global_batches()
+    assert sorted(i for b in global_batches for i in b) == list(range(len(rows)))
+    assert_no_text_twice(rows, global_batches)
+
+
+def test_mined_negatives_are_deterministic_and_resume_exactly() -> None:
+    rows = mined_rows(1000, seed=2)
+    first = NoDuplicatesBatchSampler(rows, batch_size=16, seed=4)
+    first.set_epoch(1)
+    epoch1 = list(first)
+    again = NoDuplicatesBatchSampler(rows, batch_size=16, seed=4)
+    again.set_epoch(1)
+    assert list(again) == epoch1
+    resumed = NoDuplicatesBatchSampler(rows, batch_size=16, seed=4)
+    resumed.resume_at(1, 20)
+    assert list(resumed) == epoch1[20:]
+
+
+def test_deferred_rows_are_logged_once_per_epoch(caplog) -> None:
+    sampler = NoDuplicatesBatchSampler(mined_rows(500), batch_size=16, seed=0)
+    with caplog.at_level(logging.INFO, logger=sampler_module.__name__):
+        list(sampler)
+        list(sampler)
+        len(sampler)
+    lines = [r.getMessage() for r in caplog.records if r.name == sampler_module.__name__]
+    assert len(lines) == 1
+    assert lines[0].startswith("Epoch 0: ") and "went into a later one" in lines[0]
+    assert "of 500 rows" in lines[0]
+
+
+def test_no_shared_texts_defer_nothing_and_log_nothing(caplog) -> None:
+    rows = [(i, 1000 + i, 2000 + i) for i in range(100)]
+    with caplog.at_level(logging.INFO, logger=sampler_module.__name__):
+        batches = list(NoDuplicatesBatchSampler(rows, batch_size=16, seed=0))
+    # Nothing waits: the batches are the shuffled order cut into pieces.
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(0)).tolist()
+    assert batches == [order[i : i + 16] for i in range(0, 100, 16)]
+    assert not caplog.records
