@@ -59,8 +59,8 @@ class PairBatch:
         document_rows: ``[B + N]`` the query (row of this batch) each document was given with, as a positive or a
             hard negative (``doc_to_doc`` scoring leaves a query's own documents out). None: not recorded.
         positives: ``[B + N]`` bool, set when rows hold several positives (``data.multi_positive``): which documents
-            are positives of their ``document_rows`` query. Row ``i < B`` is always one; the other positives follow
-            them, then the hard negatives. None: one positive per query, row ``i``.
+            are positives of their ``document_rows`` query. Row ``i < B`` is always one; the other positives come
+            after the hard negatives, so the first ``B + N`` rows keep their layout. None: one positive per query.
     """
 
     queries: TokenGroups

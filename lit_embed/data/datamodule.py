@@ -99,19 +99,20 @@ class PairCollator:
         # The batch row each document came with: positives, then the hard negatives, then further positives
         # last, so the first B + N rows keep the layout every loss reads.
         owners = [*range(len(rows)), *(i for i, (_, _, negatives) in enumerate(rows) for _ in negatives)]
-        positives = None
+        extra: dict[str, Any] = {"document_rows": torch.tensor(owners, dtype=torch.long)}  # [B + N]
         if self.other_positives:
-            others = [self.other_positives[i] for i in indices]
-            doc_ids += [d for row_others in others for d in row_others]
-            owners += [i for i, row_others in enumerate(others) for _ in row_others]
-            positives = torch.ones(len(doc_ids), dtype=torch.bool)
-            positives[len(rows) : len(rows) + len(doc_ids) - len(owners) + len(owners) - sum(map(len, others)) - len(rows)] = False
+            others = [(i, d) for i, row in enumerate(indices) for d in self.other_positives[row]]
+            doc_ids += [d for _, d in others]
+            positives = torch.ones(len(doc_ids), dtype=torch.bool)  # [B + N + M]
+            positives[len(rows) : len(owners)] = False  # the hard negatives
+            extra = {"document_rows": torch.tensor(owners + [i for i, _ in others]), "positives": positives}
         return PairBatch(
             queries=self.queries.collate([query for query, _, _ in rows], self.length_groups),
             documents=self.documents.collate(doc_ids, self.length_groups),
             query_ids=[self.query_ids[i] for i in indices] if self.query_ids else [],
             task=self.task,
             **self._scored(indices, rows),
+            **extra,
         )
 
     def _scored(self, indices: Sequence[int], rows: list[tuple[int, int, tuple[int, ...]]]) -> dict[str, Any]:

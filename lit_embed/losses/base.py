@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lit_embed.batch import PairBatch
+from lit_embed.errors import LitEmbedError
 
 
 class EmbeddingLoss(nn.Module):
@@ -28,6 +29,12 @@ class EmbeddingLoss(nn.Module):
         A loss that needs more of the batch than its embeddings (GIST: a guide's view of the same texts) overrides
         this, and GradCache, which embeds the batch its own way, still hands it the batch.
         """
+        if batch.positives is not None:
+            raise LitEmbedError(
+                f"{type(self).__name__} scores one positive per query, but the rows hold several "
+                "(data.multi_positive=true): train them with loss=mnrl, cached_mnrl or matryoshka, or set "
+                "data.multi_positive=false."
+            )
         return self(queries, documents)
 
     def step_metrics(self) -> dict[str, Tensor]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from lit_embed.batch import PairBatch
 from lit_embed.errors import LitEmbedError, is_int, is_number
 from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.cached import CachedLoss
@@ -86,6 +87,14 @@ class MatryoshkaLoss(EmbeddingLoss):
 
     def forward(self, queries: Tensor, documents: Tensor) -> Tensor:
         return matryoshka(self.loss, queries, documents, self.dims, self.weights)
+
+    def embeddings_loss(self, encoder: nn.Module, batch: PairBatch, queries: Tensor, documents: Tensor) -> Tensor:
+        """As :meth:`forward`, the wrapped loss seeing the batch too (which documents are a query's positives)."""
+
+        def loss(prefix_queries: Tensor, prefix_documents: Tensor) -> Tensor:
+            return self.loss.embeddings_loss(encoder, batch, prefix_queries, prefix_documents)
+
+        return matryoshka(loss, queries, documents, self.dims, self.weights)
 
     def extra_repr(self) -> str:
         return f"dims={list(self.dims)}, weights={list(self.weights)}"
