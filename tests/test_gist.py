@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,11 @@ def test_tiny_run_logs_masked_candidates_and_exports(tmp_path: Path, loss: str) 
     masked = [float(row["train/gist_masked"]) for row in rows if row.get("train/gist_masked")]
     assert len(masked) == 2 and all(count >= 0 for count in masked)
     print(f"{loss}: train/gist_masked per step = {masked}")
+
+
+def test_several_positives_per_query_are_refused(tiny_model_path: str) -> None:
+    encoder = Encoder(tiny_model_path)
+    batch = collated(encoder)
+    several = replace(batch, positives=torch.ones(len(batch.documents), dtype=torch.bool))
+    with pytest.raises(LitEmbedError, match="data.multi_positive=false"):
+        GISTLoss().batch_loss(encoder, several)
