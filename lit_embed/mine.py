@@ -40,6 +40,7 @@ from lit_embed.errors import LitEmbedError, reported
 from lit_embed.evaluation.ir import exact_search
 from lit_embed.evaluation.retrieval import TextEncoder
 from lit_embed.models.encoder import Encoder, check_module_classes
+from lit_embed.score import Scorer, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def mine_hard_negatives(
     corpus_chunk_size: int = 50_000,
     batch_size: int = 64,
     use_faiss: bool | None = None,
+    teacher: Scorer | None = None,
 ) -> QADataset:
     """Fills ``hard_negatives`` with the encoder's top-ranked non-relevant documents for every query.
 
@@ -71,6 +73,11 @@ def mine_hard_negatives(
         corpus_chunk_size: corpus rows scored at once by the torch search.
         batch_size: texts per encoder call.
         use_faiss: True = faiss ``IndexFlatIP`` (must be installed), False = torch, None = faiss if installed.
+        teacher: a stronger scorer of (query, document) pairs (``lit_embed.score.load_teacher``: a cross-encoder),
+            as sentence-transformers' ``cross_encoder``: it rescores the candidates in the window and the
+            positives, the margins apply to its scores (no margin given: candidates it scores at least as high as
+            the positive are dropped), and its scores of each query's positives and kept negatives are returned
+            in ``teacher_scores``, ready for ``loss=margin_mse``.
 
     Returns:
         A copy of the dataset whose ``hard_negatives`` (replacing any it had) map each query id that got at least
@@ -114,10 +121,28 @@ def mine_hard_negatives(
     rank = (~relevant).cumsum(dim=1) - 1  # [Q, k] rank among the query's non-relevant documents
     in_window = ~relevant & (rank >= range_min) & (rank < range_max)
 
+    if teacher is not None:
+        # The teacher rescores the window and the positives; its scores decide the margins, as in
+        # sentence-transformers' mine_hard_negatives with a cross_encoder.
+        query_texts, doc_texts = list(query_row_of_text), list(doc_row_of_text)
+        where = in_window.nonzero().tolist()  # [(query row, column)]
+        judged = teacher([(query_texts[q], doc_texts[int(indices[q, c])]) for q, c in where])
+        # float64: the scores are written out for distillation as the teacher gave them.
+        scores = torch.full_like(scores, -torch.inf, dtype=torch.float64)
+        at = torch.tensor(where, dtype=torch.long, device=scores.device).reshape(-1, 2).T
+        scores[tuple(at)] = torch.tensor(judged, dtype=torch.float64, device=scores.device)
+        positive_pairs = [(query_texts[q], doc_texts[d]) for q, d in pairs.tolist()]
+        pair_scores = torch.tensor(teacher(positive_pairs), dtype=torch.float64, device=scores.device)  # [P]
+        # With no margin given, a candidate the teacher rates at least as relevant as the positive is dropped.
+        if relative_margin is None and absolute_margin is None:
+            absolute_margin = 0.0
+    else:
+        pair_scores = (queries[pairs[:, 0]] * documents[pairs[:, 1]]).sum(dim=-1)  # [P]
+
     keep = in_window
     if relative_margin is not None or absolute_margin is not None:
-        pair_scores = (queries[pairs[:, 0]] * documents[pairs[:, 1]]).sum(dim=-1)  # [P]
-        positive = torch.full_like(queries[:, 0], torch.inf).scatter_reduce(0, pairs[:, 0], pair_scores, "amin")
+        positive = torch.full_like(queries[:, 0], torch.inf, dtype=pair_scores.dtype)
+        positive = positive.scatter_reduce(0, pairs[:, 0], pair_scores, "amin")
         positive = positive.unsqueeze(1)  # [Q, 1]
         if absolute_margin is not None:
             keep = keep & (scores < positive - absolute_margin)
@@ -136,7 +161,18 @@ def mine_hard_negatives(
         if counts[row]:
             hard_negatives[qid] = [row_doc_ids[d] for d in chosen[row][: counts[row]]]
     _log_summary(query_ids, hard_negatives, num_negatives, int((in_window & ~keep).sum()))
-    return dataclasses.replace(dataset, hard_negatives=hard_negatives)
+    if teacher is None:
+        return dataclasses.replace(dataset, hard_negatives=hard_negatives)
+    # The teacher's scores of each query's positives and kept negatives, for loss=margin_mse / kl_distill.
+    positive_of = {(q, d): score for (q, d), score in zip(pairs.tolist(), pair_scores.tolist(), strict=True)}
+    chosen_scores = scores.gather(1, columns).tolist()  # [Q, <= num_negatives]
+    teacher_scores: dict[str, dict[str, float]] = {}
+    for qid in query_ids:
+        row = query_row_of_text[dataset.queries[qid]]
+        judged = {d: positive_of[row, doc_row_of_text[dataset.corpus[d]]] for d in dataset.relevant_docs[qid]}
+        judged |= {row_doc_ids[d]: s for d, s in zip(chosen[row][: counts[row]], chosen_scores[row], strict=False)}
+        teacher_scores[qid] = judged
+    return dataclasses.replace(dataset, hard_negatives=hard_negatives, teacher_scores=teacher_scores)
 
 
 def _search(
@@ -239,6 +275,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="texts per encoder call (default 64)")
     parser.add_argument(
+        "--teacher",
+        help="a cross-encoder (or bi-encoder) that rescores the candidates: those it scores within the margin of the "
+        "positive (default: at or above it) are dropped, and its scores are written for loss=margin_mse",
+    )
+    parser.add_argument(
+        "--teacher-type", choices=("auto", "cross-encoder", "bi-encoder"), default="auto", help="as lit-embed-score's"
+    )
+    parser.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="let the model run code from outside sentence-transformers (custom module classes); only if you trust it",
@@ -254,6 +298,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         _check_settings(args.num_negatives, args.range_min, args.range_max, *margins, args.batch_size)
         dataset = load_dataset(args.data)
         encoder = _load_encoder(args.model, args.trust_remote_code)
+        teacher = None
+        if args.teacher is not None:
+            check_module_classes(args.teacher, args.trust_remote_code, fix="pass --trust-remote-code")
+            teacher = load_teacher(args.teacher, args.teacher_type, args.batch_size, args.trust_remote_code)
         mined = mine_hard_negatives(
             dataset,
             encoder,
@@ -263,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             relative_margin=args.relative_margin,
             absolute_margin=args.absolute_margin,
             batch_size=args.batch_size,
+            teacher=teacher,
         )
         examples = training_examples(mined, use_all_docs=args.use_all_docs)
         save_jsonl(examples, args.out)

@@ -270,3 +270,49 @@ def test_command_line_settings_are_checked_before_the_model_loads(
     with pytest.raises(SystemExit) as stopped:
         main(["no_such.json", str(tmp_path / "out.jsonl"), "--batch-size", "0"])
     assert stopped.value.code == 2 and "batch_size=0: embed at least 1 text" in caplog.text
+
+
+def test_a_teacher_drops_what_it_scores_as_high_as_the_positive_and_its_scores_are_kept() -> None:
+    """As sentence-transformers' cross_encoder: the teacher, not the ranker, decides the margins."""
+    dataset, encoder = scored({"a": 0.95, "b": 0.9, "c": 0.8, "d": 0.7, "e": 0.6}, {"q": ["a"]})
+    teacher_scores = {"text of a": 0.7, "text of b": 0.1, "text of c": 0.9, "text of d": 0.3, "text of e": 0.69}
+    calls = []
+
+    def teacher(pairs: list[tuple[str, str]]) -> list[float]:
+        calls.append(len(pairs))
+        return [teacher_scores[document] for _, document in pairs]
+
+    result = mine_hard_negatives(dataset, encoder, num_negatives=3, range_max=4, teacher=teacher)
+    # c scores above the positive for the teacher: an unlabelled answer; e, just below it, stays.
+    assert result.hard_negatives == {"q": ["b", "d", "e"]}
+    assert result.teacher_scores == {"q": {"a": 0.7, "b": 0.1, "d": 0.3, "e": 0.69}}
+    assert calls == [4, 1]  # the window's four candidates, then the positive: nothing else is scored
+    margin = mine_hard_negatives(dataset, encoder, num_negatives=3, range_max=4, absolute_margin=0.5, teacher=teacher)
+    assert margin.hard_negatives == {"q": ["b"]}  # d (0.3) is within 0.5 of the positive (0.7)
+
+
+def test_command_line_teacher_writes_scores_that_train_with_margin_mse(
+    tmp_path: Path, tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from lit_embed.models.tiny import build_tiny_cross_encoder
+
+    teacher = build_tiny_cross_encoder(tmp_path_factory.mktemp("teacher") / "cross_encoder")
+    save_llamaindex_json(toy_split(30), tmp_path / "train.json")
+    out = tmp_path / "mined.jsonl"
+    main(
+        [
+            str(tmp_path / "train.json"),
+            str(out),
+            "--model",
+            tiny_model_path,
+            "--num-negatives",
+            "2",
+            "--teacher",
+            teacher,
+        ]
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(len(row["scores"]) == 1 + len(row["negatives"]) for row in rows)
+    assert all(score < row["scores"][0] for row in rows for score in row["scores"][1:])
+    data = load_dataset(out)
+    assert data.teacher_scores and all(math.isfinite(s) for q in data.teacher_scores.values() for s in q.values())
