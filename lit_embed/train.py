@@ -33,7 +33,7 @@ from lit_embed.config import (
 from lit_embed.console import quiet_third_party_output
 from lit_embed.errors import FinishedRunError, LitEmbedError, StoppedError, reported
 from lit_embed.evaluation import METRIC_NAMES
-from lit_embed.losses.base import EmbeddingLoss
+from lit_embed.losses.base import EmbeddingLoss, check_several_positives
 from lit_embed.losses.distill import check_distillation_data
 from lit_embed.models.precomputed import PrecomputedEmbeddings
 from lit_embed.sweeps import sweep_job
@@ -142,6 +142,7 @@ def _train(
     module = build_module(cfg, datamodule)
     if isinstance(module.loss, EmbeddingLoss):  # a multi-task loss meets its data at the first batch
         check_distillation_data(module.loss, getattr(datamodule, "has_teacher_scores", False))
+        check_several_positives(module.loss, getattr(datamodule, "multi_positive", False))
     if lock is not None and not lock.held:
         lock.acquire()  # a new folder, once data and model are known to be good
     if resumed is not None:

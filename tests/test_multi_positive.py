@@ -155,3 +155,13 @@ def test_a_loss_of_one_positive_refuses_multi_positive_rows(tmp_path: Path, tiny
     batch = dm.collator(next(iter(dm.batch_sampler())))
     with pytest.raises(LitEmbedError, match="OnePositive scores one positive per query.*data.multi_positive=false"):
         OnePositive().batch_loss(tiny_encoder, batch)
+
+
+@pytest.mark.parametrize("loss", ["loss=gist", "loss.directions=[query_to_doc,doc_to_query]"])
+def test_a_run_whose_loss_scores_one_positive_is_refused_before_training(tmp_path: Path, loss: str) -> None:
+    save_llamaindex_json(several_relevant(24), tmp_path / "train.json")
+    out = tmp_path / "run"
+    overrides = tiny_run_overrides(tmp_path / "train.json", None, out, **{"data.multi_positive": "true"})
+    with pytest.raises(LitEmbedError, match="data.multi_positive=true gives each row several positives"):
+        run(compose_train([*overrides, loss]))
+    assert not (out / "checkpoints").exists() and not (out / "model").exists()

@@ -37,6 +37,20 @@ class EmbeddingLoss(nn.Module):
             )
         return self(queries, documents)
 
+    def scores_several_positives(self) -> bool:
+        """Whether :meth:`embeddings_loss` trains rows with several positives (``data.multi_positive``)."""
+        return False
+
     def step_metrics(self) -> dict[str, Tensor]:
         """What the last :meth:`batch_loss` measured besides the loss; the module logs each as ``train/<name>``."""
         return {}
+
+
+def check_several_positives(loss: nn.Module, multi_positive: bool) -> None:
+    """Refuses, before training, rows with several positives for a loss that would take them for negatives."""
+    if multi_positive and not (isinstance(loss, EmbeddingLoss) and loss.scores_several_positives()):
+        raise LitEmbedError(
+            f"data.multi_positive=true gives each row several positives, but {type(loss).__name__} scores one per "
+            "query (loss.directions other than [query_to_doc] included): train them with loss=mnrl, cached_mnrl or "
+            "matryoshka, or set data.multi_positive=false."
+        )

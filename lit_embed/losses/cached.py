@@ -134,5 +134,8 @@ class CachedLoss(EmbeddingLoss):
         used = [(param, total) for param, total in zip(params, totals, strict=True) if total is not None]
         return _WithGradients.apply(loss.detach(), [total for _, total in used], *(param for param, _ in used))
 
+    def scores_several_positives(self) -> bool:
+        return self.loss.scores_several_positives()
+
     def extra_repr(self) -> str:
         return f"mini_batch_size={self.mini_batch_size}"

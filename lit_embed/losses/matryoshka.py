@@ -96,5 +96,8 @@ class MatryoshkaLoss(EmbeddingLoss):
 
         return matryoshka(loss, queries, documents, self.dims, self.weights)
 
+    def scores_several_positives(self) -> bool:
+        return self.loss.scores_several_positives()
+
     def extra_repr(self) -> str:
         return f"dims={list(self.dims)}, weights={list(self.weights)}"

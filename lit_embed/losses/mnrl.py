@@ -304,6 +304,9 @@ class MultipleNegativesRankingLoss(EmbeddingLoss):
     def embeddings_loss(self, encoder: nn.Module, batch: PairBatch, queries: Tensor, documents: Tensor) -> Tensor:
         return self(queries, documents, batch.document_rows, batch.positives)
 
+    def scores_several_positives(self) -> bool:
+        return self.directions == ("query_to_doc",)
+
     def extra_repr(self) -> str:
         return (
             f"scale={self.scale}, gather_across_devices={self.gather_across_devices}, "
