@@ -135,8 +135,8 @@ def nan_on_call(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
     original = MultipleNegativesRankingLoss.forward
     calls = {"n": 0}
 
-    def forward(self, queries, documents):
-        loss = original(self, queries, documents)
+    def forward(self, queries, documents, *batch_layout):
+        loss = original(self, queries, documents, *batch_layout)
         calls["n"] += 1
         return loss * float("nan") if calls["n"] - 1 == call else loss
 
