@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_embed.console import quiet_third_party_output
-from lit_embed.data.schema import read_text
+from lit_embed.data.json_files import json_lines
 from lit_embed.errors import DataFormatError, LitEmbedError, reported
 from lit_embed.files import write_text_atomic
 
@@ -71,16 +71,7 @@ def score_file(source: str | Path, out: str | Path, scorer: Scorer, batch_size: 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """The file's rows, each checked: a text query and positive and a list of text negatives."""
     rows = []
-    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(
-                f"{where}: malformed JSON ({err.msg}, column {err.colno}). Fix or remove the line."
-            ) from None
+    for lineno, where, row in json_lines(path):
         texts = isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("query", "positive"))
         negatives = row.setdefault("negatives", []) if texts else None
         if not texts or not isinstance(negatives, list) or not all(isinstance(t, str) for t in negatives):

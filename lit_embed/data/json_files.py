@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,22 @@ def load_llamaindex_json(path: str | os.PathLike, policy: SkipPolicy = DEFAULT_P
     return validate(dataset, str(path), policy)
 
 
+def json_lines(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "FILE, line N", parsed value)`` for each non-blank line; a bad line is one error naming it."""
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            yield lineno, where, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(
+                f"{where}: malformed JSON ({err.msg}, column {err.colno}). Fix or remove the line."
+            ) from None
+        except RecursionError:
+            raise DataFormatError(f"{where}: JSON nested too deeply to be a record. Fix or remove the line.") from None
+
+
 def load_jsonl(path: str | os.PathLike, policy: SkipPolicy = DEFAULT_POLICY) -> QADataset:
     """Loads ``{"query", "positive", "negatives"}`` lines; equal texts share one id.
 
@@ -94,19 +111,8 @@ def load_jsonl(path: str | os.PathLike, policy: SkipPolicy = DEFAULT_POLICY) -> 
     path = Path(path)
     rows = []
     skipped = Skipped()
-    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, where, row in json_lines(path):
         skipped.records += 1
-        where = f"{path}, line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(
-                f"{where}: malformed JSON ({err.msg}, column {err.colno}). Fix or remove the line."
-            ) from None
-        except RecursionError:
-            raise DataFormatError(f"{where}: JSON nested too deeply to be a record. Fix or remove the line.") from None
         if not isinstance(row, dict) or "query" not in row or "positive" not in row:
             raise DataFormatError(
                 f'{where}: each line must be an object with "query" and "positive" (and optionally "negatives").'
