@@ -53,9 +53,11 @@ class PairBatch:
             batch's hard negatives. Every document is a candidate for every query (in-batch negatives).
         query_ids: where each query came from, for error messages.
         task: the task these pairs belong to (``""`` for single-task data).
-        scores: ``[B, 1 + k]`` a teacher's scores of each query's positive and its ``k`` hard negatives, for the
-            distillation losses (None: the data has none).
-        candidates: ``[B, 1 + k]`` the rows of ``documents`` those scores are of (set with ``scores``).
+        scores: ``[B, 1 + k]`` a teacher's scores of each query's positive and its hard negatives, for the
+            distillation losses (None: the data has none). ``k`` is the most negatives any row of the batch has; a
+            row with fewer is padded with NaN.
+        candidates: ``[B, 1 + k]`` the rows of ``documents`` those scores are of (set with ``scores``), -1 where a
+            row is padded: ``candidates >= 0`` is the mask of real candidates. Column 0, the positive, is row ``i``.
         document_rows: ``[B + N]`` the query (row of this batch) each document was given with, as a positive or a
             hard negative (``doc_to_doc`` scoring leaves a query's own documents out). None: not recorded.
         positives: ``[B + N]`` bool, set when rows hold several positives (``data.multi_positive``): which documents

@@ -81,15 +81,77 @@ def test_batch_loss_takes_each_querys_own_candidates() -> None:
         assert loss.batch_loss(encoder, batch) == loss(queries, documents[candidates], scores)
 
 
-def test_refuses_a_batch_without_scores_or_negatives() -> None:
+def test_refuses_a_batch_without_scores() -> None:
     groups = TokenGroups([{"x": torch.randn(2, 4)}], torch.arange(2))
     with pytest.raises(LitEmbedError, match="lit-embed-score"):
         OurMarginMSE().batch_loss(lambda f: f["x"], PairBatch(groups, groups))
-    positives_only = PairBatch(groups, groups, scores=torch.randn(2, 1), candidates=torch.arange(2)[:, None])
-    with pytest.raises(LitEmbedError, match="at least one hard negative"):
-        KLDistillLoss().batch_loss(lambda f: f["x"], positives_only)
     with pytest.raises(InvalidValueError, match="temperature"):
         KLDistillLoss(temperature=0)
+
+
+def padded_batch(counts: list[int], dim: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, ``[B, 1 + k_max, D]`` candidates and ``[B, 1 + k_max]`` scores, rows padded as the collator pads
+    them (NaN scores), and the mask of real candidates; padded slots hold embeddings that must not count."""
+    torch.manual_seed(sum(counts))
+    size, width = len(counts), 1 + max(counts)
+    queries = torch.randn(size, dim, dtype=torch.float64)
+    candidates = torch.randn(size, width, dim, dtype=torch.float64) * 2
+    mask = torch.arange(width) <= torch.tensor(counts)[:, None]  # [B, 1 + k_max]
+    scores = (torch.randn(size, width, dtype=torch.float64) * 3).masked_fill(~mask, torch.nan)
+    return queries, candidates, scores, mask
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_masked_losses_equal_the_losses_of_each_rows_own_candidates(temperature: float) -> None:
+    """Padding changes nothing: the mean over every row's real margins, the mean over rows of each row's KL."""
+    counts = [3, 0, 1, 2, 3]
+    queries, candidates, scores, mask = padded_batch(counts)
+    queries.requires_grad_()
+    errors, kls = [], []
+    for i, k in enumerate(counts):
+        student = candidates[i, : 1 + k] @ queries[i]  # [1 + k] this row alone, unpadded
+        teacher = scores[i, : 1 + k]
+        errors.append(((student[0] - student[1:]) - (teacher[0] - teacher[1:])) ** 2)  # [k]
+        teacher_probs = torch.softmax(teacher / temperature, dim=0)
+        log_ratio = teacher_probs.log() - torch.log_softmax(student / temperature, dim=0)
+        kls.append((teacher_probs * log_ratio).sum() * temperature**2)
+    expected = {
+        "margin_mse": (torch.cat(errors).mean(), OurMarginMSE()),
+        "kl_distill": (torch.stack(kls).mean(), KLDistillLoss(temperature)),
+    }
+    for name, (reference, loss) in expected.items():
+        (expected_grad,) = torch.autograd.grad(reference, queries, retain_graph=True)  # both share the student
+        value = loss(queries, candidates, scores, mask)
+        (grad,) = torch.autograd.grad(value, queries)
+        assert value.item() == pytest.approx(reference.item(), abs=1e-9), name
+        torch.testing.assert_close(grad, expected_grad, atol=1e-9, rtol=0, msg=name)
+    # Every row full: the mask is all True and changes nothing (the parity tests above run without one).
+    full = torch.ones_like(mask)
+    scores = scores.nan_to_num(0.0)
+    for loss in (OurMarginMSE(), KLDistillLoss(temperature)):
+        assert loss(queries, candidates, scores, full).item() == pytest.approx(
+            loss(queries, candidates, scores).item(), abs=1e-12
+        )
+
+
+@pytest.mark.parametrize("loss", [OurMarginMSE(), KLDistillLoss(0.5)], ids=["margin_mse", "kl_distill"])
+def test_a_batch_without_negatives_gives_a_zero_loss_with_a_gradient(loss) -> None:
+    """Rows whose mining kept no negative: the step trains nothing but runs, and backward reaches the encoder."""
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    encoder = lambda features: features["x"] @ weight  # noqa: E731
+    groups = TokenGroups([{"x": torch.randn(2, 4)}], torch.arange(2))
+    positives_only = PairBatch(groups, groups, scores=torch.randn(2, 1), candidates=torch.arange(2)[:, None])
+    value = loss.batch_loss(encoder, positives_only)
+    assert value.item() == 0.0 and value.requires_grad
+    value.backward()
+    assert weight.grad is not None and torch.equal(weight.grad, torch.zeros_like(weight))
+    # Padded to a negative no row has: still zero, not NaN.
+    _, candidates, scores, mask = padded_batch([0, 0], dim=4)
+    queries = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    value = loss(queries, candidates, scores, mask)
+    assert value.item() == 0.0
+    (grad,) = torch.autograd.grad(value, queries)
+    assert torch.equal(grad, torch.zeros_like(grad))
 
 
 @pytest.mark.parametrize(("name", "cls"), [("margin_mse", OurMarginMSE), ("kl_distill", KLDistillLoss)])
@@ -138,15 +200,44 @@ def test_scores_travel_from_the_file_to_the_batch(tmp_path, tiny_encoder) -> Non
     ]
 
 
-def test_rows_with_different_numbers_of_negatives_are_refused_with_scores(tmp_path) -> None:
-    rows = scored_rows(6, k=3)
-    rows[2] = scored_rows(3, k=1)[2]
-    path = write_jsonl(tmp_path / "s.jsonl", rows)
-    with pytest.raises(DataFormatError, match=r"from 1 to 3 hard negatives.*data.max_negatives=1"):
-        QAPairDataModule(str(path), batch_size=2).prepare_data()
-    data = QAPairDataModule(str(path), batch_size=2, max_negatives=1)
-    data.prepare_data()
-    assert {len(e.scores) for e in data._examples} == {2}
+def uneven_rows(n: int) -> list[dict]:
+    """Scored rows with 0, 1 and 2 hard negatives in turn, as lit-embed-mine's margins leave them."""
+    rows = scored_rows(n, k=2)
+    for i, row in enumerate(rows):
+        k = i % 3
+        row["negatives"], row["scores"] = row["negatives"][:k], row["scores"][: 1 + k]
+    return rows
+
+
+def test_rows_with_different_numbers_of_negatives_are_padded_in_the_batch(tmp_path, tiny_encoder, caplog) -> None:
+    path = write_jsonl(tmp_path / "s.jsonl", uneven_rows(6))
+    data = QAPairDataModule(str(path), batch_size=3)
+    with caplog.at_level("INFO", logger="lit_embed.data.datamodule"):
+        data.prepare_data()
+    assert f"{path}: 2 of 6 training rows have no hard negatives" in caplog.text
+    assert data.has_teacher_scores
+    data.tokenize(tiny_encoder)
+    batch = data.collator([2, 0, 4])  # 2, 0 and 1 negatives
+    assert batch.candidates.tolist() == [[0, 3, 4], [1, -1, -1], [2, 5, -1]]
+    assert batch.scores[~(batch.candidates >= 0)].isnan().all()
+    assert batch.scores[batch.candidates >= 0].tolist() == [7.0, -2.0, -1.0, 5.0, 9.0, -4.0]
+    texts = [data.collator.documents.texts[d] for d in _document_rows(data, [2, 0, 4])]
+    assert [[texts[c] for c in row if c >= 0] for row in batch.candidates.tolist()] == [
+        ["answer 2", "wrong answer 2.0", "wrong answer 2.1"],
+        ["answer 0"],
+        ["answer 4", "wrong answer 4.0"],
+    ]
+    no_negatives = data.collator([0, 3])
+    assert no_negatives.candidates.tolist() == [[0], [1]] and no_negatives.scores.tolist() == [[5.0], [8.0]]
+    trimmed = QAPairDataModule(str(path), batch_size=2, max_negatives=1)
+    trimmed.prepare_data()
+    assert [len(e.scores) for e in trimmed._examples] == [1, 2, 2, 1, 2, 2]
+
+
+def _document_rows(data: QAPairDataModule, indices: list[int]) -> list[int]:
+    """The batch's documents as rows of the collator's texts: positives, then each row's negatives."""
+    rows = [data.collator.rows[i] for i in indices]
+    return [p for _, p, _ in rows] + [n for _, _, negatives in rows for n in negatives]
 
 
 def test_wrong_scores_are_a_file_error_and_nonfinite_ones_a_skipped_line(tmp_path) -> None:
@@ -176,3 +267,38 @@ def test_a_distillation_run_on_data_without_scores_is_refused_before_training(tm
     with pytest.raises(LitEmbedError, match="lit-embed-score"):
         run(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("loss", ["margin_mse", "kl_distill"])
+def test_rows_with_zero_one_and_two_negatives_train_to_completion(tmp_path, loss: str) -> None:
+    from helpers import compose_train, tiny_run_overrides
+
+    from lit_embed.train import run
+
+    path = write_jsonl(tmp_path / "mined.jsonl", uneven_rows(24))
+    overrides = {"data.batch_size": 4, "trainer.max_steps": 4}
+    metrics = run(compose_train(tiny_run_overrides(path, None, tmp_path / "run", loss=loss, **overrides)))
+    assert metrics is not None and (tmp_path / "run" / "model" / "modules.json").exists()
+
+
+def test_scores_without_a_single_negative_are_refused_before_training(tmp_path, capsys, caplog) -> None:
+    from helpers import compose_train, tiny_run_overrides
+
+    from lit_embed.errors import reported
+    from lit_embed.train import run
+
+    path = write_jsonl(tmp_path / "unmined.jsonl", scored_rows(8, k=0))
+    cfg = compose_train(tiny_run_overrides(path, None, tmp_path / "run", loss="margin_mse"))
+    caplog.set_level("INFO", logger="lit_embed.data.datamodule")
+    with pytest.raises(SystemExit) as exit_info, reported("lit-embed-train"):
+        run(cfg)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "MarginMSELoss: the training data has no teacher scores of hard negatives: mine negatives with" in err
+    assert "lit-embed-mine" in err and "lit-embed-score" in err and "Traceback" not in err
+    assert f"{path}: none of the 8 training rows has a hard negative" in caplog.text
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # The same data is fine for a loss that reads no scores: it is the distillation loss that refuses it.
+    data = QAPairDataModule(str(path), batch_size=4)
+    data.prepare_data()
+    assert not data.has_teacher_scores

@@ -84,7 +84,7 @@ class PairCollator:
         scores: Sequence[tuple[float, ...]] | None = None,
     ):
         self.rows = rows
-        self.scores = scores  # a teacher's scores of each row's positive and negatives (every row has k negatives)
+        self.scores = scores  # a teacher's scores of each row's positive, then of each of its negatives
         self.query_ids = query_ids
         self.task = task
         self.queries = queries
@@ -116,16 +116,23 @@ class PairCollator:
         )
 
     def _scored(self, indices: Sequence[int], rows: list[tuple[int, int, tuple[int, ...]]]) -> dict[str, Any]:
-        """The teacher's scores of the batch's rows and where their documents are: positives, then negatives."""
+        """The teacher's scores of the batch's rows and where their documents are: positives, then negatives.
+
+        Rows are padded to the batch's most negatives ``k``: candidates -1 and scores NaN (see :class:`PairBatch`).
+        """
         if self.scores is None:
             return {}
-        size, k = len(rows), len(rows[0][2])
-        row = torch.arange(size)[:, None]
-        negatives = size + row * k + torch.arange(k)  # [B, k]: row i's negatives follow the B positives, in order
-        return {
-            "scores": torch.tensor([self.scores[i] for i in indices], dtype=torch.float32),  # [B, 1 + k]
-            "candidates": torch.cat([row, negatives], dim=1),  # [B, 1 + k]
-        }
+        size = len(rows)
+        counts = torch.tensor([len(negatives) for _, _, negatives in rows])  # [B]
+        real = torch.arange(1 + int(counts.max())) <= counts[:, None]  # [B, 1 + k]
+        candidates = torch.full(real.shape, -1)
+        candidates[:, 0] = torch.arange(size)
+        # Row-major order of the mask is the documents' order: row i's negatives follow the B positives and the
+        # negatives of rows before it.
+        candidates[:, 1:][real[:, 1:]] = torch.arange(size, size + int(counts.sum()))
+        scores = torch.full(real.shape, torch.nan)
+        scores[real] = torch.tensor([s for i in indices for s in self.scores[i]], dtype=torch.float32)
+        return {"scores": scores, "candidates": candidates}  # both [B, 1 + k]
 
 
 class ResumableDataModule(L.LightningDataModule):
@@ -270,8 +277,7 @@ class QAPairDataModule(ResumableDataModule):
                 )
             if self.max_negatives is not None:
                 self._examples = [self._trimmed(e) for e in self._examples]
-            if self.has_teacher_scores:
-                self._check_negatives_per_row()
+            self._log_rows_without_negatives()
 
     def _trimmed(self, example: TrainingExample) -> TrainingExample:
         scores = example.scores[: 1 + self.max_negatives] if example.scores is not None else None
@@ -279,18 +285,42 @@ class QAPairDataModule(ResumableDataModule):
 
     @property
     def has_teacher_scores(self) -> bool:
-        """Whether every training row carries a teacher's scores (known after :meth:`prepare_data`)."""
+        """Whether the training rows carry teacher scores to distill (known after :meth:`prepare_data`).
+
+        Every row needs scores, and at least one row a hard negative: scores of positives alone compare nothing.
+        """
+        return self._all_scored and any(e.negatives for e in self._examples)
+
+    @property
+    def _all_scored(self) -> bool:
         return bool(self._examples) and all(e.scores is not None for e in self._examples)
 
-    def _check_negatives_per_row(self) -> None:
-        """A batch's scores are one ``[B, 1 + k]`` tensor: every scored row needs the same number of negatives."""
-        counts = sorted({len(e.negatives) for e in self._examples})
-        if len(counts) > 1:
-            first = next(e for e in self._examples if len(e.negatives) == counts[0])
-            raise DataFormatError(
-                f"{self.source}: the rows with teacher scores have from {counts[0]} to {counts[-1]} hard negatives "
-                f"(query {first.query_id!r} has {counts[0]}); a batch of scores needs the same number in every row. "
-                f"Set data.max_negatives={counts[0]} to keep that many per row, or give each row as many."
+    def _log_rows_without_negatives(self) -> None:
+        """Says how many scored rows have no hard negative: they give the distillation losses nothing.
+
+        The data cannot know the loss, so this is a log line; a distillation loss refuses scores that no row can
+        use before training (``check_distillation_data``), while other losses train on such data as usual.
+        """
+        if not self._all_scored:
+            return
+        without = sum(not e.negatives for e in self._examples)
+        if without == len(self._examples):
+            fix = "raise data.max_negatives from 0"
+            if self.max_negatives != 0:
+                fix = "mine them with lit-embed-mine, then score them with lit-embed-score"
+            log.info(
+                "%s: none of the %d training rows has a hard negative, so their teacher scores are not used "
+                "(loss=margin_mse and kl_distill need negatives: %s).",
+                self.source,
+                without,
+                fix,
+            )
+        elif without:
+            log.info(
+                "%s: %d of %d training rows have no hard negatives: they add nothing to loss=margin_mse or kl_distill.",
+                self.source,
+                without,
+                len(self._examples),
             )
 
     def skipped_records(self) -> dict[str, dict[str, Any]]:

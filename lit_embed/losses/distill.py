@@ -3,6 +3,10 @@
 Both score each query only against its own candidates (its positive, then its ``k`` hard negatives) with dot
 products, as sentence-transformers' ``MarginMSELoss`` and ``DistillKLDivLoss`` do by default, and fit those scores
 to the teacher's scores of the same pairs (``lit-embed-score`` writes them into the data).
+
+Mined data gives rows different numbers of negatives (none, when the margin dropped them all): a batch pads its
+candidates to its largest ``k`` and a ``mask`` marks the real ones. Each loss then equals the same loss computed on
+every row's own candidates, and a row without negatives adds nothing to it.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from lit_embed.errors import LitEmbedError, check, is_number
 from lit_embed.losses.base import EmbeddingLoss
 
 NO_SCORES = (
-    "the training data has no teacher scores: write them with `lit-embed-score IN.jsonl OUT.jsonl --teacher "
-    "MODEL` (or `lit-embed-mine ... --teacher CROSS_ENCODER`) and train on OUT.jsonl"
+    "the training data has no teacher scores of hard negatives: mine negatives with `lit-embed-mine`, write the "
+    "teacher's scores with `lit-embed-score IN.jsonl OUT.jsonl --teacher MODEL` (or do both with `lit-embed-mine ... "
+    "--teacher CROSS_ENCODER`) and train on OUT.jsonl"
 )
 
 
@@ -26,59 +31,77 @@ def candidate_scores(queries: Tensor, candidates: Tensor) -> Tensor:
     return torch.einsum("bd,bcd->bc", queries, candidates)  # [B, 1 + k]
 
 
-def margin_mse(queries: Tensor, candidates: Tensor, teacher_scores: Tensor) -> Tensor:
+def margin_mse(queries: Tensor, candidates: Tensor, teacher_scores: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean squared error between the student's and the teacher's margins (positive minus each negative).
 
     Args:
         queries: ``[B, D]`` query embeddings.
-        candidates: ``[B, 1 + k, D]``: query ``i``'s positive, then its ``k >= 1`` hard negatives.
+        candidates: ``[B, 1 + k, D]``: query ``i``'s positive, then its hard negatives.
         teacher_scores: ``[B, 1 + k]``: the teacher's score of each of those pairs.
+        mask: ``[B, 1 + k]`` bool, which candidates are real (column 0, the positive, always is); the others are
+            padding whose scores are never read. None: all are.
 
     Returns:
-        The mean over the ``B * k`` margins.
+        The mean over the real margins (``B * k`` when nothing is padded); 0, still part of the graph, when there
+        are none.
     """
-    student = candidate_scores(queries, candidates)
+    student = candidate_scores(queries, candidates)  # [B, 1 + k]
+    valid = torch.ones_like(student, dtype=torch.bool) if mask is None else mask.bool()
     student_margins = student[:, :1] - student[:, 1:]  # [B, k]
     teacher_margins = (teacher_scores[:, :1] - teacher_scores[:, 1:]).detach()  # [B, k]
-    return F.mse_loss(student_margins, teacher_margins.to(student_margins.dtype))
+    # Filled, not indexed: padded teacher scores may be NaN, and the count stays on the device (no sync).
+    errors = (student_margins - teacher_margins.to(student_margins.dtype)).masked_fill(~valid[:, 1:], 0)
+    return errors.square().sum() / valid[:, 1:].sum().clamp(min=1)
 
 
-def kl_distill(queries: Tensor, candidates: Tensor, teacher_scores: Tensor, temperature: float = 1.0) -> Tensor:
+def kl_distill(
+    queries: Tensor,
+    candidates: Tensor,
+    teacher_scores: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
     """KL divergence from the teacher's softmax over each query's candidates to the student's, times ``T^2``.
 
     Args:
         queries: ``[B, D]`` query embeddings.
-        candidates: ``[B, 1 + k, D]``: query ``i``'s positive, then its ``k >= 1`` hard negatives.
+        candidates: ``[B, 1 + k, D]``: query ``i``'s positive, then its hard negatives.
         teacher_scores: ``[B, 1 + k]``: the teacher's score of each of those pairs.
         temperature: divides both sides' scores before the softmax; the ``T^2`` factor keeps the gradients'
             size independent of it.
+        mask: ``[B, 1 + k]`` bool, which candidates are real (column 0, the positive, always is); both softmaxes
+            run over a row's real candidates only. None: all are.
 
     Returns:
-        The KL divergence summed over candidates and averaged over the ``B`` queries ("batchmean").
+        The KL divergence summed over each row's candidates and averaged over the ``B`` rows ("batchmean"). A row
+        without negatives has one candidate, probability 1 on both sides, and so a KL of 0.
     """
     student = candidate_scores(queries, candidates) / temperature  # [B, 1 + k]
+    padded = torch.zeros_like(student, dtype=torch.bool) if mask is None else ~mask.bool()
     # The softmax in at least fp32: bf16 logits lose too much precision.
-    student_log_probs = torch.log_softmax(student.to(torch.promote_types(student.dtype, torch.float32)), dim=1)
-    teacher_probs = torch.softmax(teacher_scores.detach().to(student_log_probs.dtype) / temperature, dim=1)
+    student = student.to(torch.promote_types(student.dtype, torch.float32)).masked_fill(padded, -torch.inf)
+    # Padded slots get log-probability 0 and probability 0, so kl_div adds exactly 0 for them (not 0 * inf).
+    student_log_probs = torch.log_softmax(student, dim=1).masked_fill(padded, 0)
+    teacher = teacher_scores.detach().to(student.dtype).masked_fill(padded, -torch.inf) / temperature
+    teacher_probs = torch.softmax(teacher, dim=1)
     return F.kl_div(student_log_probs, teacher_probs, reduction="batchmean") * temperature**2
 
 
 class DistillationLoss(EmbeddingLoss):
     """A loss of each query's candidates against the teacher's scores of them (``PairBatch.scores``)."""
 
-    def forward(self, queries: Tensor, candidates: Tensor, teacher_scores: Tensor) -> Tensor:
+    def forward(
+        self, queries: Tensor, candidates: Tensor, teacher_scores: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
         raise NotImplementedError
 
     def batch_loss(self, encoder: nn.Module, batch: PairBatch) -> Tensor:
         if batch.scores is None or batch.candidates is None:
             raise LitEmbedError(f"{type(self).__name__}: {NO_SCORES}.")
-        if batch.scores.size(1) < 2:
-            raise LitEmbedError(
-                f"{type(self).__name__} needs at least one hard negative per query with its teacher score: mine "
-                "them with `lit-embed-mine ... --teacher CROSS_ENCODER`, or keep data.max_negatives >= 1."
-            )
+        mask = batch.candidates >= 0  # [B, 1 + k]: -1 pads a row with fewer negatives than the batch's most
         documents = batch.documents.embed(encoder)  # [B + N, D]
-        return self(batch.queries.embed(encoder), documents[batch.candidates], batch.scores)  # [B, 1 + k, D]
+        candidates = documents[batch.candidates.clamp(min=0)]  # [B, 1 + k, D]; padding takes row 0, masked out
+        return self(batch.queries.embed(encoder), candidates, batch.scores, mask)
 
 
 def check_distillation_data(loss: nn.Module, has_teacher_scores: bool) -> None:
@@ -93,14 +116,19 @@ def check_distillation_data(loss: nn.Module, has_teacher_scores: bool) -> None:
             f"in {type(loss).__name__}. Use loss=margin_mse or loss=kl_distill on their own."
         )
     if not has_teacher_scores:
-        raise LitEmbedError(f"{name}: {NO_SCORES}. Every row needs them.")
+        raise LitEmbedError(
+            f"{name}: {NO_SCORES}. Every row needs scores, and at least one row a hard negative "
+            "(data.max_negatives >= 1)."
+        )
 
 
 class MarginMSELoss(DistillationLoss):
     """sentence-transformers' ``MarginMSELoss`` (dot products, several negatives): see :func:`margin_mse`."""
 
-    def forward(self, queries: Tensor, candidates: Tensor, teacher_scores: Tensor) -> Tensor:
-        return margin_mse(queries, candidates, teacher_scores)
+    def forward(
+        self, queries: Tensor, candidates: Tensor, teacher_scores: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        return margin_mse(queries, candidates, teacher_scores, mask)
 
 
 class KLDistillLoss(DistillationLoss):
@@ -120,8 +148,10 @@ class KLDistillLoss(DistillationLoss):
         )
         self.temperature = temperature
 
-    def forward(self, queries: Tensor, candidates: Tensor, teacher_scores: Tensor) -> Tensor:
-        return kl_distill(queries, candidates, teacher_scores, self.temperature)
+    def forward(
+        self, queries: Tensor, candidates: Tensor, teacher_scores: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        return kl_distill(queries, candidates, teacher_scores, self.temperature, mask)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
