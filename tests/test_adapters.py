@@ -20,6 +20,7 @@ import lit_embed.train
 from lit_embed.errors import LitEmbedError
 from lit_embed.models.adapted import AdaptedEncoder
 from lit_embed.models.adapters import LinearAdapter, MLPAdapter
+from lit_embed.models.embedding_cache import cache_path
 from lit_embed.models.encoder import Encoder
 from lit_embed.models.saving import dense_modules
 from lit_embed.train import run
@@ -275,43 +276,41 @@ def test_mlp_adapter_run(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_cache_key_follows_the_prompt(tmp_path: Path, tiny_model_path: str) -> None:
-    def cache_path(prompt: str | None) -> Path:
-        encoder = AdaptedEncoder(Encoder(tiny_model_path, query_prompt=prompt), LinearAdapter, tmp_path)
-        return encoder._cache_path(["a text"], "query")
+    def key(prompt: str | None) -> Path:
+        return cache_path(Encoder(tiny_model_path, query_prompt=prompt), ["a text"], "query", tmp_path)
 
-    assert cache_path(None) == cache_path(None)
-    assert cache_path(None) != cache_path("query: ")
+    assert key(None) == key(None)
+    assert key(None) != key("query: ")
 
 
 def test_cache_key_follows_every_byte_of_the_weights(tmp_path: Path, tiny_model_path: str) -> None:
     """Two finetunes of one model may differ anywhere, e.g. only in the last element of the largest weight."""
-
-    def adapted() -> AdaptedEncoder:
-        return AdaptedEncoder(Encoder(tiny_model_path), LinearAdapter, tmp_path)
-
     texts = ["a text", "another text"]
-    same, changed = adapted(), adapted()
-    assert same._cache_path(texts, "query") == changed._cache_path(texts, "query")  # identical weights, same key
-    assert same._cache_path(texts, "query") != same._cache_path(texts, "document")
-    assert same._cache_path(texts, "query") != same._cache_path(texts[:1], "query")
+    same, changed = Encoder(tiny_model_path), Encoder(tiny_model_path)
 
-    name, weight = max(changed.base.state_dict().items(), key=lambda item: item[1].numel())
+    def key(encoder: Encoder, kind: str = "query", some: list[str] = texts) -> Path:
+        return cache_path(encoder, some, kind, tmp_path)
+
+    assert key(same) == key(changed)  # identical weights, same key
+    assert key(same) != key(same, "document")
+    assert key(same) != key(same, some=texts[:1])
+
+    name, weight = max(changed.state_dict().items(), key=lambda item: item[1].numel())
     assert weight.numel() * weight.element_size() > 100 * 4096, name  # the last element is far past 4096 bytes
-    key = same._cache_path(texts, "query")
     original = weight.view(-1)[-1].item()
     with torch.no_grad():
         weight.view(-1)[-1] += 1e-3
-    assert not torch.equal(weight, same.base.state_dict()[name])
-    assert changed._cache_path(texts, "query") != key, f"the cache key ignores the end of {name}"
-    assert changed._cache_path(texts, "document") != same._cache_path(texts, "document")
+    assert not torch.equal(weight, same.state_dict()[name])
+    assert key(changed) != key(same), f"the cache key ignores the end of {name}"
+    assert key(changed, "document") != key(same, "document")
     with torch.no_grad():
         weight.view(-1)[-1] = original  # back to the very same bytes: the same key again
-    assert changed._cache_path(texts, "query") == key
+    assert key(changed) == key(same)
     # A base that differs only in one element past the first 4096 bytes of a small tensor counts as well.
-    small_name, small = next((n, t) for n, t in changed.base.state_dict().items() if 1024 < t.numel() < 100_000)
+    small_name, small = next((n, t) for n, t in changed.state_dict().items() if 1024 < t.numel() < 100_000)
     with torch.no_grad():
         small.view(-1)[1024 + 1] += 1.0
-    assert changed._cache_path(texts, "query") != key, small_name
+    assert key(changed) != key(same), small_name
 
 
 def write_vectors(tmp_path: Path, encoder: Encoder, parquet: bool) -> tuple[Path, Path]:

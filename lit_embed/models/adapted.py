@@ -6,8 +6,6 @@ disk across runs, keyed by everything that could change them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_embed.errors import LitEmbedError, check, is_int
-from lit_embed.files import open_atomic
+from lit_embed.models.embedding_cache import DEFAULT_CACHE_DIR, cached_embeddings
 from lit_embed.models.encoder import Encoder, TextKind
 from lit_embed.models.precomputed import PrecomputedEmbeddings
 from lit_embed.models.saving import dense_modules, save_head, save_llamaindex_adapter
@@ -43,7 +41,7 @@ class AdaptedEncoder(nn.Module):
         self,
         base: Encoder | PrecomputedEmbeddings,
         adapter: Callable[..., nn.Module],
-        cache_dir: str | os.PathLike | None = "~/.cache/lit_embed/embeddings",
+        cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
         batch_size: int = 64,
     ) -> None:
         super().__init__()
@@ -118,30 +116,7 @@ class AdaptedEncoder(nn.Module):
     def _base_embeddings(self, texts: list[str], kind: TextKind, batch_size: int) -> Tensor:
         if isinstance(self.base, PrecomputedEmbeddings):
             return self.base.vectors(texts, kind)
-        path = self._cache_path(texts, kind)
-        if path is not None and path.is_file():
-            return torch.load(path, weights_only=True)
-        embeddings = self.base.to(self.device).encode(texts, kind, batch_size).cpu()
-        if path is not None:
-            with open_atomic(path, binary=True) as f:  # runs sharing the cache never read half a file
-                torch.save(embeddings, f)
-        return embeddings
-
-    def _cache_path(self, texts: list[str], kind: TextKind) -> Path | None:
-        """One file per (model, weights, prompt, max length, texts): any change gives a new key."""
-        if self.cache_dir is None:
-            return None
-        digest = hashlib.sha256()
-        digest.update(json.dumps(self.base.config, sort_keys=True, default=str).encode())
-        digest.update(json.dumps([kind, self.base.prompt(kind), self.base.max_seq_length]).encode())
-        # Every byte of every weight: two finetunes of one model may differ anywhere.
-        for name, tensor in self.base.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        for text in texts:
-            digest.update(text.encode())
-            digest.update(b"\0")
-        return self.cache_dir / f"{kind}-{digest.hexdigest()[:32]}.pt"
+        return cached_embeddings(self.base.to(self.device), texts, kind, batch_size, self.cache_dir)
 
     def adapts(self, kind: TextKind) -> bool:
         return kind == "query" or self.transform == "both"
