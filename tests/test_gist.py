@@ -154,6 +154,41 @@ def test_guide_is_frozen_unsaved_and_embeds_each_text_once(tiny_model_path: str)
     assert loss.step_metrics()["gist_masked"].dtype == torch.long
 
 
+def test_prepare_embeds_every_training_text_once_and_a_later_run_reads_them_from_disk(
+    tmp_path: Path, tiny_model_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoder = Encoder(tiny_model_path).eval()
+    batch = collated(encoder)
+    texts = {"query": batch.queries.texts, "document": batch.documents.texts}
+    first = GISTLoss(margin=0.01, cache_dir=tmp_path / "cache")
+    first.prepare(encoder, texts)
+    expected = first.batch_loss(encoder, batch)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["document", "query"]
+
+    def no_guide_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the guide ran again")
+
+    # A new run (a new loss, the guide loaded anew) on the same texts: every embedding comes from disk.
+    later = GISTLoss(margin=0.01, cache_dir=tmp_path / "cache")
+    later.guide(encoder)
+    monkeypatch.setattr(Encoder, "encode", no_guide_run)
+    monkeypatch.setattr(Encoder, "forward", no_guide_run)
+    later.prepare(encoder, texts)
+    monkeypatch.undo()
+    later.guide(encoder).register_forward_hook(no_guide_run)  # training embeds with the student only
+    assert later.batch_loss(encoder, batch).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert later.step_metrics()["gist_masked"] == first.step_metrics()["gist_masked"]
+
+
+def test_a_run_prepares_the_guide_before_the_first_step(tmp_path: Path) -> None:
+    """``train.py loss=gist``: the guide embeds the training texts once, saved in loss.cache_dir, before training."""
+    train, _ = write_toy_data(tmp_path)
+    overrides = tiny_run_overrides(train, None, tmp_path / "run", **{"trainer.max_steps": 2})
+    run(compose_train([*overrides, "loss=gist", f"loss.cache_dir={tmp_path / 'cache'}"]))
+    saved = {p.name.split("-")[0]: torch.load(p, weights_only=True) for p in (tmp_path / "cache").iterdir()}
+    assert {kind: vectors.size(0) for kind, vectors in saved.items()} == {"query": 48, "document": 48}  # the toy set's
+
+
 def test_embeddings_alone_are_refused() -> None:
     """Without the batch there are no texts for the guide: a wrapper calling the loss on embeddings is refused."""
     with pytest.raises(LitEmbedError, match="embeddings_loss"):
@@ -182,7 +217,8 @@ def test_tiny_run_logs_masked_candidates_and_exports(tmp_path: Path, loss: str) 
     train, _ = write_toy_data(tmp_path)
     out = tmp_path / "run"
     overrides = tiny_run_overrides(train, None, out, **{"trainer.max_steps": 2})
-    run(compose_train([*overrides, f"loss={loss}", "logger=csv"]))
+    cache = "loss.loss.cache_dir" if loss == "cached_gist" else "loss.cache_dir"
+    run(compose_train([*overrides, f"loss={loss}", "logger=csv", f"{cache}={tmp_path / 'cache'}"]))
     assert (out / "model" / "modules.json").is_file()
     rows = list(csv.DictReader((out / "logs" / "version_0" / "metrics.csv").open()))
     masked = [float(row["train/gist_masked"]) for row in rows if row.get("train/gist_masked")]

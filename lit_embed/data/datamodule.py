@@ -376,6 +376,11 @@ class QAPairDataModule(ResumableDataModule):
             len(doc_texts),
         )
 
+    def training_texts(self) -> dict[str, dict[str, list[str]]]:
+        """``{task: {"query": texts, "document": texts}}``: every distinct training text, for losses that work on
+        them ahead of training (GIST's guide)."""
+        return {self.task: {"query": self.collator.queries.texts, "document": self.collator.documents.texts}}
+
     def train_dataloader(self) -> DataLoader:
         sampler = self.batch_sampler(*distributed_position(self.trainer))
         return index_dataloader(self.num_rows, sampler, self.collator, self.num_workers, self.seed, self.pin_memory)

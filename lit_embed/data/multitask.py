@@ -107,6 +107,9 @@ class MultiTaskDataModule(ResumableDataModule):
             if not data.tokenized:
                 data.tokenize(tokenizer)
 
+    def training_texts(self) -> dict[str, dict[str, list[str]]]:
+        return {task: texts for data in self.tasks.values() for task, texts in data.training_texts().items()}
+
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         rank, world = distributed_position(self.trainer)
         samplers = [data.batch_sampler(rank, world) for data in self.tasks.values()]

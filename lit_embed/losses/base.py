@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from torch import Tensor, nn
 
 from lit_embed.batch import PairBatch
 from lit_embed.errors import LitEmbedError
+from lit_embed.models.encoder import TextKind
 
 
 class EmbeddingLoss(nn.Module):
@@ -36,6 +39,9 @@ class EmbeddingLoss(nn.Module):
                 "data.multi_positive=false."
             )
         return self(queries, documents)
+
+    def prepare(self, encoder: nn.Module, texts: Mapping[TextKind, Sequence[str]]) -> None:
+        """Called once before training with every training text, for a loss that works on them ahead (GIST's guide)."""
 
     def scores_several_positives(self) -> bool:
         """Whether :meth:`embeddings_loss` trains rows with several positives (``data.multi_positive``)."""

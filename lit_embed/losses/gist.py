@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -10,11 +12,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_embed.batch import PairBatch, TokenGroups
-from lit_embed.errors import LitEmbedError, check, is_bool, is_number
+from lit_embed.distributed import all_gather_rows, rank_and_world
+from lit_embed.errors import LitEmbedError, check, is_bool, is_int, is_number
 from lit_embed.losses.base import EmbeddingLoss
+from lit_embed.models.embedding_cache import DEFAULT_CACHE_DIR, cached_embeddings
 from lit_embed.models.encoder import Encoder, TextKind
 
+log = logging.getLogger(__name__)
+
 MarginStrategy = Literal["absolute", "relative"]
+PREPARE_CHUNK = 8192  # texts per file of the guide's disk cache: a long first run keeps what it has done
 
 
 def gist(
@@ -27,6 +34,8 @@ def gist(
     margin: float = 0.0,
     contrast_anchors: bool = True,
     contrast_positives: bool = True,
+    first_positive: int = 0,
+    num_positives: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy of each query against the candidates its guide does not judge to be false negatives.
 
@@ -38,56 +47,63 @@ def gist(
 
     Args:
         queries: ``[B, D]`` the student's query embeddings.
-        documents: ``[B + N, D]`` the student's documents: row ``i < B`` is query ``i``'s positive, the ``N`` rows
-            after them hard negatives (candidates for every query).
+        documents: ``[P + N, D]`` the student's documents: ``P`` positives, then ``N`` hard negatives (candidates
+            for every query). Row ``first_positive + i`` is query ``i``'s positive.
         guide_queries: ``[B, D']`` the guide's embeddings of the same queries.
-        guide_documents: ``[B + N, D']`` the guide's embeddings of the same documents.
+        guide_documents: ``[P + N, D']`` the guide's embeddings of the same documents.
         temperature: divides the cosine similarities (0.01 = MNRL's scale 100).
         margin_strategy: "absolute" or "relative" (see above).
         margin: how far below the positive's guide score a candidate must stay to be kept.
-        contrast_anchors: include the query-query candidates.
-        contrast_positives: include the positive-positive candidates.
+        contrast_anchors: include the query-query candidates (this call's queries).
+        contrast_positives: include the positive-positive candidates (all ``P`` positives).
+        first_positive: the row of query 0's positive; non-zero when the documents are gathered from several
+            devices, as sentence-transformers' ``gather_across_devices`` does.
+        num_positives: ``P``; None = ``B``, one device's batch.
 
     Returns:
         The mean loss over the ``B`` queries, and how many candidates the guide dropped (an integer tensor;
         a query itself and its own positive, never candidates of their own row, are not counted).
     """
     size = queries.size(0)
-    if documents.size(0) < size or guide_documents.size(0) != documents.size(0):
+    num_positives = size if num_positives is None else num_positives
+    if documents.size(0) < first_positive + size or guide_documents.size(0) != documents.size(0):
         raise ValueError(
             f"need one positive per query and the guide's view of every document: {size} queries, "
-            f"{documents.size(0)} documents, {guide_documents.size(0)} guide documents"
+            f"{documents.size(0)} documents from row {first_positive}, {guide_documents.size(0)} guide documents"
         )
     queries, documents = F.normalize(queries, dim=-1), F.normalize(documents, dim=-1)
     guide_queries, guide_documents = F.normalize(guide_queries, dim=-1), F.normalize(guide_documents, dim=-1)
-    positives, guide_positives = documents[:size], guide_documents[:size]  # [B, D], [B, D']
-    guide_positive = (guide_queries * guide_positives).sum(dim=-1, keepdim=True)  # [B, 1]
+    positives, guide_positives = documents[:num_positives], guide_documents[:num_positives]  # [P, D], [P, D']
+    labels = torch.arange(size, device=queries.device) + first_positive  # query i's positive is column i + first
+    own, guide_own = positives[labels], guide_positives[labels]  # [B, D], [B, D']
+    guide_positive = (guide_queries * guide_own).sum(dim=-1, keepdim=True)  # [B, 1]
     if margin_strategy == "absolute":
         limit = guide_positive - margin  # [B, 1]
     else:
         limit = guide_positive - guide_positive.abs() * margin
-    diagonal = torch.eye(size, dtype=torch.bool, device=queries.device)  # [B, B]
-    # (student's scores, guide's scores, what the diagonal of the block is: the target, the text itself, or neither)
-    blocks = [(queries @ positives.T, guide_queries @ guide_positives.T, "target")]  # [B, B]
+    own_column = F.one_hot(labels, num_positives).bool()  # [B, P]
+    itself = torch.eye(size, dtype=torch.bool, device=queries.device)  # [B, B]
+    # (student's scores, guide's scores, which entries are the target or the text itself: never dropped or counted)
+    blocks = [(queries @ positives.T, guide_queries @ guide_positives.T, own_column, False)]  # [B, P]
     if contrast_anchors:
-        blocks.append((queries @ queries.T, guide_queries @ guide_queries.T, "self"))  # [B, B]
+        blocks.append((queries @ queries.T, guide_queries @ guide_queries.T, itself, True))  # [B, B]
     if contrast_positives:
-        blocks.append((positives @ positives.T, guide_positives @ guide_positives.T, "self"))  # [B, B]
-    if documents.size(0) > size:
-        blocks.append((queries @ documents[size:].T, guide_queries @ guide_documents[size:].T, None))  # [B, N]
+        blocks.append((own @ positives.T, guide_own @ guide_positives.T, own_column, True))  # [B, P]
+    if documents.size(0) > num_positives:
+        negatives, guide_negatives = documents[num_positives:], guide_documents[num_positives:]
+        blocks.append((queries @ negatives.T, guide_queries @ guide_negatives.T, None, False))  # [B, N]
     scores, masked = [], torch.zeros((), dtype=torch.long, device=queries.device)
-    for student, guided, on_diagonal in blocks:
+    for student, guided, kept, is_itself in blocks:
         dropped = guided > limit  # [B, candidates]
-        if on_diagonal is not None:
-            dropped &= ~diagonal  # the target is never dropped; a text itself is no candidate to count
+        if kept is not None:
+            dropped &= ~kept
         masked = masked + dropped.sum()
-        if on_diagonal == "self":
-            dropped |= diagonal
+        if is_itself:
+            dropped |= kept  # a text is no candidate of its own row
         scores.append(student.masked_fill(dropped, -torch.inf))
-    logits = torch.cat(scores, dim=1) / temperature  # [B, B (+ B) (+ B) + N]
+    logits = torch.cat(scores, dim=1) / temperature  # [B, P (+ B) (+ P) + N]
     # bf16/fp16 logits lose too much precision in the softmax; compute it in at least fp32.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    labels = torch.arange(size, device=queries.device)  # query i's positive is column i
     return F.cross_entropy(logits, labels), masked
 
 
@@ -96,8 +112,9 @@ class GISTLoss(EmbeddingLoss):
 
     The guide embeds the same texts as the student; candidates it scores above a query's own positive (less the
     margin) are taken for unlabelled positives and left out of that query's softmax. The guide is frozen, kept
-    out of the LightningModule's weights (never trained, never in a checkpoint) and each text's guide embedding
-    is computed once per run, not every epoch.
+    out of the LightningModule's weights (never trained, never in a checkpoint). Before training it embeds every
+    training text once (:meth:`prepare`), saved in ``cache_dir`` as adapter training saves its base embeddings,
+    so later epochs, resumed runs and reruns on the same data never run it again.
 
     Args:
         guide: a sentence-transformers model path or hub id; it embeds each text with its own tokenizer and
@@ -108,7 +125,10 @@ class GISTLoss(EmbeddingLoss):
         margin: see ``margin_strategy``; 0 drops only candidates the guide ranks above the positive.
         contrast_anchors: other queries are candidates too.
         contrast_positives: other queries' positives are candidates of a query's positive's side too.
-        guide_batch_size: texts the guide embeds at once when it meets new ones.
+        gather_across_devices: under DDP, every device's positives and hard negatives (and the guide's view of
+            them) are candidates of every query, as sentence-transformers' option of that name does.
+        guide_batch_size: texts the guide embeds at once.
+        cache_dir: where the guide's embeddings are kept across runs (None: in memory, for this run only).
     """
 
     def __init__(
@@ -119,7 +139,9 @@ class GISTLoss(EmbeddingLoss):
         margin: float = 0.0,
         contrast_anchors: bool = True,
         contrast_positives: bool = True,
+        gather_across_devices: bool = False,
         guide_batch_size: int = 64,
+        cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
     ) -> None:
         super().__init__()
         check(
@@ -146,13 +168,23 @@ class GISTLoss(EmbeddingLoss):
             margin,
             "a number >= 0: how far below the positive's guide score a kept candidate must be",
         )
-        for key, value in (("contrast_anchors", contrast_anchors), ("contrast_positives", contrast_positives)):
+        for key, value in (
+            ("contrast_anchors", contrast_anchors),
+            ("contrast_positives", contrast_positives),
+            ("gather_across_devices", gather_across_devices),
+        ):
             check(is_bool(value), key, value, "true or false")
         check(
-            isinstance(guide_batch_size, int) and not isinstance(guide_batch_size, bool) and guide_batch_size >= 1,
+            is_int(guide_batch_size) and guide_batch_size >= 1,
             "guide_batch_size",
             guide_batch_size,
             "a whole number of texts >= 1",
+        )
+        check(
+            cache_dir is None or isinstance(cache_dir, str | os.PathLike) and str(cache_dir) != "",
+            "cache_dir",
+            cache_dir,
+            "a folder for the guide's embeddings, or null to keep them in memory for this run only",
         )
         self.guide_path = None if guide is None else str(guide)
         self.temperature = temperature
@@ -160,12 +192,12 @@ class GISTLoss(EmbeddingLoss):
         self.margin = margin
         self.contrast_anchors = contrast_anchors
         self.contrast_positives = contrast_positives
+        self.gather_across_devices = gather_across_devices
         self.guide_batch_size = guide_batch_size
-        # Plain attributes, not submodules: the guide is neither trained nor saved, and its cache is no state.
+        self.cache_dir = cache_dir
+        # Plain attributes, not submodules: the guide is neither trained nor saved, and its embeddings are no state.
         self.__dict__["_guide"] = None
-        # (kind, text) -> the guide's [D'] embedding, on the CPU. One frozen guide per loss, so the key needs no
-        # weights. Its size is bounded by the training data: one vector per distinct query and document text.
-        self.__dict__["_cache"] = {}
+        self.__dict__["_embeddings"] = {"query": GuideTable(), "document": GuideTable()}
         self._masked = torch.zeros((), dtype=torch.long)
 
     def forward(self, queries: Tensor, documents: Tensor) -> Tensor:
@@ -173,6 +205,17 @@ class GISTLoss(EmbeddingLoss):
             "loss=gist needs the guide's embeddings of the batch's texts, which a loss that calls it on embeddings "
             "alone cannot give it: wrap it only in a loss that calls embeddings_loss (loss=cached_gist does)."
         )
+
+    def prepare(self, encoder: nn.Module, texts: Mapping[TextKind, Sequence[str]]) -> None:
+        """Embeds every training text with the guide once, from ``cache_dir`` where an earlier run saved them."""
+        guide = self.guide(encoder)
+        for kind, some in texts.items():
+            table = self._embeddings[kind]
+            new = [t for t in dict.fromkeys(some) if t not in table]
+            for start in range(0, len(new), PREPARE_CHUNK):
+                chunk = new[start : start + PREPARE_CHUNK]
+                table.add(chunk, cached_embeddings(guide, chunk, kind, self.guide_batch_size, self.cache_dir))
+            log.info("loss=gist: the guide holds the embeddings of %d %s texts.", len(table), kind)
 
     def embeddings_loss(self, encoder: nn.Module, batch: PairBatch, queries: Tensor, documents: Tensor) -> Tensor:
         if getattr(batch, "positives", None) is not None:
@@ -185,7 +228,35 @@ class GISTLoss(EmbeddingLoss):
         with torch.no_grad():
             guide_queries = self._guide_embeddings(guide, batch.queries, "query").to(queries.device)  # [B, D']
             guide_documents = self._guide_embeddings(guide, batch.documents, "document").to(queries.device)
-        loss, self._masked = gist(
+        return self.guided_loss(queries, documents, guide_queries, guide_documents)
+
+    def guided_loss(self, queries: Tensor, documents: Tensor, guide_queries: Tensor, guide_documents: Tensor) -> Tensor:
+        """The loss of the student's and the guide's embeddings of one batch (see :func:`gist`), gathered if set."""
+        size = queries.size(0)
+        rank, world = rank_and_world()
+        if not self.gather_across_devices or world == 1:
+            loss, self._masked = self._loss(queries, documents, guide_queries, guide_documents)
+            return loss
+        # Positives first, then hard negatives, from every device; the guide's view of them in the same order.
+        positives, positives_per_rank = all_gather_rows(documents[:size])  # [sum of B_r, D], with their gradient
+        negatives, _ = all_gather_rows(documents[size:])  # [sum of N_r, D]
+        guide_positives, _ = all_gather_rows(guide_documents[:size])
+        guide_negatives, _ = all_gather_rows(guide_documents[size:])
+        loss, self._masked = self._loss(
+            queries,
+            torch.cat([positives, negatives]),
+            guide_queries,
+            torch.cat([guide_positives, guide_negatives]),
+            first_positive=sum(positives_per_rank[:rank]),
+            num_positives=positives.size(0),
+        )
+        # As loss=mnrl's: DDP's mean of the ranks' gradients becomes the gradient of the global batch's mean.
+        return loss * (size * world / positives.size(0))
+
+    def _loss(
+        self, queries: Tensor, documents: Tensor, guide_queries: Tensor, guide_documents: Tensor, **rows: int
+    ) -> tuple[Tensor, Tensor]:
+        return gist(
             queries,
             documents,
             guide_queries,
@@ -195,8 +266,8 @@ class GISTLoss(EmbeddingLoss):
             self.margin,
             self.contrast_anchors,
             self.contrast_positives,
+            **rows,
         )
-        return loss
 
     def step_metrics(self) -> dict[str, Tensor]:
         return {"gist_masked": self._masked}
@@ -223,7 +294,7 @@ class GISTLoss(EmbeddingLoss):
         return self._guide
 
     def _guide_embeddings(self, guide: Encoder, side: TokenGroups, kind: TextKind) -> Tensor:
-        """``[N, D']``: the guide's embeddings of one side of the batch, each text embedded once per run."""
+        """``[N, D']``: the guide's embeddings of one side of the batch; a text not prepared is embedded now, once."""
         if len(side.texts) != len(side):
             if self.guide_path is not None:
                 raise LitEmbedError(
@@ -231,16 +302,40 @@ class GISTLoss(EmbeddingLoss):
                     "student's token ids: build batches with lit_embed's data modules, or set loss.guide=null."
                 )
             return side.embed(guide)  # the default guide reads the student's tokens as they are
-        cache = self._cache
-        new = list(dict.fromkeys(t for t in side.texts if (kind, t) not in cache))
+        table = self._embeddings[kind]
+        new = [t for t in dict.fromkeys(side.texts) if t not in table]
         if new:
-            for text, row in zip(new, guide.encode(new, kind, self.guide_batch_size).cpu(), strict=True):
-                cache[kind, text] = row
-        return torch.stack([cache[kind, t] for t in side.texts])
+            table.add(new, guide.encode(new, kind, self.guide_batch_size).cpu())
+        return table.lookup(side.texts)
 
     def extra_repr(self) -> str:
         return (
             f"guide={self.guide_path!r}, temperature={self.temperature}, margin_strategy={self.margin_strategy!r}, "
             f"margin={self.margin}, contrast_anchors={self.contrast_anchors}, "
-            f"contrast_positives={self.contrast_positives}"
+            f"contrast_positives={self.contrast_positives}, gather_across_devices={self.gather_across_devices}"
         )
+
+
+class GuideTable:
+    """The guide's embeddings of one kind of text, on the CPU: a row per distinct text, added in chunks.
+
+    Chunks, not one growing tensor: adding a batch's few new texts copies nothing already held.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[int, int]] = {}  # text -> (chunk, row in it)
+        self.chunks: list[Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, text: str) -> bool:
+        return text in self.rows
+
+    def add(self, texts: Sequence[str], embeddings: Tensor) -> None:
+        for row, text in enumerate(texts):
+            self.rows[text] = (len(self.chunks), row)
+        self.chunks.append(embeddings)
+
+    def lookup(self, texts: Sequence[str]) -> Tensor:
+        return torch.stack([self.chunks[chunk][row] for chunk, row in map(self.rows.__getitem__, texts)])

@@ -50,6 +50,10 @@ UNTRAINED_KEYS = {
     "model.compile",
     "method.encoder.cache_dir",
     "method.encoder.batch_size",
+    "loss.cache_dir",
+    "loss.loss.cache_dir",
+    "loss.guide_batch_size",
+    "loss.loss.guide_batch_size",
 }
 UNTRAINED_DATA_LEAVES = {"val_path", "num_workers", "pin_memory", "persistent_workers"}
 

@@ -73,6 +73,17 @@ class EmbeddingFinetuneModule(L.LightningModule):
                 "use trainer.precision=bf16-mixed or 32-true."
             )
 
+    def on_train_start(self) -> None:
+        # Losses that work on the training texts ahead (GIST's guide embeds each once) get them here, where the
+        # encoder is on its device. A data module without the texts leaves such a loss to take them per batch.
+        texts_by_task = getattr(self.trainer.datamodule, "training_texts", None)
+        if texts_by_task is None:
+            return
+        for task, texts in texts_by_task().items():
+            for loss in self.loss_for(task).modules():
+                if isinstance(loss, EmbeddingLoss):
+                    loss.prepare(self.encoder, texts)
+
     def training_step(self, batch: PairBatch | Mapping[str, PairBatch], batch_idx: int) -> Tensor | None:
         tasks = pair_batches(batch)  # one task's pairs, or every task's when a step trains them all
         losses = {pairs.task: self.loss_for(pairs.task).batch_loss(self.encoder, pairs) for pairs in tasks}
