@@ -23,7 +23,8 @@ from lit_embed.data.datamodule import distributed_position
 from lit_embed.data.sampler import NoDuplicatesBatchSampler
 from lit_embed.errors import LitEmbedError
 from lit_embed.losses.cached import CachedLoss
-from lit_embed.losses.mnrl import MultipleNegativesRankingLoss, mnrl
+from lit_embed.losses.gist import GISTLoss, gist
+from lit_embed.losses.mnrl import DIRECTIONS, MultipleNegativesRankingLoss, mnrl
 
 WORLD = 2
 
@@ -106,6 +107,121 @@ def gather_worker(rank: int, rendezvous: str) -> None:
 
 def test_gathered_loss_and_gradients_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
     mp.spawn(gather_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD)
+
+
+def embedding_leaves(rows: int, dim: int, seed: int) -> torch.Tensor:
+    return torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def assert_rank_share_of_global(
+    rank: int, local_loss: torch.Tensor, leaves: list[torch.Tensor], reference: torch.Tensor, slices: list
+) -> None:
+    """This rank's gathered loss == one process on the global batch, whose loss is ``reference`` and whose leaves'
+    rows ``slices`` are this rank's ``leaves``.
+
+    DDP takes the mean of the ranks' losses and gradients. A gathered embedding's gradient already holds every rank's
+    loss (the gather's backward sums them), so the global gradient of this rank's rows is it over the world size.
+    """
+    local_loss.backward()
+    loss = local_loss.detach().clone()
+    dist.all_reduce(loss)
+    torch.testing.assert_close(loss / WORLD, reference.detach(), atol=1e-10, rtol=0)
+    for leaf, (whole, rows) in zip(leaves, slices, strict=True):
+        torch.testing.assert_close(leaf.grad / WORLD, whole.grad[rows], atol=1e-10, rtol=0)
+
+
+def check_gathered_gist(rank: int, queries_per_rank: list[int], num_negatives: int) -> None:
+    """loss=gist with gather_across_devices == one process on the global batch (no query-query candidates: as in
+    sentence-transformers, a device's queries are candidates of its own queries only)."""
+    total, start = sum(queries_per_rank), sum(queries_per_rank[:rank])
+    size = queries_per_rank[rank]
+    queries, positives = embedding_leaves(total, 8, 1), embedding_leaves(total, 8, 2)
+    negatives = embedding_leaves(total * num_negatives, 8, 3)
+    guide = [embedding_leaves(n, 6, seed) for n, seed in ((total, 4), (total, 5), (total * num_negatives, 6))]
+    guide[1] = guide[0] + 0.8 * guide[1]  # positives the guide scores high, as a real guide would
+    options = {"temperature": 0.05, "margin": 0.05, "contrast_anchors": False}
+    whole = [t.clone().requires_grad_() for t in (queries, positives, negatives)]
+    reference, masked = gist(whole[0], torch.cat(whole[1:]), guide[0], torch.cat(guide[1:]), **options)
+    reference.backward()
+    own = slice(start, start + size)
+    own_negatives = slice(start * num_negatives, (start + size) * num_negatives)
+    local = [
+        t[rows].detach().clone().requires_grad_() for t, rows in zip(whole, (own, own, own_negatives), strict=True)
+    ]
+    loss = GISTLoss(gather_across_devices=True, **options)
+    guide_documents = torch.cat([guide[1][own], guide[2][own_negatives]])
+    local_loss = loss.guided_loss(local[0], torch.cat(local[1:]), guide[0][own], guide_documents)
+    slices = [(whole[0], own), (whole[1], own), (whole[2], own_negatives)]
+    assert_rank_share_of_global(rank, local_loss, local, reference, slices)
+    counted = loss.step_metrics()["gist_masked"].clone()
+    dist.all_reduce(counted)
+    assert counted == masked > 0  # the guide dropped candidates, and the ranks counted each once
+
+
+def check_gathered_gist_equals_sentence_transformers(rank: int, model_path: str) -> None:
+    """With query-query candidates, the gathered loss is sentence-transformers' gathered GISTEmbedLoss."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, gist_embed
+
+    size, total = 4, 4 * WORLD  # sentence-transformers' offsets assume the same batch on every device
+    own = slice(rank * size, (rank + 1) * size)
+    student = [embedding_leaves(total, 8, seed)[own].requires_grad_() for seed in (1, 2, 3)]
+    guide = [embedding_leaves(total, 6, seed)[own] for seed in (4, 5, 6)]
+    guide[1] = guide[0] + 0.8 * guide[1]
+    options = {"temperature": 0.05, "margin": 0.05, "gather_across_devices": True}
+    model = SentenceTransformer(model_path, device="cpu")
+    theirs = GISTEmbedLoss(model, SentenceTransformer(modules=list(model), device="cpu"), **options)
+    gist_embed.embed_columns = lambda m, features: [(student if m is model else guide)[f["column"]] for f in features]
+    expected = theirs([{"column": i} for i in range(3)], labels=None)
+    ours = GISTLoss(**options).guided_loss(student[0], torch.cat(student[1:]), guide[0], torch.cat(guide[1:]))
+    torch.testing.assert_close(ours, expected, atol=1e-10, rtol=0)
+
+
+def check_gathered_directions_and_positives(rank: int, queries_per_rank: list[int], multi_positive: bool) -> None:
+    """loss=mnrl with gather_across_devices, every direction or several positives per query, == one process."""
+    total, start = sum(queries_per_rank), sum(queries_per_rank[:rank])
+    size = queries_per_rank[rank]
+    # Query q has one hard negative when q is even, and a second positive when q % 3 == 0 (multi_positive).
+    negative_of = [q for q in range(total) if q % 2 == 0]
+    second_of = [q for q in range(total) if q % 3 == 0] if multi_positive else []
+    queries, positives = embedding_leaves(total, 8, 1), embedding_leaves(total, 8, 2)
+    negatives, seconds = embedding_leaves(len(negative_of), 8, 3), embedding_leaves(len(second_of), 8, 4)
+    whole = [t.clone().requires_grad_() for t in (queries, positives, negatives, seconds)]
+    owners = torch.tensor(list(range(total)) + negative_of + second_of)
+    marks = torch.tensor([True] * total + [False] * len(negative_of) + [True] * len(second_of))
+    options = {"directions": ("query_to_doc",)} if multi_positive else {"directions": DIRECTIONS}
+    reference = mnrl(
+        whole[0], torch.cat(whole[1:]), document_rows=owners, positives=marks if multi_positive else None, **options
+    )
+    reference.backward()
+    # This rank's rows, laid out as the collator does: its positives, its negatives, its further positives.
+    mine = [[q for q in of if start <= q < start + size] for of in (negative_of, second_of)]
+    rows = [slice(start, start + size), slice(start, start + size)] + [
+        [of.index(q) for q in picked] for of, picked in zip((negative_of, second_of), mine, strict=True)
+    ]
+    local = [t[r].detach().clone().requires_grad_() for t, r in zip(whole, rows, strict=True)]
+    local_owners = torch.tensor([q - start for q in [*range(start, start + size), *mine[0], *mine[1]]])
+    local_marks = torch.tensor([True] * size + [False] * len(mine[0]) + [True] * len(mine[1]))
+    loss = MultipleNegativesRankingLoss(gather_across_devices=True, **options)
+    local_loss = loss(local[0], torch.cat(local[1:]), local_owners, local_marks if multi_positive else None)
+    assert_rank_share_of_global(rank, local_loss, local, reference, list(zip(whole, rows, strict=True)))
+
+
+def variants_worker(rank: int, rendezvous: str, model_path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    try:
+        for queries_per_rank in ([4, 4], [3, 5]):  # equal halves, and a short last batch
+            for num_negatives in (0, 1):
+                check_gathered_gist(rank, queries_per_rank, num_negatives)
+            for multi_positive in (False, True):
+                check_gathered_directions_and_positives(rank, queries_per_rank, multi_positive)
+        check_gathered_gist_equals_sentence_transformers(rank, model_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_gist_directions_and_several_positives_equal_one_process(tmp_path: Path, tiny_model_path: str) -> None:
+    mp.spawn(variants_worker, args=(str(tmp_path / "rendezvous"), tiny_model_path), nprocs=WORLD)
 
 
 def test_without_a_process_group_gathering_is_the_plain_loss() -> None:
