@@ -11,12 +11,14 @@ import torch
 from helpers import compose_train, tiny_run_overrides, write_toy_data
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, gist_embed
+from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss as ST_MatryoshkaLoss
 
 from lit_embed.data.datamodule import PairCollator
 from lit_embed.data.tokens import TokenizedTexts
 from lit_embed.errors import InvalidValueError, LitEmbedError
 from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.gist import GISTLoss, gist
+from lit_embed.losses.matryoshka import MatryoshkaLoss
 from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
 
@@ -87,7 +89,7 @@ def test_a_dropped_candidate_is_counted_and_left_out() -> None:
     assert masked.item() == 1  # query 0's guide scores the negative (1.0) above its positive (0.99)
     scores = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(documents, dim=-1).T
     scores[0, 3] = -torch.inf
-    expected = torch.nn.functional.cross_entropy(scores / 0.01, torch.arange(3))
+    expected = torch.nn.functional.cross_entropy(scores / 0.05, torch.arange(3))  # the default temperature
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
@@ -133,6 +135,22 @@ def test_batch_loss_equals_sentence_transformers_on_the_model(
     ]
     expected = theirs([encoder.model.preprocess(texts) for texts in columns], labels=None)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_matryoshka_of_gist_equals_sentence_transformers_on_the_model(
+    tiny_model_path: str, st_model: SentenceTransformer
+) -> None:
+    """loss=matryoshka with loss.loss=gist: each prefix of the student against the guide's whole embeddings."""
+    encoder = Encoder(tiny_model_path).eval()
+    batch = collated(encoder, negatives=1)
+    dims = [encoder.embedding_dim, 16, 8]
+    ours = MatryoshkaLoss(GISTLoss(temperature=0.05, margin=0.01), dims).batch_loss(encoder, batch)
+    guide = SentenceTransformer(tiny_model_path, device="cpu")
+    theirs = ST_MatryoshkaLoss(encoder.model, GISTEmbedLoss(encoder.model, guide, temperature=0.05, margin=0.01), dims)
+    size = len(batch)
+    columns = [batch.queries.texts, batch.documents.texts[:size], batch.documents.texts[size:]]
+    expected = theirs([encoder.model.preprocess(texts) for texts in columns], labels=None)
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def test_guide_is_frozen_unsaved_and_embeds_each_text_once(tiny_model_path: str) -> None:
