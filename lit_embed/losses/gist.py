@@ -120,7 +120,7 @@ class GISTLoss(EmbeddingLoss):
         guide: a sentence-transformers model path or hub id; it embeds each text with its own tokenizer and
             prompts. None: the student's base model as loaded at step 0 (no other model, no download).
         temperature: divides the cosine similarities: 0.05, loss=mnrl's scale 20. sentence-transformers' default,
-            0.01, trained worse on both datasets measured (README, "Better negatives").
+            0.01, trained worse on both datasets measured (README, "Guided in-batch negatives").
         margin_strategy: "absolute" (drop candidates above positive - margin) or "relative" (above
             positive - |positive| * margin).
         margin: see ``margin_strategy``; 0 drops only candidates the guide ranks above the positive.

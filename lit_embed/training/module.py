@@ -69,8 +69,8 @@ class EmbeddingFinetuneModule(L.LightningModule):
         cached = any(isinstance(m, CachedLoss) for m in self.loss.modules())
         if cached and self.trainer.precision in ("16-mixed", "16-true"):
             raise LitEmbedError(
-                "loss=cached_mnrl computes its gradients inside the step, where fp16's loss scaling cannot reach: "
-                "use trainer.precision=bf16-mixed or 32-true."
+                "loss=cached_mnrl and loss=cached_gist compute their gradients inside the step, where fp16's loss "
+                "scaling cannot reach: use trainer.precision=bf16-mixed or 32-true."
             )
 
     def on_train_start(self) -> None:
