@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 TextKind = Literal["query", "document"]
 # encode_document() looks for these prompt names, in this order; we read a saved prompt the same way.
 DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
+# model.dtype: the names torch and Lightning use for each.
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 class Encoder(nn.Module):
@@ -39,6 +49,16 @@ class Encoder(nn.Module):
         model_kwargs: passed to ``transformers``' ``from_pretrained`` (e.g. ``{"attn_implementation": "sdpa"}``).
         compile: ``torch.compile`` the transformer (dynamic shapes, so the length groups do not recompile): fewer,
             fused kernels for launch-bound small encoders on a GPU; the first steps pay the compilation.
+        gradient_checkpointing: keep only each layer's inputs in the forward pass and recompute its activations in
+            backward: activation memory of about one layer instead of all of them, for about a third more compute.
+            The loss and gradients are unchanged.
+        dtype: load the transformer's weights in ``bfloat16``, ``float16`` or ``float32`` (``bf16``, ``fp16``,
+            ``fp32``); None keeps ``transformers``' default (the dtype the weights were saved in). Half-precision
+            weights halve their memory; they suit a frozen base (``method=lora``) or inference, while full
+            finetuning keeps fp32 weights and gets bf16 compute from ``trainer.precision=bf16-mixed``.
+        load_in_4bit: load the transformer's linear weights as 4-bit NF4 (``bitsandbytes``, QLoRA's base):
+            a quarter of bf16's memory, frozen, for adapter training (``method=lora``). Needs a CUDA GPU and
+            ``pip install bitsandbytes``; refused with a message anywhere else. Computes in ``dtype`` (bf16 if None).
     """
 
     def __init__(
@@ -50,6 +70,9 @@ class Encoder(nn.Module):
         trust_remote_code: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         compile: bool = False,
+        gradient_checkpointing: bool = False,
+        dtype: str | None = None,
+        load_in_4bit: bool = False,
     ) -> None:
         super().__init__()
         check(
@@ -58,7 +81,13 @@ class Encoder(nn.Module):
             max_seq_length,
             "a whole number of tokens >= 1, or null for the model's own limit",
         )
-        for key, value in (("trust_remote_code", trust_remote_code), ("compile", compile)):
+        switches = {
+            "trust_remote_code": trust_remote_code,
+            "compile": compile,
+            "gradient_checkpointing": gradient_checkpointing,
+            "load_in_4bit": load_in_4bit,
+        }
+        for key, value in switches.items():
             check(is_bool(value), key, value, "true or false")
         for key, value in (("query_prompt", query_prompt), ("document_prompt", document_prompt)):
             check(value is None or isinstance(value, str), key, value, "a text (quote it), or null for the model's own")
@@ -72,7 +101,11 @@ class Encoder(nn.Module):
             "trust_remote_code": trust_remote_code,
             "model_kwargs": dict(model_kwargs or {}),
             "compile": compile,
+            "gradient_checkpointing": gradient_checkpointing,
+            "dtype": dtype,
+            "load_in_4bit": load_in_4bit,
         }
+        loading = _loading_kwargs(dict(model_kwargs or {}), dtype, load_in_4bit)
         if _looks_like_a_path(path) and not Path(path).exists():
             raise LitEmbedError(
                 f"model path {path} does not exist. Point model.model_name_or_path at a sentence-transformers "
@@ -81,7 +114,11 @@ class Encoder(nn.Module):
         check_module_classes(path, trust_remote_code)
         try:
             self.model = SentenceTransformer(
-                path, device="cpu", trust_remote_code=trust_remote_code, model_kwargs=dict(model_kwargs or {})
+                path,
+                # 4-bit weights are quantized onto the GPU as they load (device_map); keep them there.
+                device="cuda" if load_in_4bit else "cpu",
+                trust_remote_code=trust_remote_code,
+                model_kwargs=loading,
             )
         except ValueError as err:
             # What the check above cannot see before loading: a hub id's modules, Hugging Face custom models.
@@ -106,10 +143,28 @@ class Encoder(nn.Module):
             self.model.prompts["query"] = query_prompt
         if document_prompt is not None:
             self.model.prompts["document"] = document_prompt
+        if gradient_checkpointing:
+            self._enable_gradient_checkpointing()
         if compile:  # in place, so the weights keep their names in checkpoints and exports
             self.model[0].compile(dynamic=True)
         # sentence-transformers loads models in eval mode; training needs dropout on (encode() switches it off).
         self.train()
+
+    def _enable_gradient_checkpointing(self) -> None:
+        transformer = getattr(self.model[0], "auto_model", None)
+        check(
+            bool(getattr(transformer, "supports_gradient_checkpointing", False)),
+            "gradient_checkpointing",
+            True,
+            f"false for this model: its {type(transformer or self.model[0]).__name__} cannot recompute activations",
+        )
+        # transformers 5.2x renamed the method; the older name still works there, with a deprecation warning.
+        enable = (
+            getattr(transformer, "activation_checkpointing_enable", None) or transformer.gradient_checkpointing_enable
+        )
+        # Non-reentrant: correct when no input needs a gradient (frozen embeddings under LoRA) and with keyword
+        # arguments; the RNG is replayed, so dropout draws the same masks when a layer is recomputed.
+        enable({"use_reentrant": False})
 
     @property
     def embedding_dim(self) -> int:
@@ -122,6 +177,11 @@ class Encoder(nn.Module):
     @property
     def max_seq_length(self) -> int:
         return self.model.max_seq_length
+
+    @property
+    def padding_side(self) -> str:
+        """Where the tokenizer pads (``"left"`` for most decoder embedders): training batches are padded there too."""
+        return getattr(self.model.tokenizer, "padding_side", None) or "right"
 
     def prompt(self, kind: TextKind) -> str:
         """The prompt that ``encode_query`` / ``encode_document`` would use, so training matches inference."""
@@ -169,6 +229,59 @@ class Encoder(nn.Module):
 
 
 TRUST_FIX = "set model.trust_remote_code=true"
+
+
+def _loading_kwargs(model_kwargs: dict[str, Any], dtype: str | None, load_in_4bit: bool) -> dict[str, Any]:
+    """``transformers``' ``from_pretrained`` arguments for ``model.dtype`` and ``model.load_in_4bit``."""
+    check(
+        dtype is None or isinstance(dtype, str) and dtype in DTYPES,
+        "dtype",
+        dtype,
+        "bfloat16, float16 or float32 (or bf16, fp16, fp32), or null for the dtype the weights were saved in",
+    )
+    given = [key for key in ("dtype", "torch_dtype") if key in model_kwargs]
+    check(
+        dtype is None or not given,
+        "dtype",
+        dtype,
+        f"null while model.model_kwargs sets {' and '.join(given)}: set the dtype in one place",
+    )
+    if dtype is not None:
+        model_kwargs["dtype"] = DTYPES[dtype]
+    if not load_in_4bit:
+        return model_kwargs
+    check(
+        "quantization_config" not in model_kwargs,
+        "load_in_4bit",
+        load_in_4bit,
+        "false while model.model_kwargs sets a quantization_config: quantize in one place",
+    )
+    missing = [
+        need
+        for need, ok in (
+            ("a CUDA GPU (none is visible)", torch.cuda.is_available()),
+            ("bitsandbytes (pip install bitsandbytes)", importlib.util.find_spec("bitsandbytes") is not None),
+        )
+        if not ok
+    ]
+    check(
+        not missing,
+        "load_in_4bit",
+        load_in_4bit,
+        f"false here: 4-bit weights need {' and '.join(missing)}. Run on a CUDA machine with bitsandbytes "
+        "installed, or set model.load_in_4bit=false (model.dtype=bfloat16 halves the weights' memory on any device)",
+    )
+    from transformers import BitsAndBytesConfig
+
+    compute = DTYPES[dtype] if dtype is not None else torch.bfloat16
+    model_kwargs["quantization_config"] = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+    model_kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
+    return model_kwargs
 
 
 def check_module_classes(path: str | os.PathLike, trust_remote_code: bool = False, fix: str = TRUST_FIX) -> None:
