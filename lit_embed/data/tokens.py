@@ -15,7 +15,11 @@ log = logging.getLogger(__name__)
 
 
 class TextTokenizer(Protocol):
-    """What the data needs from an encoder (see ``lit_embed.models.encoder.Encoder``)."""
+    """What the data needs from an encoder (see ``lit_embed.models.encoder.Encoder``).
+
+    An encoder with a ``padding_side`` attribute (``"left"`` or ``"right"``) has its batches padded on that side;
+    one without (an adapter's table lookup) on the right.
+    """
 
     pad_token_id: int
     max_seq_length: int
@@ -46,6 +50,10 @@ class TokenizedTexts:
                 else:
                     self.shared[key] = value
         self.padding_values = {key: tokenizer.pad_token_id if key == "input_ids" else 0 for key in self.rows}
+        # Batches are padded as inference pads them (encode_query/encode_document): a model whose output depends on
+        # where the padding is (one that reads the last position, absolute positions under left padding) then
+        # trains on what it is used with. Models that pool from the mask give the same embeddings on either side.
+        self.padding_side = getattr(tokenizer, "padding_side", "right")
         truncated = sum(len(mask) >= tokenizer.max_seq_length for mask in self.rows.get("attention_mask", []))
         if truncated:
             log.warning(
@@ -61,13 +69,13 @@ class TokenizedTexts:
         return len(self.rows["attention_mask"]) if self.rows else 0
 
     def pad(self, indices: Sequence[int]) -> dict[str, Any]:
-        """Features of the chosen rows, padded to the longest of them."""
-        batch: dict[str, Any] = {
-            key: torch.nn.utils.rnn.pad_sequence(
-                [rows[i] for i in indices], batch_first=True, padding_value=self.padding_values[key]
-            )
-            for key, rows in self.rows.items()
-        }
+        """Features of the chosen rows, padded to the longest of them on the tokenizer's padding side."""
+        left = self.padding_side == "left"
+        batch: dict[str, Any] = {}
+        for key, rows in self.rows.items():
+            chosen = [rows[i].flip(0) if left else rows[i] for i in indices]  # left: pad the reversed rows
+            padded = torch.nn.utils.rnn.pad_sequence(chosen, batch_first=True, padding_value=self.padding_values[key])
+            batch[key] = padded.flip(1) if left else padded
         return batch | self.shared
 
     def collate(self, indices: Sequence[int], max_groups: int = 1) -> TokenGroups:

@@ -25,10 +25,11 @@ def mini_batches(side: TokenGroups, size: int) -> list[Features]:
         mask = features["attention_mask"]  # [n, L]
         for start in range(0, mask.size(0), size):
             rows = slice(start, start + size)
-            length = int(mask[rows].sum(dim=1).max())  # rows are right-padded, so this many columns suffice
+            # Drop the columns that are padding in every row, on whichever side the group was padded.
+            used = mask[rows].any(dim=0)  # [L]
             chunks.append(
                 {
-                    key: value[rows, :length] if isinstance(value, Tensor) and value.shape == mask.shape else value
+                    key: value[rows][:, used] if isinstance(value, Tensor) and value.shape == mask.shape else value
                     for key, value in features.items()
                 }
             )
