@@ -163,3 +163,20 @@ def test_train_app_finetunes_the_tiny_decoder_and_exports_a_plain_model(tmp_path
     assert model.prompts["query"] == INSTRUCTION
     encoder = Encoder(str(out / "model"))
     torch.testing.assert_close(encoder.encode(QUERIES, "query"), model.encode_query(QUERIES, convert_to_tensor=True))
+
+
+def test_a_tokenizer_without_a_padding_token_pads_with_its_eos(model_paths: dict[str, str], tmp_path: Path) -> None:
+    """Llama- and Mistral-style tokenizers have no padding token: batching them must still work, and the export
+    must batch in plain sentence-transformers."""
+    model = SentenceTransformer(model_paths["decoder"], device="cpu")
+    model.tokenizer.pad_token = None
+    model.save(str(tmp_path / "no_pad"))
+    with pytest.raises(ValueError, match="padding token"):  # what sentence-transformers does with such a model
+        SentenceTransformer(str(tmp_path / "no_pad"), device="cpu").encode_query(QUERIES)
+    encoder = Encoder(tmp_path / "no_pad", query_prompt=INSTRUCTION).eval()
+    assert encoder.model.tokenizer.pad_token == DECODER_EOS
+    with torch.no_grad():
+        got = training_embeddings(encoder, QUERIES, "query", length_groups=3)
+    encoder.save(tmp_path / "export")
+    expected = SentenceTransformer(str(tmp_path / "export"), device="cpu").encode_query(QUERIES, convert_to_tensor=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

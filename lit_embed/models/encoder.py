@@ -139,6 +139,13 @@ class Encoder(nn.Module):
                 f"at most {limit} tokens, the longest input this model's position embeddings cover",
             )
             self.model.max_seq_length = max_seq_length
+        tokenizer = self.model.tokenizer
+        if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
+            # Many causal LM tokenizers (Llama's, Mistral's) have no padding token, and without one no batch of
+            # texts can be tokenized, here or in encode(). The padding is masked out, so the EOS serves; the export
+            # keeps it, so the finetuned model embeds batches in plain sentence-transformers too.
+            tokenizer.pad_token = tokenizer.eos_token
+            log.info("%s's tokenizer has no padding token: padding with its EOS token %r.", path, tokenizer.eos_token)
         if query_prompt is not None:
             self.model.prompts["query"] = query_prompt
         if document_prompt is not None:
