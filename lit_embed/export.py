@@ -1,5 +1,6 @@
 """``lit-embed-export CKPT OUT_DIR`` (or ``python -m lit_embed.export``): a sentence-transformers directory from any
-lit_embed checkpoint, rebuilt from the checkpoint alone."""
+lit_embed checkpoint, rebuilt from the checkpoint alone. From a LoRA checkpoint: the merged model in OUT_DIR and the
+adapter alone in ``--lora-dir`` (default ``OUT_DIR-lora``)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from lit_embed.errors import LitEmbedError, reported
 from lit_embed.models import adapters
 from lit_embed.models.adapted import AdaptedEncoder
 from lit_embed.models.encoder import Encoder
+from lit_embed.models.lora import LoRA, lora_config, save_lora
 from lit_embed.models.saving import to_sentence_transformers
 from lit_embed.training.checkpoint_io import load_checkpoint, load_encoder_weights
 
 
 def encoder_from_checkpoint(path: str | os.PathLike) -> Encoder | AdaptedEncoder:
-    """Rebuilds the trained encoder (full or adapter) from a lit_embed checkpoint alone (``weights_only=True``)."""
+    """Rebuilds the trained encoder (full, adapter or LoRA) from a lit_embed checkpoint (``weights_only=True``)."""
     checkpoint = load_checkpoint(path)
     if "encoder_config" not in checkpoint:
         raise LitEmbedError(f"{path} is not a lit_embed training checkpoint (it has no 'encoder_config').")
@@ -33,6 +35,8 @@ def encoder_from_checkpoint(path: str | os.PathLike) -> Encoder | AdaptedEncoder
         encoder = AdaptedEncoder(Encoder(**config["base"]), partial(adapter_class, **head), cache_dir=None)
     else:
         encoder = Encoder(**config)
+        if "lora_config" in checkpoint:  # method=lora: the base model again, with the same LoRA layers
+            encoder = LoRA(**checkpoint["lora_config"])(encoder)
     load_encoder_weights(encoder, checkpoint)
     return encoder
 
@@ -43,11 +47,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("checkpoint", help="a .ckpt written during training, e.g. OUTPUT_DIR/checkpoints/last.ckpt")
     parser.add_argument("output_dir", help="where to write the sentence-transformers directory")
+    parser.add_argument(
+        "--lora-dir", help="from a LoRA checkpoint: where the adapter alone goes (default: OUTPUT_DIR-lora)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model in output_dir")
     args = parser.parse_args(argv)
     quiet_third_party_output()
     with reported("lit-embed-export"):
-        path = to_sentence_transformers(encoder_from_checkpoint(args.checkpoint), args.output_dir, args.overwrite)
+        encoder = encoder_from_checkpoint(args.checkpoint)
+        if lora_config(encoder) is None:
+            path = to_sentence_transformers(encoder, args.output_dir, args.overwrite)
+        else:
+            lora_dir = args.lora_dir or f"{str(args.output_dir).rstrip('/')}-lora"
+            path, lora_path = save_lora(encoder, args.output_dir, lora_dir, args.overwrite)
+            print(f"Wrote the LoRA adapter alone to {lora_path} (PEFT: load_adapter onto the base model).")
     print(f"Wrote {path}; load it with SentenceTransformer({str(path)!r}).")
 
 

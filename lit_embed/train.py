@@ -35,6 +35,7 @@ from lit_embed.errors import FinishedRunError, LitEmbedError, StoppedError, repo
 from lit_embed.evaluation import METRIC_NAMES
 from lit_embed.losses.base import EmbeddingLoss, check_several_positives
 from lit_embed.losses.distill import check_distillation_data
+from lit_embed.models.lora import lora_config, lora_summary
 from lit_embed.models.precomputed import PrecomputedEmbeddings
 from lit_embed.sweeps import sweep_job
 from lit_embed.training.callbacks.progress import default_progress_bar
@@ -162,11 +163,15 @@ def _train(
 
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
     """The configured LightningModule: encoder (wrapped by ``method``), loss, optimizer and schedule."""
+    # method=adapter and method=lora wrap the encoder; their settings are checked before the model loads.
+    wrap = build(cfg.method.encoder, "method.encoder") if "encoder" in cfg.method else None
     encoder = build(cfg.model, "model")
-    if "encoder" in cfg.method:  # method=adapter wraps the encoder: frozen, with a trainable head
-        encoder = build(cfg.method.encoder, "method.encoder")(encoder)
+    if wrap is not None:  # adapter: a trainable head on the frozen encoder; lora: LoRA layers inside it
+        encoder = wrap(encoder)
     elif isinstance(encoder, PrecomputedEmbeddings):
         raise LitEmbedError("model=precomputed has no encoder weights to finetune: use it with method=adapter.")
+    if lora_config(encoder) is not None and is_launching_process():
+        print(lora_summary(encoder))
     return build(
         cfg.method,
         "method",
@@ -216,7 +221,7 @@ def finetune(
         train: training data (.json / .jsonl / .csv / ...); None = the offline stdlib dataset.
         val: validation data for the before/after metrics (optional).
         model: a ``conf/model`` choice (``minilm``, ``bge``, ``tiny``, ``precomputed``).
-        method: ``full`` or ``adapter``.
+        method: ``full``, ``adapter`` or ``lora``.
         epochs: ``trainer.max_epochs`` (None keeps the config's).
         batch_size: ``data.batch_size`` (None keeps the config's).
         output_dir: where everything goes (default ``outputs/<date>_<time>``).

@@ -14,6 +14,7 @@ from torch import nn
 
 from lit_embed.errors import LitEmbedError
 from lit_embed.files import open_atomic
+from lit_embed.models.lora import lora_weight_names
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -67,7 +68,14 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
 
 # What the best model needs once it is no longer the newest checkpoint: its weights for load_best_model_at_end,
 # and what lit-embed-export rebuilds the encoder from. The optimizer state (twice the weights) only resumes.
-WEIGHTS_ONLY_KEYS = ("encoder_config", "global_step", "epoch", "lit_embed_config", "pytorch-lightning_version")
+WEIGHTS_ONLY_KEYS = (
+    "encoder_config",
+    "lora_config",
+    "global_step",
+    "epoch",
+    "lit_embed_config",
+    "pytorch-lightning_version",
+)
 
 
 def keep_weights_only(path: str | os.PathLike) -> int:
@@ -82,8 +90,21 @@ def keep_weights_only(path: str | os.PathLike) -> int:
 
 
 def load_encoder_weights(encoder: nn.Module, checkpoint: dict[str, Any]) -> nn.Module:
-    """Copies a training checkpoint's encoder weights into ``encoder`` (strict: every weight must match)."""
+    """Copies a training checkpoint's encoder weights into ``encoder`` (strict: every weight must match).
+
+    A LoRA encoder's checkpoint holds its LoRA weights only, and exactly those; the frozen base stays as loaded.
+    """
     prefix = "encoder."
     weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    encoder.load_state_dict(weights, strict=True)
+    lora_names = lora_weight_names(encoder)
+    if lora_names is None:
+        encoder.load_state_dict(weights, strict=True)
+        return encoder
+    if set(weights) != lora_names:
+        differ = sorted(lora_names.symmetric_difference(weights))
+        raise LitEmbedError(
+            f"the checkpoint's encoder weights are not this model's LoRA weights ({len(differ)} differ, e.g. "
+            f"{differ[:2]}): use the checkpoint with the model and lora.* settings it was trained with."
+        )
+    encoder.load_state_dict(weights, strict=False)
     return encoder

@@ -12,6 +12,7 @@ from lit_embed.distributed import full_parameters
 from lit_embed.evaluation.retrieval import format_metrics_table
 from lit_embed.files import write_text_atomic
 from lit_embed.models.adapted import AdaptedEncoder
+from lit_embed.models.lora import lora_config, save_lora
 from lit_embed.models.saving import to_sentence_transformers
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
@@ -56,7 +57,11 @@ def finish(
         skipped = getattr(trainer.datamodule, "skipped_records", dict)()
         report = {**metrics, "skipped": skipped} if skipped else metrics
         if trainer.is_global_zero:
-            model_dir = to_sentence_transformers(encoder, output_dir / "model", overwrite=True)
+            if lora_config(encoder) is not None:  # model/: the updates merged in; lora/: the updates alone
+                model_dir, lora_dir = save_lora(encoder, output_dir / "model", output_dir / "lora", overwrite=True)
+                print(f"LoRA adapter saved to {lora_dir} (PEFT: load_adapter onto the base model).")
+            else:
+                model_dir = to_sentence_transformers(encoder, output_dir / "model", overwrite=True)
             adapter_dir = output_dir / "llamaindex_adapter"
             if isinstance(encoder, AdaptedEncoder) and encoder.save_llamaindex_adapter(adapter_dir):
                 print(f"LlamaIndex adapter saved to {adapter_dir} (AdapterEmbeddingModel).")

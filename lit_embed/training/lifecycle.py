@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lit_embed.errors import LitEmbedError
 from lit_embed.files import write_text_atomic
+from lit_embed.training.module import EmbeddingFinetuneModule
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ CONFIG_KEY = "lit_embed_config"  # the run's resolved config, in every checkpoin
 
 # Top-level keys whose values decide what is trained. The others (output_dir, resume, resume_changed, overwrite,
 # logger, callbacks, eval, checkpoint, optimized_metric, load_best_model_at_end) may differ on a resume.
-TRAINED_KEYS = ("model", "method", "adapter", "data", "loss", "optimizer", "scheduler", "seed", "trainer")
+TRAINED_KEYS = ("model", "method", "adapter", "lora", "data", "loss", "optimizer", "scheduler", "seed", "trainer")
 # ...except these, which change how long, how fast or how visibly the same training runs: extending a run
 # (trainer.max_steps) or giving it more data workers is what a resume is for.
 UNTRAINED_KEYS = {
@@ -251,7 +252,10 @@ def check_weights_fit(path: str, checkpoint: dict[str, Any], module: L.Lightning
     saved = checkpoint.get("state_dict")
     if not isinstance(saved, dict):
         return
-    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    state = module.state_dict()
+    if isinstance(module, EmbeddingFinetuneModule):  # under LoRA a checkpoint leaves the frozen base out
+        state = module.checkpoint_weights(state)
+    expected = {name: tuple(t.shape) for name, t in state.items()}
     found = {name: tuple(getattr(t, "shape", ())) for name, t in saved.items()}
     problems = [f"{n} missing" for n in expected if n not in found]
     problems += [f"{n} not in this model" for n in found if n not in expected]

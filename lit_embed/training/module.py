@@ -1,7 +1,8 @@
 """The LightningModule: an encoder, a contrastive loss per task, and the training step that joins them.
 
-It serves full finetuning (every encoder weight) and adapters (an :class:`~lit_embed.models.adapted.AdaptedEncoder`,
-whose only trainable weights are its head) alike.
+It serves full finetuning (every encoder weight), adapters (an :class:`~lit_embed.models.adapted.AdaptedEncoder`,
+whose only trainable weights are its head) and LoRA (an :class:`~lit_embed.models.encoder.Encoder` with LoRA layers,
+whose checkpoints hold only those layers' weights) alike.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lit_embed.errors import LitEmbedError, NonFiniteLossError, check, is_bool
 from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
+from lit_embed.models.lora import lora_config, lora_weight_names
 from lit_embed.training.optim import (
     DEFAULT_OPTIMIZER,
     LinearWarmupDecay,
@@ -64,6 +66,15 @@ class EmbeddingFinetuneModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.skip_nonfinite = skip_nonfinite
         self.skipped_batches = 0
+        # Under LoRA a checkpoint holds the LoRA weights, not the frozen base that the model config loads again.
+        # Named now, before a strategy wraps the encoder.
+        self.lora_config = lora_config(encoder)
+        lora_names = lora_weight_names(encoder)
+        self.frozen_weights: frozenset[str] = frozenset()
+        self._lora_weights = frozenset(f"encoder.{n}" for n in lora_names or ())
+        if lora_names is not None:
+            self.frozen_weights = frozenset(f"encoder.{n}" for n in encoder.state_dict() if n not in lora_names)
+            self.strict_loading = False  # the frozen weights are left out of checkpoints on purpose
 
     def setup(self, stage: str) -> None:
         cached = any(isinstance(m, CachedLoss) for m in self.loss.modules())
@@ -147,13 +158,28 @@ class EmbeddingFinetuneModule(L.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def checkpoint_weights(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """What of ``state_dict`` a checkpoint holds: all of it, or under LoRA all but the frozen base."""
+        return {name: value for name, value in state_dict.items() if name not in self.frozen_weights}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lets `python -m lit_embed.export CKPT OUT` rebuild the encoder without the run's config.
         checkpoint["encoder_config"] = self.encoder.config
         checkpoint["skipped_batches"] = self.skipped_batches
+        if self.lora_config is not None:
+            checkpoint["lora_config"] = self.lora_config
+            checkpoint["state_dict"] = self.checkpoint_weights(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_batches = checkpoint.get("skipped_batches", 0)
+        found = {name for name in checkpoint["state_dict"] if name.startswith("encoder.")}
+        expected = self._lora_weights
+        if expected and found != expected:  # Lightning loads a LoRA checkpoint without strictness: check it here
+            raise LitEmbedError(
+                f"the checkpoint's encoder weights are not this run's LoRA weights ({len(expected - found)} "
+                f"missing, {len(found - expected)} not in this model, e.g. {sorted(expected ^ found)[:2]}): resume "
+                "with the model and lora.* settings it was trained with."
+            )
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self._param_groups())
