@@ -214,7 +214,9 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
                 kept.append(f"best {Path(self.best['path']).name} ({score}, {what})")
         # Hard links (last.ckpt and its step file) count once.
         sizes = {(s.st_dev, s.st_ino): s.st_size for s in (p.stat() for p in self.dirpath.glob("*.ckpt"))}
-        return f"checkpoints: kept {' and '.join(kept)}, {sum(sizes.values()) / 1e6:.0f} MB in {self.dirpath}"
+        total = sum(sizes.values())
+        size = f"{total / 1e6:.0f} MB" if total >= 1e6 else f"{total / 1e3:.0f} kB"  # LoRA checkpoints are small
+        return f"checkpoints: kept {' and '.join(kept)}, {size} in {self.dirpath}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": self.saved, "best": self.best, "rng": _rng_states()}
