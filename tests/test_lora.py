@@ -255,6 +255,25 @@ def test_a_killed_lora_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.M
         run(compose_train(lora_overrides(train, val, interrupted, "lora.r=8", **forced)))
 
 
+def test_weights_of_another_lora_setup_are_refused(tiny_model_path: str) -> None:
+    """Lightning loads a LoRA checkpoint without strictness (the frozen base is not in it), so the module and
+    load_encoder_weights check the LoRA weights themselves."""
+    from lit_embed.training.checkpoint_io import load_encoder_weights
+
+    rank_4 = LoRA(r=4)(Encoder(tiny_model_path))
+    other = {"state_dict": {f"encoder.{k}": v for k, v in rank_4.state_dict().items() if ".lora_" in k}}
+    other["state_dict"].pop(next(iter(other["state_dict"])))
+    module = EmbeddingFinetuneModule(LoRA()(Encoder(tiny_model_path)))
+    assert module.strict_loading is False
+    with pytest.raises(LitEmbedError, match="not this run's LoRA weights"):
+        module.on_load_checkpoint(other)
+    with pytest.raises(LitEmbedError, match="not this model's LoRA weights"):
+        load_encoder_weights(module.encoder, other)
+    own = {"state_dict": {f"encoder.{k}": v for k, v in module.encoder.state_dict().items() if ".lora_" in k}}
+    module.on_load_checkpoint(own)
+    load_encoder_weights(module.encoder, own)
+
+
 def lora_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(out / "checkpoints" / "last.ckpt")["state_dict"]
 
