@@ -252,6 +252,18 @@ def test_which_settings_count_as_changed() -> None:
     ]
 
 
+def test_a_setting_added_since_the_old_run_counts_as_unchanged_while_it_is_off() -> None:
+    """A run written before model.gradient_checkpointing existed trained without it: resuming with it off is fine."""
+    old = {"model": {"path": "m"}, "data": {"batch_size": 8}}
+    off = {"model": {"path": "m", "gradient_checkpointing": False, "dtype": None}, "data": {"batch_size": 8}}
+    assert changed_settings(old, off) == []
+    on = {"model": {"path": "m", "gradient_checkpointing": True, "dtype": "bfloat16"}, "data": {"batch_size": 8}}
+    assert changed_settings(old, on) == [
+        "model.dtype: (not set) -> bfloat16",
+        "model.gradient_checkpointing: (not set) -> True",
+    ]
+
+
 # --- Ctrl-C ----------------------------------------------------------------------------------------------------
 
 

@@ -207,9 +207,11 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     old_flat = {k: _relative(v, str(old.get("output_dir", ""))) for k, v in _flat(old).items() if _trains(k)}
     new_flat = {k: _relative(v, str(new.get("output_dir", ""))) for k, v in _flat(new).items() if _trains(k)}
     absent = "(not set)"
+    # A setting added after the old run was written is off (null or false) unless asked for: as it behaved then.
+    off = {key: value for key, value in new_flat.items() if key not in old_flat and (value is None or value is False)}
     return [
         f"{key}: {old_flat.get(key, absent)} -> {new_flat.get(key, absent)}"
-        for key in sorted(old_flat.keys() | new_flat.keys())
+        for key in sorted(old_flat.keys() | new_flat.keys() - off.keys())
         if old_flat.get(key, absent) != new_flat.get(key, absent)
     ]
 
