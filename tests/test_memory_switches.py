@@ -178,3 +178,13 @@ def test_load_in_4bit_asks_transformers_for_nf4_weights(monkeypatch: pytest.Monk
     assert default.bnb_4bit_compute_dtype == torch.bfloat16
     with pytest.raises(InvalidValueError, match="model.model_kwargs sets a quantization_config"):
         encoder_module._loading_kwargs({"quantization_config": quantization}, None, load_in_4bit=True)
+
+
+def test_full_finetuning_of_a_4_bit_base_is_refused_with_lora_as_the_fix(tiny_model_path: str) -> None:
+    """Where 4-bit loading runs (CUDA), method=full would train only the layers left unquantized."""
+    from lit_embed.training.module import EmbeddingFinetuneModule
+
+    encoder = Encoder(tiny_model_path)
+    encoder.config["load_in_4bit"] = True  # as a 4-bit load records it; this machine cannot load one
+    with pytest.raises(LitEmbedError, match="method=lora"):
+        EmbeddingFinetuneModule(encoder)

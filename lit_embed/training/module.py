@@ -69,6 +69,12 @@ class EmbeddingFinetuneModule(L.LightningModule):
         # Under LoRA a checkpoint holds the LoRA weights, not the frozen base that the model config loads again.
         # Named now, before a strategy wraps the encoder.
         self.lora_config = lora_config(encoder)
+        if self.lora_config is None and getattr(encoder, "config", {}).get("load_in_4bit"):
+            # 4-bit weights take no gradient: all but the few unquantized layers would silently stay as loaded.
+            raise LitEmbedError(
+                "model.load_in_4bit=true loads the base in 4 bits, which only LoRA can train on: add method=lora "
+                "(QLoRA), or set model.load_in_4bit=false to finetune every weight."
+            )
         lora_names = lora_weight_names(encoder)
         self.frozen_weights: frozenset[str] = frozenset()
         self._lora_weights = frozenset(f"encoder.{n}" for n in lora_names or ())
