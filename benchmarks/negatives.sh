@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The negatives table of the README: MNRL, GIST, mined negatives, mined + GIST, and distillation from a finetuned
-# teacher's scores, on one data folder (train.json, val.json; see benchmarks/datasets.py), MiniLM, CPU defaults.
+# teacher's scores, on one data folder (train.json, val.json; see benchmarks/retrieval_sets.py), MiniLM, CPU defaults.
 #   bash benchmarks/negatives.sh runs/data/stdlib runs/negatives/stdlib
 set -euo pipefail
 data=$1 out=$2

@@ -1,7 +1,7 @@
 """Retrieval sets built from what any Linux machine has, for experiments that must not tune on one split.
 
-    python benchmarks/datasets.py stdlib runs/data/stdlib --seed 42   # docstring -> function, Python's stdlib
-    python benchmarks/datasets.py man runs/data/man --seed 0          # man page NAME line -> its DESCRIPTION
+    python benchmarks/retrieval_sets.py stdlib runs/data/stdlib --seed 42   # docstring -> function, Python's stdlib
+    python benchmarks/retrieval_sets.py man runs/data/man --seed 0          # man page NAME line -> its DESCRIPTION
 
 Each writes ``train.json`` and ``val.json`` (LlamaIndex's format) into the folder: 1500 and 300 pairs by default,
 no query in both. A few man pages share one description (3 documents of the man split with seed 0 are in both).
