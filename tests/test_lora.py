@@ -25,9 +25,22 @@ from lit_embed.training.checkpoint_io import load_checkpoint
 from lit_embed.training.module import EmbeddingFinetuneModule
 
 TEXTS = ["how do I parse json number 3?", "sort a list of tuples by key", "def helper_3():\n    return 3"]
-# The tiny BERT (2 layers of 64): PEFT's choice for BERT is query and value, 2 x 2 layers of A [16, 64] + B [64, 16].
-LORA_WEIGHTS = 2 * 2 * 2
-LORA_PARAMETERS = 2 * 2 * (16 * 64 + 64 * 16)
+# The tiny BERT (2 layers of 64, feed-forward 128): all-linear adapts query, key, value, attention.output.dense,
+# intermediate.dense and output.dense of each layer (not the unused pooler): A [16, in] and B [out, 16] each.
+LORA_WEIGHTS = 2 * 6 * 2
+LORA_PARAMETERS = 2 * (4 * (16 * 64 + 64 * 16) + 2 * (16 * 64 + 128 * 16))
+ALL_LINEAR_TARGETS = [
+    f"encoder.layer.{i}.{name}"
+    for i in range(2)
+    for name in (
+        "attention.output.dense",
+        "attention.self.key",
+        "attention.self.query",
+        "attention.self.value",
+        "intermediate.dense",
+        "output.dense",
+    )
+]
 
 
 def lora_overrides(train: Path, val: Path, out: Path, *extra: str, **values: object) -> list[str]:
@@ -58,8 +71,8 @@ def test_lora_layers_start_as_the_base_model_and_only_they_train(tiny_model_path
     assert names == {n for n, p in encoder.named_parameters() if p.requires_grad}
     assert len(names) == LORA_WEIGHTS
     assert all(n.endswith(("lora_A.default.weight", "lora_B.default.weight")) for n in names), names
-    assert {n.split(".")[-4] for n in names} == {"query", "value"}  # PEFT's choice for BERT
-    assert lora_config(encoder) == {"r": 16, "alpha": 32.0, "dropout": 0.1, "target_modules": ["query", "value"]}
+    assert not any("pooler" in n for n in names)  # loaded but unused by sentence-transformers: nothing to train
+    assert lora_config(encoder) == {"r": 16, "alpha": 32.0, "dropout": 0.1, "target_modules": ALL_LINEAR_TARGETS}
     assert lora_config(base) is None and lora_weight_names(base) is None
     total = sum(p.numel() for p in base.parameters()) + LORA_PARAMETERS
     share = 100 * LORA_PARAMETERS / total
@@ -76,7 +89,9 @@ def test_target_modules_and_rank_shape_the_layers(tiny_model_path: str) -> None:
     shapes = {tuple(p.shape) for n, p in encoder.named_parameters() if "lora_A" in n}
     assert shapes == {(4, 64), (4, 128)}
     every = LoRA(target_modules="all-linear")(Encoder(tiny_model_path))
-    assert len(lora_weight_names(every)) == 2 * (2 * 6 + 1)  # q, k, v, attention out, intermediate, out; pooler
+    assert len(lora_weight_names(every)) == 2 * 2 * 6  # q, k, v, attention out, intermediate, out; not the pooler
+    peft_choice = LoRA(target_modules=None)(Encoder(tiny_model_path))
+    assert lora_config(peft_choice)["target_modules"] == ["query", "value"]  # PEFT's for BERT
 
 
 def test_lora_weights_train_in_fp32_on_a_bf16_base(tiny_model_path: str) -> None:
@@ -115,7 +130,7 @@ def test_checkpoints_and_optimizer_hold_only_the_lora_weights(tmp_path: Path, ca
     weights = checkpoint["state_dict"]
     assert len(weights) == LORA_WEIGHTS
     assert all(".lora_A.default." in k or ".lora_B.default." in k for k in weights), sorted(weights)
-    assert checkpoint["lora_config"]["target_modules"] == ["query", "value"]
+    assert checkpoint["lora_config"]["target_modules"] == ALL_LINEAR_TARGETS
     assert checkpoint["encoder_config"]["model_name_or_path"] == str(out / "base_model")
     trained_b = [v for k, v in weights.items() if "lora_B" in k]
     assert all(v.abs().max() > 0 for v in trained_b), "B starts at zero and must have trained"
@@ -166,7 +181,8 @@ def test_merged_model_loads_without_peft_and_the_adapter_with_it(tmp_path: Path,
     # lora/: the adapter alone, small, in PEFT's format; sentence-transformers' and PEFT's loaders apply it.
     adapter = out / "lora"
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert (adapter / "adapter_model.safetensors").stat().st_size < 100_000
+    merged_size = (out / "model" / "model.safetensors").stat().st_size
+    assert (adapter / "adapter_model.safetensors").stat().st_size < merged_size / 20
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(out / "base_model") and config["r"] == 16
     with_adapter = SentenceTransformer(str(out / "base_model"), device="cpu")
@@ -284,6 +300,9 @@ def test_cached_and_matryoshka_losses_train_lora_as_the_plain_loss(tmp_path: Pat
         "trainer.max_steps": 3,
         "model.model_name_or_path.dropout": 0.0,
         "lora.dropout": 0.0,
+        # Adam turns float-rounding differences of near-zero gradients into whole steps; the feed-forward layers'
+        # updates have such gradients at step 1, so compare on the attention's query and value.
+        "lora.target_modules": "[query,value]",
         "load_best_model_at_end": "false",
         "eval.evaluation_steps": 0,
     }
@@ -296,20 +315,21 @@ def test_cached_and_matryoshka_losses_train_lora_as_the_plain_loss(tmp_path: Pat
     for name, extra in runs.items():
         out, _ = toy_run(tmp_path, name, "method=lora", *extra, **common)
         weights[name] = lora_weights(out)
-        assert len(weights[name]) == LORA_WEIGHTS
+        assert len(weights[name]) == 2 * 2 * 2
     for name in ("cached", "matryoshka"):
         for key, value in weights["mnrl"].items():
             torch.testing.assert_close(weights[name][key], value, atol=1e-5, rtol=0, msg=f"{name}: {key}")
 
 
 def test_lora_on_a_decoder_with_gradient_checkpointing(tmp_path: Path, monkeypatch) -> None:
-    """The tiny Qwen3 (last-token pooling, left padding): PEFT's q_proj and v_proj train through recomputed layers,
-    and the merged model embeds as the trained one."""
+    """The tiny Qwen3 (last-token pooling, left padding): every linear layer's update trains through recomputed
+    layers, and the merged model embeds as the trained one."""
     trained = trained_encoders(monkeypatch)
     values = {"trainer.max_steps": 4, "load_best_model_at_end": "false", "model.gradient_checkpointing": "true"}
     out, _ = toy_run(tmp_path, "decoder", "model=tiny_decoder", "method=lora", **values)
     weights = lora_weights(out)
-    assert {k.split(".")[-4] for k in weights} == {"q_proj", "v_proj"}
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {k.split(".")[-4] for k in weights} == projections
     assert all(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k), "B starts at zero and must train"
     (encoder,) = trained
     model = SentenceTransformer(str(out / "model"), device="cpu")
