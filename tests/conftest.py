@@ -21,3 +21,15 @@ def tiny_encoder(tiny_model_path: str):
     from lit_embed.models.encoder import Encoder
 
     return Encoder(tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def model_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny BERT and a tiny Qwen3 decoder without dropout, so two forward passes give the same embeddings."""
+    from lit_embed.models.tiny import build_tiny_bert, build_tiny_decoder
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "encoder": build_tiny_bert(root / "bert", dropout=0.0),
+        "decoder": build_tiny_decoder(root / "qwen3", dropout=0.0),
+    }

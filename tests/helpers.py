@@ -47,3 +47,18 @@ def tiny_run_overrides(train: Path, val: Path | None, output_dir: Path, **extra:
     }
     values.update(extra)
     return ["model=tiny", "data=qa_json", "trainer=cpu"] + [f"{k}={v}" for k, v in values.items()]
+
+
+def trained_encoders(monkeypatch) -> list:
+    """Catches each run's trained encoder as the run hands it to ``finish`` (which exports it)."""
+    import lit_embed.train
+
+    trained = []
+    finish = lit_embed.train.finish
+
+    def spy(trainer, module, *args, **kwargs):
+        trained.append(module.encoder)
+        return finish(trainer, module, *args, **kwargs)
+
+    monkeypatch.setattr(lit_embed.train, "finish", spy)
+    return trained

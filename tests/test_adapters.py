@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_train, tiny_run_overrides, toy_split, write_toy_data
+from helpers import compose_train, tiny_run_overrides, toy_split, trained_encoders, write_toy_data
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Dense
 
-import lit_embed.train
 from lit_embed.errors import LitEmbedError
 from lit_embed.models.adapted import AdaptedEncoder
 from lit_embed.models.adapters import LinearAdapter, MLPAdapter
@@ -73,19 +72,6 @@ def adapter_overrides(tmp_path: Path, *extra: str) -> list[str]:
     values = {"trainer.max_epochs": 3, "trainer.max_steps": -1, "optimizer.lr": 1e-2, "load_best_model_at_end": "false"}
     overrides = tiny_run_overrides(train, val, out, **values) + ["method=adapter", f"method.encoder.cache_dir={cache}"]
     return overrides + list(extra)
-
-
-def keep_trained_encoder(monkeypatch: pytest.MonkeyPatch) -> list[AdaptedEncoder]:
-    """Catches the run's trained encoder as the run hands it to ``finish`` (which exports it)."""
-    trained: list[AdaptedEncoder] = []
-    finish = lit_embed.train.finish
-
-    def spy(trainer, module, *args, **kwargs):
-        trained.append(module.encoder)
-        return finish(trainer, module, *args, **kwargs)
-
-    monkeypatch.setattr(lit_embed.train, "finish", spy)
-    return trained
 
 
 def step_losses(out: Path) -> list[float]:
@@ -161,7 +147,7 @@ def test_adapter_run_trains_only_the_head_and_reuses_the_cache(tmp_path: Path, m
 
 
 def test_exports_load_without_lit_embed_and_map_queries_only(tmp_path: Path, monkeypatch) -> None:
-    trained = keep_trained_encoder(monkeypatch)
+    trained = trained_encoders(monkeypatch)
     run(compose_train(adapter_overrides(tmp_path)))
     out = tmp_path / "run"
     (encoder,) = trained
@@ -218,7 +204,7 @@ def test_exports_load_without_lit_embed_and_map_queries_only(tmp_path: Path, mon
 
 
 def test_both_transform_with_another_size(tmp_path: Path, monkeypatch) -> None:
-    trained = keep_trained_encoder(monkeypatch)
+    trained = trained_encoders(monkeypatch)
     metrics = run(compose_train(adapter_overrides(tmp_path, "adapter.out_dim=16")))
     out = tmp_path / "run"
     model = SentenceTransformer(str(out / "model"), device="cpu")
@@ -241,7 +227,7 @@ def test_both_transform_with_another_size(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_mlp_adapter_run(tmp_path: Path, monkeypatch) -> None:
-    trained = keep_trained_encoder(monkeypatch)
+    trained = trained_encoders(monkeypatch)
     metrics = run(compose_train(adapter_overrides(tmp_path, "adapter=mlp", "adapter.hidden_dim=32")))
     config = json.loads((tmp_path / "run" / "llamaindex_adapter" / "config.json").read_text())
     assert config == {
@@ -347,7 +333,7 @@ def test_adapter_on_precomputed_vectors(tmp_path: Path, tiny_model_path: str, pa
     overrides = adapter_overrides(tmp_path)  # writes the toy data
     queries, documents = write_vectors(tmp_path, Encoder(tiny_model_path), parquet)
     overrides += ["model=precomputed", f"model.query_embeddings={queries}", f"model.document_embeddings={documents}"]
-    trained = keep_trained_encoder(monkeypatch)
+    trained = trained_encoders(monkeypatch)
     metrics = run(compose_train(overrides))
     out = tmp_path / "run"
     assert metrics["final"]["step"] == 18

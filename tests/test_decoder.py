@@ -19,7 +19,7 @@ from test_cached_loss import assert_same, cached_gradients, collated_batch, plai
 from lit_embed.data.tokens import TokenizedTexts
 from lit_embed.losses.cached import mini_batches
 from lit_embed.models.encoder import Encoder
-from lit_embed.models.tiny import DECODER_EOS, build_tiny_bert, build_tiny_decoder
+from lit_embed.models.tiny import DECODER_EOS, build_tiny_decoder
 from lit_embed.train import run
 
 INSTRUCTION = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
@@ -31,15 +31,6 @@ DOCUMENTS = [
     "json.loads(text) " * 30,
 ]
 MAX_SEQ_LENGTH = 40  # the longest texts above are cut: truncation must keep what inference keeps (the EOS)
-
-
-@pytest.fixture(scope="module")
-def model_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "encoder": build_tiny_bert(root / "bert", dropout=0.0),
-        "decoder": build_tiny_decoder(root / "qwen3", dropout=0.0),
-    }
 
 
 def test_tiny_decoder_is_shaped_like_qwen3_embedding(model_paths: dict[str, str]) -> None:

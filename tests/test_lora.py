@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
+from helpers import REPO, compose_train, tiny_run_overrides, trained_encoders, write_toy_data
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
-import lit_embed.train
 from lit_embed.data.formats import load_dataset
 from lit_embed.errors import LitEmbedError
 from lit_embed.models.encoder import Encoder
@@ -45,19 +44,6 @@ ALL_LINEAR_TARGETS = [
 
 def lora_overrides(train: Path, val: Path, out: Path, *extra: str, **values: object) -> list[str]:
     return [*tiny_run_overrides(train, val, out, **values), "method=lora", *extra]
-
-
-def trained_encoders(monkeypatch: pytest.MonkeyPatch) -> list[Encoder]:
-    """Catches each run's trained encoder as the run hands it to ``finish`` (which exports it)."""
-    trained: list[Encoder] = []
-    finish = lit_embed.train.finish
-
-    def spy(trainer, module, *args, **kwargs):
-        trained.append(module.encoder)
-        return finish(trainer, module, *args, **kwargs)
-
-    monkeypatch.setattr(lit_embed.train, "finish", spy)
-    return trained
 
 
 def test_lora_layers_start_as_the_base_model_and_only_they_train(tiny_model_path: str) -> None:

@@ -22,17 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from lit_embed.errors import InvalidValueError, LitEmbedError
 from lit_embed.models import encoder as encoder_module
 from lit_embed.models.encoder import Encoder
-from lit_embed.models.tiny import build_tiny_bert, build_tiny_decoder
 from lit_embed.train import run
-
-
-@pytest.fixture(scope="module")
-def model_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "encoder": build_tiny_bert(root / "bert", dropout=0.0),
-        "decoder": build_tiny_decoder(root / "qwen3", dropout=0.0),
-    }
 
 
 def checkpointed_layers(encoder: Encoder) -> list[GradientCheckpointingLayer]:
