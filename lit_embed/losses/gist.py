@@ -212,7 +212,7 @@ class GISTLoss(EmbeddingLoss):
         guide = self.guide(encoder)
         for kind, some in texts.items():
             table = self._embeddings[kind]
-            new = [t for t in dict.fromkeys(some) if t not in table]
+            new = table.missing(some)
             for start in range(0, len(new), PREPARE_CHUNK):
                 chunk = new[start : start + PREPARE_CHUNK]
                 table.add(chunk, cached_embeddings(guide, chunk, kind, self.guide_batch_size, self.cache_dir))
@@ -304,7 +304,7 @@ class GISTLoss(EmbeddingLoss):
                 )
             return side.embed(guide)  # the default guide reads the student's tokens as they are
         table = self._embeddings[kind]
-        new = [t for t in dict.fromkeys(side.texts) if t not in table]
+        new = table.missing(side.texts)
         if new:
             table.add(new, guide.encode(new, kind, self.guide_batch_size).cpu())
         return table.lookup(side.texts)
@@ -330,8 +330,9 @@ class GuideTable:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __contains__(self, text: str) -> bool:
-        return text in self.rows
+    def missing(self, texts: Sequence[str]) -> list[str]:
+        """The distinct texts of ``texts`` not held yet, in order."""
+        return [t for t in dict.fromkeys(texts) if t not in self.rows]
 
     def add(self, texts: Sequence[str], embeddings: Tensor) -> None:
         for row, text in enumerate(texts):
