@@ -84,8 +84,8 @@ def _check_reusable(directory: Path, manifest: dict[str, Any], expected: dict[st
         }
         raise LitEmbedError(
             f"{directory} holds an index built from another model or corpus ({manifest.get('model')}, "
-            f"{manifest.get('data')}): {'; '.join(what[key] for key in changed)} differ. Pass --rebuild-index to "
-            "replace it, or choose another --index folder."
+            f"{manifest.get('data')}); changed: {', '.join(what[key] for key in changed)}. Pass --rebuild-index "
+            "(rebuild_index=True) to replace it, or choose another --index folder."
         )
 
 
@@ -116,13 +116,13 @@ def build_or_open(
             return False
         raise LitEmbedError(
             f"{directory}: the collection {name!r} that {MANIFEST} describes is missing or incomplete. Pass "
-            "--rebuild-index to build it again."
+            "--rebuild-index (rebuild_index=True) to build it again."
         )
     if manifest is None and not rebuild and client.get_collections().collections:
         raise LitEmbedError(
             f"{directory} holds a Qdrant database that lit-embed-eval did not finish building (no {MANIFEST}): an "
-            "interrupted build, or another tool's data. Pass --rebuild-index to (re)build the collection "
-            f"{name!r} there, or choose another --index folder."
+            "interrupted build, or another tool's data. Pass --rebuild-index (rebuild_index=True) to (re)build the "
+            f"collection {name!r} there, or choose another --index folder."
         )
     manifest_path.unlink(missing_ok=True)  # a build that stops half-way must not look finished
     if manifest is not None and client.collection_exists(manifest["collection"]):
