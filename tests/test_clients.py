@@ -312,6 +312,16 @@ def test_eval_through_a_qdrant_index_equals_the_exact_evaluation(
     with pytest.raises(LitEmbedError, match="changed: the corpus's ids or texts, the number of documents"):
         evaluate(other, val.parent / "train.json", device="cpu", index=index)
 
+    # Local mode locks its folder: a second client gets one message.
+    from qdrant_client import QdrantClient
+
+    holder = QdrantClient(path=str(index))
+    try:
+        with pytest.raises(LitEmbedError, match="already accessed by another instance.* choose another folder"):
+            evaluate(other, val, device="cpu", index=index)
+    finally:
+        holder.close()
+
     # A build that never wrote index.json (interrupted) is not trusted.
     (index / "index.json").unlink()
     with pytest.raises(LitEmbedError, match="did not finish building"):

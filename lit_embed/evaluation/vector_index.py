@@ -183,7 +183,13 @@ def evaluate_with_index(
         raise LitEmbedError(f"--index {directory} is a file; pass a folder for the Qdrant database.")
     directory.mkdir(parents=True, exist_ok=True)
     described = {"model": str(Path(model).resolve()), "data": str(Path(data).resolve())}
-    client = QdrantClient(path=str(directory))
+    try:
+        client = QdrantClient(path=str(directory))
+    except RuntimeError as err:  # local mode locks its folder: one client at a time
+        raise LitEmbedError(
+            f"--index {directory}: {err} Wait for the other process (another lit-embed-eval, a notebook) to close it, "
+            "or choose another folder."
+        ) from None
     try:
         built = build_or_open(
             client, directory, encoder, dataset, collection_name(data), batch_size, truncate_dim, rebuild, described
