@@ -301,7 +301,8 @@ def test_eval_through_a_qdrant_index_equals_the_exact_evaluation(
     # Another model's vectors are not the ones stored: refused, then rebuilt on request.
     other = runs["prompted"] / "model"
     with pytest.raises(
-        LitEmbedError, match=r"another model or corpus .*changed: the model's weights, prompt or length limit\."
+        LitEmbedError,
+        match=r"another model or corpus .*changed: the model's modules, weights, prompt or length limit\.",
     ):
         evaluate(other, val, device="cpu", index=index)
     rebuilt = evaluate(other, val, device="cpu", index=index, rebuild_index=True)

@@ -47,9 +47,10 @@ def import_qdrant() -> Any:
 
 
 def fingerprint(encoder: Encoder, dataset: QADataset, truncate_dim: int | None) -> dict[str, Any]:
-    """What the stored vectors depend on: the model (weights, document prompt, length limit), their size, the corpus."""
+    """What the stored vectors depend on: the model (its modules and their settings, such as pooling, the weights, the
+    document prompt, the length limit), their size, the corpus. Not the model's path: a moved model is the same."""
     model = hashlib.sha256()
-    model.update(json.dumps([encoder.prompt("document"), encoder.max_seq_length]).encode())
+    model.update(json.dumps([repr(encoder.model), encoder.prompt("document"), encoder.max_seq_length]).encode())
     hash_weights(encoder, model)
     corpus = hashlib.sha256()
     for doc_id, text in dataset.corpus.items():
@@ -77,7 +78,7 @@ def _check_reusable(directory: Path, manifest: dict[str, Any], expected: dict[st
     changed = [key for key, value in expected.items() if manifest.get("fingerprint", {}).get(key) != value]
     if changed:
         what = {
-            "model_sha256": "the model's weights, prompt or length limit",
+            "model_sha256": "the model's modules, weights, prompt or length limit",
             "dimension": "the embedding size (--truncate-dim)",
             "corpus_sha256": "the corpus's ids or texts",
             "documents": "the number of documents",
@@ -87,6 +88,15 @@ def _check_reusable(directory: Path, manifest: dict[str, Any], expected: dict[st
             f"{manifest.get('data')}); changed: {', '.join(what[key] for key in changed)}. Pass --rebuild-index "
             "(rebuild_index=True) to replace it, or choose another --index folder."
         )
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """``index.json``, or None when there is none or it is unreadable (a build that did not finish)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and "collection" in manifest else None
 
 
 def build_or_open(
@@ -99,21 +109,21 @@ def build_or_open(
     truncate_dim: int | None,
     rebuild: bool,
     described: dict[str, str],
-) -> bool:
-    """Makes sure ``client``'s collection ``name`` holds ``dataset``'s corpus as ``encoder`` embeds it.
+) -> tuple[str, bool]:
+    """Makes sure a collection of ``client`` holds ``dataset``'s corpus as ``encoder`` embeds it.
 
-    Returns whether it was built now (False: the stored vectors were reused).
+    Returns its name (``name``, or the stored one when reused) and whether it was built now.
     """
     from qdrant_client import models
 
     expected = fingerprint(encoder, dataset, truncate_dim)
     manifest_path = directory / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = _read_manifest(manifest_path)
     if manifest is not None and not rebuild:
         _check_reusable(directory, manifest, expected)
         name = manifest["collection"]
         if client.collection_exists(name) and client.count(name, exact=True).count == expected["documents"]:
-            return False
+            return name, False
         raise LitEmbedError(
             f"{directory}: the collection {name!r} that {MANIFEST} describes is missing or incomplete. Pass "
             "--rebuild-index (rebuild_index=True) to build it again."
@@ -146,7 +156,7 @@ def build_or_open(
     write_text_atomic(
         manifest_path, json.dumps({"collection": name, **described, "fingerprint": expected}, indent=2) + "\n"
     )
-    return True
+    return name, True
 
 
 def evaluate_with_index(
@@ -191,10 +201,9 @@ def evaluate_with_index(
             "or choose another folder."
         ) from None
     try:
-        built = build_or_open(
+        name, built = build_or_open(
             client, directory, encoder, dataset, collection_name(data), batch_size, truncate_dim, rebuild, described
         )
-        name = json.loads((directory / MANIFEST).read_text())["collection"]
         # On stderr: stdout is the metrics (--json).
         action = "Built" if built else "Reusing"
         print(
