@@ -1,9 +1,11 @@
 """Retrieval metrics of any sentence-transformers model on a QA data file.
 
-Command line: ``lit-embed-eval MODEL DATA [--json] [--batch-size N] [--truncate-dim N]`` (or
+Command line: ``lit-embed-eval MODEL DATA [--json] [--batch-size N] [--truncate-dim N] [--index DIR]`` (or
 ``python -m lit_embed.evaluate``), where MODEL is a sentence-transformers directory, a run's ``model/`` or a run's
 output directory, and DATA a file that ``data=qa_json`` reads (LlamaIndex ``.json``, ``.jsonl`` pairs, ...). The
-numbers are the ones training logs as ``val/...``: same search, same prompts.
+numbers are the ones training logs as ``val/...``: same search, same prompts. With ``--index DIR`` the corpus is
+embedded once into a Qdrant database in DIR and the queries are searched there
+(:mod:`lit_embed.evaluation.vector_index`): the same metrics, from a vector database.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from lit_embed.console import quiet_third_party_output
 from lit_embed.data.formats import load_dataset
 from lit_embed.errors import LitEmbedError, reported
 from lit_embed.evaluation.retrieval import evaluate_encoder, format_metrics_table
+from lit_embed.evaluation.vector_index import evaluate_with_index, import_qdrant
 from lit_embed.models.encoder import Encoder, check_module_classes
 
 
@@ -53,6 +56,8 @@ def evaluate(
     device: str | None = None,
     truncate_dim: int | None = None,
     trust_remote_code: bool = False,
+    index: str | os.PathLike | None = None,
+    rebuild_index: bool = False,
 ) -> dict[str, float]:
     """Scores ``model`` (see :func:`model_directory`) on ``data`` with exact cosine search over its whole corpus.
 
@@ -65,15 +70,22 @@ def evaluate(
         truncate_dim: score only the first this many embedding dimensions (None = all), as
             ``SentenceTransformer(model, truncate_dim=...)`` would embed.
         trust_remote_code: let the model directory run code from outside sentence-transformers.
+        index: search a Qdrant local database in this folder instead of exact search: built from the corpus on the
+            first call, reused by later calls with the same model and corpus (None = exact search).
+        rebuild_index: replace an ``index`` built from another model or corpus.
 
     Returns:
         ``{"mrr@10": ..., "ndcg@10": ..., ...}``, as training logs them under ``val/``.
     """
+    if index is not None:
+        import_qdrant()  # before anything slow: a missing package is one message
     dataset = load_dataset(data)  # before the model, so a bad file fails fast
     path = model_directory(model)
     check_module_classes(path, trust_remote_code, fix="pass --trust-remote-code (trust_remote_code=True)")
     encoder = Encoder(path, trust_remote_code=trust_remote_code)
     encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if index is not None:
+        return evaluate_with_index(encoder, dataset, index, data, path, batch_size, truncate_dim, rebuild_index)
     return evaluate_encoder(encoder, dataset, batch_size, truncate_dim=truncate_dim)
 
 
@@ -97,7 +109,20 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="let the model run code from outside sentence-transformers (custom module classes); only if you trust it",
     )
+    parser.add_argument(
+        "--index",
+        metavar="DIR",
+        help="evaluate through a vector database: embed the corpus once into a Qdrant local database in DIR "
+        "(reused by later calls with the same model and corpus) and search it (pip install 'lit_embed[clients]')",
+    )
+    parser.add_argument(
+        "--rebuild-index",
+        action="store_true",
+        help="with --index: replace an index built from another model or corpus, or an unfinished one",
+    )
     args = parser.parse_args(argv)
+    if args.rebuild_index and args.index is None:
+        parser.error("--rebuild-index needs --index DIR")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.truncate_dim is not None and args.truncate_dim < 1:
@@ -105,7 +130,14 @@ def main(argv: list[str] | None = None) -> None:
     quiet_third_party_output()
     with reported("lit-embed-eval"):
         metrics = evaluate(
-            args.model, args.data, args.batch_size, args.device, args.truncate_dim, args.trust_remote_code
+            args.model,
+            args.data,
+            args.batch_size,
+            args.device,
+            args.truncate_dim,
+            args.trust_remote_code,
+            args.index,
+            args.rebuild_index,
         )
     print(json.dumps(metrics, indent=2) if args.json else format_metrics_table({"value": metrics}))
 

@@ -1,6 +1,8 @@
 """``lit-embed-export CKPT OUT_DIR`` (or ``python -m lit_embed.export``): a sentence-transformers directory from any
 lit_embed checkpoint, rebuilt from the checkpoint alone. From a LoRA checkpoint: the merged model in OUT_DIR and the
-adapter alone in ``--lora-dir`` (default ``OUT_DIR-lora``)."""
+adapter alone in ``--lora-dir`` (default ``OUT_DIR-lora``). From an adapter checkpoint that maps queries only: the
+head as LlamaIndex's ``AdapterEmbeddingModel`` reads it too, in ``--llamaindex-dir`` (default
+``OUT_DIR-llamaindex_adapter``)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from functools import partial
 from lit_embed.console import quiet_third_party_output
 from lit_embed.errors import LitEmbedError, reported
 from lit_embed.models import adapters
-from lit_embed.models.adapted import AdaptedEncoder
+from lit_embed.models.adapted import AdaptedEncoder, warn_query_route
 from lit_embed.models.encoder import Encoder
 from lit_embed.models.lora import LoRA, lora_config, save_lora
 from lit_embed.models.saving import to_sentence_transformers
@@ -50,6 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--lora-dir", help="from a LoRA checkpoint: where the adapter alone goes (default: OUTPUT_DIR-lora)"
     )
+    parser.add_argument(
+        "--llamaindex-dir",
+        help="from an adapter checkpoint: where LlamaIndex's AdapterEmbeddingModel files go "
+        "(default: OUTPUT_DIR-llamaindex_adapter)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model in output_dir")
     args = parser.parse_args(argv)
     quiet_third_party_output()
@@ -57,6 +64,10 @@ def main(argv: list[str] | None = None) -> None:
         encoder = encoder_from_checkpoint(args.checkpoint)
         if lora_config(encoder) is None:
             path = to_sentence_transformers(encoder, args.output_dir, args.overwrite)
+            llamaindex_dir = args.llamaindex_dir or f"{str(args.output_dir).rstrip('/')}-llamaindex_adapter"
+            if isinstance(encoder, AdaptedEncoder) and encoder.save_llamaindex_adapter(llamaindex_dir):
+                print(f"Wrote the LlamaIndex adapter to {llamaindex_dir} (AdapterEmbeddingModel).")
+                warn_query_route(encoder, path, llamaindex_dir)
         else:
             lora_dir = args.lora_dir or f"{str(args.output_dir).rstrip('/')}-lora"
             path, lora_path = save_lora(encoder, args.output_dir, lora_dir, args.overwrite)

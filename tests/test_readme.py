@@ -63,7 +63,7 @@ NOT_RUN = {
     "torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR --master_port=29500 "
     "train.py trainer=ddp trainer.num_nodes=2 trainer.devices=8 output_dir=runs/big": "needs 2 nodes of 8 GPUs",
     "srun python train.py trainer=ddp trainer.num_nodes=2 trainer.devices=8 output_dir=runs/big": "needs SLURM",
-    "from llama_index.embeddings.huggingface import HuggingFaceEmbedding": "llama-index is not a dependency",
+    "pip install 'lit_embed[clients]'": "installs from the network",
 }
 # A Python process with torch and Lightning takes seconds to start, so the default run (-m "not slow") takes the
 # commands most likely to break and what they build on; test_readme_commands_slow runs every command. Keys are

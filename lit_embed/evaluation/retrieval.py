@@ -29,9 +29,10 @@ class TextEncoder(Protocol):
     def encode(self, texts: list[str], kind: str, batch_size: int = 64) -> Tensor: ...
 
 
-def _encode(
+def encode_texts(
     encoder: TextEncoder, texts: list[str], kind: str, batch_size: int, truncate_dim: int | None = None
 ) -> Tensor:
+    """``[len(texts), truncate_dim or D]``: the embeddings evaluation scores (bf16 autocast on a GPU)."""
     # bf16 on the GPU halves the evaluation time; the scores are computed in float32 anyway.
     use_bf16 = encoder.device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
@@ -47,7 +48,7 @@ def _encode_sharded(
     """Each rank embeds its contiguous share of the texts; the shares are gathered back in the input order."""
     rank, world = rank_and_world()
     share = texts[rank * len(texts) // world : (rank + 1) * len(texts) // world]
-    return all_gather_rows(_encode(encoder, share, kind, batch_size, truncate_dim))[0]  # [len(texts), D]
+    return all_gather_rows(encode_texts(encoder, share, kind, batch_size, truncate_dim))[0]  # [len(texts), D]
 
 
 def evaluate_encoder(
@@ -71,7 +72,7 @@ def evaluate_encoder(
     query_ids = list(dataset.queries)[rank::world]
     corpus_ids = list(dataset.corpus)
     corpus = _encode_sharded(encoder, [dataset.corpus[d] for d in corpus_ids], "document", batch_size, truncate_dim)
-    queries = _encode(encoder, [dataset.queries[q] for q in query_ids], "query", batch_size, truncate_dim)
+    queries = encode_texts(encoder, [dataset.queries[q] for q in query_ids], "query", batch_size, truncate_dim)
     metrics = evaluate_embeddings(
         queries, corpus, query_ids, corpus_ids, dataset.relevant_docs, DEFAULT_K, corpus_chunk_size=corpus_chunk_size
     )

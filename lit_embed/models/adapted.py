@@ -6,6 +6,7 @@ disk across runs, keyed by everything that could change them.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ from lit_embed.models.embedding_cache import DEFAULT_CACHE_DIR, cached_embedding
 from lit_embed.models.encoder import Encoder, TextKind
 from lit_embed.models.precomputed import PrecomputedEmbeddings
 from lit_embed.models.saving import dense_modules, save_head, save_llamaindex_adapter
+
+log = logging.getLogger(__name__)
 
 
 class AdaptedEncoder(nn.Module):
@@ -160,3 +163,36 @@ class AdaptedEncoder(nn.Module):
             return False
         save_llamaindex_adapter(self.adapter, path)
         return True
+
+
+def query_route_warning(
+    encoder: AdaptedEncoder, model_dir: str | os.PathLike, llamaindex_dir: str | os.PathLike
+) -> str | None:
+    """What to tell whoever exports a ``transform=query`` adapter: which calls give adapted query vectors.
+
+    The head sits on the query route of a ``Router`` whose default is the document route, so that ``model_dir``
+    stays the base model for documents and for LlamaIndex's ``AdapterEmbeddingModel``. A ``Router`` routes on the
+    task only, never on ``prompt_name``: plain ``encode()`` (``prompt_name="query"`` included) and LlamaIndex's
+    ``HuggingFaceEmbedding``, which passes no task, return the base model's query vectors without an error. The
+    message says so, naming the calls that do map queries. None when there is nothing to warn about (the head maps
+    documents too, or the base is precomputed vectors with no text model saved).
+    """
+    if encoder.transform != "query" or isinstance(encoder.base, PrecomputedEmbeddings):
+        return None
+    adapter_cls = encoder.adapter.llamaindex_class
+    return (
+        f"{model_dir} maps queries only when asked for the query task (the adapter sits on a Router's query route; "
+        "its default route is the document one). Adapted query vectors come from model.encode_query(texts) or "
+        'model.encode(texts, task="query") in sentence-transformers, and in LlamaIndex from AdapterEmbeddingModel('
+        f'HuggingFaceEmbedding(model_name="{model_dir}"), "{llamaindex_dir}", adapter_cls={adapter_cls}) (from '
+        f"llama_index.embeddings.adapter.utils import {adapter_cls}). Plain model.encode(texts) "
+        f'(prompt_name="query" too) and HuggingFaceEmbedding(model_name="{model_dir}") alone return the base '
+        "model's query vectors, unadapted, without an error. Documents are the base model's vectors in every call."
+    )
+
+
+def warn_query_route(encoder: AdaptedEncoder, model_dir: str | os.PathLike, llamaindex_dir: str | os.PathLike) -> None:
+    """Logs :func:`query_route_warning` as a warning, when there is one (training's finish and lit-embed-export)."""
+    message = query_route_warning(encoder, model_dir, llamaindex_dir)
+    if message is not None:
+        log.warning("%s", message)

@@ -72,6 +72,9 @@ class LinearAdapter(nn.Module):
         """The arguments that rebuild this adapter (``in_dim`` aside)."""
         return {"out_dim": self.out_dim, "bias": self.bias, "transform": self.transform}
 
+    # The class in llama_index.embeddings.adapter.utils that loads these weights (AdapterEmbeddingModel's adapter_cls).
+    llamaindex_class = "LinearLayer"
+
     def llamaindex_config(self) -> dict[str, Any]:
         """LlamaIndex's ``LinearLayer`` ``config.json`` for these weights."""
         return {"in_features": self.in_dim, "out_features": self.out_dim, "bias": self.bias}
@@ -127,6 +130,8 @@ class MLPAdapter(nn.Module):
             "residual": self.residual,
             "transform": self.transform,
         }
+
+    llamaindex_class = "TwoLayerNN"
 
     def llamaindex_config(self) -> dict[str, Any]:
         """LlamaIndex's ``TwoLayerNN`` ``config.json`` for these weights."""

@@ -47,11 +47,15 @@ def cache_path(
     digest = hashlib.sha256()
     digest.update(json.dumps(encoder.config, sort_keys=True, default=str).encode())
     digest.update(json.dumps([kind, encoder.prompt(kind), encoder.max_seq_length]).encode())
-    # Every byte of every weight: two finetunes of one model may differ anywhere.
-    for name, tensor in encoder.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    hash_weights(encoder, digest)
     for text in texts:
         digest.update(text.encode())
         digest.update(b"\0")
     return Path(cache_dir).expanduser() / f"{kind}-{digest.hexdigest()[:32]}.pt"
+
+
+def hash_weights(encoder: torch.nn.Module, digest: hashlib._Hash) -> None:
+    """Feeds every byte of every weight to ``digest``: two finetunes of one model may differ anywhere."""
+    for name, tensor in encoder.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)

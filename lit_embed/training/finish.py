@@ -11,7 +11,7 @@ import lightning as L
 from lit_embed.distributed import full_parameters
 from lit_embed.evaluation.retrieval import format_metrics_table
 from lit_embed.files import write_text_atomic
-from lit_embed.models.adapted import AdaptedEncoder
+from lit_embed.models.adapted import AdaptedEncoder, warn_query_route
 from lit_embed.models.lora import lora_config, save_lora
 from lit_embed.models.saving import to_sentence_transformers
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
@@ -65,6 +65,7 @@ def finish(
             adapter_dir = output_dir / "llamaindex_adapter"
             if isinstance(encoder, AdaptedEncoder) and encoder.save_llamaindex_adapter(adapter_dir):
                 print(f"LlamaIndex adapter saved to {adapter_dir} (AdapterEmbeddingModel).")
+                warn_query_route(encoder, model_dir, adapter_dir)
             write_text_atomic(output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
             print(format_metrics_table(metrics))
             print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
