@@ -76,7 +76,7 @@ class _Run:
     overrides: list[str]
     data: dict[str, Any] = field(default_factory=dict)  # file name in run_dir -> dataset to write there
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self, extra: Sequence[str] = ()) -> dict[str, Any]:
         from omegaconf import OmegaConf
 
         from lit_embed.config import compose_config
@@ -86,9 +86,10 @@ class _Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for name, dataset in self.data.items():
             save_llamaindex_json(dataset, self.run_dir / name)
-        cfg = compose_config(self.overrides)
+        overrides = [*self.overrides, *extra]
+        cfg = compose_config(overrides)
         # As the Hydra app records a job: what was composed, and from which overrides.
-        record = {"config.yaml": OmegaConf.to_yaml(cfg), "overrides.yaml": OmegaConf.to_yaml(self.overrides)}
+        record = {"config.yaml": OmegaConf.to_yaml(cfg), "overrides.yaml": OmegaConf.to_yaml(overrides)}
         return run(cfg, hydra_record=record)
 
 
@@ -118,7 +119,8 @@ class SentenceTransformersFinetuneEngine:
         save_checkpoints: with True, ``checkpoint_save_steps`` and ``checkpoint_save_total_limit`` map to
             ``checkpoint.save_steps`` / ``checkpoint.save_total_limit``; the checkpoints go to the run folder's
             ``checkpoints/``. With False lit_embed still keeps ``last.ckpt`` (and the best step's weights) there.
-        resume_from_checkpoint: ``resume=true`` when the run folder holds a ``last.ckpt``; else a fresh start.
+        resume_from_checkpoint: ``resume=true`` when ``finetune()`` finds a ``last.ckpt`` in the run folder
+            (an interrupted run's); else a fresh start, as in LlamaIndex.
         checkpoint_save_steps: see ``save_checkpoints``.
         checkpoint_save_total_limit: see ``save_checkpoints`` (0 keeps every checkpoint, as in LlamaIndex).
         run_dir: lit_embed's run folder (not a LlamaIndex argument).
@@ -180,8 +182,7 @@ class SentenceTransformersFinetuneEngine:
                     "checkpoint.save_total_limit": checkpoint_save_total_limit,
                 }
             )
-        if resume_from_checkpoint and (self.run_dir / "checkpoints" / "last.ckpt").is_file():
-            args.append("resume=true")
+        self.resume_from_checkpoint = resume_from_checkpoint
         self.overrides = [*args, *overrides]
         self._run = _Run(self.run_dir, self.overrides, data)
         self.metrics: dict[str, Any] = {}
@@ -189,7 +190,9 @@ class SentenceTransformersFinetuneEngine:
     def finetune(self, **train_kwargs: Any) -> None:
         """Runs lit_embed, then puts the finetuned model at ``model_output_path``; ``metrics`` holds
         ``metrics.json``'s content. LlamaIndex's ``finetune`` ignores its keyword arguments too."""
-        self.metrics = self._run()
+        # Decided now, not when the engine was made: an interrupted finetune() leaves a checkpoint to resume.
+        resume = self.resume_from_checkpoint and (self.run_dir / "checkpoints" / "last.ckpt").is_file()
+        self.metrics = self._run(["resume=true"] if resume else [])
         _copy_directory(self.run_dir / "model", Path(self.model_output_path))
 
     def get_finetuned_model(self, **model_kwargs: Any) -> Any:

@@ -166,23 +166,30 @@ def test_qa_dataset_and_path_inputs(tiny_model_path: str, tmp_path: Path) -> Non
 
     val = tmp_path / "val.json"
     save_llamaindex_json(toy_split(8, offset=1000), val)
-    engine = SentenceTransformersFinetuneEngine(
-        toy_split(16),  # lit_embed's QADataset
-        model_id=tiny_model_path,
-        model_output_path=str(tmp_path / "out"),
-        val_dataset=str(val),  # a file
-        epochs=1,
-        batch_size=8,
-        show_progress_bar=False,
-        device="cpu",
-        run_dir=tmp_path / "runs" / "st",
-    )
+    arguments = {
+        "model_id": tiny_model_path,
+        "model_output_path": str(tmp_path / "out"),
+        "val_dataset": str(val),  # a file
+        "epochs": 1,
+        "batch_size": 8,
+        "show_progress_bar": False,
+        "device": "cpu",
+        "run_dir": tmp_path / "runs" / "st",
+    }
+    engine = SentenceTransformersFinetuneEngine(toy_split(16), **arguments)  # lit_embed's QADataset
     engine.finetune()
+    overrides = yaml.safe_load((tmp_path / "runs" / "st" / ".hydra" / "overrides.yaml").read_text())
+    assert "resume=true" not in overrides
     assert isinstance(engine.get_finetuned_model(), HuggingFaceEmbedding)
     cfg = run_config(tmp_path / "runs" / "st")
     assert cfg["data"]["val_path"] == str(val) and not (tmp_path / "runs" / "st" / "val.json").exists()
     assert cfg["trainer"]["max_epochs"] == 1 and cfg["data"]["batch_size"] == 8
     assert (tmp_path / "out" / "modules.json").is_file() and not (tmp_path / "out-run").exists()
+
+    # resume_from_checkpoint continues from the run folder's last.ckpt once there is one.
+    SentenceTransformersFinetuneEngine(toy_split(16), resume_from_checkpoint=True, **arguments).finetune()
+    overrides = yaml.safe_load((tmp_path / "runs" / "st" / ".hydra" / "overrides.yaml").read_text())
+    assert overrides[-1] == "resume=true"
 
 
 def test_unknown_arguments_raise_as_python_does(tiny_model_path: str) -> None:
@@ -250,6 +257,10 @@ def test_other_arguments_map(tiny_model_path: str, tmp_path: Path) -> None:
         "checkpoint.monitor=null",
     }
     assert expected <= set(engine.overrides)
+    mnrl = SentenceTransformersFinetuneEngine(
+        llamaindex_dataset(4), loss=losses.MultipleNegativesRankingLoss(model, scale=25.0), device="cpu"
+    )
+    assert {"loss=mnrl", "loss.scale=25.0", "trainer=cpu"} <= set(mnrl.overrides)
     with pytest.raises(ValueError, match="no lit_embed counterpart"):
         SentenceTransformersFinetuneEngine(llamaindex_dataset(4), loss=losses.CoSENTLoss(model))
     with pytest.raises(ValueError, match="run_dir"):
