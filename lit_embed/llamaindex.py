@@ -224,8 +224,10 @@ class EmbeddingAdapterFinetuneEngine:
         dataset: the training data, as for :class:`SentenceTransformersFinetuneEngine`.
         embed_model: a LlamaIndex ``HuggingFaceEmbedding`` (its ``model_name``, ``max_length`` and query/text
             instructions become lit_embed's ``model.model_name_or_path``, ``model.max_seq_length`` and prompts),
-            or a model name or path (a string). Other LlamaIndex embeddings (hosted APIs) are refused: train on
-            their vectors with lit_embed's ``model=precomputed`` (README, "Adapters").
+            or a model name or path (a string). Any other LlamaIndex embedding (a hosted API) embeds every query
+            and document of the data once, at ``finetune()``, into the run folder's ``query_embeddings.npy`` and
+            ``document_embeddings.npy``, and the head trains on those (``model=precomputed``); the run folder's
+            ``model/`` then holds the head alone.
         batch_size: ``data.batch_size``.
         epochs: ``trainer.max_epochs``.
         adapter_model: None (a ``LinearLayer``, ``adapter=linear``), a fresh LlamaIndex ``LinearLayer`` (its
@@ -283,10 +285,14 @@ class EmbeddingAdapterFinetuneEngine:
         self.run_dir = _run_dir(model_output_path, run_dir)
         head, self.adapter_cls_name = _adapter_overrides(adapter_model, bias)
         data, paths = _data_files(self.run_dir, {"train.json": dataset, "val.json": val_dataset})
-        args = ["model=minilm", "data=qa_json", "method=adapter", *_device_overrides(device), *head]
+        self._datasets = {**data, **{name: path for name, path in paths.items() if name not in data and path}}
+        # Any other LlamaIndex embedding (a hosted API): its vectors of every text, computed once, are the base.
+        self._black_box = _is_black_box(embed_model)
+        model = "model=precomputed" if self._black_box else "model=minilm"
+        args = [model, "data=qa_json", "method=adapter", *_device_overrides(device), *head]
         args += _values(
             {
-                **_embed_model_values(embed_model),
+                **(self._vector_files() if self._black_box else _embed_model_values(embed_model)),
                 "data.train_path": paths["train.json"],
                 "data.val_path": paths["val.json"],
                 "data.batch_size": batch_size,
@@ -306,8 +312,16 @@ class EmbeddingAdapterFinetuneEngine:
 
     def finetune(self, **train_kwargs: Any) -> None:
         """Runs lit_embed, then puts the LlamaIndex-format adapter at ``model_output_path``."""
+        if self._black_box:
+            _write_vectors(self.embed_model, self._datasets, self._vector_files())
         self.metrics = self._run()
         _copy_directory(self.run_dir / "llamaindex_adapter", Path(self.model_output_path))
+
+    def _vector_files(self) -> dict[str, str]:
+        return {
+            "model.query_embeddings": str(self.run_dir / "query_embeddings.npy"),
+            "model.document_embeddings": str(self.run_dir / "document_embeddings.npy"),
+        }
 
     def get_finetuned_model(self, **model_kwargs: Any) -> Any:
         """LlamaIndex's ``AdapterEmbeddingModel`` of ``embed_model`` and the trained head, with the right
@@ -424,16 +438,52 @@ def _loss_overrides(loss: Any) -> list[str]:
     )
 
 
+def _is_black_box(embed_model: Any) -> bool:
+    """Whether ``embed_model`` is a LlamaIndex embedding lit_embed cannot load itself (not a HuggingFaceEmbedding)."""
+    if isinstance(embed_model, (str, os.PathLike)) or type(embed_model).__name__ == "HuggingFaceEmbedding":
+        return False
+    if not all(hasattr(embed_model, name) for name in ("get_query_embedding", "get_text_embedding_batch")):
+        raise TypeError(
+            f"embed_model must be a LlamaIndex embedding (such as HuggingFaceEmbedding) or a model name or path, "
+            f"not {type(embed_model).__name__}"
+        )
+    return True
+
+
+def _write_vectors(embed_model: Any, datasets: dict[str, Any], files: dict[str, str]) -> None:
+    """``embed_model``'s vector of every query and document of the datasets, as ``model=precomputed`` reads them:
+    queries with ``get_query_embedding``, documents with ``get_text_embedding_batch``, as LlamaIndex's engine
+    embeds them (once here, not in every epoch)."""
+    import numpy as np
+
+    from lit_embed.data.formats import load_dataset
+
+    texts: dict[str, dict[str, str]] = {"query": {}, "document": {}}
+    for name, dataset in datasets.items():
+        data = load_dataset(dataset) if isinstance(dataset, str) else dataset
+        for kind, records in (("query", data.queries), ("document", data.corpus)):
+            for key, text in records.items():
+                if texts[kind].setdefault(key, text) != text:
+                    raise ValueError(
+                        f"{kind} id {key!r} of {name} names another text in the other dataset: the vectors are "
+                        "stored by id, so give the training and validation data distinct ids."
+                    )
+    queries, documents = texts["query"], texts["document"]
+    vectors = {
+        "model.query_embeddings": (list(queries), [embed_model.get_query_embedding(q) for q in queries.values()]),
+        "model.document_embeddings": (list(documents), embed_model.get_text_embedding_batch(list(documents.values()))),
+    }
+    for key, (ids, rows) in vectors.items():
+        path = Path(files[key])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.asarray(rows, dtype=np.float32))
+        path.with_suffix(".json").write_text(json.dumps(ids), encoding="utf-8")
+
+
 def _embed_model_values(embed_model: Any) -> dict[str, Any]:
     """The ``model.*`` settings that make lit_embed's encoder embed as ``embed_model`` does."""
     if isinstance(embed_model, (str, os.PathLike)):
         return {"model.model_name_or_path": str(embed_model), "model.max_seq_length": None}
-    if type(embed_model).__name__ != "HuggingFaceEmbedding":
-        raise ValueError(
-            f"embed_model={type(embed_model).__name__}: lit_embed trains adapters on a HuggingFaceEmbedding (or a "
-            "model name or path). For a hosted embedding API, embed your queries and documents with it and train "
-            "on the vectors: python train.py method=adapter model=precomputed ... (README, 'Adapters')."
-        )
     # HuggingFaceEmbedding encodes with these prompts (its instructions, or its defaults for known models).
     prompts = getattr(getattr(embed_model, "_model", None), "prompts", None) or {}
     return {

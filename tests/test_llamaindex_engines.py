@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -161,6 +162,56 @@ def test_adapter_engine_end_to_end(adapter_run) -> None:
     assert cfg["output_dir"] == str(output.parent / "model_output-run")
 
 
+def test_adapter_on_any_llamaindex_embedding(tmp_path: Path) -> None:
+    """A hosted API's embedding: its vectors are computed once and the head trains on them (model=precomputed)."""
+    import zlib
+
+    from llama_index.core.base.embeddings.base import BaseEmbedding
+    from llama_index.embeddings.adapter import AdapterEmbeddingModel
+
+    class HashEmbedding(BaseEmbedding):  # deterministic vectors of each text, as an API's would be
+        def _vector(self, text: str) -> list[float]:
+            vector = np.random.default_rng(zlib.crc32(text.encode())).normal(size=16)
+            return (vector / np.linalg.norm(vector)).tolist()
+
+        def _get_query_embedding(self, query: str) -> list[float]:
+            return self._vector("query: " + query)
+
+        async def _aget_query_embedding(self, query: str) -> list[float]:
+            return self._get_query_embedding(query)
+
+        def _get_text_embedding(self, text: str) -> list[float]:
+            return self._vector(text)
+
+    api = HashEmbedding(model_name="hash")
+    val = tmp_path / "val.json"
+    save_llamaindex_json(toy_split(8, offset=1000), val)
+    engine = EmbeddingAdapterFinetuneEngine(
+        llamaindex_dataset(24),
+        api,
+        epochs=5,
+        model_output_path=str(tmp_path / "adapter"),
+        device="cpu",
+        val_dataset=str(val),
+        optimizer_params={"lr": 1e-2},
+        overrides=["method.encoder.cache_dir=null"],
+    )
+    assert "model=precomputed" in engine.overrides
+    engine.finetune()
+    ids = json.loads((engine.run_dir / "query_embeddings.json").read_text())
+    assert len(ids) == 24 + 8 and "q1000" in ids
+    embed_model = engine.get_finetuned_model()
+    assert isinstance(embed_model, AdapterEmbeddingModel)
+    weight = torch.load(tmp_path / "adapter" / "pytorch_model.bin", weights_only=True)["linear.weight"].numpy()
+    assert np.abs(weight - np.eye(16)).max() > 1e-3  # it trained
+    for query in QUERIES:
+        np.testing.assert_allclose(
+            embed_model.get_query_embedding(query), weight @ np.array(api.get_query_embedding(query)), atol=1e-5
+        )
+    assert embed_model.get_text_embedding(DOCUMENTS[0]) == api.get_text_embedding(DOCUMENTS[0])
+    assert set(engine.metrics) == {"base", "final"}
+
+
 def test_qa_dataset_and_path_inputs(tiny_model_path: str, tmp_path: Path) -> None:
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
@@ -222,7 +273,7 @@ def test_adapter_models_map_to_lit_embed_heads(tiny_model_path: str) -> None:
         trained.linear.weight.mul_(2)
     with pytest.raises(ValueError, match="has trained weights"):
         EmbeddingAdapterFinetuneEngine(dataset, tiny_model_path, adapter_model=trained)
-    with pytest.raises(ValueError, match="HuggingFaceEmbedding"):
+    with pytest.raises(TypeError, match="HuggingFaceEmbedding"):
         EmbeddingAdapterFinetuneEngine(dataset, object())
 
 
