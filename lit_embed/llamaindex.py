@@ -207,7 +207,8 @@ class SentenceTransformersFinetuneEngine:
         # HuggingFaceEmbedding replaces the model's prompts with its instructions ("" unless given): pass the saved
         # prompts as instructions, so queries and texts are embedded as in training.
         prompts = _saved_prompts(Path(path))
-        instructions = {"query_instruction": prompts.get("query"), "text_instruction": prompts.get("document")}
+        document = next((prompts[name] for name in ("document", "passage", "corpus") if prompts.get(name)), None)
+        instructions = {"query_instruction": prompts.get("query"), "text_instruction": document}
         kwargs = {k: v for k, v in instructions.items() if v} | model_kwargs
         return HuggingFaceEmbedding(model_name=path, **kwargs)
 

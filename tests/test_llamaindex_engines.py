@@ -214,6 +214,7 @@ def test_adapter_on_any_llamaindex_embedding(tmp_path: Path) -> None:
 
 def test_qa_dataset_and_path_inputs(tiny_model_path: str, tmp_path: Path) -> None:
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+    from sentence_transformers import SentenceTransformer
 
     val = tmp_path / "val.json"
     save_llamaindex_json(toy_split(8, offset=1000), val)
@@ -226,9 +227,19 @@ def test_qa_dataset_and_path_inputs(tiny_model_path: str, tmp_path: Path) -> Non
         "show_progress_bar": False,
         "device": "cpu",
         "run_dir": tmp_path / "runs" / "st",
+        "overrides": ["model.query_prompt='query: '", "model.document_prompt='passage: '"],
     }
     engine = SentenceTransformersFinetuneEngine(toy_split(16), **arguments)  # lit_embed's QADataset
     engine.finetune()
+    # A model trained with prompts: LlamaIndex's embedding of it uses them as its instructions.
+    model = SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert model.prompts["query"] == "query: " and model.prompts["document"] == "passage: "
+    embed_model = engine.get_finetuned_model()
+    np.testing.assert_allclose(embed_model.get_query_embedding(QUERIES[0]), model.encode_query(QUERIES[0]), atol=1e-5)
+    np.testing.assert_allclose(
+        embed_model.get_text_embedding(DOCUMENTS[0]), model.encode_document(DOCUMENTS[0]), atol=1e-5
+    )
+    assert not np.allclose(embed_model.get_query_embedding(QUERIES[0]), model.encode(QUERIES[0]), atol=1e-4)
     overrides = yaml.safe_load((tmp_path / "runs" / "st" / ".hydra" / "overrides.yaml").read_text())
     assert "resume=true" not in overrides
     assert isinstance(engine.get_finetuned_model(), HuggingFaceEmbedding)
