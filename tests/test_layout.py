@@ -31,6 +31,7 @@ FLOORS = [
             "lit_embed.score",
             "lit_embed.generate",
             "lit_embed.sweeps",
+            "lit_embed.llamaindex",
             "lit_embed",
         ],
     ),
