@@ -47,11 +47,13 @@ from lit_embed.training.lifecycle import (
     RecordConfig,
     check_resume_config,
     check_weights_fit,
+    composed_record,
     ctrl_c_saves,
     hydra_record,
     is_launching_process,
     keep_log_files_out_of,
     resolved_config,
+    run_log,
     write_hydra_record,
 )
 
@@ -239,7 +241,11 @@ def finetune(
     args += [f"trainer.max_epochs={epochs}"] if epochs is not None else []
     args += [f"data.batch_size={batch_size}"] if batch_size is not None else []
     args += [f"output_dir={output_dir or datetime.now().strftime('outputs/%Y-%m-%d_%H-%M-%S')}", *overrides]
-    return run(compose_config(args))
+    cfg = compose_config(args)
+    # The same record and log as a Hydra run: .hydra/config.yaml, .hydra/overrides.yaml and train.log.
+    check_output_dir(cfg.output_dir)
+    with run_log(cfg.output_dir):
+        return run(cfg, hydra_record=composed_record(cfg, args))
 
 
 _job_started: list[bool] = []  # filled by the first job: Hydra's own errors come before it
