@@ -26,7 +26,6 @@ import yaml
 from lit_embed.evaluation import METRIC_NAMES
 from lit_embed.evaluation.retrieval import format_metrics_table
 from lit_embed.files import write_text_atomic
-from lit_embed.models.adapted import AdaptedEncoder
 from lit_embed.models.lora import lora_config
 
 METHOD_TAGS = {"full": "full-finetuning", "adapter": "adapter", "lora": "lora"}
@@ -58,7 +57,7 @@ def front_matter(facts: Mapping[str, Any]) -> dict[str, Any]:
     if facts.get("datasets"):
         meta["datasets"] = list(facts["datasets"])
     final = (facts.get("metrics") or {}).get("final")
-    if final:
+    if final and facts.get("validation_data"):  # the hub's schema names the data the metrics were measured on
         meta["model-index"] = [
             {
                 "name": _title(facts),
@@ -103,7 +102,7 @@ def _body(facts: Mapping[str, Any]) -> str:
     metrics = facts.get("metrics") or {}
     if metrics.get("base") and metrics.get("final"):
         parts.append(
-            f"## Results\n\nRetrieval on `{facts['validation_data']}`: the base model, then this model "
+            f"## Results\n\nRetrieval on {_validation(facts)}: the base model, then this model "
             f"(step {metrics['final'].get('step', facts.get('step'))}); cosine similarity, exact search.\n\n"
             f"```\n{format_metrics_table({'base': metrics['base'], 'final': metrics['final']})}\n```\n"
         )
@@ -111,11 +110,15 @@ def _body(facts: Mapping[str, Any]) -> str:
         final = metrics["final"]
         rows = "\n".join(f"| {name} | {final[name]:.4f} |" for name in METRIC_NAMES if name in final)
         table = f"| metric | value |\n| --- | --- |\n{rows}"
-        parts.append(f"## Results\n\nRetrieval on `{facts['validation_data']}`:\n\n{table}\n")
+        parts.append(f"## Results\n\nRetrieval on {_validation(facts)}:\n\n{table}\n")
     if "prompts" in facts:
         parts.append("## Prompts\n\n" + _prompts(facts["prompts"]) + "\n")
     parts.append("## Usage\n\n" + _usage(facts))
     return "\n".join(parts)
+
+
+def _validation(facts: Mapping[str, Any]) -> str:
+    return f"`{facts['validation_data']}`" if facts.get("validation_data") else "the validation set"
 
 
 def _training_lines(facts: Mapping[str, Any]) -> list[str]:
@@ -166,7 +169,8 @@ def _training_lines(facts: Mapping[str, Any]) -> list[str]:
     if facts.get("hardware"):
         lines.append(f"Hardware: {facts['hardware']}")
     if facts.get("wall_time_s") is not None:
-        lines.append(f"Wall time: {_duration(facts['wall_time_s'])}")
+        resumed = f" (since it resumed from `{facts['resumed_from']}`)" if facts.get("resumed_from") else ""
+        lines.append(f"Wall time: {_duration(facts['wall_time_s'])}{resumed}")
     if facts.get("versions"):
         written = "Exported with" if facts.get("exported_from") else "Versions"
         lines.append(f"{written}: " + ", ".join(f"{name} {v}" for name, v in facts["versions"].items()))
@@ -313,12 +317,6 @@ def saved_model_facts(model_dir: str | os.PathLike) -> dict[str, Any]:
     return facts
 
 
-def _method(encoder: torch.nn.Module) -> str:
-    if isinstance(encoder, AdaptedEncoder):
-        return "adapter"
-    return "lora" if lora_config(encoder) is not None else "full"
-
-
 def _encoder_facts(encoder_config: Mapping[str, Any], lora: Mapping[str, Any] | None) -> dict[str, Any]:
     """Base model, method and head from an encoder's config (``Encoder.config`` / ``AdaptedEncoder.config``)."""
     facts: dict[str, Any] = {}
@@ -383,14 +381,14 @@ def _data_facts(datamodule: Any, metrics: Mapping[str, Any]) -> dict[str, Any]:
     facts: dict[str, Any] = {}
     if all(getattr(data, "tokenized", False) for data in tasks):
         facts["training_pairs"] = sum(data.num_rows for data in tasks)
+    val_path, source = getattr(datamodule, "val_path", None), getattr(datamodule, "source", None)
     names = [Path(data.train_path).name for data in tasks if getattr(data, "train_path", None)]
     if names:
         facts["train_data"] = names
-    elif tasks[0] is datamodule and hasattr(datamodule, "source"):
-        facts["train_data"] = [datamodule.source]
-    if metrics:
-        val_path = getattr(datamodule, "val_path", None)
-        facts["validation_data"] = Path(val_path).name if val_path else f"{datamodule.source} (validation split)"
+    elif source:
+        facts["train_data"] = [source]
+    if metrics and (val_path or source):
+        facts["validation_data"] = Path(val_path).name if val_path else f"{source} (validation split)"
     batch_sizes = {data.batch_size for data in tasks if hasattr(data, "batch_size")}
     if len(batch_sizes) == 1:
         facts["batch_size"] = batch_sizes.pop()
@@ -413,7 +411,6 @@ def run_facts(
     """
     encoder = module.encoder
     facts: dict[str, Any] = _encoder_facts(encoder.config, lora_config(encoder))
-    facts["method"] = _method(encoder)
     facts["losses"] = _losses(module.loss)
     data = _data_facts(trainer.datamodule, metrics)
     hp = facts.setdefault("hyperparameters", {})
@@ -441,6 +438,8 @@ def run_facts(
     facts["hardware"] = _hardware(trainer)
     if started is not None:
         facts["wall_time_s"] = time.time() - started
+    if trainer.ckpt_path:  # the wall time is then this run's, since the resume
+        facts["resumed_from"] = Path(trainer.ckpt_path).name
     facts["versions"] = versions()
     if metrics.get("final"):
         facts["metrics"] = {key: dict(metrics[key]) for key in ("base", "final") if metrics.get(key)}
