@@ -47,7 +47,9 @@ def model_card(facts: Mapping[str, Any]) -> str:
 
 def front_matter(facts: Mapping[str, Any]) -> dict[str, Any]:
     """The hub's metadata: library, pipeline, base model, tags, datasets (when known), ``model-index``."""
-    meta: dict[str, Any] = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity"}
+    meta: dict[str, Any] = {}
+    if facts.get("text_model", True):  # a head alone (over precomputed vectors) is no sentence-transformers model
+        meta = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity"}
     if facts.get("base_model"):
         meta["base_model"] = facts["base_model"]
     tags = ["sentence-transformers", "feature-extraction", "sentence-similarity", "lit_embed"]
@@ -78,8 +80,8 @@ def front_matter(facts: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _title(facts: Mapping[str, Any]) -> str:
-    base = f"{facts['base_model']} " if facts.get("base_model") else ""
-    return f"{base}finetuned with lit_embed ({facts['method']})"
+    base = facts.get("base_model") or "An embedding model"
+    return f"{base} finetuned with lit_embed ({facts['method']})"
 
 
 def _body(facts: Mapping[str, Any]) -> str:
@@ -446,6 +448,8 @@ def run_facts(
     if getattr(encoder, "embedding_dim", None):
         facts["embedding_dim"] = encoder.embedding_dim
     facts.update(saved_model_facts(model_dir))
+    if not facts["text_model"]:  # vectors computed elsewhere: no tokenizer, no sequence length of its own
+        hp.pop("max_seq_length", None)
     facts["model_path"] = _display_path(model_dir)
     output_dir = Path(output_dir)
     if (output_dir / "llamaindex_adapter").is_dir() and facts["method"] == "adapter":
