@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ class LitEmbedCLI(LightningCLI):
     """
 
     def __init__(self, args: ArgsType = None, **kwargs: Any) -> None:
+        self.started = time.time()  # the model card's wall time (LightningCLI fits inside __init__)
         super().__init__(
             EmbeddingFinetuneModule,
             QAPairDataModule,
@@ -118,6 +120,7 @@ class LitEmbedCLI(LightningCLI):
             checkpointing=next((c for c in callbacks if isinstance(c, StepCheckpoint)), None),
             output_dir=Path(self.trainer.default_root_dir),
             load_best_model_at_end=self.config[self.subcommand].load_best_model_at_end,
+            started=self.started,
         )
 
 

@@ -12,6 +12,7 @@ from functools import partial
 
 from lit_embed.console import quiet_third_party_output
 from lit_embed.errors import LitEmbedError, reported
+from lit_embed.model_card import checkpoint_facts, write_model_card
 from lit_embed.models import adapters
 from lit_embed.models.adapted import AdaptedEncoder, warn_query_route
 from lit_embed.models.encoder import Encoder
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_third_party_output()
     with reported("lit-embed-export"):
         encoder = encoder_from_checkpoint(args.checkpoint)
+        lora_path = None
         if lora_config(encoder) is None:
             path = to_sentence_transformers(encoder, args.output_dir, args.overwrite)
             llamaindex_dir = args.llamaindex_dir or f"{str(args.output_dir).rstrip('/')}-llamaindex_adapter"
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             lora_dir = args.lora_dir or f"{str(args.output_dir).rstrip('/')}-lora"
             path, lora_path = save_lora(encoder, args.output_dir, lora_dir, args.overwrite)
             print(f"Wrote the LoRA adapter alone to {lora_path} (PEFT: load_adapter onto the base model).")
+        checkpoint = load_checkpoint(args.checkpoint, mmap=True)
+        write_model_card(path, checkpoint_facts(args.checkpoint, checkpoint, path, lora_path))
     print(f"Wrote {path}; load it with SentenceTransformer({str(path)!r}).")
 
 

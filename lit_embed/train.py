@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -46,11 +47,13 @@ from lit_embed.training.lifecycle import (
     RecordConfig,
     check_resume_config,
     check_weights_fit,
+    composed_record,
     ctrl_c_saves,
     hydra_record,
     is_launching_process,
     keep_log_files_out_of,
     resolved_config,
+    run_log,
     write_hydra_record,
 )
 
@@ -62,6 +65,7 @@ def run(cfg: DictConfig, hydra_record: dict[str, Any] | None = None) -> dict[str
 
     ``hydra_record``: a Hydra job's ``.hydra/`` files, written once this run owns its output_dir.
     """
+    started = time.time()  # the model card's wall time: the whole run, loading and evaluation included
     register_resolvers()
     quiet_third_party_output()
     check_output_dir(cfg.output_dir)
@@ -89,7 +93,7 @@ def run(cfg: DictConfig, hydra_record: dict[str, Any] | None = None) -> dict[str
     try:
         if lock is not None and hydra_record:
             write_hydra_record(output_dir, hydra_record)  # only now: a refused run leaves the folder as it was
-        return _train(cfg, output_dir, lock, config, resume_from, resumed)
+        return _train(cfg, output_dir, lock, config, resume_from, resumed, started)
     finally:
         if lock is not None:
             lock.release()
@@ -119,6 +123,7 @@ def _train(
     config: dict[str, Any],
     resume_from: str | None,
     resumed: dict | None,
+    started: float,
 ) -> dict[str, Any]:
     evaluation = build(cfg.eval, "eval")
     checkpointing = build(cfg.checkpoint, "checkpoint", dirpath=str(output_dir / "checkpoints"))
@@ -158,7 +163,7 @@ def _train(
             raise StoppedError(
                 f"stopped by {name}; the checkpoint is saved. Continue with resume=true.", signum
             ) from None
-    return finish(trainer, module, evaluation, checkpointing, output_dir, cfg.load_best_model_at_end)
+    return finish(trainer, module, evaluation, checkpointing, output_dir, cfg.load_best_model_at_end, started)
 
 
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
@@ -236,7 +241,11 @@ def finetune(
     args += [f"trainer.max_epochs={epochs}"] if epochs is not None else []
     args += [f"data.batch_size={batch_size}"] if batch_size is not None else []
     args += [f"output_dir={output_dir or datetime.now().strftime('outputs/%Y-%m-%d_%H-%M-%S')}", *overrides]
-    return run(compose_config(args))
+    cfg = compose_config(args)
+    # The same record and log as a Hydra run: .hydra/config.yaml, .hydra/overrides.yaml and train.log.
+    check_output_dir(cfg.output_dir)
+    with run_log(cfg.output_dir):
+        return run(cfg, hydra_record=composed_record(cfg, args))
 
 
 _job_started: list[bool] = []  # filled by the first job: Hydra's own errors come before it

@@ -348,6 +348,7 @@ def test_adapter_on_precomputed_vectors(tmp_path: Path, tiny_model_path: str, pa
     assert set(head) == {"linear.weight"}
     torch.testing.assert_close(head["linear.weight"], weight, atol=0, rtol=0)
     assert json.loads((out / "model" / "adapter_config.json").read_text()) == encoder.config["adapter"]
+    assert "holds the head alone" in (out / "model" / "README.md").read_text()  # the card: no text model to load
     llamaindex = torch.load(out / "llamaindex_adapter" / "pytorch_model.bin", weights_only=True)
     torch.testing.assert_close(llamaindex["linear.weight"], weight, atol=0, rtol=0)
     # Applied to the precomputed vectors, the saved head gives what the trained encoder gives.

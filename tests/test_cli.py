@@ -82,6 +82,10 @@ def test_fit_gives_the_same_model_as_the_hydra_app(tmp_path: Path, tiny_model_pa
     assert any(not torch.equal(weight, base_weights[name]) for name, weight in cli_weights.items())
     for name, weight in cli_weights.items():
         assert torch.equal(weight, hydra_weights[name]), name
+    # Both write the same model card metadata (front matter), each with its run's wall time.
+    cards = [(tmp_path / app / "model" / "README.md").read_text() for app in ("cli", "hydra")]
+    assert cards[0].split("---\n")[1] == cards[1].split("---\n")[1]
+    assert all("Wall time: " in card for card in cards)
 
 
 def test_print_config_shows_every_class(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,7 +18,7 @@ FLOORS = [
     ("data", ["lit_embed.data"]),
     ("models and losses", ["lit_embed.models", "lit_embed.losses"]),
     ("evaluation", ["lit_embed.evaluation"]),
-    ("training", ["lit_embed.training"]),
+    ("training", ["lit_embed.training", "lit_embed.model_card"]),
     ("config", ["lit_embed.config"]),
     (
         "verbs",

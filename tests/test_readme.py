@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, toy_split
+from helpers import REPO, toy_split, write_toy_data
 
 from lit_embed.data.formats import save_llamaindex_json
 
@@ -237,3 +237,38 @@ def test_readme_commands(workspace: Path) -> None:
 @pytest.mark.slow
 def test_readme_commands_slow(workspace: Path) -> None:
     run_readme(workspace, slow=True)
+
+
+def readme_output_table() -> set[str]:
+    """The top-level names in the README's table of what a run writes (``logs/version_0/metrics.csv`` -> ``logs``)."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index("Everything a run writes goes under `output_dir`")
+    section = text[start : text.index("\n## ", start)]
+    return {path.split("/")[0] for path in re.findall(r"^\| `([^`]+)` \|", section, re.M)}
+
+
+@pytest.mark.parametrize("method", ["full", "adapter", "lora"])
+def test_the_output_table_names_every_file_a_run_writes(method: str, tmp_path: Path, monkeypatch) -> None:
+    import lit_embed
+    import lit_embed.train
+
+    train, val = write_toy_data(tmp_path)
+    out = tmp_path / "run"
+    seen: set[str] = set()
+    finish = lit_embed.train.finish
+
+    def listing_finish(*args, **kwargs):  # what is there while the run still holds its folder (the lock)
+        report = finish(*args, **kwargs)
+        seen.update(os.listdir(out))
+        return report
+
+    monkeypatch.setattr(lit_embed.train, "finish", listing_finish)
+    overrides = ["trainer=cpu", "trainer.max_steps=2"]
+    overrides += ["method.encoder.cache_dir=null"] if method == "adapter" else []
+    lit_embed.finetune(
+        str(train), str(val), model="tiny", method=method, batch_size=8, output_dir=str(out), overrides=overrides
+    )
+    seen.update(os.listdir(out))
+    assert {".lock", ".hydra", "train.log", "model", "metrics.json"} <= seen
+    missing = sorted(seen - readme_output_table())
+    assert not missing, f"README.md's table of what a run writes does not name {missing}: add a row for each"

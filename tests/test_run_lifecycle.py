@@ -375,3 +375,39 @@ def test_cli_ckpt_path_of_another_model_is_one_message(tmp_path: Path, monkeypat
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "its weights do not fit this model" in err and "Traceback" not in err and len(err) < 1000
+
+
+# --- the run's record ----------------------------------------------------------------------------------------
+
+
+def test_finetune_keeps_the_composed_config_and_the_log_as_a_hydra_run_does(tmp_path: Path) -> None:
+    import logging
+    import re
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    import lit_embed
+    from lit_embed.config import compose_config
+
+    train, val = write_toy_data(tmp_path)
+    out = tmp_path / "api"
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    lit_embed.finetune(
+        str(train), str(val), model="tiny", batch_size=8, output_dir=str(out), overrides=["trainer=cpu", "seed=3"]
+    )
+    # The names a Hydra run's record has (hydra.yaml is Hydra's own job settings: there is no Hydra job here).
+    assert sorted(p.name for p in (out / ".hydra").iterdir()) == ["config.yaml", "overrides.yaml"]
+    overrides = yaml.safe_load((out / ".hydra" / "overrides.yaml").read_text())
+    assert "seed=3" in overrides and f"output_dir={out}" in overrides and "model=tiny" in overrides
+    # Reloaded, the config is the composed one, and composing its overrides again gives it back.
+    saved = OmegaConf.load(out / ".hydra" / "config.yaml")
+    assert saved.seed == 3 and saved.data.batch_size == 8 and saved.output_dir == str(out)
+    assert OmegaConf.to_container(saved) == OmegaConf.to_container(compose_config(overrides))
+    # train.log as Hydra's job logging writes it: every INFO line of the run.
+    log = (out / "train.log").read_text().splitlines()
+    line = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\]\[lit_embed\.[\w.]+\]\[INFO\] - "
+    assert any(re.match(line + r".*48 training pairs", entry) for entry in log)
+    assert any(re.match(line + r"step 0: val/mrr@10", entry) for entry in log)
+    assert root.handlers == handlers and root.level == level  # the caller's logging is as it was

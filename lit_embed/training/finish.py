@@ -11,6 +11,7 @@ import lightning as L
 from lit_embed.distributed import full_parameters
 from lit_embed.evaluation.retrieval import format_metrics_table
 from lit_embed.files import write_text_atomic
+from lit_embed.model_card import run_facts, write_model_card
 from lit_embed.models.adapted import AdaptedEncoder, warn_query_route
 from lit_embed.models.lora import lora_config, save_lora
 from lit_embed.models.saving import to_sentence_transformers
@@ -26,6 +27,7 @@ def finish(
     checkpointing: StepCheckpoint | None,
     output_dir: Path,
     load_best_model_at_end: bool = True,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Picks the model to keep, scores it, exports it and writes ``metrics.json``.
 
@@ -36,6 +38,7 @@ def finish(
         checkpointing: the run's checkpoint callback (None: the last step is exported).
         output_dir: the run's directory; ``model/`` and ``metrics.json`` go there.
         load_best_model_at_end: export the best checkpoint's weights instead of the last step's.
+        started: ``time.time()`` when the run started, for the model card's wall time (None: not stated).
 
     Returns:
         ``metrics.json``'s content: ``{"base": {...}, "final": {..., "step": N}}``, or ``{}`` without validation;
@@ -67,6 +70,7 @@ def finish(
                 print(f"LlamaIndex adapter saved to {adapter_dir} (AdapterEmbeddingModel).")
                 warn_query_route(encoder, model_dir, adapter_dir)
             write_text_atomic(output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
+            write_model_card(model_dir, run_facts(trainer, module, report, step, model_dir, output_dir, started))
             print(format_metrics_table(metrics))
             print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
             if checkpointing is not None:

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from lit_embed.training.module import EmbeddingFinetuneModule
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+HYDRA_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging, for train.log
 CONFIG_KEY = "lit_embed_config"  # the run's resolved config, in every checkpoint
 
 # Top-level keys whose values decide what is trained. The others (output_dir, resume, resume_changed, overwrite,
@@ -140,6 +141,50 @@ def hydra_record(cfg: DictConfig) -> dict[str, str]:
         "hydra.yaml": OmegaConf.to_yaml(hydra),
         "overrides.yaml": OmegaConf.to_yaml(hydra.hydra.overrides.task),
     }
+
+
+def composed_record(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, str]:
+    """The ``.hydra/`` files of a run composed without Hydra's job machinery (``lit_embed.finetune``): the composed
+    config and the overrides, with the names and in the form Hydra writes them, so that whatever reads a Hydra run's
+    record reads this one too. There is no ``hydra.yaml``: no Hydra job ran, so there are no job settings to record."""
+    return {"config.yaml": OmegaConf.to_yaml(cfg), "overrides.yaml": OmegaConf.to_yaml(list(overrides))}
+
+
+class _RunLogHandler(logging.FileHandler):
+    """Opens its file at the first record, creating the folder then (as a Hydra job's folder exists from its start)."""
+
+    def _open(self) -> Any:
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
+@contextmanager
+def run_log(output_dir: str | os.PathLike) -> Iterator[None]:
+    """While a run without Hydra's job machinery lives, everything logged goes to ``output_dir/train.log`` too, as a
+    Hydra job's file handler writes it (same name, format and level), so both kinds of run leave the same log.
+
+    The console keeps what it showed before: where the root logger had no handler, Python printed warnings and
+    errors through its last-resort handler, which a handler on the root would silence, so one like it stands in.
+    """
+    root = logging.getLogger()
+    handler = _RunLogHandler(Path(output_dir) / "train.log", delay=True, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(HYDRA_LOG_FORMAT))
+    console = None
+    if not root.handlers:
+        console = logging.StreamHandler()
+        console.setLevel(logging.WARNING)
+        root.addHandler(console)
+    level = root.level
+    root.setLevel(logging.INFO if level > logging.INFO else level)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)  # already gone if the run was refused (keep_log_files_out_of)
+        handler.close()
+        if console is not None:
+            root.removeHandler(console)
+        root.setLevel(level)
 
 
 def write_hydra_record(output_dir: str | os.PathLike, files: dict[str, str]) -> None:
