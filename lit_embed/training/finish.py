@@ -17,6 +17,7 @@ from lit_embed.models.saving import to_sentence_transformers
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 from lit_embed.training.checkpoint_io import load_checkpoint, load_encoder_weights
+from lit_embed.training.report import write_run_report
 
 
 def finish(
@@ -51,7 +52,7 @@ def finish(
         metrics: dict[str, Any] = {}
         if evaluation is not None and evaluation.history:
             # The best step may have been picked by a monitor other than the IR metrics: then measure it now.
-            final = evaluation.metrics_at(step) or evaluation.evaluate(trainer, module)
+            final = evaluation.metrics_at(step) or evaluation.evaluate(trainer, module, step)
             metrics = {"base": evaluation.metrics_at(0), "final": {**final, "step": step}}
         # Any LightningDataModule can train (LightningCLI); ours say which records they skipped.
         skipped = getattr(trainer.datamodule, "skipped_records", dict)()
@@ -66,6 +67,7 @@ def finish(
             if isinstance(encoder, AdaptedEncoder) and encoder.save_llamaindex_adapter(adapter_dir):
                 print(f"LlamaIndex adapter saved to {adapter_dir} (AdapterEmbeddingModel).")
             write_text_atomic(output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
+            write_run_report(trainer, module, evaluation, step, report, output_dir)  # report.html
             print(format_metrics_table(metrics))
             print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
             if checkpointing is not None:
