@@ -15,7 +15,7 @@ from lit_embed.data.formats import load_llamaindex_json, save_llamaindex_json
 from lit_embed.data.schema import QADataset
 from lit_embed.evaluation import METRIC_TABLE_KEYS
 from lit_embed.train import run
-from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
+from lit_embed.training.callbacks.ir_eval import IREvaluationCallback, fingerprint
 from lit_embed.training.report import (
     QueryChange,
     biggest_changes,
@@ -111,9 +111,11 @@ def test_run_writes_the_report(tmp_path: Path) -> None:
 
     # The queries: as many rows as queries moved (at most 10 each way), from the rankings the run kept.
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
-    (rankings,) = [s["rankings"] for name, s in state.items() if name.startswith("IREvaluationCallback")]
-    assert sorted(rankings) == [0, 2, 4] and metrics["final"]["step"] in rankings
-    changes = query_changes(load_llamaindex_json(val), rankings[0], rankings[metrics["final"]["step"]])
+    callback = IREvaluationCallback(dataset=load_llamaindex_json(val))
+    callback.load_state_dict(next(s for name, s in state.items() if name.startswith("IREvaluationCallback")))
+    assert sorted(callback.rankings) == [0, 2, 4] and metrics["final"]["step"] in callback.rankings
+    base, final = (callback.rankings_at(step, callback.dataset) for step in (0, metrics["final"]["step"]))
+    changes = query_changes(callback.dataset, base, final)
     improved, worse = biggest_changes(changes)
     assert improved, "4 steps at lr 1e-3 move some of these queries"
     tables = page.table("queries")
@@ -221,13 +223,16 @@ def test_logs_of_a_resumed_run_are_joined(tmp_path: Path) -> None:
     ]
 
 
-def test_rankings_survive_a_checkpoint() -> None:
+def test_rankings_survive_a_checkpoint_for_their_dataset_only() -> None:
     callback = IREvaluationCallback()
     callback.history = [{"step": 0, "metrics": {"mrr@10": 0.5}}]
-    callback.rankings = {0: torch.tensor([[1, 2]], dtype=torch.int32)}
+    callback.rankings = {0: {"rankings": torch.tensor([[1, 2]], dtype=torch.int32), "dataset": fingerprint(dataset(2))}}
     restored = IREvaluationCallback()
     restored.load_state_dict(callback.state_dict())
-    assert restored.history == callback.history and torch.equal(restored.rankings[0], callback.rankings[0])
+    assert restored.history == callback.history
+    assert torch.equal(restored.rankings_at(0, dataset(2)), torch.tensor([[1, 2]], dtype=torch.int32))
+    # Validating on other data after a resume: the old rankings name other queries and documents.
+    assert restored.rankings_at(0, dataset(3)) is None and restored.rankings_at(5, dataset(2)) is None
     older = IREvaluationCallback()
     older.load_state_dict({"history": callback.history})  # a checkpoint written before rankings were kept
     assert older.rankings == {}

@@ -233,8 +233,8 @@ def metrics_section(metrics: Mapping[str, Any]) -> str:
         "<section><h2>Before and after</h2>"
         f'<p class="note">Retrieval on the validation set by the base model and the exported model, as in '
         f"<code>metrics.json</code>.{exported}</p>"
-        f'<div class="cards">{cards}</div>'
-        f'<table class="metrics"><thead>{head}</thead><tbody>{rows(headline)}</tbody></table>'
+        f'<div class="side"><table class="metrics"><thead>{head}</thead><tbody>{rows(headline)}</tbody></table>'
+        f'<div class="cards">{cards}</div></div>'
         + (
             f'<details><summary>all {len(headline) + len(rest)} metrics</summary><table class="metrics">'
             f"<thead>{head}</thead><tbody>{rows(rest)}</tbody></table></details>"
@@ -293,18 +293,31 @@ def _hit(dataset: QADataset, query_id: str, doc_id: str) -> str:
     return f'<td class="hit">{tag} <span class="id">{_e(doc_id)}</span><pre>{_e(text)}</pre></td>'
 
 
+def _relevant(dataset: QADataset, query_id: str) -> str:
+    """The query's relevant documents, folded: what a reader compares the top hits with."""
+    docs = list(dict.fromkeys(dataset.relevant_docs.get(query_id, ())))
+    shown = "".join(
+        f'<span class="id">{_e(d)}</span><pre>{_e(shorten(dataset.corpus[d], DOCUMENT_CHARS, DOCUMENT_LINES))}</pre>'
+        for d in docs[:3]
+        if d in dataset.corpus
+    )
+    more = f'<span class="id">and {len(docs) - 3} more</span>' if len(docs) > 3 else ""
+    label = "relevant document" if len(docs) == 1 else f"{len(docs)} relevant documents"
+    return f"<details><summary>{label}</summary>{shown}{more}</details>"
+
+
 def queries_table(dataset: QADataset, changes: Sequence[QueryChange], title: str, empty: str) -> str:
     if not changes:
         return f'<h3>{_e(title)}</h3><p class="note">{_e(empty)}</p>'
     rows = "".join(
         f'<tr><td class="query"><span class="id">{_e(c.query_id)}</span>'
-        f"<div>{_e(shorten(dataset.queries[c.query_id], QUERY_CHARS))}</div></td>"
+        f"<div>{_e(shorten(dataset.queries[c.query_id], QUERY_CHARS))}</div>{_relevant(dataset, c.query_id)}</td>"
         f'<td class="rank">{_rank(c.base_rank)} → {_rank(c.final_rank)}</td>'
         f"{_hit(dataset, c.query_id, c.base_top)}{_hit(dataset, c.query_id, c.final_top)}</tr>"
         for c in changes
     )
     head = (
-        '<tr><th scope="col">query</th><th scope="col">rank of the first relevant document</th>'
+        '<tr><th scope="col">query</th><th scope="col">rank before → after</th>'
         '<th scope="col">top hit before (base)</th><th scope="col">top hit after (exported)</th></tr>'
     )
     return f'<h3>{_e(title)}</h3><table class="queries"><thead>{head}</thead><tbody>{rows}</tbody></table>'
@@ -323,7 +336,8 @@ def queries_section(dataset: QADataset, changes: Sequence[QueryChange] | None) -
         "<section><h2>Queries</h2>"
         f'<p class="note">Of {len(changes)} validation queries, the first relevant document moved up for {up}, down '
         f"for {down} and stayed for {len(changes) - up - down}. Ordered by the change in its reciprocal rank "
-        f"(what MRR averages); ranks are counted to {RANK_DEPTH}.</p>"
+        f"(what MRR averages). A rank is the first relevant document's place in the ranking, counted to "
+        f"{RANK_DEPTH}.</p>"
         + queries_table(dataset, improved, f"Improved most ({len(improved)})", "No query improved.")
         + queries_table(dataset, worse, f"Got worse most ({len(worse)})", "No query got worse.")
         + "</section>"
@@ -354,7 +368,8 @@ dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 4px 18px;
            padding: 14px 18px; background: var(--soft); border: 1px solid var(--line); border-radius: 8px; }
 dl.facts dt { color: var(--muted); }
 dl.facts dd { margin: 0; word-break: break-all; }
-.cards { display: flex; gap: 16px; margin: 8px 0 16px; flex-wrap: wrap; }
+.side { display: flex; gap: 32px; align-items: flex-start; flex-wrap: wrap; }
+.cards { display: flex; flex-direction: column; gap: 14px; }
 .card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 18px; min-width: 240px; }
 .card .label { color: var(--muted); font-size: 13px; }
 .card .big { font-size: 22px; font-variant-numeric: tabular-nums; }
@@ -371,8 +386,9 @@ details { margin: 10px 0; }
 summary { cursor: pointer; color: var(--muted); }
 img.curves { width: 100%; height: auto; border: 1px solid var(--line); border-radius: 8px; }
 table.queries { width: 100%; table-layout: fixed; font-size: 14px; }
-table.queries th:nth-child(1) { width: 24%; }
-table.queries th:nth-child(2) { width: 10%; }
+table.queries th:nth-child(1) { width: 25%; }
+td.query details pre { font-size: 12px; }
+table.queries th:nth-child(2) { width: 9%; }
 table.queries th:nth-child(3), table.queries th:nth-child(4) { width: 33%; }
 table.queries tbody tr:nth-child(even) { background: #fbfcfd; }
 td.query div { overflow-wrap: anywhere; }
@@ -441,7 +457,7 @@ def write_report(
         metrics: ``metrics.json``'s content (``base``, ``final``, optionally ``merge`` and ``skipped``).
         facts: the header's lines, label -> value (None values are left out).
         dataset: the validation set, for the queries' texts (None: no query tables).
-        base_rankings: the base model's per-query rankings (``IREvaluationCallback.rankings[0]``).
+        base_rankings: the base model's per-query rankings (``IREvaluationCallback.rankings_at(0, dataset)``).
         final_rankings: the exported model's.
     """
     output_dir = Path(output_dir)
@@ -499,6 +515,8 @@ def write_run_report(
 ) -> Path:
     """:func:`write_report` for a run that just finished, its exported model being ``step``'s weights."""
     dataset = evaluation.validation_set(trainer) if evaluation is not None else None
-    rankings = evaluation.rankings if evaluation is not None else {}
+    base = final = None
+    if evaluation is not None and dataset is not None:
+        base, final = evaluation.rankings_at(0, dataset), evaluation.rankings_at(step, dataset)
     facts = run_facts(trainer, module, evaluation, step, output_dir)
-    return write_report(output_dir, metrics, facts, dataset, rankings.get(0), rankings.get(step))
+    return write_report(output_dir, metrics, facts, dataset, base, final)

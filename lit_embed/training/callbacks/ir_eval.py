@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -15,6 +16,12 @@ from lit_embed.errors import LitEmbedError, check, is_int
 from lit_embed.evaluation.retrieval import evaluate_encoder_and_rank
 
 log = logging.getLogger(__name__)
+
+
+def fingerprint(dataset: QADataset) -> str:
+    """A short hash of the dataset's query and document ids, in order: what a ranking's rows and hits refer to."""
+    ids = "\n".join(dataset.queries) + "\0" + "\n".join(dataset.corpus)
+    return hashlib.sha256(ids.encode("utf-8")).hexdigest()[:16]
 
 
 class IREvaluationCallback(L.Callback):
@@ -64,11 +71,18 @@ class IREvaluationCallback(L.Callback):
         self.dataset = dataset
         self.truncate_dim = truncate_dim
         self.history: list[dict[str, Any]] = []
-        self.rankings: dict[int, Tensor] = {}  # step -> [Q, 2], see evaluate_encoder_and_rank
+        # step -> {"rankings": [Q, 2] (see evaluate_encoder_and_rank), "dataset": fingerprint of the set ranked}
+        self.rankings: dict[int, dict[str, Any]] = {}
 
     def metrics_at(self, step: int) -> dict[str, float] | None:
         """The metrics of the evaluation at ``step``, if there was one."""
         return next((dict(h["metrics"]) for h in self.history if h["step"] == step), None)
+
+    def rankings_at(self, step: int, dataset: QADataset) -> Tensor | None:
+        """The per-query rankings of the evaluation at ``step``, if there was one and it ranked ``dataset`` (a
+        resumed run may validate on other data: its rankings would name other queries and documents)."""
+        entry = self.rankings.get(step)
+        return entry["rankings"] if entry is not None and entry["dataset"] == fingerprint(dataset) else None
 
     def validation_set(self, trainer: L.Trainer) -> QADataset | None:
         """The dataset evaluated: ``dataset``, else the datamodule's ``val_dataset`` (None: no validation)."""
@@ -88,7 +102,7 @@ class IREvaluationCallback(L.Callback):
             pl_module.encoder, dataset, self.batch_size, self.corpus_chunk_size, truncate_dim=self.truncate_dim
         )
         if step is not None:
-            self.rankings[step] = rankings
+            self.rankings[step] = {"rankings": rankings, "dataset": fingerprint(dataset)}
         return metrics
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -171,6 +171,6 @@ def draw_validation(ax: Any, history: list[dict[str, Any]], metrics: Sequence[st
         ax.axhline(values[0], color=color, linestyle="--", linewidth=1, label=f"base {values[0]:.4f}")
         ax.annotate(f"{values[-1]:.4f}", (steps[-1], values[-1]), textcoords="offset points", xytext=(4, 4))
     ax.set(title="validation retrieval", xlabel="optimizer step", ylabel="metric")
-    ax.margins(x=0.1)  # room for the final values written beside the last points
+    ax.margins(x=0.1, y=0.12)  # room for the final values written beside and above the last points
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
