@@ -19,9 +19,11 @@ from lit_embed.training.callbacks.ir_eval import IREvaluationCallback, fingerpri
 from lit_embed.training.report import (
     QueryChange,
     biggest_changes,
+    duration,
     query_changes,
     read_logged_metrics,
     render_report,
+    shorten,
     write_report,
 )
 
@@ -240,7 +242,9 @@ def test_rankings_survive_a_checkpoint_for_their_dataset_only() -> None:
 
 @pytest.mark.parametrize("text", ["short", "word " * 200])
 def test_shorten_keeps_short_texts(text: str) -> None:
-    from lit_embed.training.report import shorten
-
     cut = shorten(text, 100, 3)
     assert cut == text.strip() if len(text) < 100 else (cut.endswith(" …") and len(cut) <= 102)
+
+
+def test_durations_read_naturally() -> None:
+    assert [duration(s) for s in (0.4, 42.4, 221.0, 7500.0)] == ["0 s", "42 s", "3 min 41 s", "2 h 05 min"]

@@ -501,8 +501,18 @@ def run_facts(
         "training data": f"{rows:,} rows" if isinstance(rows, int) else None,
         "validation": f"{len(dataset.queries):,} queries, {len(dataset.corpus):,} documents" if dataset else "none",
         "steps": f"{trainer.global_step:,} optimizer steps; the exported model is step {step}'s",
-        "training time": f"{int(seconds // 60)} min {seconds % 60:.0f} s (evaluations included)" if seconds else None,
+        "training time": f"{duration(seconds)} (evaluations included)" if seconds else None,
     }
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 41 s``, ``2 h 05 min``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def write_run_report(
