@@ -43,8 +43,8 @@ REPORT_NAME = "report.html"
 RANK_DEPTH = max(k for ks in DEFAULT_K.values() for k in ks)
 QUERIES_SHOWN = 10
 QUERY_CHARS = 300
-DOCUMENT_CHARS = 360
-DOCUMENT_LINES = 8
+DOCUMENT_CHARS = 320
+DOCUMENT_LINES = 7
 
 
 @dataclass(frozen=True)
@@ -312,7 +312,7 @@ def queries_table(dataset: QADataset, changes: Sequence[QueryChange], title: str
     rows = "".join(
         f'<tr><td class="query"><span class="id">{_e(c.query_id)}</span>'
         f"<div>{_e(shorten(dataset.queries[c.query_id], QUERY_CHARS))}</div>{_relevant(dataset, c.query_id)}</td>"
-        f'<td class="rank">{_rank(c.base_rank)} → {_rank(c.final_rank)}</td>'
+        f'<td class="rank {"up" if c.gain > 0 else "down"}">{_rank(c.base_rank)} → {_rank(c.final_rank)}</td>'
         f"{_hit(dataset, c.query_id, c.base_top)}{_hit(dataset, c.query_id, c.final_top)}</tr>"
         for c in changes
     )
@@ -394,8 +394,8 @@ table.queries tbody tr:nth-child(even) { background: #fbfcfd; }
 td.query div { overflow-wrap: anywhere; }
 td.rank { font-variant-numeric: tabular-nums; white-space: nowrap; font-weight: 600; }
 td.hit pre { margin: 6px 0 0; padding: 6px 8px; background: var(--soft); border-radius: 6px; white-space: pre-wrap;
-             overflow-wrap: anywhere; max-height: 12.5em; overflow: hidden; }
-.id { color: var(--muted); display: block; }
+             overflow-wrap: anywhere; }
+.id { color: var(--muted); display: block; overflow-wrap: anywhere; }
 td.hit .id { display: inline; }
 .tag { display: inline-block; font-size: 12px; padding: 0 7px; border-radius: 10px; font-weight: 600; }
 .tag.good { background: #dafbe1; color: var(--good); }
