@@ -248,3 +248,22 @@ def test_shorten_keeps_short_texts(text: str) -> None:
 
 def test_durations_read_naturally() -> None:
     assert [duration(s) for s in (0.4, 42.4, 221.0, 7500.0)] == ["0 s", "42 s", "3 min 41 s", "2 h 05 min"]
+
+
+def test_a_resumed_run_reports_both_sessions(tmp_path: Path) -> None:
+    train, _ = write_toy_data(tmp_path)
+    val = hard_validation_set(tmp_path / "val.json")
+    out = tmp_path / "run"
+    settings = {"eval.evaluation_steps": 2, "checkpoint.save_steps": 2, "trainer.max_steps": 2}
+    run(compose_train(tiny_run_overrides(train, val, out, **settings)))
+    settings.update({"trainer.max_steps": 4, "resume": "true", "overwrite": "true"})
+    run(compose_train(tiny_run_overrides(train, val, out, **settings)))  # a second session: steps 3 and 4
+
+    assert sorted(p.parent.name for p in out.glob("logs/version_*/metrics.csv")) == ["version_0", "version_1"]
+    rows = read_logged_metrics(out)
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "val/mrr@10" in r] == [0, 2, 4]
+    # The base model's rankings came through the checkpoint: the queries are compared with the exported model's.
+    page = Page((out / "report.html").read_text(encoding="utf-8"))
+    assert page.table("queries") and "No per-query rankings" not in "".join(page.text)
+    assert json.loads((out / "metrics.json").read_text())["final"]["step"] in (0, 2, 4)
