@@ -414,7 +414,7 @@ def render_report(
 ) -> str:
     """The whole page as a string. ``curve`` is :func:`curves`' result (None: no metrics.csv)."""
     fact_list = "".join(f"<dt>{_e(key)}</dt><dd>{_e(value)}</dd>" for key, value in facts.items() if value is not None)
-    compared = "base" in metrics and "final" in metrics
+    compared = isinstance(metrics.get("base"), dict) and isinstance(metrics.get("final"), dict)
     parts = [
         f'<header><h1>{_e(title)}</h1><p class="sub">lit_embed finetuning run</p>'
         f'<dl class="facts">{fact_list}</dl></header>'
