@@ -266,7 +266,8 @@ def merge_section(merge: Mapping[str, Any]) -> str:
         body += f'<tr{" class=chosen" if picked else ""}><th scope="row">{_e(alpha)}{mark}</th>{cells}</tr>'
     return (
         "<section><h2>Merged models</h2>"
-        '<p class="note">Each α mixes the base and the finetuned weights; the chosen one is the exported model.</p>'
+        '<p class="note">The merged model of each α on the validation set, as <code>metrics.json</code>\'s '
+        '<code>"merge"</code> lists them; the chosen α is marked.</p>'
         f'<table class="metrics"><thead><tr><th scope="col">α</th>{head}</tr></thead><tbody>{body}</tbody></table>'
         "</section>"
     )
