@@ -273,17 +273,22 @@ def merge_section(merge: Mapping[str, Any]) -> str:
     )
 
 
-def curves_section(png: bytes | None, logged: bool) -> str:
-    if png is None:
-        why = "nothing was logged" if logged else "no <code>logs/version_*/metrics.csv</code> (logger=csv writes it)"
+def curves_section(curve: Mapping[str, Any] | None) -> str:
+    """The curves' figure, or why there is none (``curve`` None: no metrics.csv)."""
+    png = curves_png(curve) if curve is not None else None
+    if curve is None or png is None:
+        why = "no <code>logs/version_*/metrics.csv</code> (logger=csv writes it)" if curve is None else "nothing logged"
         return f'<section><h2>Training</h2><p class="note">No curves: {why}.</p></section>'
+    shown = ["the loss as logged (faint) and smoothed"] + ["the learning rate"] * bool(curve["lr"])
+    shown += ["the validation metrics at each evaluation (dashed: the base model)"] * bool(curve["history"])
+    panels = sum(bool(curve[name]) for name in ("loss", "lr", "history"))
     data = base64.b64encode(png).decode("ascii")
     return (
         "<section><h2>Training</h2>"
-        '<p class="note">From <code>logs/version_*/metrics.csv</code>: the loss as logged (faint) and smoothed, the '
-        "learning rate, and the validation metrics at each evaluation (dashed: the base model).</p>"
-        f'<img class="curves" alt="training loss, learning rate and validation metrics over steps" '
-        f'src="data:image/png;base64,{data}"></section>'
+        f'<p class="note">From <code>logs/version_*/metrics.csv</code>: {"; ".join(shown)}.</p>'
+        # Each panel is drawn for about 380 pixels: one or two panels are not blown up to the page's width.
+        f'<img class="curves" style="max-width: {380 * panels}px" alt="training loss, learning rate and validation '
+        f'metrics over steps" src="data:image/png;base64,{data}"></section>'
     )
 
 
@@ -431,7 +436,7 @@ def render_report(
         )
     if metrics.get("merge"):
         parts.append(merge_section(metrics["merge"]))
-    parts.append(curves_section(curves_png(curve) if curve is not None else None, curve is not None))
+    parts.append(curves_section(curve))
     if compared and dataset is not None:
         parts.append(queries_section(dataset, changes))
     parts.append(f"<footer>Written {_e(datetime.now().strftime('%Y-%m-%d %H:%M'))} by lit_embed.</footer>")
