@@ -78,7 +78,8 @@ def test_a_finished_run_is_as_readable_as_the_umask_says(tmp_path: Path, mask: i
     with umask(mask):
         run(compose_train(tiny_run_overrides(train, val, out, **{"checkpoint.save_steps": 2})))
     model = out / "model"
-    written = [model, *model.rglob("*"), out / "metrics.json", out / "checkpoints", *out.glob("checkpoints/*")]
+    written = [model, *model.rglob("*"), out / "metrics.json", out / "report.html", out / "checkpoints"]
+    written += list(out.glob("checkpoints/*"))
     assert model / "model.safetensors" in written and out / "checkpoints" / "last.ckpt" in written
     assert len(list(out.glob("checkpoints/step=*.ckpt"))) >= 2
     wrong = {str(p.relative_to(out)): oct(mode(p)) for p in written if mode(p) != expected(mask, p.is_dir())}

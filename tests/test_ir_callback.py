@@ -15,7 +15,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
 from lit_embed.data.schema import QADataset
-from lit_embed.evaluation.retrieval import evaluate_encoder
+from lit_embed.evaluation.retrieval import evaluate_encoder, evaluate_encoder_and_rank
 from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
 
@@ -71,14 +71,15 @@ def _sharded_worker(rank: int, world: int, model_path: str, init_file: str, resu
 
         encoder.encode = counting_encode
         data = dataset_with_several_relevant_docs()
-        results[rank] = (evaluate_encoder(encoder, data, batch_size=4), len(texts_seen))
+        metrics, rankings = evaluate_encoder_and_rank(encoder, data, batch_size=4)
+        results[rank] = (metrics, rankings.tolist(), len(texts_seen))
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_ranks_evaluate_their_shard_and_agree(tiny_model_path: str, tmp_path: Path) -> None:
     data = dataset_with_several_relevant_docs()
-    single = evaluate_encoder(Encoder(tiny_model_path), data, batch_size=4)
+    single, single_rankings = evaluate_encoder_and_rank(Encoder(tiny_model_path), data, batch_size=4)
     with mp.Manager() as manager:
         results = manager.dict()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -86,7 +87,9 @@ def test_ddp_ranks_evaluate_their_shard_and_agree(tiny_model_path: str, tmp_path
         results = dict(results)
     total_texts = len(data.queries) + len(data.corpus)
     for rank in (0, 1):
-        metrics, encoded = results[rank]
+        metrics, rankings, encoded = results[rank]
         assert encoded <= total_texts // 2 + 1  # each rank embeds about half, nobody the whole set
         for key, value in single.items():
             assert metrics[key] == pytest.approx(value, abs=1e-6), key
+        # Each rank ranked half the queries; every rank ends with all of them, in the dataset's order.
+        assert rankings == single_rankings.tolist()

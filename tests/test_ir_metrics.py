@@ -21,7 +21,7 @@ from torchmetrics.functional.retrieval import (
     retrieval_reciprocal_rank,
 )
 
-from lit_embed.evaluation.ir import DEFAULT_K, evaluate_embeddings, exact_search, retrieval_metrics
+from lit_embed.evaluation.ir import DEFAULT_K, evaluate_and_rank, evaluate_embeddings, exact_search, retrieval_metrics
 
 _VOCAB = (
     "river mountain bread coffee engine violin garden winter planet castle doctor rocket ocean forest "
@@ -230,6 +230,25 @@ def test_skips_unjudged_queries_and_counts_missing_relevant() -> None:
     assert got["recall@1"] == 0.5
     assert got["accuracy@1"] == 1.0
     assert got["map@100"] == 0.5
+
+
+@pytest.mark.parametrize("k_values", [DEFAULT_K, {"mrr": (3,)}])
+def test_rankings_name_the_top_hit_and_the_first_relevant_rank(k_values) -> None:
+    generator = torch.Generator().manual_seed(0)
+    queries, corpus = torch.randn(6, 8, generator=generator), torch.randn(40, 8, generator=generator)
+    corpus_ids = [f"d{(i * 7) % 40:02d}" for i in range(40)]  # not in id order: positions are the input's
+    query_ids = [f"q{i}" for i in range(6)]
+    relevant = {f"q{i}": [corpus_ids[i * 5 % 40], corpus_ids[(i * 11 + 3) % 40]] for i in range(5)}  # q5: none
+    metrics, rankings = evaluate_and_rank(queries, corpus, query_ids, corpus_ids, relevant, k_values, 7)
+    assert metrics == evaluate_embeddings(queries, corpus, query_ids, corpus_ids, relevant, k_values, 7)
+    assert rankings.shape == (6, 2) and rankings.dtype == torch.int32
+    depth = max(k for ks in k_values.values() for k in ks)
+    scores = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(corpus, dim=-1).T
+    for i in range(5):
+        order = sorted(range(40), key=lambda j: (-scores[i, j].item(), corpus_ids[j]))
+        first = next(rank for rank, j in enumerate(order, 1) if corpus_ids[j] in relevant[f"q{i}"])
+        assert rankings[i].tolist() == [order[0], first if first <= depth else 0]
+    assert rankings[5].tolist() == [-1, 0]  # no relevant document: not scored
 
 
 def test_exact_search_basics() -> None:

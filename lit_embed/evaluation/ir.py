@@ -179,6 +179,33 @@ def evaluate_embeddings(
 ) -> dict[str, float]:
     """Exact search plus metrics, giving the numbers ``InformationRetrievalEvaluator`` reports.
 
+    The same as :func:`evaluate_and_rank` without the per-query rankings.
+    """
+    return evaluate_and_rank(
+        query_embeddings,
+        corpus_embeddings,
+        query_ids,
+        corpus_ids,
+        relevant_docs,
+        k_values,
+        corpus_chunk_size,
+        similarity,
+    )[0]
+
+
+def evaluate_and_rank(
+    query_embeddings: Tensor,
+    corpus_embeddings: Tensor,
+    query_ids: Sequence[str],
+    corpus_ids: Sequence[str],
+    relevant_docs: Mapping[str, Collection[str]],
+    k_values: Mapping[str, Sequence[int]] = DEFAULT_K,
+    corpus_chunk_size: int = 50_000,
+    similarity: str = "cosine",
+) -> tuple[dict[str, float], Tensor]:
+    """Exact search plus metrics, giving the numbers ``InformationRetrievalEvaluator`` reports, and each query's
+    ranking in brief: its top hit and where its first relevant document came.
+
     Like sentence-transformers, queries without relevant documents are skipped, and relevant ids missing
     from the corpus still count towards recall, NDCG and MAP denominators. Relevant ids are de-duplicated.
 
@@ -193,7 +220,10 @@ def evaluate_embeddings(
         similarity: ``"cosine"`` or ``"dot"``.
 
     Returns:
-        ``{"<metric>@<k>": value}``, e.g. ``"ndcg@10"``.
+        ``{"<metric>@<k>": value}``, e.g. ``"ndcg@10"``; and ``[Q, 2]`` int32 rankings, row ``i`` for
+        ``query_ids[i]``: the position in ``corpus_ids`` of its top hit, and the rank (from 1) of its first relevant
+        hit within the largest cut-off of ``k_values`` (0: none there). A query without relevant documents gets
+        ``[-1, 0]``. Two numbers per query, so every evaluation of a run can keep them (the run's report).
     """
     if len(query_ids) != query_embeddings.size(0) or len(corpus_ids) != corpus_embeddings.size(0):
         raise ValueError(
@@ -234,4 +264,13 @@ def evaluate_embeddings(
     hit_keys = torch.arange(len(kept), device=indices.device).unsqueeze(1) * corpus_size + indices  # [Q', k]
     ranked_relevance = torch.isin(hit_keys, relevant_keys)  # [Q', k]
     num_relevant = torch.tensor([len(docs) for docs in relevant_sets])
-    return retrieval_metrics(ranked_relevance, num_relevant, k_values)
+    metrics = retrieval_metrics(ranked_relevance, num_relevant, k_values)
+
+    first_relevant = torch.where(
+        ranked_relevance.any(dim=1), ranked_relevance.int().argmax(dim=1) + 1, 0
+    )  # [Q'] argmax: the first True
+    rankings = torch.tensor([[-1, 0]], dtype=torch.int32).repeat(len(query_ids), 1)  # [Q, 2]
+    kept_rows = torch.tensor(kept)
+    rankings[kept_rows, 0] = torch.tensor(order)[indices[:, 0].cpu()].int()  # sorted position -> input position
+    rankings[kept_rows, 1] = first_relevant.cpu().int()
+    return metrics, rankings

@@ -17,7 +17,7 @@ from lit_embed.data.schema import QADataset
 from lit_embed.distributed import all_gather_rows, rank_and_world
 from lit_embed.errors import LitEmbedError
 from lit_embed.evaluation import DEFAULT_K, METRIC_TABLE_KEYS
-from lit_embed.evaluation.ir import evaluate_embeddings
+from lit_embed.evaluation.ir import evaluate_and_rank
 
 
 class TextEncoder(Protocol):
@@ -67,22 +67,39 @@ def evaluate_encoder(
     ``truncate_dim`` scores only the first that many dimensions of every embedding (a smaller size of a model
     trained with ``loss=matryoshka``), as sentence-transformers' ``truncate_dim`` does; None scores them all.
     """
+    return evaluate_encoder_and_rank(encoder, dataset, batch_size, corpus_chunk_size, truncate_dim)[0]
+
+
+def evaluate_encoder_and_rank(
+    encoder: TextEncoder,
+    dataset: QADataset,
+    batch_size: int = 64,
+    corpus_chunk_size: int = 50_000,
+    truncate_dim: int | None = None,
+) -> tuple[dict[str, float], Tensor]:
+    """:func:`evaluate_encoder`'s metrics and each query's ranking in brief (:func:`~lit_embed.evaluation.ir.
+    evaluate_and_rank`): ``[Q, 2]``, one row per query of ``dataset.queries`` in order, the same on every rank."""
     check_truncate_dim(truncate_dim, encoder.embedding_dim)
     rank, world = rank_and_world()
     query_ids = list(dataset.queries)[rank::world]
     corpus_ids = list(dataset.corpus)
     corpus = _encode_sharded(encoder, [dataset.corpus[d] for d in corpus_ids], "document", batch_size, truncate_dim)
     queries = encode_texts(encoder, [dataset.queries[q] for q in query_ids], "query", batch_size, truncate_dim)
-    metrics = evaluate_embeddings(
+    metrics, rankings = evaluate_and_rank(
         queries, corpus, query_ids, corpus_ids, dataset.relevant_docs, DEFAULT_K, corpus_chunk_size=corpus_chunk_size
     )
     if world == 1:
-        return metrics
+        return metrics, rankings
     # Every query has a relevant document (validated), so each rank's mean is over len(query_ids) queries.
     sums = torch.tensor([v * len(query_ids) for v in metrics.values()] + [len(query_ids)], dtype=torch.float64)
     sums = sums.to(corpus.device)
     dist.all_reduce(sums)
-    return {key: (sums[i] / sums[-1]).item() for i, key in enumerate(metrics)}
+    # Rank r searched queries r, r + world, ...: gathered in rank order, then put back in the dataset's order.
+    gathered = all_gather_rows(rankings.to(corpus.device))[0].cpu()  # [Q, 2]
+    order = torch.cat([torch.arange(r, len(dataset.queries), world) for r in range(world)])
+    in_order = torch.empty_like(gathered)
+    in_order[order] = gathered
+    return {key: (sums[i] / sums[-1]).item() for i, key in enumerate(metrics)}, in_order
 
 
 def check_truncate_dim(truncate_dim: int | None, embedding_dim: int) -> None:

@@ -18,6 +18,7 @@ from lit_embed.models.saving import to_sentence_transformers
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 from lit_embed.training.checkpoint_io import load_checkpoint, load_encoder_weights
+from lit_embed.training.report import write_run_report
 
 
 def finish(
@@ -54,7 +55,7 @@ def finish(
         metrics: dict[str, Any] = {}
         if evaluation is not None and evaluation.history:
             # The best step may have been picked by a monitor other than the IR metrics: then measure it now.
-            final = evaluation.metrics_at(step) or evaluation.evaluate(trainer, module)
+            final = evaluation.metrics_at(step) or evaluation.evaluate(trainer, module, step)
             metrics = {"base": evaluation.metrics_at(0), "final": {**final, "step": step}}
         # Any LightningDataModule can train (LightningCLI); ours say which records they skipped.
         skipped = getattr(trainer.datamodule, "skipped_records", dict)()
@@ -71,6 +72,7 @@ def finish(
                 warn_query_route(encoder, model_dir, adapter_dir)
             write_text_atomic(output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
             write_model_card(model_dir, run_facts(trainer, module, report, step, model_dir, output_dir, started))
+            write_run_report(trainer, module, evaluation, step, report, output_dir)  # report.html
             print(format_metrics_table(metrics))
             print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
             if checkpointing is not None:

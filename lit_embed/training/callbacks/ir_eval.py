@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor
 
 from lit_embed.data.schema import QADataset
 from lit_embed.distributed import full_parameters
 from lit_embed.errors import LitEmbedError, check, is_int
-from lit_embed.evaluation.retrieval import evaluate_encoder
+from lit_embed.evaluation.retrieval import evaluate_encoder_and_rank
 
 log = logging.getLogger(__name__)
+
+
+def fingerprint(dataset: QADataset) -> str:
+    """A short hash of the dataset's query and document ids, in order: what a ranking's rows and hits refer to."""
+    ids = "\n".join(dataset.queries) + "\0" + "\n".join(dataset.corpus)
+    return hashlib.sha256(ids.encode("utf-8")).hexdigest()[:16]
 
 
 class IREvaluationCallback(L.Callback):
     """Evaluates retrieval on the validation set at step 0, every ``evaluation_steps`` optimizer steps and at the end.
 
     Metrics are logged as ``val/<name>`` (``val/mrr@10``, ``val/ndcg@10`` ...) to every logger and put in
-    ``trainer.callback_metrics`` so checkpointing can monitor them. ``history`` keeps every evaluation and is
-    saved in checkpoints, so a resumed run still reports the base model's numbers.
+    ``trainer.callback_metrics`` so checkpointing can monitor them. ``history`` keeps every evaluation and
+    ``rankings`` each one's per-query ranking in brief (the top hit and the rank of the first relevant document, 8
+    bytes a query: what the run's report compares); both are saved in checkpoints, so a resumed run still reports
+    the base model's numbers.
 
     Args:
         evaluation_steps: evaluate every this many optimizer steps (0 = only before and after training).
@@ -61,26 +71,46 @@ class IREvaluationCallback(L.Callback):
         self.dataset = dataset
         self.truncate_dim = truncate_dim
         self.history: list[dict[str, Any]] = []
+        # step -> {"rankings": [Q, 2] (see evaluate_encoder_and_rank), "dataset": fingerprint of the set ranked}
+        self.rankings: dict[int, dict[str, Any]] = {}
 
     def metrics_at(self, step: int) -> dict[str, float] | None:
         """The metrics of the evaluation at ``step``, if there was one."""
         return next((dict(h["metrics"]) for h in self.history if h["step"] == step), None)
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
-        """Scores the module's encoder on the validation set as it is now (None without a validation set)."""
-        dataset = self.dataset if self.dataset is not None else getattr(trainer.datamodule, "val_dataset", None)
+    def rankings_at(self, step: int, dataset: QADataset) -> Tensor | None:
+        """The per-query rankings of the evaluation at ``step``, if there was one and it ranked ``dataset`` (a
+        resumed run may validate on other data: its rankings would name other queries and documents)."""
+        entry = self.rankings.get(step)
+        return entry["rankings"] if entry is not None and entry["dataset"] == fingerprint(dataset) else None
+
+    def validation_set(self, trainer: L.Trainer) -> QADataset | None:
+        """The dataset evaluated: ``dataset``, else the datamodule's ``val_dataset`` (None: no validation)."""
+        return self.dataset if self.dataset is not None else getattr(trainer.datamodule, "val_dataset", None)
+
+    def evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, step: int | None = None
+    ) -> dict[str, float] | None:
+        """Scores the module's encoder on the validation set as it is now (None without a validation set).
+
+        ``step``: keep this evaluation's rankings as that step's (the module holds that step's weights).
+        """
+        dataset = self.validation_set(trainer)
         if dataset is None:
             return None
-        return evaluate_encoder(
+        metrics, rankings = evaluate_encoder_and_rank(
             pl_module.encoder, dataset, self.batch_size, self.corpus_chunk_size, truncate_dim=self.truncate_dim
         )
+        if step is not None:
+            self.rankings[step] = {"rankings": rankings, "dataset": fingerprint(dataset)}
+        return metrics
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
         if self.history and self.history[-1]["step"] == step:
             return
         with full_parameters(trainer):
-            metrics = self.evaluate(trainer, pl_module)
+            metrics = self.evaluate(trainer, pl_module, step)
         if metrics is None:
             return
         self.history.append({"step": step, "metrics": metrics})
@@ -104,7 +134,8 @@ class IREvaluationCallback(L.Callback):
         self._evaluate(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        return {"history": self.history, "rankings": self.rankings}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
+        self.rankings = dict(state_dict.get("rankings", {}))  # checkpoints written before rankings were kept
