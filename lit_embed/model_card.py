@@ -172,16 +172,21 @@ def _training_lines(facts: Mapping[str, Any]) -> list[str]:
         lines.append(f"Hardware: {facts['hardware']}")
     if facts.get("wall_time_s") is not None:
         resumed = f" (since it resumed from `{facts['resumed_from']}`)" if facts.get("resumed_from") else ""
-        lines.append(f"Wall time: {_duration(facts['wall_time_s'])}{resumed}")
+        lines.append(f"Wall time: {duration(facts['wall_time_s'])}{resumed}")
     if facts.get("versions"):
         written = "Exported with" if facts.get("exported_from") else "Versions"
         lines.append(f"{written}: " + ", ".join(f"{name} {v}" for name, v in facts["versions"].items()))
     return lines
 
 
-def _duration(seconds: float) -> str:
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{seconds:.1f} s" if minutes == 0 else f"{minutes} min {rest} s"
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 41 s``, ``2 h 05 min``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def _prompts(prompts: Mapping[str, str]) -> str:

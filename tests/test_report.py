@@ -14,12 +14,12 @@ from helpers import TOPICS, compose_train, tiny_run_overrides, write_toy_data
 from lit_embed.data.formats import load_llamaindex_json, save_llamaindex_json
 from lit_embed.data.schema import QADataset
 from lit_embed.evaluation import METRIC_TABLE_KEYS
+from lit_embed.model_card import duration
 from lit_embed.train import run
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback, fingerprint
 from lit_embed.training.report import (
     QueryChange,
     biggest_changes,
-    duration,
     query_changes,
     read_logged_metrics,
     render_report,

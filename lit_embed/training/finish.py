@@ -71,8 +71,9 @@ def finish(
                 print(f"LlamaIndex adapter saved to {adapter_dir} (AdapterEmbeddingModel).")
                 warn_query_route(encoder, model_dir, adapter_dir)
             write_text_atomic(output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
-            write_model_card(model_dir, run_facts(trainer, module, report, step, model_dir, output_dir, started))
-            write_run_report(trainer, module, evaluation, step, report, output_dir)  # report.html
+            facts = run_facts(trainer, module, report, step, model_dir, output_dir, started)
+            write_model_card(model_dir, facts)
+            write_run_report(trainer, evaluation, step, report, output_dir, facts)
             print(format_metrics_table(metrics))
             print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
             if checkpointing is not None:

@@ -33,8 +33,7 @@ from torch import Tensor
 from lit_embed.data.schema import QADataset
 from lit_embed.evaluation import DEFAULT_K, METRIC_NAMES, METRIC_TABLE_KEYS
 from lit_embed.files import write_text_atomic
-from lit_embed.models.adapted import AdaptedEncoder
-from lit_embed.models.lora import lora_config
+from lit_embed.model_card import duration
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 from lit_embed.training.callbacks.progress import draw_loss, draw_validation, pyplot
 
@@ -478,61 +477,39 @@ def write_report(
     return path
 
 
-def run_facts(
-    trainer: L.Trainer, module: L.LightningModule, evaluation: IREvaluationCallback | None, step: int, output_dir: Path
-) -> dict[str, Any]:
-    """The header of a run's report: where, what model, how, on how much data, how long."""
-    encoder = module.encoder
-    config = getattr(encoder, "config", {})
-    while isinstance(config.get("base"), dict):  # an adapter's base encoder
-        config = config["base"]
-    model = config.get("model_name_or_path") or config.get("query_embeddings")
-    if model and Path(model).is_absolute():  # a local folder: its last two names say which one it is
-        model = "/".join(Path(model).parts[-2:])
-    if lora_config(encoder) is not None:
-        method = "LoRA (merged into model/)"
-    elif isinstance(encoder, AdaptedEncoder):
-        method = f"adapter ({encoder.config['adapter']['class']}) on the frozen encoder"
-    else:
-        method = "full finetuning"
-    datamodule = getattr(trainer, "datamodule", None)
-    rows = getattr(datamodule, "num_rows", None)
-    dataset = evaluation.validation_set(trainer) if evaluation is not None else None
-    timer = next((c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.Timer)), None)
-    seconds = timer.time_elapsed("train") if timer is not None else None
+METHOD_NAMES = {
+    "full": "full finetuning",
+    "lora": "LoRA (merged into model/)",
+    "adapter": "adapter on the frozen encoder",
+}
+
+
+def header(facts: Mapping[str, Any], output_dir: Path, dataset: QADataset | None) -> dict[str, Any]:
+    """The report's header lines, from the run's facts (:func:`lit_embed.model_card.run_facts`, the card's too)."""
+    pairs, steps, seconds = facts.get("training_pairs"), facts.get("steps"), facts.get("wall_time_s")
     return {
         "folder": str(output_dir.resolve()),
-        "model": model,
-        "method": method,
-        "training data": f"{rows:,} rows" if isinstance(rows, int) else None,
+        "model": facts.get("base_model"),
+        "method": METHOD_NAMES.get(facts.get("method"), facts.get("method")),
+        "training data": f"{pairs:,} pairs" if isinstance(pairs, int) else None,
         "validation": f"{len(dataset.queries):,} queries, {len(dataset.corpus):,} documents" if dataset else "none",
-        "steps": f"{trainer.global_step:,} optimizer steps; the exported model is step {step}'s",
-        "training time": f"{duration(seconds)} (evaluations included)" if seconds else None,
+        "steps": f"{steps:,} optimizer steps; the exported model is step {facts.get('step')}'s" if steps else None,
+        "wall time": duration(seconds) if seconds else None,
     }
-
-
-def duration(seconds: float) -> str:
-    """``42 s``, ``3 min 41 s``, ``2 h 05 min``."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def write_run_report(
     trainer: L.Trainer,
-    module: L.LightningModule,
     evaluation: IREvaluationCallback | None,
     step: int,
     metrics: Mapping[str, Any],
     output_dir: Path,
+    facts: Mapping[str, Any],
 ) -> Path:
-    """:func:`write_report` for a run that just finished, its exported model being ``step``'s weights."""
+    """:func:`write_report` for a run that just finished, its exported model being ``step``'s weights; ``facts``:
+    the run's, as the model card has them."""
     dataset = evaluation.validation_set(trainer) if evaluation is not None else None
     base = final = None
     if evaluation is not None and dataset is not None:
         base, final = evaluation.rankings_at(0, dataset), evaluation.rankings_at(step, dataset)
-    facts = run_facts(trainer, module, evaluation, step, output_dir)
-    return write_report(output_dir, metrics, facts, dataset, base, final)
+    return write_report(output_dir, metrics, header(facts, output_dir, dataset), dataset, base, final)
