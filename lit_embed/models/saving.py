@@ -1,6 +1,7 @@
 """Writing trained models where other tools load them, without lit_embed.
 
 * :func:`to_sentence_transformers`: any encoder as a sentence-transformers directory, swapped in atomically.
+* :func:`match_tokenizer_file`: a directory's ``tokenizer.json`` set to truncate and pad as the model was trained.
 * :func:`dense_modules`: an adapter head as plain sentence-transformers ``Dense`` modules.
 * :func:`save_llamaindex_adapter`: an adapter head as LlamaIndex's ``AdapterEmbeddingModel`` reads it.
 * :func:`save_head`: an adapter head alone (safetensors), for vectors computed elsewhere.
@@ -40,13 +41,69 @@ def to_sentence_transformers(encoder: SavableEncoder, path: str | os.PathLike, o
         raise LitEmbedError(f"{path} already holds a model. Choose another output directory or set overwrite=true.")
     if not weights_are_finite(encoder):
         raise LitEmbedError(f"refusing to write {path}: the model's weights contain NaN or inf values.")
+    def write(staging: Path) -> None:
+        encoder.save(staging)
+        match_tokenizer_file(staging)
+
     try:
-        return write_directory_atomic(path, encoder.save)
+        return write_directory_atomic(path, write)
     except OSError as err:
         raise LitEmbedError(
             f"could not write the model to {path}: {err.strerror or err}. Nothing was replaced; the checkpoints are "
             "intact. Free disk space or fix permissions, then run again with resume=true."
         ) from err
+
+
+def match_tokenizer_file(model_dir: str | os.PathLike) -> None:
+    """Sets each transformer's ``tokenizer.json`` in ``model_dir`` to truncate and pad as training tokenized.
+
+    Servers that read ``tokenizer.json`` with the ``tokenizers`` library alone (ONNX runtimes, Rust and JS
+    embedders) apply the truncation and padding stored in it, while sentence-transformers overrides them per call.
+    ``transformers`` writes back whatever the file held when the base model was downloaded (all-MiniLM-L6-v2's:
+    cut at 128 tokens and every text padded to 128) or nothing at all, so the file is rewritten from the settings
+    sentence-transformers tokenizes with (``tokenizer_config.json``): truncation at ``model_max_length`` on the
+    tokenizer's truncation side, padding to the longest text of a batch on its padding side, with its padding token.
+    """
+    from tokenizers import Tokenizer
+
+    model_dir = Path(model_dir)
+    for folder in _transformer_folders(model_dir):
+        file, config_file = folder / "tokenizer.json", folder / "tokenizer_config.json"
+        if not file.is_file() or not config_file.is_file():
+            continue
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        tokenizer = Tokenizer.from_file(str(file))
+        max_length = config.get("model_max_length")
+        if isinstance(max_length, int) and max_length < NO_LIMIT:
+            side = config.get("truncation_side") or "right"
+            tokenizer.enable_truncation(max_length, strategy="longest_first", direction=side)
+            if "max_length" in config:  # transformers keeps the old file's limit here too: keep the two equal
+                config["max_length"] = max_length
+        else:  # as sentence-transformers, which then cuts nothing
+            tokenizer.no_truncation()
+        pad_token = config.get("pad_token")
+        pad_token = pad_token.get("content") if isinstance(pad_token, dict) else pad_token
+        pad_id = tokenizer.token_to_id(pad_token) if isinstance(pad_token, str) else None
+        if pad_id is None:  # no padding token: batches of one text only, as in transformers
+            tokenizer.no_padding()
+        else:
+            side = config.get("padding_side") or "right"
+            tokenizer.enable_padding(direction=side, pad_id=pad_id, pad_token=pad_token, pad_type_id=0)
+        tokenizer.save(str(file))
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# transformers' model_max_length when a tokenizer sets none (VERY_LARGE_INTEGER, 1e30).
+NO_LIMIT = int(1e29)
+
+
+def _transformer_folders(model_dir: Path) -> list[Path]:
+    """The folders of the ``Transformer`` modules that ``modules.json`` lists (a plain Hugging Face folder: itself)."""
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return [model_dir]
+    modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    return [model_dir / m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Transformer")]
 
 
 def save_llamaindex_adapter(adapter: LinearAdapter | MLPAdapter, path: str | os.PathLike) -> None:
