@@ -41,6 +41,7 @@ def to_sentence_transformers(encoder: SavableEncoder, path: str | os.PathLike, o
         raise LitEmbedError(f"{path} already holds a model. Choose another output directory or set overwrite=true.")
     if not weights_are_finite(encoder):
         raise LitEmbedError(f"refusing to write {path}: the model's weights contain NaN or inf values.")
+
     def write(staging: Path) -> None:
         encoder.save(staging)
         match_tokenizer_file(staging)
