@@ -42,9 +42,12 @@ def to_sentence_transformers(encoder: SavableEncoder, path: str | os.PathLike, o
     if not weights_are_finite(encoder):
         raise LitEmbedError(f"refusing to write {path}: the model's weights contain NaN or inf values.")
 
+    tokenizer = getattr(encoder, "tokenizer", None)  # None: vectors from elsewhere, no text model
+
     def write(staging: Path) -> None:
         encoder.save(staging)
-        match_tokenizer_file(staging)
+        if tokenizer is not None:
+            match_tokenizer_file(staging, tokenizer)
 
     try:
         return write_directory_atomic(path, write)
@@ -55,42 +58,41 @@ def to_sentence_transformers(encoder: SavableEncoder, path: str | os.PathLike, o
         ) from err
 
 
-def match_tokenizer_file(model_dir: str | os.PathLike) -> None:
-    """Sets each transformer's ``tokenizer.json`` in ``model_dir`` to truncate and pad as training tokenized.
+def match_tokenizer_file(model_dir: str | os.PathLike, tokenizer: Any) -> None:
+    """Writes ``tokenizer`` (the one training used) as ``model_dir``'s ``tokenizer.json``, set to cut and pad as it did.
 
     Servers that read ``tokenizer.json`` with the ``tokenizers`` library alone (ONNX runtimes, Rust and JS
-    embedders) apply the truncation and padding stored in it, while sentence-transformers overrides them per call.
+    embedders) apply the truncation and padding stored in it, while sentence-transformers sets its own per call.
     ``transformers`` writes back whatever the file held when the base model was downloaded (all-MiniLM-L6-v2's:
-    cut at 128 tokens and every text padded to 128) or nothing at all, so the file is rewritten from the settings
-    sentence-transformers tokenizes with (``tokenizer_config.json``): truncation at ``model_max_length`` on the
-    tokenizer's truncation side, padding to the longest text of a batch on its padding side, with its padding token.
+    cut at 128 tokens and every text padded to 128), or no limit at all. The file written here cuts at the
+    tokenizer's ``model_max_length`` (sentence-transformers' ``max_seq_length``) on its truncation side, and pads a
+    batch to its longest text on its padding side, with its padding token; everything else (normalizer, special
+    tokens) is the tokenizer as training ran it.
     """
     from tokenizers import Tokenizer
 
-    model_dir = Path(model_dir)
-    for folder in _transformer_folders(model_dir):
-        file, config_file = folder / "tokenizer.json", folder / "tokenizer_config.json"
-        if not file.is_file() or not config_file.is_file():
-            continue
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        tokenizer = Tokenizer.from_file(str(file))
-        max_length = config.get("model_max_length")
-        if isinstance(max_length, int) and max_length < NO_LIMIT:
-            side = config.get("truncation_side") or "right"
-            tokenizer.enable_truncation(max_length, strategy="longest_first", direction=side)
-            if "max_length" in config:  # transformers keeps the old file's limit here too: keep the two equal
-                config["max_length"] = max_length
-        else:  # as sentence-transformers, which then cuts nothing
-            tokenizer.no_truncation()
-        pad_token = config.get("pad_token")
-        pad_token = pad_token.get("content") if isinstance(pad_token, dict) else pad_token
-        pad_id = tokenizer.token_to_id(pad_token) if isinstance(pad_token, str) else None
-        if pad_id is None:  # no padding token: batches of one text only, as in transformers
-            tokenizer.no_padding()
-        else:
-            side = config.get("padding_side") or "right"
-            tokenizer.enable_padding(direction=side, pad_id=pad_id, pad_token=pad_token, pad_type_id=0)
-        tokenizer.save(str(file))
+    folder = _transformer_folder(Path(model_dir))
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    max_length = tokenizer.model_max_length
+    if max_length < NO_LIMIT:
+        backend.enable_truncation(max_length, strategy="longest_first", direction=tokenizer.truncation_side)
+    else:  # as sentence-transformers, which then cuts nothing
+        backend.no_truncation()
+    if tokenizer.pad_token_id is None:  # without a padding token, batches of one text only, as in transformers
+        backend.no_padding()
+    else:
+        backend.enable_padding(
+            direction=tokenizer.padding_side,
+            pad_id=tokenizer.pad_token_id,
+            pad_token=tokenizer.pad_token,
+            pad_type_id=tokenizer.pad_token_type_id,
+        )
+    backend.save(str(folder / "tokenizer.json"))
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    if config.get("max_length") not in (None, max_length) and max_length < NO_LIMIT:
+        # transformers copies the downloaded file's limit here too; keep it equal to the one that applies
+        config["max_length"] = max_length
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -98,13 +100,12 @@ def match_tokenizer_file(model_dir: str | os.PathLike) -> None:
 NO_LIMIT = int(1e29)
 
 
-def _transformer_folders(model_dir: Path) -> list[Path]:
-    """The folders of the ``Transformer`` modules that ``modules.json`` lists (a plain Hugging Face folder: itself)."""
+def _transformer_folder(model_dir: Path) -> Path:
+    """The folder of the first ``Transformer`` module that ``modules.json`` lists (else the directory itself)."""
     modules_file = model_dir / "modules.json"
-    if not modules_file.is_file():
-        return [model_dir]
-    modules = json.loads(modules_file.read_text(encoding="utf-8"))
-    return [model_dir / m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Transformer")]
+    modules = json.loads(modules_file.read_text(encoding="utf-8")) if modules_file.is_file() else []
+    paths = [m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Transformer")]
+    return model_dir / (paths[0] if paths else "")
 
 
 def save_llamaindex_adapter(adapter: LinearAdapter | MLPAdapter, path: str | os.PathLike) -> None:
