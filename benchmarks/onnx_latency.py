@@ -3,7 +3,7 @@
 It exports the model with ``lit-embed-export MODEL OUT --backend onnx --quantize int8`` into a temporary folder,
 then, with the same number of threads for torch and onnxruntime:
 
-* latency: the median of ``--repeats`` calls embedding one query, and a batch of 32 queries
+* latency: the median of ``--repeats`` calls embedding one query, and a batch of 32 queries, the three taking turns
   (torch: ``SentenceTransformer.encode_query``; ONNX: ``OnnxEmbedder.encode``: tokenizers + onnxruntime + numpy);
 * MRR@10 (and NDCG@10) of each on a validation split of the stdlib docstring -> code pairs (``python train.py``'s
   default data, ``build_stdlib_dataset(seed=42, num_val=300)``), scored as training scores it.
@@ -19,6 +19,8 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,14 +57,17 @@ class TorchTextEncoder:
         return encode(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
 
 
-def median_seconds(call, batches: list[list[str]], repeats: int) -> float:
-    call(batches[0])  # warm-up: first-call allocations and lazy initialization
-    times = []
+def median_seconds(calls: dict[str, Callable[[list[str]], object]], batches: list[list[str]], repeats: int):
+    """The median time of each call, taken in turns on the same inputs, so a busy machine slows all of them alike."""
+    for call in calls.values():
+        call(batches[0])  # warm-up: first-call allocations and lazy initialization
+    times: dict[str, list[float]] = {label: [] for label in calls}
     for i in range(repeats):
-        start = time.perf_counter()
-        call(batches[i % len(batches)])
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for label, call in calls.items():
+            start = time.perf_counter()
+            call(batches[i % len(batches)])
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
 
 
 def main() -> None:
@@ -90,15 +95,15 @@ def main() -> None:
         runs = {"torch (sentence-transformers)": torch_encoder}
         for label, name in (("ONNX fp32 (onnxruntime)", MODEL_FILE), ("ONNX int8 (onnxruntime)", INT8_FILE)):
             runs[label] = OnnxTextEncoder(OnnxEmbedder(out, name, threads=args.threads), torch_encoder.embedding_dim)
-        rows = []
-        for label, encoder in runs.items():
-            metrics = evaluate_encoder(encoder, val, batch_size=32)
-            one = median_seconds(lambda texts, e=encoder: e.encode(texts, "query", 32), singles, args.repeats)
-            many = median_seconds(lambda texts, e=encoder: e.encode(texts, "query", 32), batches, args.repeats)
-            rows.append((label, one, many, metrics["mrr@10"], metrics["ndcg@10"]))
+        metrics = {label: evaluate_encoder(encoder, val, batch_size=32) for label, encoder in runs.items()}
+        calls = {label: partial(encoder.encode, kind="query", batch_size=32) for label, encoder in runs.items()}
+        one = median_seconds(calls, singles, args.repeats)
+        many = median_seconds(calls, batches, args.repeats)
+        rows = [(label, one[label], many[label], metrics[label]["mrr@10"], metrics[label]["ndcg@10"]) for label in runs]
 
+    name = "all-MiniLM-L6-v2" if args.model == minilm else args.model
     print(
-        f"{Path(args.model).name}, CPU, {args.threads} threads, median of {args.repeats} calls; "
+        f"{name}, CPU, {args.threads} threads, median of {args.repeats} calls, taken in turns; "
         f"stdlib val split (seed {args.seed}, {len(queries)} queries, {len(val.corpus)} documents)"
     )
     print(f"ONNX files: model.onnx {sizes[MODEL_FILE] / 2**20:.1f} MiB, {INT8_FILE} {sizes[INT8_FILE] / 2**20:.1f} MiB")
