@@ -65,7 +65,6 @@ NOT_RUN = {
     "train.py trainer=ddp trainer.num_nodes=2 trainer.devices=8 output_dir=runs/big": "needs 2 nodes of 8 GPUs",
     "srun python train.py trainer=ddp trainer.num_nodes=2 trainer.devices=8 output_dir=runs/big": "needs SLURM",
     "from llama_index.embeddings.huggingface import HuggingFaceEmbedding": "llama-index is not a dependency",
-    'pip install "lit_embed[onnx]"': "installs from the network",
     "# sentence-transformers 5.x with optimum-onnx (transformers<4.58), not this environment": "needs optimum-onnx, "
     "which cannot be installed next to transformers 5",
 }
