@@ -45,6 +45,7 @@ TINY_FLAGS = {
     "lit-embed-mine": ["--model", "{tiny}"],
     "lit-embed-score": ["--teacher", "{tiny}"],  # the tiny bi-encoder stands in for the cross-encoder
     "benchmarks/throughput.py": ["--model", "tiny", "--steps", "3", "--warmup", "1", "--rounds", "1"],
+    "benchmarks/onnx_latency.py": ["--model", "{tiny}", "--repeats", "2", "--num-val", "50"],
     "lit-embed": [
         "--trainer.accelerator=cpu",
         "--trainer.max_steps=2",
@@ -64,6 +65,8 @@ NOT_RUN = {
     "train.py trainer=ddp trainer.num_nodes=2 trainer.devices=8 output_dir=runs/big": "needs 2 nodes of 8 GPUs",
     "srun python train.py trainer=ddp trainer.num_nodes=2 trainer.devices=8 output_dir=runs/big": "needs SLURM",
     "pip install 'lit_embed[clients]'": "installs from the network",
+    "# sentence-transformers 5.x with optimum-onnx (transformers<4.58), not this environment": "needs optimum-onnx, "
+    "which cannot be installed next to transformers 5",
 }
 # A Python process with torch and Lightning takes seconds to start, so the default run (-m "not slow") takes the
 # commands most likely to break and what they build on; test_readme_commands_slow runs every command. Keys are

@@ -94,6 +94,11 @@ class AdaptedEncoder(nn.Module):
         return self.base.max_seq_length
 
     @property
+    def tokenizer(self) -> Any:
+        """The base model's tokenizer (None over vectors computed elsewhere)."""
+        return getattr(self.base, "tokenizer", None)
+
+    @property
     def device(self) -> torch.device:
         return self.query_table.device
 

@@ -186,6 +186,11 @@ class Encoder(nn.Module):
         return self.model.max_seq_length
 
     @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer that training and ``encode`` use (the export writes it as ``tokenizer.json``)."""
+        return self.model.tokenizer
+
+    @property
     def padding_side(self) -> str:
         """Where the tokenizer pads (``"left"`` for most decoder embedders): training batches are padded there too."""
         return getattr(self.model.tokenizer, "padding_side", None) or "right"

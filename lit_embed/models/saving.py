@@ -1,6 +1,7 @@
 """Writing trained models where other tools load them, without lit_embed.
 
 * :func:`to_sentence_transformers`: any encoder as a sentence-transformers directory, swapped in atomically.
+* :func:`match_tokenizer_file`: a directory's ``tokenizer.json`` set to truncate and pad as the model was trained.
 * :func:`dense_modules`: an adapter head as plain sentence-transformers ``Dense`` modules.
 * :func:`save_llamaindex_adapter`: an adapter head as LlamaIndex's ``AdapterEmbeddingModel`` reads it.
 * :func:`save_head`: an adapter head alone (safetensors), for vectors computed elsewhere.
@@ -40,13 +41,71 @@ def to_sentence_transformers(encoder: SavableEncoder, path: str | os.PathLike, o
         raise LitEmbedError(f"{path} already holds a model. Choose another output directory or set overwrite=true.")
     if not weights_are_finite(encoder):
         raise LitEmbedError(f"refusing to write {path}: the model's weights contain NaN or inf values.")
+
+    tokenizer = getattr(encoder, "tokenizer", None)  # None: vectors from elsewhere, no text model
+
+    def write(staging: Path) -> None:
+        encoder.save(staging)
+        if tokenizer is not None:
+            match_tokenizer_file(staging, tokenizer)
+
     try:
-        return write_directory_atomic(path, encoder.save)
+        return write_directory_atomic(path, write)
     except OSError as err:
         raise LitEmbedError(
             f"could not write the model to {path}: {err.strerror or err}. Nothing was replaced; the checkpoints are "
             "intact. Free disk space or fix permissions, then run again with resume=true."
         ) from err
+
+
+def match_tokenizer_file(model_dir: str | os.PathLike, tokenizer: Any) -> None:
+    """Writes ``tokenizer`` (the one training used) as ``model_dir``'s ``tokenizer.json``, set to cut and pad as it did.
+
+    Servers that read ``tokenizer.json`` with the ``tokenizers`` library alone (ONNX runtimes, Rust and JS
+    embedders) apply the truncation and padding stored in it, while sentence-transformers sets its own per call.
+    ``transformers`` writes back whatever the file held when the base model was downloaded (all-MiniLM-L6-v2's:
+    cut at 128 tokens and every text padded to 128), or no limit at all. The file written here cuts at the
+    tokenizer's ``model_max_length`` (sentence-transformers' ``max_seq_length``) on its truncation side, and pads a
+    batch to its longest text on its padding side, with its padding token; everything else (normalizer, special
+    tokens) is the tokenizer as training ran it.
+    """
+    from tokenizers import Tokenizer
+
+    folder = _transformer_folder(Path(model_dir))
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    max_length = tokenizer.model_max_length
+    if max_length < NO_LIMIT:
+        backend.enable_truncation(max_length, strategy="longest_first", direction=tokenizer.truncation_side)
+    else:  # as sentence-transformers, which then cuts nothing
+        backend.no_truncation()
+    if tokenizer.pad_token_id is None:  # without a padding token, batches of one text only, as in transformers
+        backend.no_padding()
+    else:
+        backend.enable_padding(
+            direction=tokenizer.padding_side,
+            pad_id=tokenizer.pad_token_id,
+            pad_token=tokenizer.pad_token,
+            pad_type_id=tokenizer.pad_token_type_id,
+        )
+    backend.save(str(folder / "tokenizer.json"))
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    if config.get("max_length") not in (None, max_length) and max_length < NO_LIMIT:
+        # transformers copies the downloaded file's limit here too; keep it equal to the one that applies
+        config["max_length"] = max_length
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# transformers' model_max_length when a tokenizer sets none (VERY_LARGE_INTEGER, 1e30).
+NO_LIMIT = int(1e29)
+
+
+def _transformer_folder(model_dir: Path) -> Path:
+    """The folder of the first ``Transformer`` module that ``modules.json`` lists (else the directory itself)."""
+    modules_file = model_dir / "modules.json"
+    modules = json.loads(modules_file.read_text(encoding="utf-8")) if modules_file.is_file() else []
+    paths = [m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Transformer")]
+    return model_dir / (paths[0] if paths else "")
 
 
 def save_llamaindex_adapter(adapter: LinearAdapter | MLPAdapter, path: str | os.PathLike) -> None:
