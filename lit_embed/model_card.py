@@ -222,8 +222,8 @@ def _usage(facts: Mapping[str, Any]) -> str:
         cls = LLAMAINDEX_ADAPTERS.get(adapter["class"], adapter["class"])
         sections.append(
             "LlamaIndex, with the adapter on the query vectors:\n\n```python\n"
-            "from llama_index.core.embeddings import AdapterEmbeddingModel\n"
-            f"from llama_index.core.embeddings.adapter_utils import {cls}\n"
+            "from llama_index.embeddings.adapter import AdapterEmbeddingModel\n"
+            f"from llama_index.embeddings.adapter.utils import {cls}\n"
             "from llama_index.embeddings.huggingface import HuggingFaceEmbedding\n\n"
             f"embed_model = AdapterEmbeddingModel(\n    HuggingFaceEmbedding(model_name={path}),\n"
             f"    {json.dumps(facts['llamaindex_adapter'])},\n    adapter_cls={cls},\n)\n```\n"

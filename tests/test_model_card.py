@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,8 @@ def test_a_run_writes_its_card(method: str, tmp_path: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
     assert SentenceTransformer(str(out / "model"), device="cpu").encode(["parse json"]).shape == (1, 64)
+    for snippet in re.findall(r"```python\n(.*?)```", body, re.S):  # the card's loading code runs as written
+        exec(compile(snippet, "model/README.md", "exec"), {})
 
     if method == "lora":  # lit-embed-export writes a card from what the checkpoint holds
         from lit_embed.export import main as export
