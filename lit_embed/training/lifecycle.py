@@ -249,6 +249,38 @@ def check_resume_config(path: str, checkpoint: dict[str, Any], config: dict[str,
         log.warning("resume_changed=true: resuming %s with changed settings: %s", path, "; ".join(changes))
 
 
+def check_resume_length(path: str, checkpoint: dict[str, Any], max_steps: int | None, max_epochs: int | None) -> None:
+    """Says in one line when a resumed run's length leaves nothing to train; refuses one that ends before it.
+
+    ``max_steps`` / ``max_epochs`` as the trainer takes them (-1 or None: no limit). A run resumed with the length
+    it already trained finishes without training (exporting what it trained); a longer one trains the rest.
+    """
+    steps = checkpoint.get("global_step", 0)
+    loops = checkpoint.get("loops", {}).get("fit_loop")
+    epochs = loops["epoch_progress"]["current"]["completed"] if loops else checkpoint.get("epoch", 0)
+    left = {}
+    if max_steps is not None and max_steps >= 0:
+        left[f"trainer.max_steps={max_steps}"] = max_steps - steps
+    if max_epochs is not None and max_epochs >= 0:
+        left[f"trainer.max_epochs={max_epochs}"] = max_epochs - epochs
+    if not left or min(left.values()) > 0:
+        return
+    limit = min(left, key=left.__getitem__)
+    trained = f"{steps} steps ({epochs} whole epoch{'' if epochs == 1 else 's'})"
+    if left[limit] < 0:
+        raise LitEmbedError(
+            f"cannot resume from {path}: it has trained {trained}, past {limit}, and a run cannot be shortened. "
+            "Resume with a length at least the checkpoint's, or export an earlier checkpoint with lit-embed-export."
+        )
+    log.warning(
+        "%s has trained %s, all that %s allows: nothing is left to train. Raise trainer.max_epochs or "
+        "trainer.max_steps to train further.",
+        path,
+        trained,
+        limit,
+    )
+
+
 def check_weights_fit(path: str, checkpoint: dict[str, Any], module: L.LightningModule) -> None:
     """One message, instead of a page of size mismatches, when a checkpoint's weights are not this model's."""
     saved = checkpoint.get("state_dict")
