@@ -45,25 +45,27 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
-def continue_after_stop(fit_loop: dict[str, Any]) -> None:
+def continue_after_stop(fit_loop: dict[str, Any]) -> bool:
     """Rewrites the fit loop state of a checkpoint taken once training stopped (the run's end, a signal between
     epochs) as the state it continues from, so that a longer run (more epochs or steps) goes on from there.
 
     Lightning closes the epoch training stopped in: it counts it as done even when max_steps stopped it mid-epoch,
     and, resuming a step-limited run, takes an epoch whose batches all ran for the next one with none left. The
-    data module saves the same position (``ResumableDataModule.state_dict``).
+    data module saves the same position (``ResumableDataModule.state_dict``). Returns whether anything changed
+    (a rewritten state is left as it is).
     """
-    epochs = fit_loop["epoch_progress"]
+    epochs = fit_loop["epoch_progress"]["current"]
     batches = fit_loop["epoch_loop.batch_progress"]
-    if epochs["current"]["started"] == 0 or epochs["current"]["started"] > epochs["current"]["processed"]:
-        return  # before the first epoch or within one: Lightning resumes these as they are
+    if epochs["started"] == 0 or epochs["started"] > epochs["processed"] or batches["current"]["processed"] == 0:
+        return False  # before the first epoch, within one, or between two: Lightning resumes these as they are
     if batches["is_last_batch"]:  # the epoch ran out: the next one starts at its first batch
         batches["current"] = dict.fromkeys(batches["current"], 0)
         batches["is_last_batch"] = False
     else:  # stopped mid-epoch: that epoch goes on
-        for count in (epochs["total"], epochs["current"]):
+        for count in fit_loop["epoch_progress"].values():
             count["processed"] -= 1
             count["completed"] -= 1
+    return True
 
 
 class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
