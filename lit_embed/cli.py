@@ -24,7 +24,7 @@ from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 from lit_embed.training.callbacks.progress import default_progress_bar
 from lit_embed.training.checkpoint_io import load_checkpoint
 from lit_embed.training.finish import finish
-from lit_embed.training.lifecycle import check_resumable, check_weights_fit, ctrl_c_saves
+from lit_embed.training.lifecycle import check_resumable, check_resume_length, check_weights_fit, ctrl_c_saves
 from lit_embed.training.module import EmbeddingFinetuneModule
 from lit_embed.training.optim import OPTIMIZER_DEFAULTS
 
@@ -110,6 +110,7 @@ class LitEmbedCLI(LightningCLI):
             checkpoint = load_checkpoint(ckpt_path, mmap=True)
             check_resumable(ckpt_path, checkpoint)
             check_weights_fit(ckpt_path, checkpoint, self.model)
+            check_resume_length(ckpt_path, checkpoint, self.trainer.max_steps, self.trainer.max_epochs)
 
     def after_fit(self) -> None:
         callbacks = self.trainer.callbacks

@@ -46,6 +46,7 @@ from lit_embed.training.lifecycle import (
     OutputDirLock,
     RecordConfig,
     check_resume_config,
+    check_resume_length,
     check_weights_fit,
     composed_record,
     ctrl_c_saves,
@@ -113,6 +114,7 @@ def _checked_settings(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any]
     resumed = load_checkpoint(resume_from, mmap=True) if resume_from else None
     if resumed is not None:
         check_resume_config(resume_from, resumed, config, cfg.get("resume_changed", False))
+        check_resume_length(resume_from, resumed, cfg.trainer.get("max_steps"), cfg.trainer.get("max_epochs"))
     return config, resume_from, resumed
 
 

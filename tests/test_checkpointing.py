@@ -65,6 +65,75 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
     assert resumed == straight  # base numbers survive the resume; final = same step, same metrics
 
 
+def batches_and_rates(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, tuple[str, ...], float]]:
+    """Records (step, the batch's query ids, the learning rate it trains with) for every training step."""
+    steps = []
+    training_step = EmbeddingFinetuneModule.training_step
+
+    def spy(self, batch, batch_idx):
+        steps.append((self.global_step, tuple(batch.query_ids), self.optimizers().param_groups[0]["lr"]))
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(EmbeddingFinetuneModule, "training_step", spy)
+    return steps
+
+
+@pytest.mark.parametrize(
+    ("first", "longer", "scheduler"),
+    [
+        ({"trainer.max_epochs": 1}, {"trainer.max_epochs": 2}, "null"),  # 6 batches per epoch
+        ({"trainer.max_epochs": 1}, {"trainer.max_epochs": 2}, "linear"),
+        ({"trainer.max_steps": 6}, {"trainer.max_steps": 12}, "null"),  # stopped by max_steps at an epoch's end
+        ({"trainer.max_steps": 9}, {"trainer.max_steps": 15}, "null"),  # ... and within one
+    ],
+    ids=["epochs", "epochs-linear-schedule", "steps-at-epoch-end", "steps-mid-epoch"],
+)
+def test_a_finished_run_resumed_longer_trains_what_one_longer_run_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: dict, longer: dict, scheduler: str
+) -> None:
+    train, _ = write_toy_data(tmp_path)
+    settings = {"trainer.max_steps": -1, "trainer.max_epochs": -1, "checkpoint.save_steps": 0}
+    if scheduler == "null":
+        settings["scheduler"] = "null"
+    steps = batches_and_rates(monkeypatch)
+    run(compose_train(tiny_run_overrides(train, None, tmp_path / "straight", **{**settings, **longer})))
+    straight, _ = steps[:], steps.clear()
+
+    out = tmp_path / "extended"
+    run(compose_train(tiny_run_overrides(train, None, out, **{**settings, **first})))
+    trained = len(steps)
+    run(compose_train(tiny_run_overrides(train, None, out, **{**settings, **longer}, resume="true", overwrite="true")))
+
+    assert len(steps) > trained
+    assert load_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] == len(straight)
+    assert [batch for _, batch, _ in steps] == [batch for _, batch, _ in straight]  # the same data order
+    if scheduler == "null":  # a constant learning rate: the same run, bit for bit
+        expected = encoder_weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+        actual = encoder_weights(out / "checkpoints" / "last.ckpt")
+        assert all(torch.equal(actual[key], expected[key]) for key in expected)
+    else:  # the schedule spans the longer run from the step reached: the added steps train at the longer run's rates
+        assert [lr for *_, lr in steps[trained:]] == [lr for *_, lr in straight[trained:]]
+        assert all(lr > 0 for *_, lr in steps[trained:])
+
+
+def test_resuming_with_the_length_already_trained_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    train, _ = write_toy_data(tmp_path)
+    out = tmp_path / "run"
+    length = {"trainer.max_steps": 8, "trainer.max_epochs": -1}  # 6 batches per epoch
+    run(compose_train(tiny_run_overrides(train, None, out, **length)))
+    last = out / "checkpoints" / "last.ckpt"
+    written = last.stat().st_mtime_ns
+
+    run(compose_train(tiny_run_overrides(train, None, out, resume="true", overwrite="true", **length)))
+    said = "has trained 8 steps (1 epoch and 2 batches), all that trainer.max_steps=8 allows: nothing is left to train"
+    assert said in caplog.text
+    assert last.stat().st_mtime_ns == written  # nothing trained, nothing saved
+
+    for shorter in ({"trainer.max_steps": 3}, {"trainer.max_steps": -1, "trainer.max_epochs": 1}):
+        with pytest.raises(LitEmbedError, match=r"has trained 8 steps .*, past trainer.max_\w+=\d, and a run cannot"):
+            run(compose_train(tiny_run_overrides(train, None, out, resume="true", overwrite="true", **shorter)))
+
+
 def test_retention_keeps_the_newest_and_the_best(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train, val = write_toy_data(tmp_path)
     # A monitor that is best at step 1 and worse afterwards, so the retention limit would delete it.

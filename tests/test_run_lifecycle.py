@@ -19,7 +19,7 @@ from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
 from lit_embed.errors import InvalidValueError, LitEmbedError
 from lit_embed.train import run
 from lit_embed.training.checkpoint_io import load_checkpoint
-from lit_embed.training.lifecycle import LOCK_NAME, OutputDirLock, changed_settings
+from lit_embed.training.lifecycle import LOCK_NAME, OutputDirLock, changed_settings, check_resume_length
 
 HOLD_LOCK = (
     "import sys, time\n"
@@ -250,6 +250,35 @@ def test_which_settings_count_as_changed() -> None:
         "trainer.accumulate_grad_batches: 1 -> 2",
         "trainer.precision: 32-true -> bf16-mixed",
     ]
+
+
+def end_of_run_checkpoint(epochs: int, batches: int, batches_per_epoch: int) -> dict:
+    """The counts Lightning's fit loop holds once training stopped, as checkpoints written then had them."""
+    closed = {"ready": epochs, "started": epochs, "processed": epochs, "completed": epochs}
+    done = {"ready": batches, "started": batches, "processed": batches, "completed": batches}
+    fit_loop = {
+        "epoch_progress": {"total": dict(closed), "current": dict(closed)},
+        "epoch_loop.batch_progress": {
+            "total": done,
+            "current": dict(done),
+            "is_last_batch": batches == batches_per_epoch,
+        },
+    }
+    return {"global_step": (epochs - 1) * batches_per_epoch + batches, "loops": {"fit_loop": fit_loop}}
+
+
+def test_the_length_check_reads_a_checkpoint_lightning_wrote_at_the_end(caplog: pytest.LogCaptureFixture) -> None:
+    finished = end_of_run_checkpoint(epochs=1, batches=6, batches_per_epoch=6)  # max_epochs=1
+    check_resume_length("last.ckpt", finished, max_steps=-1, max_epochs=1)
+    assert "trained 6 steps (1 epoch), all that trainer.max_epochs=1 allows: nothing is left" in caplog.text
+    with pytest.raises(LitEmbedError, match=r"cannot continue last.ckpt with a longer run: .*step=N.ckpt"):
+        check_resume_length("last.ckpt", finished, max_steps=-1, max_epochs=2)
+    stopped = end_of_run_checkpoint(epochs=2, batches=3, batches_per_epoch=6)  # max_steps=9, mid-epoch
+    check_resume_length("last.ckpt", stopped, max_steps=9, max_epochs=-1)
+    assert "trained 9 steps (1 epoch and 3 batches), all that trainer.max_steps=9 allows" in caplog.text
+    with pytest.raises(LitEmbedError, match=r"trained 9 steps \(1 epoch and 3 batches\), past trainer.max_epochs=1"):
+        check_resume_length("last.ckpt", stopped, max_steps=-1, max_epochs=1)
+    assert stopped["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 2  # read, not rewritten
 
 
 def test_a_setting_added_since_the_old_run_counts_as_unchanged_while_it_is_off() -> None:

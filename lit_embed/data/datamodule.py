@@ -143,8 +143,15 @@ class ResumableDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         if self.trainer is None:
             return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+        epochs = self.trainer.fit_loop.epoch_progress.current
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress
+        if epochs.started > epochs.processed or epochs.started == 0:  # within an epoch, or before the first
+            return {"epoch": self.trainer.current_epoch, "batches_done": batches.current.processed}
+        # Training has stopped (max_epochs, max_steps, a signal) and Lightning has closed the epoch it stopped in,
+        # whether or not its batches ran out: a longer run continues that epoch, or starts the next one.
+        if batches.is_last_batch:
+            return {"epoch": epochs.processed, "batches_done": 0}
+        return {"epoch": epochs.processed - 1, "batches_done": batches.current.processed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:

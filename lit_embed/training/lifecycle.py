@@ -3,6 +3,7 @@ resumed run trains what its checkpoint trained, and Ctrl-C taking SIGTERM's way 
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import logging
 import os
@@ -21,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lit_embed.errors import LitEmbedError
 from lit_embed.files import write_text_atomic
+from lit_embed.training.callbacks.checkpointing import continue_after_stop
 from lit_embed.training.module import EmbeddingFinetuneModule
 
 log = logging.getLogger(__name__)
@@ -292,6 +294,54 @@ def check_resume_config(path: str, checkpoint: dict[str, Any], config: dict[str,
         )
     if changes:
         log.warning("resume_changed=true: resuming %s with changed settings: %s", path, "; ".join(changes))
+
+
+def check_resume_length(path: str, checkpoint: dict[str, Any], max_steps: int | None, max_epochs: int | None) -> None:
+    """Says in one line when a resumed run's length leaves nothing to train; refuses one that ends before it.
+
+    ``max_steps`` / ``max_epochs`` as the trainer takes them (-1 or None: no limit). A run resumed with the length
+    it already trained finishes without training (and exports what it trained); a longer one trains the rest.
+    """
+    if "loops" not in checkpoint:  # not a training checkpoint: Lightning says what is wrong with it
+        return
+    loops = copy.deepcopy(checkpoint["loops"]["fit_loop"])
+    # True for a checkpoint that Lightning's counts were saved into as training stopped, not rewritten as
+    # StepCheckpoint now does (an earlier lit_embed's last.ckpt): read as rewritten, but its data position cannot
+    # tell where a longer run goes on.
+    not_rewritten = continue_after_stop(loops)
+    steps = checkpoint.get("global_step", 0)
+    epochs = loops["epoch_progress"]["current"]["completed"]
+    batches = loops["epoch_loop.batch_progress"]["current"]["processed"]  # of the epoch in progress
+    # For each limit: how the checkpoint stands to it (-1 before it, 0 at it, 1 past it).
+    standing = {}
+    if max_steps is not None and max_steps >= 0:
+        standing[f"trainer.max_steps={max_steps}"] = (steps > max_steps) - (steps < max_steps)
+    if max_epochs is not None and max_epochs >= 0:
+        standing[f"trainer.max_epochs={max_epochs}"] = ((epochs, batches) > (max_epochs, 0)) - (epochs < max_epochs)
+    done = f"{epochs} epoch{'s' * (epochs != 1)}" + (f" and {batches} batches" if batches else "")
+    if not standing or max(standing.values()) < 0:
+        if not_rewritten:
+            raise LitEmbedError(
+                f"cannot continue {path} with a longer run: it was written when its run ended, without the data "
+                "position a longer run goes on from (an earlier lit_embed's last checkpoint). Resume from a "
+                "step=N.ckpt written during that run, or start a new run."
+            )
+        return
+    limit = max(standing, key=standing.__getitem__)
+    if standing[limit] > 0:
+        raise LitEmbedError(
+            f"cannot resume from {path}: it has trained {steps} steps ({done}), past {limit}, and a run cannot be "
+            "shortened. Resume with at least the checkpoint's length, or export an earlier checkpoint with "
+            "lit-embed-export."
+        )
+    log.warning(
+        "%s has trained %d steps (%s), all that %s allows: nothing is left to train. Raise trainer.max_epochs or "
+        "trainer.max_steps to train further.",
+        path,
+        steps,
+        done,
+        limit,
+    )
 
 
 def check_weights_fit(path: str, checkpoint: dict[str, Any], module: L.LightningModule) -> None:

@@ -66,6 +66,10 @@ class EmbeddingFinetuneModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.skip_nonfinite = skip_nonfinite
         self.skipped_batches = 0
+        self.schedule_total_steps: int | None = None  # the steps the learning-rate schedule spans
+        # The run length and schedule total of the checkpoint a run resumes from (configure_optimizers reads them;
+        # under FSDP the checkpoint is read after it, and the schedule spans the estimate).
+        self._resumed_schedule: dict[str, Any] | None = None
         # Under LoRA a checkpoint holds the LoRA weights, not the frozen base that the model config loads again.
         # Named now, before a strategy wraps the encoder.
         self.lora_config = lora_config(encoder)
@@ -172,12 +176,14 @@ class EmbeddingFinetuneModule(L.LightningModule):
         # Lets `python -m lit_embed.export CKPT OUT` rebuild the encoder without the run's config.
         checkpoint["encoder_config"] = self.encoder.config
         checkpoint["skipped_batches"] = self.skipped_batches
+        checkpoint["schedule_length"] = {**self._run_length(), "total_steps": self.schedule_total_steps}
         if self.lora_config is not None:
             checkpoint["lora_config"] = self.lora_config
             checkpoint["state_dict"] = self.checkpoint_weights(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_batches = checkpoint.get("skipped_batches", 0)
+        self._resumed_schedule = checkpoint.get("schedule_length")
         found = {name for name in checkpoint["state_dict"] if name.startswith("encoder.")}
         expected = self._lora_weights
         if expected and found != expected:  # Lightning loads a LoRA checkpoint without strictness: check it here
@@ -196,8 +202,17 @@ class EmbeddingFinetuneModule(L.LightningModule):
             raise LitEmbedError(
                 "the learning-rate schedule needs a finite run: set trainer.max_epochs or trainer.max_steps."
             )
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(total_steps))
+        saved = self._resumed_schedule
+        if saved is not None and {k: saved.get(k) for k in ("max_steps", "max_epochs")} == self._run_length():
+            # An exact resume keeps its schedule's total: the estimate counts the batches of the epoch it resumes
+            # in, which can differ from the first epoch's by a short batch or two (NoDuplicatesBatchSampler).
+            total_steps = saved["total_steps"]
+        self.schedule_total_steps = int(total_steps)
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.schedule_total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _run_length(self) -> dict[str, int | None]:
+        return {"max_steps": self.trainer.max_steps, "max_epochs": self.trainer.max_epochs}
 
     def _param_groups(self) -> list[dict[str, Any]]:
         # Biases and LayerNorm weights are not decayed, as in BERT and sentence-transformers' Trainer.

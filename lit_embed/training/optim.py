@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.optim import Optimizer
@@ -48,6 +48,22 @@ class LinearWarmupDecay(LambdaLR):
         self.total_steps = total_steps
         self.warmup_steps = int(total_steps * warmup_ratio)
         super().__init__(optimizer, self.factor)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continues the saved schedule's step count on this schedule's length.
+
+        A resumed run of another length (``trainer.max_epochs`` / ``max_steps``) is built for its own total, so its
+        learning rate goes on from the step reached instead of staying at the old run's end (0 after its decay).
+        Unchanged settings build the same total, and continue exactly.
+        """
+        length = {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+        super().load_state_dict(state_dict)
+        self.__dict__.update(length)
+        # The optimizer was restored with the rate of the saved schedule's next step: the one this schedule gives
+        # that step (the same number when the length is the same) is what the next step must use.
+        self._last_lr = [base * self.factor(self.last_epoch) for base in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:

@@ -45,6 +45,29 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
+def continue_after_stop(fit_loop: dict[str, Any]) -> bool:
+    """Rewrites the fit loop state of a checkpoint taken once training stopped (the run's end, a signal between
+    epochs) as the state it continues from, so that a longer run (more epochs or steps) goes on from there.
+
+    Lightning closes the epoch training stopped in: it counts it as done even when max_steps stopped it mid-epoch,
+    and, resuming a step-limited run, takes an epoch whose batches all ran for the next one with none left. The
+    data module saves the same position (``ResumableDataModule.state_dict``). Returns whether anything changed
+    (a rewritten state is left as it is).
+    """
+    epochs = fit_loop["epoch_progress"]["current"]
+    batches = fit_loop["epoch_loop.batch_progress"]
+    if epochs["started"] == 0 or epochs["started"] > epochs["processed"] or batches["current"]["processed"] == 0:
+        return False  # before the first epoch, within one, or between two: Lightning resumes these as they are
+    if batches["is_last_batch"]:  # the epoch ran out: the next one starts at its first batch
+        batches["current"] = dict.fromkeys(batches["current"], 0)
+        batches["is_last_batch"] = False
+    else:  # stopped mid-epoch: that epoch goes on
+        for count in fit_loop["epoch_progress"].values():
+            count["processed"] -= 1
+            count["completed"] -= 1
+    return True
+
+
 class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
     """Saves ``step=N.ckpt`` every ``save_steps`` optimizer steps and whenever the monitored metric improves.
 
@@ -217,6 +240,9 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
         total = sum(sizes.values())
         size = f"{total / 1e6:.0f} MB" if total >= 1e6 else f"{total / 1e3:.0f} kB"  # LoRA checkpoints are small
         return f"checkpoints: kept {' and '.join(kept)}, {size} in {self.dirpath}"
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        continue_after_stop(checkpoint["loops"]["fit_loop"])
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": self.saved, "best": self.best, "rng": _rng_states()}
