@@ -250,10 +250,14 @@ def test_a_killed_lora_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.M
 
     # The LoRA settings shape what trains: a resume with others is refused, naming the change.
     with pytest.raises(LitEmbedError, match=r"lora\.r: 16 -> 8"):
-        run(compose_train(lora_overrides(train, val, interrupted, "lora.r=8", resume="true", overwrite="true")))
+        run(
+            compose_train(
+                lora_overrides(train, val, interrupted, "lora.r=8", resume="true", overwrite="true", **settings)
+            )
+        )
     # ... and forced with resume_changed=true, the checkpoint's weights do not fit: one message.
     with pytest.raises(LitEmbedError, match="its weights do not fit this model"):
-        forced = {"resume": "true", "overwrite": "true", "resume_changed": "true"}
+        forced = {"resume": "true", "overwrite": "true", "resume_changed": "true", **settings}
         run(compose_train(lora_overrides(train, val, interrupted, "lora.r=8", **forced)))
 
 
