@@ -77,20 +77,17 @@ class _Run:
     data: dict[str, Any] = field(default_factory=dict)  # file name in run_dir -> dataset to write there
 
     def __call__(self, extra: Sequence[str] = ()) -> dict[str, Any]:
-        from omegaconf import OmegaConf
-
         from lit_embed.config import compose_config
         from lit_embed.data.formats import save_llamaindex_json
         from lit_embed.train import run
+        from lit_embed.training.lifecycle import composed_record
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for name, dataset in self.data.items():
             save_llamaindex_json(dataset, self.run_dir / name)
         overrides = [*self.overrides, *extra]
         cfg = compose_config(overrides)
-        # As the Hydra app records a job: what was composed, and from which overrides.
-        record = {"config.yaml": OmegaConf.to_yaml(cfg), "overrides.yaml": OmegaConf.to_yaml(overrides)}
-        return run(cfg, hydra_record=record)
+        return run(cfg, hydra_record=composed_record(cfg, overrides))
 
 
 class SentenceTransformersFinetuneEngine:
@@ -206,9 +203,13 @@ class SentenceTransformersFinetuneEngine:
             return path
         # HuggingFaceEmbedding replaces the model's prompts with its instructions ("" unless given): pass the saved
         # prompts as instructions, so queries and texts are embedded as in training.
-        prompts = _saved_prompts(Path(path))
-        document = next((prompts[name] for name in ("document", "passage", "corpus") if prompts.get(name)), None)
-        instructions = {"query_instruction": prompts.get("query"), "text_instruction": document}
+        from lit_embed.models.prompts import prompt_for, saved_prompts
+
+        prompts = saved_prompts(path)
+        instructions = {
+            "query_instruction": prompt_for(prompts, "query"),
+            "text_instruction": prompt_for(prompts, "document"),
+        }
         kwargs = {k: v for k, v in instructions.items() if v} | model_kwargs
         return HuggingFaceEmbedding(model_name=path, **kwargs)
 
@@ -552,13 +553,6 @@ def _train_kwargs_overrides(train_kwargs: dict[str, Any]) -> list[str]:
         # ``fused`` is an AdamW setting of lit_embed's config that other optimizers may not take.
         args = [f"optimizer._target_={optimizer.__module__}.{optimizer.__qualname__}", "~optimizer.fused", *args]
     return args
-
-
-def _saved_prompts(model_dir: Path) -> dict[str, str]:
-    config = model_dir / "config_sentence_transformers.json"
-    if not config.is_file():
-        return {}
-    return json.loads(config.read_text(encoding="utf-8")).get("prompts") or {}
 
 
 def _copy_directory(source: Path, destination: Path) -> None:

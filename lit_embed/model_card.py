@@ -26,6 +26,7 @@ import yaml
 from lit_embed.evaluation import METRIC_NAMES
 from lit_embed.evaluation.retrieval import format_metrics_table
 from lit_embed.files import write_text_atomic
+from lit_embed.models import adapters
 from lit_embed.models.lora import lora_config
 
 METHOD_TAGS = {"full": "full-finetuning", "adapter": "adapter", "lora": "lora"}
@@ -34,8 +35,6 @@ METHOD_TEXT = {
     "adapter": "an adapter: a small head trained on the frozen encoder's embeddings",
     "lora": "LoRA: low-rank updates of the frozen encoder's linear layers, merged into this model",
 }
-# LlamaIndex's class for each adapter head (AdapterEmbeddingModel(..., adapter_cls=...)).
-LLAMAINDEX_ADAPTERS = {"LinearAdapter": "LinearLayer", "MLPAdapter": "TwoLayerNN"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOAD_LINE = re.compile(r"""SentenceTransformer\(\s*["']([^"']+)["']""")
 
@@ -219,7 +218,7 @@ def _usage(facts: Mapping[str, Any]) -> str:
             "LlamaIndex's `HuggingFaceEmbedding` alone give the base model's vectors for queries too.\n"
         )
     if adapter and facts.get("llamaindex_adapter"):
-        cls = LLAMAINDEX_ADAPTERS.get(adapter["class"], adapter["class"])
+        cls = getattr(adapters, adapter["class"]).llamaindex_class
         sections.append(
             "LlamaIndex, with the adapter on the query vectors:\n\n```python\n"
             "from llama_index.embeddings.adapter import AdapterEmbeddingModel\n"

@@ -16,12 +16,11 @@ from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 
 from lit_embed.errors import LitEmbedError, check, is_bool, is_int
+from lit_embed.models.prompts import prompt_for
 
 log = logging.getLogger(__name__)
 
 TextKind = Literal["query", "document"]
-# encode_document() looks for these prompt names, in this order; we read a saved prompt the same way.
-DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
 # model.dtype: the names torch and Lightning use for each.
 DTYPES = {
     "float32": torch.float32,
@@ -197,8 +196,7 @@ class Encoder(nn.Module):
 
     def prompt(self, kind: TextKind) -> str:
         """The prompt that ``encode_query`` / ``encode_document`` would use, so training matches inference."""
-        names = ("query",) if kind == "query" else DOCUMENT_PROMPT_NAMES
-        return next((self.model.prompts[n] for n in names if n in self.model.prompts), "")
+        return prompt_for(self.model.prompts, kind)
 
     def tokenize(self, texts: Sequence[str], kind: TextKind) -> dict[str, Any]:
         """Prompted, truncated, padded features for a list of texts."""

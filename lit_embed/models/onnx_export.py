@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lit_embed.errors import LitEmbedError
+from lit_embed.models.prompts import prompt_for, saved_prompts
 
 INSTALL = 'pip install "lit_embed[onnx]"'
 ONNX_DIR = "onnx"
@@ -237,14 +238,11 @@ class OnnxEmbedder:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
-        config_file = model_dir / "config_sentence_transformers.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        self.prompts: dict[str, str] = config.get("prompts") or {}
+        self.prompts = saved_prompts(model_dir)
 
     def prompt(self, kind: str) -> str:
         """The prompt ``encode_query`` / ``encode_document`` would put before a text of this kind."""
-        names = ("query",) if kind == "query" else ("document", "passage", "corpus")
-        return next((self.prompts[n] for n in names if n in self.prompts), "")
+        return prompt_for(self.prompts, kind)
 
     def encode(self, texts: Sequence[str], kind: str = "document", batch_size: int = 32) -> np.ndarray:
         """``[len(texts), D]`` float32 embeddings, ``kind`` (``"query"`` or ``"document"``) choosing the prompt."""
