@@ -24,7 +24,7 @@ from lit_embed.models.adapted import AdaptedEncoder, warn_query_route
 from lit_embed.models.encoder import Encoder
 from lit_embed.models.lora import LoRA, lora_config, save_lora
 from lit_embed.models.onnx_export import INT8_FILE, check_installed, copy_model, export_onnx
-from lit_embed.models.saving import match_tokenizer_file, to_sentence_transformers
+from lit_embed.models.saving import to_sentence_transformers
 from lit_embed.training.checkpoint_io import load_checkpoint, load_encoder_weights
 
 
@@ -116,7 +116,7 @@ def _export_checkpoint(args: argparse.Namespace) -> Path:
 
 
 def _copy_model_dir(source: str, output_dir: str, overwrite: bool, backend: str) -> Path:
-    """A sentence-transformers directory copied to ``output_dir``, its ``tokenizer.json`` set as training's."""
+    """A sentence-transformers directory copied to ``output_dir`` (``export_onnx`` then sets its ``tokenizer.json``)."""
     source_path, target = Path(source), Path(output_dir)
     if backend != "onnx":
         raise LitEmbedError(
@@ -130,12 +130,7 @@ def _copy_model_dir(source: str, output_dir: str, overwrite: bool, backend: str)
     if target.exists() and not overwrite:
         raise LitEmbedError(f"{target} already holds a model. Choose another output directory or add --overwrite.")
 
-    def write(staging: Path) -> None:
-        copy_model(source_path, staging)
-        # as sentence-transformers loads it: the module's max_seq_length, its normalizer
-        match_tokenizer_file(staging, Encoder(str(staging)).tokenizer)
-
-    return write_directory_atomic(target, write)
+    return write_directory_atomic(target, lambda staging: copy_model(source_path, staging))
 
 
 def _report_onnx(path: Path, files: list[Path]) -> None:

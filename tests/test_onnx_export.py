@@ -63,6 +63,23 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
+def test_a_downloaded_folder_gets_the_tokenizer_file_sentence_transformers_uses(model_paths, tmp_path):
+    """A hub folder's tokenizer.json may cut elsewhere than sentence-transformers does (all-MiniLM's: 128 against 256):
+    exported as it is, runtimes reading it alone would embed other tokens than torch."""
+    from sentence_transformers import SentenceTransformer
+    from tokenizers import Tokenizer
+
+    path = to_sentence_transformers(Encoder(model_paths["encoder"], max_seq_length=32), tmp_path / "model")
+    downloaded = Tokenizer.from_file(str(path / "tokenizer.json"))
+    downloaded.enable_truncation(8)
+    downloaded.save(str(path / "tokenizer.json"))
+
+    export_onnx(path)
+    assert Tokenizer.from_file(str(path / "tokenizer.json")).truncation["max_length"] == 32
+    want = SentenceTransformer(str(path), device="cpu").encode(TEXTS)
+    assert cosine(OnnxEmbedder(path).encode(TEXTS, "document"), want).min() >= 0.9999
+
+
 @pytest.mark.parametrize("model", ["encoder", "decoder"])
 def test_onnx_embeds_as_torch(model_paths, tmp_path, model):
     """fp32: cosine >= 0.9999 with the torch model for short, long (truncated) and one-token texts, in one batch."""

@@ -67,13 +67,16 @@ def export_onnx(model_dir: str | os.PathLike, quantize: Literal["int8"] | None =
     ``onnx/model.onnx`` holds fp32 weights and computes what torch computes (checked here, to ``1e-3`` in every
     token embedding, before anything is written); ``quantize="int8"`` adds ``onnx/model_qint8_quantized.onnx``,
     with int8 weights in every matrix product (dynamic quantization: activations are quantized per batch).
-    The ``onnx`` folder is replaced as a whole. Returns the files written.
+    The ``onnx`` folder is replaced as a whole, and ``tokenizer.json`` is set to cut and pad as sentence-transformers
+    does with this model (a hub download's file often cuts elsewhere), since runtimes read it alone. Returns the
+    files written.
     """
     check_installed()
     if quantize not in (None, "int8"):
         raise LitEmbedError(f"quantize={quantize!r} is not allowed: int8, or none for fp32 only.")
     from lit_embed.files import write_directory_atomic
     from lit_embed.models.encoder import Encoder
+    from lit_embed.models.saving import match_tokenizer_file
 
     model_dir = Path(model_dir)
     if not (model_dir / "modules.json").is_file():
@@ -100,6 +103,7 @@ def export_onnx(model_dir: str | os.PathLike, quantize: Literal["int8"] | None =
             _quantize(staging / MODEL_FILE, staging / INT8_FILE)
 
     write_directory_atomic(model_dir / ONNX_DIR, write)
+    match_tokenizer_file(model_dir, encoder.tokenizer)
     return sorted((model_dir / ONNX_DIR).glob("*.onnx"))
 
 
