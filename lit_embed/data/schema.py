@@ -6,7 +6,7 @@ Every reader (``json_files``, ``tables``, the stdlib builder) produces a :class:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,11 @@ class QADataset:
     hard_negatives: dict[str, list[str]] = field(default_factory=dict)
     skipped: Skipped | None = field(default=None, compare=False)  # what the reader left out of the file
     teacher_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+# One pair as a row format holds it: (row id such as "line 3", query, positive, negatives, a teacher's scores of the
+# positive and of each negative or None).
+Record = tuple[str, str, str, Sequence[str], Sequence[float] | None]
 
 
 @dataclass(frozen=True)
@@ -227,7 +232,7 @@ def validate(
         where = f"{source}: {len(unanswered)} of {len(queries)} queries have no relevant document"
         skipped.add("unanswered", repr(qid), f"{where} (first: {unanswered[0]!r}). {FIX['unanswered']}")
     if skipped.count:
-        _allow_or_refuse(skipped, source, policy)
+        allow_or_refuse(skipped, source, policy)
     return QADataset(
         queries={qid: text for qid, text in queries.items() if relevant_docs.get(qid)},
         corpus=corpus,  # documents no query names stay: they are distractors in evaluation
@@ -253,7 +258,7 @@ def _texts(records: dict[str, Any], kind: str, source: str, skipped: Skipped) ->
     return usable
 
 
-def _allow_or_refuse(skipped: Skipped, source: str, policy: SkipPolicy) -> None:
+def allow_or_refuse(skipped: Skipped, source: str, policy: SkipPolicy) -> None:
     """One warning for what is skipped, or one error when the policy allows fewer."""
     counted = f"{skipped.count} of {skipped.records} records that are wrong on their own ({skipped.summary()})"
     if not policy.allows(skipped.count, skipped.records):
@@ -291,6 +296,23 @@ def training_examples(
                 scores = tuple(scored[d] for d in (doc_id, *negative_ids))
             examples.append(TrainingExample(dataset.queries[qid], dataset.corpus[doc_id], negatives, qid, scores))
     return examples
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 file, read one line at a time (a leading byte-order mark removed); a line
+    that is not UTF-8 is an error naming it, as :func:`read_text`'s."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(
+                    f"{path}, line {lineno}: the file is not valid UTF-8 (byte offset {offset + err.start}). "
+                    "Re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`."
+                ) from None
+            offset += len(raw)
+            yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
 
 
 def read_text(path: Path) -> str:
