@@ -1,24 +1,44 @@
-"""The token store: every distinct text tokenized once, kept unpadded, and padded per batch in length groups."""
+"""The token store: every distinct text tokenized once, kept unpadded on disk, and padded per batch in length groups.
+
+One text's tokens are a row of a flat array of token ids in the smallest integer type that holds the vocabulary
+(:class:`~lit_embed.data.ragged.Ragged`); attention masks are derived from the lengths, and type ids that are all 0
+(one-segment inputs) are derived too, so a million documents cost their token ids and nothing per text. Token ids
+are stored in ``data.cache_dir``, keyed by the texts and by everything of the tokenizer that changes tokens (see
+:func:`tokenizer_fingerprint`), so later runs and the other ranks of a job read them instead of tokenizing again.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from lit_embed.batch import TokenGroups
+from lit_embed.data.ragged import Ragged, RaggedWriter
+from lit_embed.data.store import built_once, content_key
 
 log = logging.getLogger(__name__)
+
+# Texts per tokenizer call: big enough for a fast tokenizer to spread a call over every core.
+CHUNK_SIZE = 4096
+# Probes whose tokens go into the key, so that a setting that changes tokens and is not in the tokenizer's own
+# description (lower-casing in sentence-transformers, an appended EOS) still changes the key.
+PROBES = ["Key probe: Ünïcode, numbers 12345, CamelCase and    spaces.", "x"]
 
 
 class TextTokenizer(Protocol):
     """What the data needs from an encoder (see ``lit_embed.models.encoder.Encoder``).
 
     An encoder with a ``padding_side`` attribute (``"left"`` or ``"right"``) has its batches padded on that side;
-    one without (an adapter's table lookup) on the right.
+    one without (an adapter's table lookup) on the right. One with a Hugging Face fast ``tokenizer`` attribute and a
+    ``prompt(kind)`` method has its token ids kept on disk (:func:`tokenizer_fingerprint`).
     """
 
     pad_token_id: int
@@ -30,52 +50,56 @@ class TextTokenizer(Protocol):
 class TokenizedTexts:
     """Every distinct text of one kind (queries or documents), tokenized once and kept unpadded.
 
+    Build one with :func:`tokenize_texts`. Row ``i`` is the text ``texts.text(i)``.
+
     Args:
-        texts: distinct texts; row ``i`` of the store is ``texts[i]``.
-        kind: ``"query"`` or ``"document"`` (selects the prompt).
-        tokenizer: the encoder (its prompts and truncation apply).
-        chunk_size: texts per tokenizer call.
+        directory: where the arrays are (memory-mapped).
+        texts: the texts, as UTF-8 (carried into batches for losses that need the words).
     """
 
-    def __init__(self, texts: Sequence[str], kind: str, tokenizer: TextTokenizer, chunk_size: int = 1024) -> None:
-        self.texts = list(texts)
-        self.rows: dict[str, list[Tensor]] = {}
-        self.shared: dict[str, Any] = {}  # per-call values such as the prompt length, equal for every row
-        for start in range(0, len(texts), chunk_size):
-            features = tokenizer.tokenize(texts[start : start + chunk_size], kind)
-            mask = features["attention_mask"].bool()
-            for key, value in features.items():
-                if isinstance(value, Tensor) and value.dim() == 2 and value.shape == mask.shape:
-                    self.rows.setdefault(key, []).extend(row[m] for row, m in zip(value, mask, strict=True))
-                else:
-                    self.shared[key] = value
-        self.padding_values = {key: tokenizer.pad_token_id if key == "input_ids" else 0 for key in self.rows}
+    def __init__(self, directory: Path, texts: Ragged) -> None:
+        meta = json.loads((directory / "meta.json").read_text())
+        self.texts = texts
+        self.features = {key: Ragged.load(directory, key) for key in meta["stored"]}
+        self.zeros: list[str] = meta["zeros"]  # one-segment type ids: all 0, derived rather than stored
+        self.has_mask: bool = meta["has_mask"]
+        self.shared: dict[str, Any] = meta["shared"]  # per-call values such as the task, equal for every row
+        self.pad_token_id: int = meta["pad_token_id"]
         # Batches are padded as inference pads them (encode_query/encode_document): a model whose output depends on
         # where the padding is (one that reads the last position, absolute positions under left padding) then
         # trains on what it is used with. Models that pool from the mask give the same embeddings on either side.
-        self.padding_side = getattr(tokenizer, "padding_side", "right")
-        truncated = sum(len(mask) >= tokenizer.max_seq_length for mask in self.rows.get("attention_mask", []))
-        if truncated:
+        self.padding_side: str = meta["padding_side"]
+        self.lengths = next(iter(self.features.values())).lengths if self.features else np.zeros(0, np.int64)
+        if meta["truncated"]:
             log.warning(
                 "%d of %d %s texts reach model.max_seq_length=%d tokens and are cut there; raise "
                 "model.max_seq_length to keep more of them.",
-                truncated,
-                len(texts),
-                kind,
-                tokenizer.max_seq_length,
+                meta["truncated"],
+                len(self),
+                meta["kind"],
+                meta["max_seq_length"],
             )
 
     def __len__(self) -> int:
-        return len(self.rows["attention_mask"]) if self.rows else 0
+        return len(self.texts)
 
     def pad(self, indices: Sequence[int]) -> dict[str, Any]:
         """Features of the chosen rows, padded to the longest of them on the tokenizer's padding side."""
-        left = self.padding_side == "left"
+        indices = np.asarray(indices, dtype=np.int64)
+        lengths = self.lengths[indices]
+        width = int(lengths.max(initial=0))
+        columns = np.arange(width)
+        # Row-major order of the real positions is the order of the tokens, on either side.
+        real = columns >= width - lengths[:, None] if self.padding_side == "left" else columns < lengths[:, None]
         batch: dict[str, Any] = {}
-        for key, rows in self.rows.items():
-            chosen = [rows[i].flip(0) if left else rows[i] for i in indices]  # left: pad the reversed rows
-            padded = torch.nn.utils.rnn.pad_sequence(chosen, batch_first=True, padding_value=self.padding_values[key])
-            batch[key] = padded.flip(1) if left else padded
+        for key, rows in self.features.items():
+            padded = np.full(real.shape, self.pad_token_id if key == "input_ids" else 0, dtype=np.int64)
+            padded[real] = rows.take(indices).values
+            batch[key] = torch.from_numpy(padded)
+        for key in self.zeros:
+            batch[key] = torch.zeros(real.shape, dtype=torch.long)
+        if self.has_mask:
+            batch["attention_mask"] = torch.from_numpy(real.astype(np.int64))
         return batch | self.shared
 
     def collate(self, indices: Sequence[int], max_groups: int = 1) -> TokenGroups:
@@ -85,13 +109,126 @@ class TokenizedTexts:
         longest row. Only the padding changes: the texts of the batch, hence its in-batch negatives, are the
         same for any ``max_groups``.
         """
-        lengths = [len(self.rows["attention_mask"][i]) for i in indices]
+        lengths = self.lengths[np.asarray(indices, dtype=np.int64)].tolist()
         by_length = sorted(range(len(indices)), key=lengths.__getitem__)
         bounds = padding_groups([lengths[i] for i in by_length], max_groups)
         groups = [self.pad([indices[i] for i in by_length[start:end]]) for start, end in bounds]
         order = torch.empty(len(indices), dtype=torch.long)
         order[torch.tensor(by_length, dtype=torch.long)] = torch.arange(len(indices))
-        return TokenGroups(groups, order, [self.texts[i] for i in indices])
+        return TokenGroups(groups, order, self.texts.texts(indices))
+
+
+def tokenize_texts(
+    texts: Ragged,
+    kind: str,
+    tokenizer: TextTokenizer,
+    texts_key: str,
+    cache_dir: str | os.PathLike | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> TokenizedTexts:
+    """The texts tokenized with the encoder's prompts and truncation, from ``cache_dir`` when they were before.
+
+    Args:
+        texts: distinct texts (UTF-8 rows).
+        kind: ``"query"`` or ``"document"`` (selects the prompt).
+        tokenizer: the encoder.
+        texts_key: a key of the texts' content (the training rows' key).
+        cache_dir: where token stores are kept; None, or a tokenizer without a fingerprint (an adapter's table
+            lookup), tokenizes into a temporary directory of this process.
+        chunk_size: texts per tokenizer call.
+    """
+    fingerprint = tokenizer_fingerprint(tokenizer, kind)
+    if fingerprint is None:
+        cache_dir = None
+    name = f"tokens-{kind}-{content_key(texts_key, kind, fingerprint)}"
+
+    def build(directory: Path) -> None:
+        _tokenize_into(directory, texts, kind, tokenizer, chunk_size)
+
+    what = f"the {kind} token store ({len(texts):,} texts)"
+    return TokenizedTexts(built_once(cache_dir, name, build, what), texts)
+
+
+def _tokenize_into(directory: Path, texts: Ragged, kind: str, tokenizer: TextTokenizer, chunk_size: int) -> None:
+    """Tokenizes ``texts`` chunk by chunk and appends each feature's real positions to its ragged array."""
+    vocab_size = getattr(tokenizer, "vocab_size", None)
+    writers: dict[str, RaggedWriter] = {}
+    nonzero: dict[str, bool] = {}
+    shared: dict[str, Any] = {}
+    has_mask, truncated = False, 0
+    for start in range(0, len(texts), chunk_size):
+        features = tokenizer.tokenize(texts.texts(range(start, min(start + chunk_size, len(texts)))), kind)
+        mask = features["attention_mask"].bool()
+        lengths = mask.sum(1).numpy()
+        truncated += int((lengths >= tokenizer.max_seq_length).sum())
+        flat_mask = mask.numpy()
+        for key, value in features.items():
+            if key == "attention_mask":
+                has_mask = True
+            elif isinstance(value, Tensor) and value.dim() == 2 and value.shape == mask.shape:
+                if key not in writers:
+                    dtype = _smallest_dtype(vocab_size) if key == "input_ids" else np.int64
+                    writers[key] = RaggedWriter(directory, key, dtype)
+                values = value.numpy()[flat_mask]
+                nonzero[key] = nonzero.get(key, False) or bool(values.any())
+                writers[key].extend(Ragged(values, np.concatenate([[0], np.cumsum(lengths)])))
+            else:
+                shared[key] = value.tolist() if isinstance(value, Tensor) else value
+    for writer in writers.values():
+        writer.close()
+    zeros = [key for key in writers if key != "input_ids" and not nonzero[key]]
+    for key in zeros:  # one-segment type ids: derived as zeros when padding, not stored
+        for suffix in ("values", "offsets"):
+            (directory / f"{key}.{suffix}.npy").unlink()
+    meta = {
+        "kind": kind,
+        "stored": [key for key in writers if key not in zeros],
+        "zeros": zeros,
+        "has_mask": has_mask,
+        "shared": shared,
+        "pad_token_id": tokenizer.pad_token_id,
+        "padding_side": getattr(tokenizer, "padding_side", "right"),
+        "truncated": truncated,
+        "max_seq_length": tokenizer.max_seq_length,
+    }
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+def _smallest_dtype(vocab_size: int | None) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id (2 bytes for BERT's 30,522 ids)."""
+    if vocab_size is None:
+        return np.dtype(np.int64)
+    return next(np.dtype(t) for t in (np.uint8, np.uint16, np.uint32, np.int64) if vocab_size <= np.iinfo(t).max + 1)
+
+
+def tokenizer_fingerprint(tokenizer: TextTokenizer, kind: str) -> str | None:
+    """What decides the token ids of a text of ``kind``; None when they cannot be stored across runs.
+
+    The Hugging Face tokenizer's full description (vocabulary, normalizer, pre-tokenizer, post-processor, without
+    the truncation and padding that each call sets), its class and padding side, the prompt, the length limit, and
+    the ids it gives a few probe texts (settings outside the tokenizer, such as sentence-transformers'
+    lower-casing). An encoder whose features are not token ids (an adapter's rows of an embedding table, which
+    change with the table) has none.
+    """
+    hf = getattr(tokenizer, "tokenizer", None)
+    backend = getattr(hf, "backend_tokenizer", None)
+    prompt = getattr(tokenizer, "prompt", None)
+    if backend is None or prompt is None:
+        return None
+    probe = tokenizer.tokenize(PROBES, kind)
+    if "input_ids" not in probe:
+        return None
+    description = json.loads(backend.to_str())
+    description.pop("truncation", None)
+    description.pop("padding", None)
+    return content_key(
+        type(hf).__name__,
+        description,
+        getattr(tokenizer, "padding_side", "right"),
+        prompt(kind),
+        tokenizer.max_seq_length,
+        {key: value.tolist() for key, value in probe.items() if isinstance(value, Tensor)},
+    )
 
 
 def padding_groups(sorted_lengths: Sequence[int], max_groups: int, max_candidates: int = 64) -> list[tuple[int, int]]:
