@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import REPO, tiny_run_overrides, write_toy_data
 
 from lit_embed.data import store as store_module
@@ -86,16 +87,13 @@ def test_a_second_tokenization_reuses_the_store_and_each_setting_has_its_own(
 
 def test_an_adapters_table_rows_are_not_kept_across_runs(tmp_path: Path, tiny_encoder) -> None:
     class TableLookup:
+        """As AdaptedEncoder: rows of a table that grows with each text it is asked for."""
+
         pad_token_id, max_seq_length, tokenizer = 0, 8, tiny_encoder.tokenizer
 
-        def prompt(self, kind):
-            return ""
-
         def tokenize(self, texts, kind):
-            ids = np.arange(len(texts))[:, None]
-            import torch
-
-            return {"text_ids": torch.from_numpy(ids), "attention_mask": torch.ones(len(texts), 1, dtype=torch.long)}
+            ids = torch.arange(len(texts))[:, None]
+            return {"text_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     tokens = tokenize_texts(Ragged.from_texts(["a", "b"]), "query", TableLookup(), "k", tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
@@ -119,3 +117,25 @@ def test_two_ddp_ranks_tokenize_once_between_them(tmp_path: Path) -> None:
     assert output.count("Building the training rows") == 1
     assert output.count("(tokenized once)") == 2  # both ranks log, and both opened the stores
     assert len(list(cache.glob("tokens-document-*"))) == len(list(cache.glob("rows-*"))) == 1
+
+
+def test_type_ids_that_turn_non_zero_late_are_stored_from_the_start(tmp_path: Path, tiny_encoder) -> None:
+    class SecondSegmentLate:
+        """The tiny encoder, with type id 1 on every token of texts that say 'late' (only in the last chunk)."""
+
+        pad_token_id, max_seq_length = tiny_encoder.pad_token_id, tiny_encoder.max_seq_length
+
+        def tokenize(self, texts, kind):
+            features = tiny_encoder.tokenize(texts, kind)
+            late = torch.tensor(["late" in t for t in texts])[:, None]
+            features["token_type_ids"] = (late & features["attention_mask"].bool()).long()
+            return features
+
+    texts = [f"early text {i}" for i in range(10)] + ["late text"]
+    tokens = tokenize_texts(Ragged.from_texts(texts), "query", SecondSegmentLate(), "k", chunk_size=4)
+    assert tokens.zeros == [] and "token_type_ids" in tokens.features
+    indices = [10, 0, 9]
+    expected = SecondSegmentLate().tokenize([texts[i] for i in indices], "query")
+    padded = tokens.pad(indices)
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert (padded[key] == expected[key]).all(), key

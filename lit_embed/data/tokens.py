@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,8 +38,8 @@ class TextTokenizer(Protocol):
     """What the data needs from an encoder (see ``lit_embed.models.encoder.Encoder``).
 
     An encoder with a ``padding_side`` attribute (``"left"`` or ``"right"``) has its batches padded on that side;
-    one without (an adapter's table lookup) on the right. One with a Hugging Face fast ``tokenizer`` attribute and a
-    ``prompt(kind)`` method has its token ids kept on disk (:func:`tokenizer_fingerprint`).
+    one without (an adapter's table lookup) on the right. One with a Hugging Face fast ``tokenizer``, a
+    ``vocab_size`` and a ``prompt(kind)`` method has its token ids kept on disk (:func:`tokenizer_fingerprint`).
     """
 
     pad_token_id: int
@@ -150,39 +151,46 @@ def tokenize_texts(
 
 
 def _tokenize_into(directory: Path, texts: Ragged, kind: str, tokenizer: TextTokenizer, chunk_size: int) -> None:
-    """Tokenizes ``texts`` chunk by chunk and appends each feature's real positions to its ragged array."""
+    """Tokenizes ``texts`` chunk by chunk and appends each feature's real positions to its ragged array.
+
+    A feature that has been all 0 so far (one-segment type ids) is not written; should a later chunk hold another
+    value, its zeros are written first.
+    """
     vocab_size = getattr(tokenizer, "vocab_size", None)
     writers: dict[str, RaggedWriter] = {}
-    nonzero: dict[str, bool] = {}
+    zeros: list[str] = []  # features seen, all 0 so far
+    lengths = array("q", [0])  # every row's offset so far: the zeros a late feature writes first
     shared: dict[str, Any] = {}
     has_mask, truncated = False, 0
     for start in range(0, len(texts), chunk_size):
         features = tokenizer.tokenize(texts.texts(range(start, min(start + chunk_size, len(texts)))), kind)
         mask = features["attention_mask"].bool()
-        lengths = mask.sum(1).numpy()
-        truncated += int((lengths >= tokenizer.max_seq_length).sum())
-        flat_mask = mask.numpy()
+        counts = mask.sum(1).numpy()
+        truncated += int((counts >= tokenizer.max_seq_length).sum())
+        offsets = np.concatenate([[0], np.cumsum(counts)])
         for key, value in features.items():
             if key == "attention_mask":
                 has_mask = True
             elif isinstance(value, Tensor) and value.dim() == 2 and value.shape == mask.shape:
+                values = value.numpy()[mask.numpy()]
+                if key not in writers and key != "input_ids" and not values.any():
+                    zeros += [key] if key not in zeros else []
+                    continue
                 if key not in writers:
-                    dtype = _smallest_dtype(vocab_size) if key == "input_ids" else np.int64
-                    writers[key] = RaggedWriter(directory, key, dtype)
-                values = value.numpy()[flat_mask]
-                nonzero[key] = nonzero.get(key, False) or bool(values.any())
-                writers[key].extend(Ragged(values, np.concatenate([[0], np.cumsum(lengths)])))
+                    writers[key] = RaggedWriter(directory, key, _smallest_dtype(vocab_size, key))
+                    if key in zeros:  # all 0 until this chunk
+                        zeros.remove(key)
+                        earlier = np.array(lengths, dtype=np.int64)
+                        writers[key].extend(Ragged(np.zeros(earlier[-1], dtype=np.int64), earlier))
+                writers[key].extend(Ragged(values, offsets))
             else:
                 shared[key] = value.tolist() if isinstance(value, Tensor) else value
+        lengths.extend((offsets[1:] + lengths[-1]).tolist())
     for writer in writers.values():
         writer.close()
-    zeros = [key for key in writers if key != "input_ids" and not nonzero[key]]
-    for key in zeros:  # one-segment type ids: derived as zeros when padding, not stored
-        for suffix in ("values", "offsets"):
-            (directory / f"{key}.{suffix}.npy").unlink()
     meta = {
         "kind": kind,
-        "stored": [key for key in writers if key not in zeros],
+        "stored": list(writers),
         "zeros": zeros,
         "has_mask": has_mask,
         "shared": shared,
@@ -194,9 +202,9 @@ def _tokenize_into(directory: Path, texts: Ragged, kind: str, tokenizer: TextTok
     (directory / "meta.json").write_text(json.dumps(meta))
 
 
-def _smallest_dtype(vocab_size: int | None) -> np.dtype:
+def _smallest_dtype(vocab_size: int | None, key: str) -> np.dtype:
     """The smallest unsigned integer type that holds every token id (2 bytes for BERT's 30,522 ids)."""
-    if vocab_size is None:
+    if vocab_size is None or key != "input_ids":
         return np.dtype(np.int64)
     return next(np.dtype(t) for t in (np.uint8, np.uint16, np.uint32, np.int64) if vocab_size <= np.iinfo(t).max + 1)
 
@@ -213,8 +221,8 @@ def tokenizer_fingerprint(tokenizer: TextTokenizer, kind: str) -> str | None:
     hf = getattr(tokenizer, "tokenizer", None)
     backend = getattr(hf, "backend_tokenizer", None)
     prompt = getattr(tokenizer, "prompt", None)
-    if backend is None or prompt is None:
-        return None
+    if backend is None or prompt is None or getattr(tokenizer, "vocab_size", None) is None:
+        return None  # not an encoder of token ids: probing it could change it (an adapter's table)
     probe = tokenizer.tokenize(PROBES, kind)
     if "input_ids" not in probe:
         return None
