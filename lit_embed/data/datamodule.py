@@ -394,8 +394,8 @@ class QAPairDataModule(ResumableDataModule):
     def training_texts(self) -> dict[str, dict[str, list[str]]]:
         """``{task: {"query": texts, "document": texts}}``: every distinct training text, for losses that work on
         them ahead of training (GIST's guide)."""
-        texts = {kind: side.texts for kind, side in (("query", self.collator.queries), ("document", self.collator.documents))}
-        return {self.task: {kind: ragged.texts(range(len(ragged))) for kind, ragged in texts.items()}}
+        sides = {"query": self.collator.queries.texts, "document": self.collator.documents.texts}
+        return {self.task: {kind: texts.texts(range(len(texts))) for kind, texts in sides.items()}}
 
     def train_dataloader(self) -> DataLoader:
         sampler = self.batch_sampler(*distributed_position(self.trainer))
@@ -437,6 +437,7 @@ class StdlibDataModule(QAPairDataModule):
         check_split_sizes(num_train, num_val)
         self.num_train = num_train
         self.num_val = num_val
+        self._val: QADataset | None = None  # built with the training split
 
     @property
     def source(self) -> str:

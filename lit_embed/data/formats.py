@@ -73,7 +73,7 @@ def training_rows(
     suffix = path.suffix.lower()
     if not (path.is_dir() or suffix in (".csv", ".parquet", ".json", ".jsonl")):
         raise _unknown_extension(path)
-    key = content_key(ROWS_FORMAT, file_digest(path), columns and dict(columns), use_all_docs, multi_positive)
+    key = content_key(ROWS_FORMAT, suffix, file_digest(path), columns and dict(columns), use_all_docs, multi_positive)
     fresh = []
 
     def build(directory: Path) -> None:
