@@ -91,9 +91,8 @@ def test_no_positive_of_a_query_is_in_its_batch_as_a_negative(tmp_path: Path, ti
             texts = batch.documents.texts
             assert len(batch.documents) == len(texts) == len(batch.positives) == len(batch.document_rows)
             for i, query_id in enumerate(batch.query_ids):
-                mine = {
-                    doc_ids[t] for t, r, p in zip(texts, batch.document_rows, batch.positives, strict=True) if r == i and p
-                }
+                owned = zip(texts, batch.document_rows, batch.positives, strict=True)
+                mine = {doc_ids[t] for t, r, p in owned if r == i and p}
                 assert mine == set(data.relevant_docs[query_id])  # all its relevant documents count as positives
                 others = {doc_ids[t] for t, r in zip(texts, batch.document_rows, strict=True) if r != i}
                 assert not mine & others  # and none of them is another row's document, a negative for it

@@ -21,7 +21,7 @@ def messy_rows(n: int, seed: int, scored: bool = False) -> list[dict]:
     text (padded with spaces), empty texts, teacher scores given twice for a pair."""
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         query = f"question {rng.randrange(n // 2)}"
         positive = f"passage {rng.randrange(n // 2)}"
         negatives = [f"passage {rng.randrange(n)}" for _ in range(rng.randrange(4))]

@@ -337,9 +337,8 @@ def _row_scores(
     wanted = np.empty(offsets[-1], dtype=np.int64)
     wanted[offsets[:-1]] = rows_q * num_docs + rows_p
     at = np.repeat(offsets[:-1] + 1 - row_negatives.offsets[:-1], row_negatives.lengths)
-    wanted[at + np.arange(len(row_negatives.values))] = np.repeat(rows_q, row_negatives.lengths) * num_docs + np.asarray(
-        row_negatives.values
-    )
+    negative_pairs = np.repeat(rows_q, row_negatives.lengths) * num_docs + np.asarray(row_negatives.values)
+    wanted[at + np.arange(len(row_negatives.values))] = negative_pairs
     found = np.searchsorted(keys, wanted)
     found = np.minimum(found, len(keys) - 1)
     if not (keys[found] == wanted).all():

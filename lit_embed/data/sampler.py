@@ -189,6 +189,7 @@ class NoDuplicatesBatchSampler(ResumableBatchSampler):
         clashing = np.zeros(len(slots), dtype=bool)
         clashing[owner[1:][repeated]] = True
         return candidates[clashing[candidates]]
+
     def _fill_in_order(self, rows: list[int], batches: list[list[int]], size: int, moved: set[int]) -> list[list[int]]:
         """Batches of ``rows`` filled one row at a time, after ``batches`` (whose last full ones take swaps).
 
