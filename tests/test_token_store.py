@@ -139,3 +139,15 @@ def test_type_ids_that_turn_non_zero_late_are_stored_from_the_start(tmp_path: Pa
     padded = tokens.pad(indices)
     for key in ("input_ids", "attention_mask", "token_type_ids"):
         assert (padded[key] == expected[key]).all(), key
+
+
+def test_a_mapped_store_travels_to_worker_processes_as_file_names(tmp_path: Path, tiny_encoder) -> None:
+    import pickle
+
+    texts = Ragged.from_texts([f"text number {i} " * 20 for i in range(200)])
+    tokens = tokenize_texts(texts, "document", tiny_encoder, "k", tmp_path)
+    ids = tokens.features["input_ids"]
+    sent = pickle.dumps(ids)
+    assert len(sent) < 1000 < ids.values.nbytes
+    again = pickle.loads(sent)
+    assert isinstance(again.values, np.memmap) and np.array_equal(again.values, ids.values)

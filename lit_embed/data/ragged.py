@@ -84,8 +84,17 @@ class Ragged:
     @classmethod
     def load(cls, directory: Path, name: str) -> Ragged:
         """Memory-mapped: the rows are read from disk when used, and shared by every process that maps them."""
-        values = np.load(directory / f"{name}.values.npy", mmap_mode="r")
-        return cls(values, np.load(directory / f"{name}.offsets.npy", mmap_mode="r"))
+        return _mapped(directory / f"{name}.values.npy", directory / f"{name}.offsets.npy")
+
+    def __reduce__(self) -> tuple:
+        # A mapped array travels to DataLoader workers (spawn, forkserver) as its file names, not as its bytes.
+        if isinstance(self.values, np.memmap) and isinstance(self.offsets, np.memmap):
+            return _mapped, (self.values.filename, self.offsets.filename)
+        return Ragged, (np.asarray(self.values), np.asarray(self.offsets))
+
+
+def _mapped(values: str | os.PathLike, offsets: str | os.PathLike) -> Ragged:
+    return Ragged(np.load(values, mmap_mode="r"), np.load(offsets, mmap_mode="r"))
 
 
 class RaggedWriter:
