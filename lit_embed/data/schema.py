@@ -6,8 +6,9 @@ Every reader (``json_files``, ``tables``, the stdlib builder) produces a :class:
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,61 @@ def training_examples(
                 scores = tuple(scored[d] for d in (doc_id, *negative_ids))
             examples.append(TrainingExample(dataset.queries[qid], dataset.corpus[doc_id], negatives, qid, scores))
     return examples
+
+
+# Fewer queries than this keep no validation slice: it would measure little and cost the training a lot.
+MIN_QUERIES_TO_HOLD_OUT = 200
+# Enough queries to tell models apart; more would only slow every evaluation.
+MAX_HELD_OUT_QUERIES = 1000
+
+
+def hold_out_queries(
+    dataset: QADataset, fraction: float, seed: int, source: str
+) -> tuple[QADataset, QADataset | None]:
+    """Splits a validation set off the training data: ``(train, val)``, or ``(dataset, None)`` when too small.
+
+    ``fraction`` of the queries (at most :data:`MAX_HELD_OUT_QUERIES`), drawn with ``seed``, leave training; the
+    validation set is them and their relevant documents. Queries with the same text go together, so no validation
+    query is trained on under another id. The documents stay in the training corpus: where another query is
+    relevant to one, it is still trained on.
+    """
+    by_text: dict[str, list[str]] = {}
+    for qid in dataset.relevant_docs:
+        by_text.setdefault(dataset.queries[qid], []).append(qid)
+    if len(by_text) < MIN_QUERIES_TO_HOLD_OUT:
+        log.warning(
+            "%s: no data.val_path, and only %d distinct queries (fewer than %d) to hold out a validation slice from: "
+            "training on all of them without validation, so there is no before/after table, best checkpoint or "
+            "weight merging. Pass data.val_path=FILE to have them.",
+            source,
+            len(by_text),
+            MIN_QUERIES_TO_HOLD_OUT,
+        )
+        return dataset, None
+    count = min(MAX_HELD_OUT_QUERIES, max(1, round(fraction * len(by_text))))
+    held_texts = random.Random(seed).sample(sorted(by_text), count)
+    held = {qid for text in held_texts for qid in by_text[text]}
+    relevant = {q: docs for q, docs in dataset.relevant_docs.items() if q in held}
+    val = QADataset(
+        queries={q: dataset.queries[q] for q in relevant},
+        corpus={d: dataset.corpus[d] for docs in relevant.values() for d in dict.fromkeys(docs)},
+        relevant_docs=relevant,
+    )
+    train = replace(
+        dataset,
+        relevant_docs={q: docs for q, docs in dataset.relevant_docs.items() if q not in held},
+        hard_negatives={q: docs for q, docs in dataset.hard_negatives.items() if q not in held},
+        teacher_scores={q: scores for q, scores in dataset.teacher_scores.items() if q not in held},
+    )
+    log.info(
+        "%s: no data.val_path, so %d of its %d queries (%d%%) are held out as the validation set "
+        "(data.val_fraction=0 trains on all of them, without validation).",
+        source,
+        count,
+        len(by_text),
+        round(100 * count / len(by_text)),
+    )
+    return train, val
 
 
 def read_text(path: Path) -> str:
