@@ -92,7 +92,7 @@ def test_sentence_transformers_engine_end_to_end(st_engine: SentenceTransformers
     assert (output / "modules.json").is_file()
     assert st_engine.run_dir == output.parent / "exp_finetune-run"
     assert {"train.json", "val.json", "metrics.json", "model"} <= {p.name for p in st_engine.run_dir.iterdir()}
-    assert set(st_engine.metrics) == {"base", "final"}
+    assert set(st_engine.metrics) == {"base", "finetuned", "final", "merge"}  # lit_embed's merging is on
 
     embed_model = st_engine.get_finetuned_model()
     assert isinstance(embed_model, HuggingFaceEmbedding)
@@ -209,7 +209,7 @@ def test_adapter_on_any_llamaindex_embedding(tmp_path: Path) -> None:
             embed_model.get_query_embedding(query), weight @ np.array(api.get_query_embedding(query)), atol=1e-5
         )
     assert embed_model.get_text_embedding(DOCUMENTS[0]) == api.get_text_embedding(DOCUMENTS[0])
-    assert set(engine.metrics) == {"base", "final"}
+    assert set(engine.metrics) == {"base", "finetuned", "final", "merge"}
 
 
 def test_qa_dataset_and_path_inputs(tiny_model_path: str, tmp_path: Path) -> None:

@@ -228,7 +228,7 @@ def test_python_api(tmp_path: Path) -> None:
     metrics = lit_embed.finetune(
         str(train), str(val), model="tiny", batch_size=8, output_dir=str(out), overrides=["trainer.max_steps=2"]
     )
-    assert set(metrics) == {"base", "final"}
+    assert set(metrics) == {"base", "finetuned", "final", "merge"}  # merging is on by default
     assert (out / "model" / "modules.json").is_file() and (out / "metrics.json").is_file()
 
     # What it returns is what it wrote, with real numbers; the model it saved loads and embeds.

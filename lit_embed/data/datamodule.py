@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 from lit_embed.batch import PairBatch
 from lit_embed.data.formats import load_dataset
 from lit_embed.data.sampler import NoDuplicatesBatchSampler
-from lit_embed.data.schema import QADataset, SkipPolicy, TrainingExample, training_examples
+from lit_embed.data.schema import QADataset, SkipPolicy, TrainingExample, hold_out_queries, training_examples
 from lit_embed.data.stdlib import build_stdlib_dataset, check_split_sizes
 from lit_embed.data.tokens import TextTokenizer, TokenizedTexts
 from lit_embed.errors import DataFormatError, LitEmbedError, check, is_bool, is_int, is_number
@@ -172,7 +172,12 @@ class QAPairDataModule(ResumableDataModule):
         train_path: training data (``.json`` = LlamaIndex EmbeddingQAFinetuneDataset, ``.jsonl`` = pairs, or a
             ``.csv`` / ``.parquet`` / ``datasets`` directory with one pair per row).
         val_path: validation data for IR evaluation (optional).
-        batch_size: pairs per batch; each query sees ``batch_size - 1`` in-batch negatives.
+        mine: train on one hard negative per query mined with the base model from the training corpus (in place of
+            the file's), as ``lit-embed-mine --num-negatives 1 --relative-margin 0.05``; done by the training app.
+        val_fraction: without ``val_path``, hold out this fraction of the training queries (at most 1000; none
+            below 200 queries) as the validation set (0 = train on all, without validation).
+        batch_size: pairs per batch; each query sees ``batch_size - 1`` in-batch negatives. ``"auto"``: set by the
+            default recipe (:mod:`lit_embed.training.recipe`) before training.
         use_all_docs: False = one pair per query (its first relevant doc, as LlamaIndex); True = one per
             (query, relevant doc).
         multi_positive: one row per query with all its relevant documents, each a positive that is never another
@@ -196,7 +201,7 @@ class QAPairDataModule(ResumableDataModule):
         self,
         train_path: str | None = None,
         val_path: str | None = None,
-        batch_size: int = 16,
+        batch_size: int | str = 16,
         use_all_docs: bool = False,
         max_negatives: int | None = None,
         length_groups: int = 4,
@@ -208,9 +213,16 @@ class QAPairDataModule(ResumableDataModule):
         max_skipped: float = 0.01,
         strict: bool = False,
         multi_positive: bool = False,
+        val_fraction: float = 0.0,
+        mine: bool = False,
     ) -> None:
         super().__init__()
-        check(is_int(batch_size) and batch_size >= 1, "batch_size", batch_size, "a whole number of pairs >= 1")
+        check(
+            is_int(batch_size) and batch_size >= 1 or batch_size == "auto",
+            "batch_size",
+            batch_size,
+            "a whole number of pairs >= 1, or auto (the default recipe's)",
+        )
         check(
             max_negatives is None or is_int(max_negatives) and max_negatives >= 0,
             "max_negatives",
@@ -220,6 +232,12 @@ class QAPairDataModule(ResumableDataModule):
         check(is_int(length_groups) and length_groups >= 1, "length_groups", length_groups, "a whole number >= 1")
         check(is_int(num_workers) and num_workers >= 0, "num_workers", num_workers, "a whole number >= 0")
         check(is_int(seed), "seed", seed, "a whole number")
+        check(
+            is_number(val_fraction) and 0 <= val_fraction < 1,
+            "val_fraction",
+            val_fraction,
+            "a fraction of the training queries from 0 to below 1 (0.1 = 10%), or 0 for no validation slice",
+        )
         check(
             is_number(max_skipped) and 0 <= max_skipped < 1 or is_int(max_skipped) and max_skipped >= 1,
             "max_skipped",
@@ -234,10 +252,13 @@ class QAPairDataModule(ResumableDataModule):
         )
         bools = {"use_all_docs": use_all_docs, "pin_memory": pin_memory, "drop_last": drop_last, "strict": strict}
         bools["multi_positive"] = multi_positive
+        bools["mine"] = mine
         for key, value in bools.items():
             check(is_bool(value), key, value, "true or false")
         self.train_path = train_path
         self.val_path = val_path
+        self.val_fraction = val_fraction
+        self.mine = mine
         self.batch_size = batch_size
         self.use_all_docs = use_all_docs
         self.multi_positive = multi_positive
@@ -270,21 +291,33 @@ class QAPairDataModule(ResumableDataModule):
                 f"{self.val_path}: no validation queries. Add queries with their relevant documents, or leave "
                 "data.val_path unset to train without validation."
             )
+        if val is None and self.val_fraction > 0:
+            train, val = hold_out_queries(train, self.val_fraction, self.seed, self.source)
         return train, val
 
     def prepare_data(self) -> None:
         """Loads and checks the data; every data error surfaces here, before anything is trained or written."""
         if self.train_dataset is None:
             self.train_dataset, self.val_dataset = self.load_splits()
-            self._examples = training_examples(self.train_dataset, self.use_all_docs, self.multi_positive)
-            if len(self._examples) < self.batch_size:
+            self._build_examples()
+            if self.batch_size != "auto" and len(self._examples) < self.batch_size:
                 raise DataFormatError(
                     f"{self.source}: only {len(self._examples)} training pairs, fewer than one batch "
                     f"(data.batch_size={self.batch_size}). Add data or lower data.batch_size."
                 )
-            if self.max_negatives is not None:
-                self._examples = [self._trimmed(e) for e in self._examples]
             self._log_rows_without_negatives()
+
+    def _build_examples(self) -> None:
+        self._examples = training_examples(self.train_dataset, self.use_all_docs, self.multi_positive)
+        if self.max_negatives is not None:
+            self._examples = [self._trimmed(e) for e in self._examples]
+
+    def use_hard_negatives(self, hard_negatives: dict[str, list[str]]) -> None:
+        """Trains on these hard negatives (query id -> document ids, e.g. mined) instead of the file's own."""
+        assert not self.tokenized, "hard negatives change the rows: set them before tokenize()"
+        self.prepare_data()
+        self.train_dataset = replace(self.train_dataset, hard_negatives=hard_negatives, teacher_scores={})
+        self._build_examples()
 
     def _trimmed(self, example: TrainingExample) -> TrainingExample:
         scores = example.scores[: 1 + self.max_negatives] if example.scores is not None else None
@@ -338,6 +371,11 @@ class QAPairDataModule(ResumableDataModule):
         self.prepare_data()
         if not self.tokenized:
             self.tokenize(self.trainer.lightning_module.encoder)
+
+    @property
+    def num_training_pairs(self) -> int:
+        """Training rows, known after :meth:`prepare_data` (what the default recipe sizes the run by)."""
+        return len(self._examples)
 
     @property
     def tokenized(self) -> bool:

@@ -92,6 +92,11 @@ class MultiTaskDataModule(ResumableDataModule):
             self.val_dataset = load_dataset(self.val_path) if self.val_path else None
             self._prepared = True
 
+    @property
+    def num_training_pairs(self) -> int:
+        """Training rows of every task, known after :meth:`prepare_data`."""
+        return sum(data.num_training_pairs for data in self.tasks.values())
+
     def skipped_records(self) -> dict[str, dict[str, Any]]:
         records = {path: report for data in self.tasks.values() for path, report in data.skipped_records().items()}
         if self.val_dataset is not None and self.val_dataset.skipped:
