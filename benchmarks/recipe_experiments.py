@@ -28,6 +28,7 @@ from lit_embed.evaluation.retrieval import evaluate_encoder
 from lit_embed.models.encoder import Encoder
 from lit_embed.training.merging import interpolate, trainable_weights
 
+
 def score_merges(base_path: str, model_dir: Path, datasets: dict, alphas: list[float]) -> dict:
     """{alpha: {split: metrics}} of ``α·model + (1 − α)·base`` on each dataset."""
     base = trainable_weights(Encoder(base_path))

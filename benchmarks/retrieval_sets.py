@@ -2,9 +2,9 @@
 
     python benchmarks/retrieval_sets.py stdlib runs/data/stdlib --seed 42   # docstring -> function, Python's stdlib
     python benchmarks/retrieval_sets.py man runs/data/man --seed 0          # man page NAME line -> its DESCRIPTION
-    python benchmarks/retrieval_sets.py code:sympy runs/data/sympy          # docstring -> function, an installed package
-    python benchmarks/retrieval_sets.py man3 runs/data/perl                 # man section 3 (Perl modules, C functions)
-    python benchmarks/retrieval_sets.py man:intl runs/data/intl             # every translated man page (de, fr, ru, ja...)
+    python benchmarks/retrieval_sets.py code:sympy runs/data/sympy          # docstring -> function, a package
+    python benchmarks/retrieval_sets.py man3 runs/data/perl                 # man section 3 (Perl modules, C)
+    python benchmarks/retrieval_sets.py man:intl runs/data/intl             # translated man pages (de, fr, ru...)
 
 Each writes ``train.json`` and ``val.json`` (LlamaIndex's format) into the folder, and ``test.json`` with
 ``--test N``: 1500 and 300 pairs by default, no query in two of them. A few man pages share one description (3
@@ -23,7 +23,6 @@ from pathlib import Path
 from lit_embed.data.formats import QADataset, save_llamaindex_json
 from lit_embed.data.stdlib import build_stdlib_dataset
 
-
 # The NAME and DESCRIPTION headings of translated man pages (de, fr, es, pt, it, nl, sv, pl, ru, ja, zh).
 NAME_HEADINGS = "NAME|BEZEICHNUNG|NOM|NOMBRE|NOME|NAAM|NAMN|NAZWA|НАЗВАНИЕ|ИМЯ|名前|名称|名字"
 DESCRIPTION_HEADINGS = (
@@ -40,9 +39,7 @@ def man_page_pairs(directories: list[Path] = [Path("/usr/share/man/man1")]) -> l
         except (OSError, EOFError):
             continue
         name = re.search(rf'^\.SH "?(?:{NAME_HEADINGS})"?\s*\n(.*?)(?=^\.SH)', source, re.M | re.S)
-        description = re.search(
-            rf'^\.SH "?(?:{DESCRIPTION_HEADINGS})"?\s*\n(.*?)(?=^\.SH|\Z)', source, re.M | re.S
-        )
+        description = re.search(rf'^\.SH "?(?:{DESCRIPTION_HEADINGS})"?\s*\n(.*?)(?=^\.SH|\Z)', source, re.M | re.S)
         if not name or not description:
             continue
         name_text = _plain(name.group(1))

@@ -24,8 +24,8 @@ from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 from lit_embed.training.callbacks.progress import default_progress_bar
 from lit_embed.training.checkpoint_io import load_checkpoint
 from lit_embed.training.finish import finish
-from lit_embed.training.merging import WeightMerging
 from lit_embed.training.lifecycle import check_resumable, check_resume_length, check_weights_fit, ctrl_c_saves
+from lit_embed.training.merging import WeightMerging
 from lit_embed.training.module import EmbeddingFinetuneModule
 from lit_embed.training.optim import OPTIMIZER_DEFAULTS
 

@@ -39,8 +39,8 @@ from lit_embed.data.formats import load_dataset, save_jsonl
 from lit_embed.data.schema import QADataset, training_examples
 from lit_embed.errors import LitEmbedError, reported
 from lit_embed.evaluation.ir import exact_search
-from lit_embed.models.embedding_cache import DEFAULT_CACHE_DIR, cached_embeddings
 from lit_embed.evaluation.retrieval import TextEncoder
+from lit_embed.models.embedding_cache import DEFAULT_CACHE_DIR, cached_embeddings
 from lit_embed.models.encoder import Encoder, check_module_classes
 from lit_embed.score import Scorer, load_teacher
 

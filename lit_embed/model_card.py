@@ -517,7 +517,11 @@ def _config_facts(config: Mapping[str, Any], facts: dict[str, Any], hp: dict[str
     trainer, data = dict(config.get("trainer") or {}), dict(config.get("data") or {})
     # Values the default recipe chose (auto in the config) are recorded under "recipe".
     recipe = config.get("recipe") or {}
-    for section, key, chosen in ((optimizer, "lr", "lr"), (trainer, "max_epochs", "epochs"), (data, "batch_size", "batch_size")):
+    for section, key, chosen in (
+        (optimizer, "lr", "lr"),
+        (trainer, "max_epochs", "epochs"),
+        (data, "batch_size", "batch_size"),
+    ):
         if section.get(key) == "auto" and chosen in recipe:
             section[key] = recipe[chosen]
     if "lr" in optimizer:

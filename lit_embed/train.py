@@ -44,7 +44,6 @@ from lit_embed.sweeps import sweep_job
 from lit_embed.training.callbacks.progress import default_progress_bar
 from lit_embed.training.checkpoint_io import AtomicCheckpointIO, load_checkpoint
 from lit_embed.training.finish import finish
-from lit_embed.training.recipe import AUTO, Recipe, default_recipe, explain
 from lit_embed.training.lifecycle import (
     CONFIG_KEY,
     OutputDirLock,
@@ -61,6 +60,7 @@ from lit_embed.training.lifecycle import (
     run_log,
     write_hydra_record,
 )
+from lit_embed.training.recipe import AUTO, Recipe, default_recipe, explain
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,7 @@ def _train(
             raise StoppedError(
                 f"stopped by {name}; the checkpoint is saved. Continue with resume=true.", signum
             ) from None
-    return finish(
-        trainer, module, evaluation, checkpointing, output_dir, cfg.load_best_model_at_end, started, merging
-    )
+    return finish(trainer, module, evaluation, checkpointing, output_dir, cfg.load_best_model_at_end, started, merging)
 
 
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
@@ -210,7 +208,7 @@ RECIPE_KEYS = ("trainer.max_epochs", "optimizer.lr", "data.batch_size")
 
 
 def apply_recipe(cfg: DictConfig, datamodule: L.LightningDataModule, encoder: nn.Module) -> Recipe | None:
-    """Fills the config's ``auto`` values with the default recipe's (lit_embed.training.recipe) and prints why.
+    """Fills the config's ``auto`` values with the default recipe's (lit_embed.training.recipe) and logs why.
 
     The values go into the config as ``recipe``, which checkpoints keep: a resume with ``auto`` knows its length,
     and ``lit-embed-export`` the hyper-parameters. None when nothing is ``auto``.
@@ -229,14 +227,14 @@ def apply_recipe(cfg: DictConfig, datamodule: L.LightningDataModule, encoder: nn
         )
     num_parameters = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     recipe = default_recipe(num_pairs, num_parameters)
+    for data in auto_batches:
+        data.batch_size = recipe.batch_size
     with open_dict(cfg):
         if "trainer.max_epochs" in auto:
             cfg.trainer.max_epochs = recipe.epochs
         if "optimizer.lr" in auto:
             cfg.optimizer.lr = recipe.lr
-    for data in auto_batches:
-        data.batch_size = recipe.batch_size
-    with open_dict(cfg):  # the values this run trains with, where the config says auto
+        # The values this run trains with, recorded in checkpoints.
         cfg.recipe = {"epochs": cfg.trainer.max_epochs, "lr": cfg.optimizer.get("lr"), "batch_size": recipe.batch_size}
     if is_launching_process():
         log.info(explain(recipe, num_pairs, num_parameters, auto))  # the console and train.log

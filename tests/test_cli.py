@@ -106,7 +106,10 @@ def test_print_config_shows_every_class(capsys: pytest.CaptureFixture[str]) -> N
     recipe = default_recipe(1500, MINILM_PARAMETERS)
     optimizer = config["model"]["init_args"]["optimizer"]["init_args"]
     assert optimizer["lr"] == recipe.lr
-    assert (config["data"]["init_args"]["batch_size"], config["trainer"]["max_epochs"]) == (recipe.batch_size, recipe.epochs)
+    assert (config["data"]["init_args"]["batch_size"], config["trainer"]["max_epochs"]) == (
+        recipe.batch_size,
+        recipe.epochs,
+    )
     assert {key: optimizer[key] for key in OPTIMIZER_DEFAULTS if key != "lr"} == {
         key: value for key, value in OPTIMIZER_DEFAULTS.items() if key != "lr"
     }  # the module's defaults otherwise

@@ -89,7 +89,9 @@ def test_too_small_data_keeps_every_query_and_says_so(caplog) -> None:
 
 
 def test_held_out_slice_is_capped() -> None:
-    data = QADataset({f"q{i}": f"query {i}" for i in range(12_000)}, {"d": "doc"}, {f"q{i}": ["d"] for i in range(12_000)})
+    data = QADataset(
+        {f"q{i}": f"query {i}" for i in range(12_000)}, {"d": "doc"}, {f"q{i}": ["d"] for i in range(12_000)}
+    )
     assert len(hold_out_queries(data, 0.5, seed=0, source="x")[1].queries) == MAX_HELD_OUT_QUERIES
 
 
@@ -126,7 +128,7 @@ def test_lora_merging_scales_the_update(tiny_model_path: str) -> None:
     base = trainable_weights(encoder)
     assert base and not any("lora_A" in name for name in base)
     with torch.no_grad():
-        for name, p in encoder.named_parameters():
+        for p in encoder.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p))
     finetuned = trainable_weights(encoder)
@@ -196,7 +198,9 @@ def test_the_guard_rules_out_alphas_that_forget(tmp_path: Path, caplog) -> None:
     )
     metrics = run(compose_train(overrides))
     guard_report = metrics["merge"]["guard"]
-    assert set(guard_report["alphas"]) == {"1.0", "0.5", "0.0"} and guard_report["alphas"]["0.0"] == guard_report["base"]
+    assert (
+        set(guard_report["alphas"]) == {"1.0", "0.5", "0.0"} and guard_report["alphas"]["0.0"] == guard_report["base"]
+    )
     logged = (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "guard/ndcg@10" in logged
 
@@ -219,7 +223,11 @@ def test_a_bad_guard_file_stops_the_run_before_training(tmp_path: Path) -> None:
     train, val = write_toy_data(tmp_path)
     (tmp_path / "guard.jsonl").write_text('{"query": "q"}\n')
     with pytest.raises(LitEmbedError, match="guard.jsonl"):
-        run(compose_train(tiny_run_overrides(train, val, tmp_path / "run", **{"eval.guard_path": tmp_path / "guard.jsonl"})))
+        run(
+            compose_train(
+                tiny_run_overrides(train, val, tmp_path / "run", **{"eval.guard_path": tmp_path / "guard.jsonl"})
+            )
+        )
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -300,9 +300,7 @@ MIN_QUERIES_TO_HOLD_OUT = 200
 MAX_HELD_OUT_QUERIES = 1000
 
 
-def hold_out_queries(
-    dataset: QADataset, fraction: float, seed: int, source: str
-) -> tuple[QADataset, QADataset | None]:
+def hold_out_queries(dataset: QADataset, fraction: float, seed: int, source: str) -> tuple[QADataset, QADataset | None]:
     """Splits a validation set off the training data: ``(train, val)``, or ``(dataset, None)`` when too small.
 
     ``fraction`` of the queries (at most :data:`MAX_HELD_OUT_QUERIES`), drawn with ``seed``, leave training; the

@@ -119,9 +119,7 @@ def format_metrics_table(metrics: dict[str, dict[str, float]]) -> str:
     columns = [name for name, values in metrics.items() if isinstance(values, dict) and METRIC_TABLE_KEYS[0] in values]
     if not columns:
         return "No validation set: nothing to compare."
-    lines = [
-        f"{'metric':<14}" + "".join(f"{c:>10}" for c in columns) + (f"{'change':>10}" if len(columns) > 1 else "")
-    ]
+    lines = [f"{'metric':<14}" + "".join(f"{c:>10}" for c in columns) + (f"{'change':>10}" if len(columns) > 1 else "")]
     for key in METRIC_TABLE_KEYS:
         values = [metrics[c][key] for c in columns]
         change = f"{values[-1] - values[0]:>+10.4f}" if len(values) > 1 else ""

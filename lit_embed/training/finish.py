@@ -59,13 +59,9 @@ def finish(
         metrics: dict[str, Any] = {}
         if evaluation is not None and evaluation.history:
             # The best step may have been picked by a monitor other than the IR metrics: then measure it now.
-            final = evaluation.metrics_at(step)
-            if final is None:
-                final = evaluation.evaluate(trainer, module, step)
-                guard = evaluation.evaluate_guard(module)
-                evaluation.history.append({"step": step, "metrics": final, **({"guard": guard} if guard else {})})
+            final = evaluation.metrics_at(step) or evaluation.evaluate(trainer, module, step)
             metrics = {"base": evaluation.metrics_at(0), "final": {**final, "step": step}}
-            merge = merging.choose(trainer, module, evaluation, step) if merging is not None else None
+            merge = merging.choose(trainer, module, evaluation, step, final) if merging is not None else None
             if merge is not None:
                 chosen = merge["alphas"][str(merge["chosen"])]
                 metrics = {

@@ -95,15 +95,20 @@ class WeightMerging(L.Callback):
             self.base = trainable_weights(pl_module.encoder)
 
     def choose(
-        self, trainer: L.Trainer, module: L.LightningModule, evaluation: IREvaluationCallback, step: int
+        self,
+        trainer: L.Trainer,
+        module: L.LightningModule,
+        evaluation: IREvaluationCallback,
+        step: int,
+        finetuned_val: dict[str, float],
     ) -> dict[str, Any] | None:
         """Scores every α, leaves ``module.encoder`` at the best one and returns ``metrics.json``'s ``"merge"``.
 
-        The encoder must hold the finetuned weights of ``step``, whose evaluation is in ``evaluation.history``.
-        None (and the encoder untouched) when merging is off or there is no validation set.
+        The encoder must hold the finetuned weights of ``step``, whose validation metrics are ``finetuned_val``.
+        None (and the encoder untouched) when merging is off or the base model was not evaluated.
         """
-        base_val, finetuned_val = evaluation.metrics_at(0), evaluation.metrics_at(step)
-        if not self.enabled or self.base is None or base_val is None or finetuned_val is None:
+        base_val = evaluation.metrics_at(0)
+        if not self.enabled or self.base is None or base_val is None:
             return None
         finetuned = trainable_weights(module.encoder)
         scores: dict[float, dict[str, float]] = {}
@@ -162,7 +167,8 @@ class WeightMerging(L.Callback):
         ruled_out = {a for a, guard in guards.items() if a != 0.0 and guard is not None and guard[self.metric] < floor}
         for alpha in sorted(ruled_out, reverse=True):
             log.warning(
-                "merge: α=%s ruled out: guard %s %.4f is more than merge.max_guard_drop=%s below the base model's %.4f.",
+                "merge: α=%s ruled out: guard %s %.4f is more than merge.max_guard_drop=%s below the base model's "
+                "%.4f.",
                 alpha,
                 self.metric,
                 guards[alpha][self.metric],

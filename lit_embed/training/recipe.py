@@ -50,7 +50,8 @@ def explain(recipe: Recipe, num_pairs: int, num_parameters: int, chosen: set[str
     reasons = {
         "trainer.max_epochs": f"{num_pairs:,} training pairs (2 epochs up to 10,000, then 1)",
         "optimizer.lr": f"{num_parameters / 1e6:.0f}M trainable parameters (1e-4 at 23M, scaled by 1/√size)",
-        "data.batch_size": "32 pairs a batch" + (f", at most the {num_pairs} pairs there are" if num_pairs < 32 else ""),
+        "data.batch_size": "32 pairs a batch"
+        + (f", at most the {num_pairs} pairs there are" if num_pairs < 32 else ""),
     }
     picked = [key for key in values if key in chosen]
     return (

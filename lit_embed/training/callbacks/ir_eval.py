@@ -10,10 +10,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lit_embed.data.formats import load_dataset
 from lit_embed.data.schema import QADataset
 from lit_embed.distributed import full_parameters
 from lit_embed.errors import LitEmbedError, check, is_int
-from lit_embed.data.formats import load_dataset
 from lit_embed.evaluation.retrieval import evaluate_encoder, evaluate_encoder_and_rank
 
 log = logging.getLogger(__name__)
