@@ -328,7 +328,7 @@ TRAINING_RELATIVE_MARGIN = 0.05
 
 
 class _CachedEncoder:
-    """An encoder whose embeddings of a list of texts are kept on disk (a resumed or repeated run mines again)."""
+    """An encoder whose embeddings are kept on disk: a resumed or repeated run does not embed again."""
 
     def __init__(self, encoder: Encoder, cache_dir: str | None) -> None:
         self.encoder, self.cache_dir = encoder, cache_dir

@@ -151,7 +151,7 @@ def test_merging_settings_are_checked() -> None:
     for bad in ({"alphas": []}, {"alphas": [1.5]}, {"metric": "mrr@7"}, {"max_guard_drop": -1}):
         with pytest.raises(LitEmbedError):
             WeightMerging(**bad)
-    assert WeightMerging(alphas=[0.5, 1, 0.5]).alphas == [1.0, 0.5]
+    assert WeightMerging(alphas=[0.5, 1, 0.5]).alphas == [1.0, 0.5, 0.0]  # the base model is always a candidate
     assert not WeightMerging(alphas=[1.0]).enabled
 
 

@@ -54,8 +54,8 @@ class WeightMerging(L.Callback):
     """Keeps the base model's trainable weights from the start of training; after it, :meth:`choose` picks α.
 
     Args:
-        alphas: the candidates, each in [0, 1]; 1.0 = plain finetuning, 0.0 = the base model. ``[1.0]`` turns
-            merging off (and no copy of the base weights is kept).
+        alphas: the candidates, each in [0, 1]; 1.0 = plain finetuning, 0.0 = the base model (always added).
+            ``[1.0]`` turns merging off (and no copy of the base weights is kept).
         metric: the validation metric that picks α (higher is better).
         max_guard_drop: with a guard set (``eval.guard_path``), an α whose guard ``metric`` falls more than this
             below the base model's is ruled out.
@@ -79,7 +79,8 @@ class WeightMerging(L.Callback):
         check(metric in METRIC_NAMES, "metric", metric, f"one of {', '.join(METRIC_NAMES)}")
         check(is_number(max_guard_drop) and max_guard_drop >= 0, "max_guard_drop", max_guard_drop, "a number >= 0")
         check(is_number(tolerance) and tolerance >= 0, "tolerance", tolerance, "a number >= 0")
-        self.alphas = sorted({float(a) for a in alphas}, reverse=True)
+        # The base model (α = 0) is always a candidate: what makes the export never worse than it on validation.
+        self.alphas = sorted({float(a) for a in alphas} | ({0.0} if list(alphas) != [1.0] else set()), reverse=True)
         self.metric = metric
         self.max_guard_drop = float(max_guard_drop)
         self.tolerance = float(tolerance)
