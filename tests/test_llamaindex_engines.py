@@ -369,3 +369,13 @@ def test_llamaindex_guide_runs_with_one_import_changed(tiny_model_path: str, tmp
     assert (tmp_path / "test_model" / "modules.json").is_file()
     assert (tmp_path / "model_output_test" / "pytorch_model.bin").is_file()
     assert (tmp_path / "model5_output_test" / "config.json").is_file()
+
+
+def test_the_engine_trains_as_llamaindex_does_not_with_the_default_recipe(tiny_model_path: str, tmp_path: Path) -> None:
+    # LlamaIndex's engine trains at sentence-transformers' lr 2e-5 on every pair when it has no validation data;
+    # lit_embed's recipe and held-out slice would be another training.
+    engine = SentenceTransformersFinetuneEngine(
+        llamaindex_dataset(24), model_id=tiny_model_path, model_output_path=str(tmp_path / "out"), device="cpu"
+    )
+    assert "optimizer.lr=2e-05" in engine.overrides and "data.val_fraction=0" in engine.overrides
+    assert "trainer.max_epochs=2" in engine.overrides and "data.batch_size=10" in engine.overrides
