@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from lit_embed.data.formats import QADataset, save_llamaindex_json
+from lit_embed.data.schema import queries_subset
 from lit_embed.data.stdlib import build_stdlib_dataset
 
 # The NAME and DESCRIPTION headings of translated man pages (de, fr, es, pt, it, nl, sv, pl, ru, ja, zh).
@@ -75,13 +76,6 @@ def as_dataset(pairs: list[tuple[str, str]], prefix: str) -> QADataset:
         queries[f"{prefix}q{i}"] = query
         relevant[f"{prefix}q{i}"] = [ids[document]]
     return QADataset(queries, corpus, relevant)
-
-
-def queries_subset(dataset: QADataset, query_ids: list[str]) -> QADataset:
-    """These queries, with the documents relevant to them as the corpus."""
-    relevant = {q: dataset.relevant_docs[q] for q in query_ids}
-    corpus = {d: dataset.corpus[d] for docs in relevant.values() for d in docs}
-    return QADataset({q: dataset.queries[q] for q in query_ids}, corpus, relevant)
 
 
 def main() -> None:

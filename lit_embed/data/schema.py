@@ -294,6 +294,13 @@ def training_examples(
     return examples
 
 
+def queries_subset(dataset: QADataset, query_ids: Iterable[str]) -> QADataset:
+    """These queries, with the documents relevant to them as the corpus (an evaluation set of their own)."""
+    relevant = {q: dataset.relevant_docs[q] for q in query_ids}
+    corpus = {d: dataset.corpus[d] for docs in relevant.values() for d in docs}
+    return QADataset({q: dataset.queries[q] for q in relevant}, corpus, relevant)
+
+
 # Fewer queries than this keep no validation slice: it would measure little and cost the training a lot.
 MIN_QUERIES_TO_HOLD_OUT = 200
 # Enough queries to tell models apart; more would only slow every evaluation.
@@ -324,12 +331,7 @@ def hold_out_queries(dataset: QADataset, fraction: float, seed: int, source: str
     count = min(MAX_HELD_OUT_QUERIES, max(1, round(fraction * len(by_text))))
     held_texts = random.Random(seed).sample(sorted(by_text), count)
     held = {qid for text in held_texts for qid in by_text[text]}
-    relevant = {q: docs for q, docs in dataset.relevant_docs.items() if q in held}
-    val = QADataset(
-        queries={q: dataset.queries[q] for q in relevant},
-        corpus={d: dataset.corpus[d] for docs in relevant.values() for d in dict.fromkeys(docs)},
-        relevant_docs=relevant,
-    )
+    val = queries_subset(dataset, [q for q in dataset.relevant_docs if q in held])
     train = replace(
         dataset,
         relevant_docs={q: docs for q, docs in dataset.relevant_docs.items() if q not in held},

@@ -126,10 +126,7 @@ class WeightMerging(L.Callback):
             interpolate(module.encoder, self.base, finetuned, alpha)
             scores[alpha] = evaluation.evaluate(trainer, module)
             guards[alpha] = evaluation.evaluate_guard(module)
-        base_guard = evaluation.metrics_at(0, "guard")
-        if base_guard is None and evaluation.guard is not None:
-            interpolate(module.encoder, self.base, finetuned, 0.0)
-            base_guard = evaluation.evaluate_guard(module)
+        base_guard = guards[0.0]  # α = 0 is always a candidate: the base model
         ruled_out = self._ruled_out(guards, base_guard)
         chosen = self._pick({a: scores[a][self.metric] for a in scores if a not in ruled_out}, base_val[self.metric])
         interpolate(module.encoder, self.base, finetuned, chosen)
