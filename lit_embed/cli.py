@@ -25,6 +25,7 @@ from lit_embed.training.callbacks.progress import default_progress_bar
 from lit_embed.training.checkpoint_io import load_checkpoint
 from lit_embed.training.finish import finish
 from lit_embed.training.lifecycle import check_resumable, check_resume_length, check_weights_fit, ctrl_c_saves
+from lit_embed.training.merging import WeightMerging
 from lit_embed.training.module import EmbeddingFinetuneModule
 from lit_embed.training.optim import OPTIMIZER_DEFAULTS
 
@@ -122,6 +123,7 @@ class LitEmbedCLI(LightningCLI):
             output_dir=Path(self.trainer.default_root_dir),
             load_best_model_at_end=self.config[self.subcommand].load_best_model_at_end,
             started=self.started,
+            merging=next((c for c in callbacks if isinstance(c, WeightMerging)), None),
         )
 
 

@@ -170,10 +170,10 @@ def check_run_settings(cfg: DictConfig) -> None:
     trainer = cfg.trainer
     epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
     check(
-        epochs is None or is_int(epochs) and (epochs >= 1 or epochs == -1),
+        epochs is None or epochs == "auto" or is_int(epochs) and (epochs >= 1 or epochs == -1),
         "trainer.max_epochs",
         epochs,
-        "a whole number of epochs >= 1, or -1 with trainer.max_steps set",
+        "a whole number of epochs >= 1, auto (the default recipe's), or -1 with trainer.max_steps set",
     )
     check(
         is_int(steps) and (steps >= 1 or steps == -1),

@@ -165,6 +165,7 @@ class SentenceTransformersFinetuneEngine:
                 "data.batch_size": batch_size,
                 "data.use_all_docs": use_all_docs,
                 "trainer.max_epochs": epochs,
+                "optimizer.lr": 2e-5,  # sentence-transformers' fit default, which LlamaIndex's engine trains with
                 "++trainer.enable_progress_bar": show_progress_bar,
                 "eval.evaluation_steps": evaluation_steps,
                 "output_dir": str(self.run_dir),
@@ -384,8 +385,9 @@ def _qa_dataset(dataset: Any) -> Any:
 
 
 def _without_validation(val_dataset: Any) -> dict[str, Any]:
-    """Without validation data nothing picks a best step: the last one is kept, as LlamaIndex's engines keep it."""
-    return {"checkpoint.monitor": None} if val_dataset is None else {}
+    """Without validation data nothing picks a best step: the last one is kept and every pair trains, as LlamaIndex's
+    engines do (no held-out slice)."""
+    return {"checkpoint.monitor": None, "data.val_fraction": 0} if val_dataset is None else {}
 
 
 def _values(values: dict[str, Any]) -> list[str]:

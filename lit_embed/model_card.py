@@ -102,10 +102,19 @@ def _body(facts: Mapping[str, Any]) -> str:
     parts.append("## Training\n\n" + "\n".join(f"- {line}" for line in _training_lines(facts)) + "\n")
     metrics = facts.get("metrics") or {}
     if metrics.get("base") and metrics.get("final"):
+        step = metrics["final"].get("step", facts.get("step"))
+        alpha = metrics["final"].get("alpha")
+        if alpha is None or not metrics.get("finetuned"):
+            columns, shown = {"base": metrics["base"], "final": metrics["final"]}, f"this model (step {step})"
+        else:
+            columns = {"base": metrics["base"], "finetuned": metrics["finetuned"], "final": metrics["final"]}
+            shown = (
+                f"the finetuned weights of step {step}, and this model: those weights merged with the base "
+                f"model's, {alpha:g} · finetuned + {1 - alpha:.2g} · base, the best of the merges tried"
+            )
         parts.append(
-            f"## Results\n\nRetrieval on {_validation(facts)}: the base model, then this model "
-            f"(step {metrics['final'].get('step', facts.get('step'))}); cosine similarity, exact search.\n\n"
-            f"```\n{format_metrics_table({'base': metrics['base'], 'final': metrics['final']})}\n```\n"
+            f"## Results\n\nRetrieval on {_validation(facts)}: the base model, then {shown}; cosine similarity, "
+            f"exact search.\n\n```\n{format_metrics_table(columns)}\n```\n"
         )
     elif metrics.get("final"):
         final = metrics["final"]
@@ -386,7 +395,7 @@ def _data_facts(datamodule: Any, metrics: Mapping[str, Any]) -> dict[str, Any]:
     tasks = list(getattr(datamodule, "tasks", {}).values()) or [datamodule]
     facts: dict[str, Any] = {}
     if all(getattr(data, "tokenized", False) for data in tasks):
-        facts["training_pairs"] = sum(data.num_rows for data in tasks)
+        facts["training_pairs"] = sum(data.num_training_pairs for data in tasks)
     val_path, source = getattr(datamodule, "val_path", None), getattr(datamodule, "source", None)
     names = [Path(data.train_path).name for data in tasks if getattr(data, "train_path", None)]
     if names:
@@ -490,6 +499,8 @@ def checkpoint_facts(
             facts["validation_data"] = Path(data["val_path"]).name
         elif "num_val" in data:
             facts["validation_data"] = "stdlib dataset (validation split)"
+        elif data.get("val_fraction") and data.get("train_path"):  # held out of the training file
+            facts["validation_data"] = f"{Path(data['train_path']).name} (validation split)"
         else:
             del facts["metrics"]  # scores on data the card could not name
     facts["versions"] = versions()
@@ -502,8 +513,17 @@ def checkpoint_facts(
 
 def _config_facts(config: Mapping[str, Any], facts: dict[str, Any], hp: dict[str, Any]) -> None:
     """Hyper-parameters, data files and losses from a run's resolved config (stored in its checkpoints)."""
-    optimizer, scheduler = config.get("optimizer") or {}, config.get("scheduler") or {}
-    trainer, data = config.get("trainer") or {}, config.get("data") or {}
+    optimizer, scheduler = dict(config.get("optimizer") or {}), config.get("scheduler") or {}
+    trainer, data = dict(config.get("trainer") or {}), dict(config.get("data") or {})
+    # Values the default recipe chose (auto in the config) are recorded under "recipe".
+    recipe = config.get("recipe") or {}
+    for section, key, chosen in (
+        (optimizer, "lr", "lr"),
+        (trainer, "max_epochs", "epochs"),
+        (data, "batch_size", "batch_size"),
+    ):
+        if section.get(key) == "auto" and chosen in recipe:
+            section[key] = recipe[chosen]
     if "lr" in optimizer:
         hp["optimizer"] = str(optimizer.get("_target_", "")).rsplit(".", 1)[-1] or None
         hp["learning_rate"] = optimizer["lr"]

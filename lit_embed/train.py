@@ -20,7 +20,8 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 from lit_embed.config import (
     CONFIG_DIR,
@@ -36,6 +37,7 @@ from lit_embed.errors import FinishedRunError, LitEmbedError, StoppedError, repo
 from lit_embed.evaluation import METRIC_NAMES
 from lit_embed.losses.base import EmbeddingLoss, check_several_positives
 from lit_embed.losses.distill import check_distillation_data
+from lit_embed.mine import mine_for_training
 from lit_embed.models.lora import lora_config, lora_summary
 from lit_embed.models.precomputed import PrecomputedEmbeddings
 from lit_embed.sweeps import sweep_job
@@ -43,6 +45,7 @@ from lit_embed.training.callbacks.progress import default_progress_bar
 from lit_embed.training.checkpoint_io import AtomicCheckpointIO, load_checkpoint
 from lit_embed.training.finish import finish
 from lit_embed.training.lifecycle import (
+    CONFIG_KEY,
     OutputDirLock,
     RecordConfig,
     check_resume_config,
@@ -57,6 +60,7 @@ from lit_embed.training.lifecycle import (
     run_log,
     write_hydra_record,
 )
+from lit_embed.training.recipe import AUTO, Recipe, default_recipe, explain
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +118,10 @@ def _checked_settings(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any]
     resumed = load_checkpoint(resume_from, mmap=True) if resume_from else None
     if resumed is not None:
         check_resume_config(resume_from, resumed, config, cfg.get("resume_changed", False))
-        check_resume_length(resume_from, resumed, cfg.trainer.get("max_steps"), cfg.trainer.get("max_epochs"))
+        epochs = cfg.trainer.get("max_epochs")
+        if epochs == AUTO:  # the same data gets the same recipe: the epochs the checkpoint's run chose
+            epochs = (resumed.get(CONFIG_KEY) or {}).get("recipe", {}).get("epochs")
+        check_resume_length(resume_from, resumed, cfg.trainer.get("max_steps"), epochs)
     return config, resume_from, resumed
 
 
@@ -127,8 +134,20 @@ def _train(
     resumed: dict | None,
     started: float,
 ) -> dict[str, Any]:
+    datamodule = build(cfg.data, "data")
+    datamodule.prepare_data()
+    L.seed_everything(cfg.seed, workers=True)
+    module = build_module(cfg, datamodule)
+    if getattr(datamodule, "mine", False):
+        mine_for_training(datamodule, module.encoder)
+    if "recipe" in cfg:  # what the default recipe chose, for a resume's length check
+        config = {**config, "recipe": OmegaConf.to_container(cfg.recipe)}
+    if isinstance(module.loss, EmbeddingLoss):  # a multi-task loss meets its data at the first batch
+        check_distillation_data(module.loss, getattr(datamodule, "has_teacher_scores", False))
+        check_several_positives(module.loss, getattr(datamodule, "multi_positive", False))
     evaluation = build(cfg.eval, "eval")
     checkpointing = build(cfg.checkpoint, "checkpoint", dirpath=str(output_dir / "checkpoints"))
+    merging = build(cfg.merge, "merge") if cfg.get("merge") else None
     extras = [build(c, "callbacks") for c in (cfg.callbacks or {}).values()]
     trainer: L.Trainer = build(
         cfg.trainer,
@@ -138,19 +157,13 @@ def _train(
         callbacks=[
             evaluation,
             checkpointing,
+            *([merging] if merging is not None else []),
             RecordConfig(config),
             *extras,
             *default_progress_bar(cfg.trainer.get("enable_progress_bar"), extras),
         ],
         plugins=[AtomicCheckpointIO()],
     )
-    datamodule = build(cfg.data, "data")
-    datamodule.prepare_data()
-    L.seed_everything(cfg.seed, workers=True)
-    module = build_module(cfg, datamodule)
-    if isinstance(module.loss, EmbeddingLoss):  # a multi-task loss meets its data at the first batch
-        check_distillation_data(module.loss, getattr(datamodule, "has_teacher_scores", False))
-        check_several_positives(module.loss, getattr(datamodule, "multi_positive", False))
     if lock is not None and not lock.held:
         lock.acquire()  # a new folder, once data and model are known to be good
     if resumed is not None:
@@ -165,7 +178,7 @@ def _train(
             raise StoppedError(
                 f"stopped by {name}; the checkpoint is saved. Continue with resume=true.", signum
             ) from None
-    return finish(trainer, module, evaluation, checkpointing, output_dir, cfg.load_best_model_at_end, started)
+    return finish(trainer, module, evaluation, checkpointing, output_dir, cfg.load_best_model_at_end, started, merging)
 
 
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
@@ -179,6 +192,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.Lightn
         raise LitEmbedError("model=precomputed has no encoder weights to finetune: use it with method=adapter.")
     if lora_config(encoder) is not None and is_launching_process():
         print(lora_summary(encoder))
+    apply_recipe(cfg, datamodule, encoder)
     return build(
         cfg.method,
         "method",
@@ -188,6 +202,43 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.Lightn
         optimizer=build(cfg.optimizer, "optimizer"),
         scheduler=build(cfg.scheduler, "scheduler"),
     )
+
+
+RECIPE_KEYS = ("trainer.max_epochs", "optimizer.lr", "data.batch_size")
+
+
+def apply_recipe(cfg: DictConfig, datamodule: L.LightningDataModule, encoder: nn.Module) -> Recipe | None:
+    """Fills the config's ``auto`` values with the default recipe's (lit_embed.training.recipe) and logs why.
+
+    The values go into the config as ``recipe``, which checkpoints keep: a resume with ``auto`` knows its length,
+    and ``lit-embed-export`` the hyper-parameters. None when nothing is ``auto``.
+    """
+    auto = {key for key in RECIPE_KEYS if OmegaConf.select(cfg, key) == AUTO}
+    tasks = list(getattr(datamodule, "tasks", {}).values()) or [datamodule]
+    auto_batches = [data for data in tasks if getattr(data, "batch_size", None) == AUTO]
+    auto |= {"data.batch_size"} if auto_batches else set()
+    if not auto:
+        return None
+    num_pairs = getattr(datamodule, "num_training_pairs", None)
+    if num_pairs is None:
+        raise LitEmbedError(
+            f"{', '.join(sorted(auto))}=auto: the default recipe sizes a run by its number of training pairs, and "
+            f"{type(datamodule).__name__} does not count them. Set {' and '.join(sorted(auto))} to numbers."
+        )
+    num_parameters = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    recipe = default_recipe(num_pairs, num_parameters)
+    for data in auto_batches:
+        data.batch_size = recipe.batch_size
+    with open_dict(cfg):
+        if "trainer.max_epochs" in auto:
+            cfg.trainer.max_epochs = recipe.epochs
+        if "optimizer.lr" in auto:
+            cfg.optimizer.lr = recipe.lr
+        # The values this run trains with, recorded in checkpoints.
+        cfg.recipe = {"epochs": cfg.trainer.max_epochs, "lr": cfg.optimizer.get("lr"), "batch_size": recipe.batch_size}
+    if is_launching_process():
+        log.info(explain(recipe, num_pairs, num_parameters, auto))  # the console and train.log
+    return recipe
 
 
 def resume_checkpoint(resume: bool | str | None, checkpoint_dir: Path) -> str | None:

@@ -50,6 +50,7 @@ def tiny_run_overrides(train: Path, val: Path | None, output_dir: Path, **extra:
         "trainer.max_steps": 4,
         "trainer.log_every_n_steps": 1,
         "optimizer.lr": 1e-3,
+        "merge.alphas": "[1.0]",  # the model trained is the model exported (tests/test_recipe.py merges)
         "output_dir": output_dir,
     }
     values.update(extra)
@@ -93,6 +94,7 @@ def pair_collator(
         other_positives=Ragged.from_rows(() for _ in rows),
         scores=None,
         query_ids=Ragged.from_texts(f"q{i}" for i in range(len(rows))),
+        relevant=Ragged.from_rows([p for q2, p, _ in rows if q2 == q] for q in range(len(queries))),
         key="test",
     )
     stores = token_store(queries, "query", encoder), token_store(documents, "document", encoder)

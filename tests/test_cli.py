@@ -19,8 +19,10 @@ from lit_embed.evaluation.retrieval import evaluate_encoder
 from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
 from lit_embed.training.optim import OPTIMIZER_DEFAULTS
+from lit_embed.training.recipe import default_recipe
 
 FULL = REPO / "conf" / "cli" / "full.yaml"
+MINILM_PARAMETERS = 22_713_216  # all-MiniLM-L6-v2's trainable weights
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +59,9 @@ def test_fit_trains_evaluates_and_exports(tmp_path: Path, tiny_model_path: str) 
     cli.main(fit_args(train, val, tiny_model_path, out, "--load_best_model_at_end=false"))
 
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"base", "final"} and metrics["final"]["step"] == 3
+    # full.yaml merges as the Hydra app does: every α of conf/train.yaml is scored, the best exported.
+    assert set(metrics) == {"base", "finetuned", "final", "merge"} and metrics["final"]["step"] == 3
+    assert list(metrics["merge"]["alphas"]) == [str(a) for a in compose_train([]).merge.alphas]
     assert (out / "model" / "model.safetensors").is_file()
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "step=3.ckpt").is_file()
     header = (out / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -69,7 +73,8 @@ def test_fit_trains_evaluates_and_exports(tmp_path: Path, tiny_model_path: str) 
 def test_fit_gives_the_same_model_as_the_hydra_app(tmp_path: Path, tiny_model_path: str) -> None:
     train, val = write_toy_data(tmp_path)
     cli.main(fit_args(train, val, tiny_model_path, tmp_path / "cli"))
-    overrides = {"trainer.max_steps": 3, "model.model_name_or_path": tiny_model_path}
+    default_alphas = "[" + ",".join(str(a) for a in compose_train([]).merge.alphas) + "]"  # as full.yaml's
+    overrides = {"trainer.max_steps": 3, "model.model_name_or_path": tiny_model_path, "merge.alphas": default_alphas}
     hydra_metrics = run(compose_train(tiny_run_overrides(train, val, tmp_path / "hydra", **overrides)))
 
     assert json.loads((tmp_path / "cli" / "metrics.json").read_text()) == hydra_metrics
@@ -97,12 +102,21 @@ def test_print_config_shows_every_class(capsys: pytest.CaptureFixture[str]) -> N
     config = yaml.safe_load(printed)
     assert config["model"]["init_args"]["encoder"]["class_path"] == "lit_embed.models.encoder.Encoder"
     assert Path(config["model"]["init_args"]["encoder"]["init_args"]["model_name_or_path"]).is_dir()  # packaged
-    assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 2e-5
+    # The default recipe's values for the stdlib job, written out (the Hydra app computes them).
+    recipe = default_recipe(1500, MINILM_PARAMETERS)
     optimizer = config["model"]["init_args"]["optimizer"]["init_args"]
-    assert {key: optimizer[key] for key in OPTIMIZER_DEFAULTS} == OPTIMIZER_DEFAULTS  # the module's defaults
+    assert optimizer["lr"] == recipe.lr
+    assert (config["data"]["init_args"]["batch_size"], config["trainer"]["max_epochs"]) == (
+        recipe.batch_size,
+        recipe.epochs,
+    )
+    assert {key: optimizer[key] for key in OPTIMIZER_DEFAULTS if key != "lr"} == {
+        key: value for key, value in OPTIMIZER_DEFAULTS.items() if key != "lr"
+    }  # the module's defaults otherwise
     assert [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]] == [
         "IREvaluationCallback",
         "StepCheckpoint",
+        "WeightMerging",
         "PairsPerSecond",
         "TrainingPlot",
     ]

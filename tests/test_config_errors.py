@@ -178,7 +178,7 @@ def test_lightning_cli_reports_an_invalid_value(tmp_path: Path, capsys: pytest.C
         )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "lit-embed: error: batch_size=0 is not allowed: a whole number of pairs >= 1." in err
+    assert "lit-embed: error: batch_size=0 is not allowed: a whole number of pairs >= 1" in err
     assert "Traceback" not in err
 
 

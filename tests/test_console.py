@@ -64,7 +64,7 @@ def tiny_run(tmp_path: Path) -> tuple[list[str], Path, Path]:
 def assert_a_run_shows_ours(command: str, output: str) -> None:
     assert_only_ours(command, output)
     assert "[lit_embed.data.tokens][WARNING]" in output and "model.max_seq_length=8" in output
-    assert "Epoch 1/1" in output and "pairs/s" in output and "mrr@10" in output
+    assert "Epoch 1/" in output and "pairs/s" in output and "mrr@10" in output
 
 
 def test_a_run_prints_only_ours(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def test_sentence_transformers_engine_end_to_end(st_engine: SentenceTransformers
     assert (output / "modules.json").is_file()
     assert st_engine.run_dir == output.parent / "exp_finetune-run"
     assert {"train.json", "val.json", "metrics.json", "model"} <= {p.name for p in st_engine.run_dir.iterdir()}
-    assert set(st_engine.metrics) == {"base", "final"}
+    assert set(st_engine.metrics) == {"base", "finetuned", "final", "merge"}  # lit_embed's merging is on
 
     embed_model = st_engine.get_finetuned_model()
     assert isinstance(embed_model, HuggingFaceEmbedding)
@@ -209,7 +209,7 @@ def test_adapter_on_any_llamaindex_embedding(tmp_path: Path) -> None:
             embed_model.get_query_embedding(query), weight @ np.array(api.get_query_embedding(query)), atol=1e-5
         )
     assert embed_model.get_text_embedding(DOCUMENTS[0]) == api.get_text_embedding(DOCUMENTS[0])
-    assert set(engine.metrics) == {"base", "final"}
+    assert set(engine.metrics) == {"base", "finetuned", "final", "merge"}
 
 
 def test_qa_dataset_and_path_inputs(tiny_model_path: str, tmp_path: Path) -> None:
@@ -369,3 +369,13 @@ def test_llamaindex_guide_runs_with_one_import_changed(tiny_model_path: str, tmp
     assert (tmp_path / "test_model" / "modules.json").is_file()
     assert (tmp_path / "model_output_test" / "pytorch_model.bin").is_file()
     assert (tmp_path / "model5_output_test" / "config.json").is_file()
+
+
+def test_the_engine_trains_as_llamaindex_does_not_with_the_default_recipe(tiny_model_path: str, tmp_path: Path) -> None:
+    # LlamaIndex's engine trains at sentence-transformers' lr 2e-5 on every pair when it has no validation data;
+    # lit_embed's recipe and held-out slice would be another training.
+    engine = SentenceTransformersFinetuneEngine(
+        llamaindex_dataset(24), model_id=tiny_model_path, model_output_path=str(tmp_path / "out"), device="cpu"
+    )
+    assert "optimizer.lr=2e-05" in engine.overrides and "data.val_fraction=0" in engine.overrides
+    assert "trainer.max_epochs=2" in engine.overrides and "data.batch_size=10" in engine.overrides

@@ -55,14 +55,15 @@ def test_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: pytest.Monk
     returned = json.loads(re.search(r"^RETURNED (.*)$", text, re.M)[1])
     saved = json.loads((run / "metrics.json").read_text())
     assert returned == saved
-    assert set(saved) == {"base", "final"} and set(saved["base"]) == set(METRIC_NAMES)
-    assert set(saved["final"]) == {*METRIC_NAMES, "step"} and saved["final"]["step"] >= 0
+    # Merging is on: the plain finetuned weights' metrics, and the exported merge's with its alpha.
+    assert set(saved) == {"base", "finetuned", "final", "merge"} and set(saved["base"]) == set(METRIC_NAMES)
+    assert set(saved["final"]) == {*METRIC_NAMES, "step", "alpha"} and saved["final"]["step"] >= 0
     assert all(0 <= saved[when][name] <= 1 for when in ("base", "final") for name in METRIC_NAMES)
     # ... and so is the table the notebook printed (to its 4 decimals), change column included.
     table = cell_text(notebook, "print(format_metrics_table(metrics))")
     for key in METRIC_TABLE_KEYS:
-        base, final, change = map(
-            float, re.search(rf"^{re.escape(key)}\s+(\S+)\s+(\S+)\s+(\S+)$", table, re.M).groups()
+        base, _, final, change = map(
+            float, re.search(rf"^{re.escape(key)}\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", table, re.M).groups()
         )
         assert base == pytest.approx(saved["base"][key], abs=5.1e-5) and 0 <= base <= 1
         assert final == pytest.approx(saved["final"][key], abs=5.1e-5) and 0 <= final <= 1

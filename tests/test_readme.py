@@ -36,8 +36,7 @@ from lit_embed.data.formats import save_llamaindex_json
 
 README = REPO / "README.md"
 # "...": the settings of the README's first run of your own data, so that resuming runs/mine resumes what it ran.
-DATA = ["data=qa_json", "data.train_path=train.json", "data.val_path=val.json", "data.batch_size=10"]
-DATA += ["trainer.max_epochs=2"]
+DATA = ["data=qa_json", "data.train_path=train.json", "data.val_path=val.json"]
 TINY_MODEL = ["model=tiny", "++model.model_name_or_path.hidden_size=384"]
 TINY_HYDRA = ["trainer=cpu", "trainer.max_steps=2"]
 TINY_STDLIB = ["data.num_train=64", "data.num_val=16"]  # the default data, when the command names none
@@ -67,13 +66,21 @@ NOT_RUN = {
     "pip install 'lit_embed[clients]'": "installs from the network",
     "# sentence-transformers 5.x with optimum-onnx (transformers<4.58), not this environment": "needs optimum-onnx, "
     "which cannot be installed next to transformers 5",
+    "python train.py data=qa_json data.train_path=train.json eval.guard_path=general.json": "needs your "
+    "general-domain QA file (the guard is tested in tests/test_recipe.py)",
+    "pip install --no-deps --target /tmp/lif llama-index-finetuning==0.4.2": "installs from the network",
+    "time PYTHONPATH=/tmp/lif python benchmarks/llamaindex_baseline.py data/c42/train.json data/c42/val.json "
+    "--output-dir runs/li_c42": "needs llama-index-finetuning; minutes of training",
+    "time python train.py data=qa_json data.train_path=data/c42/train.json data.val_path=data/c42/val.json "
+    "output_dir=runs/le_c42": "the timing comparison: minutes of training",
+    "lit-embed-eval runs/li_c42 data/c42/test.json": "scores the LlamaIndex run above",
+    "lit-embed-eval runs/le_c42 data/c42/test.json": "scores the timed run above",
 }
 # A Python process with torch and Lightning takes seconds to start, so the default run (-m "not slow") takes the
 # commands most likely to break and what they build on; test_readme_commands_slow runs every command. Keys are
 # commands as the README writes them, or a Python snippet's first line.
 FAST = {
-    "python train.py data=qa_json data.train_path=train.json data.val_path=val.json output_dir=runs/mine "
-    "data.batch_size=10 trainer.max_epochs=2",
+    "python train.py data=qa_json data.train_path=train.json data.val_path=val.json output_dir=runs/mine",
     "lit-embed-eval runs/mine val.json --truncate-dim 128",
     "python -m lit_embed.export runs/mine/checkpoints/step=500.ckpt runs/step500-model",
     "from sentence_transformers import SentenceTransformer",

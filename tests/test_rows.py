@@ -54,6 +54,15 @@ def test_streamed_rows_equal_the_loaders_examples(tmp_path: Path, scored: bool, 
     assert [e.query_id for e in rows.examples()] == [e.query_id for e in expected]
     assert [e.scores for e in rows.examples()] == [e.scores for e in expected]
     assert rows.skipped.as_dict() == load_dataset(path, policy=policy).skipped.as_dict()
+    assert relevant_by_text(rows.dataset()) == relevant_by_text(load_dataset(path, policy=policy))
+
+
+def relevant_by_text(dataset) -> dict[str, set[str]]:
+    """Query text -> the texts of every document relevant to a query with that text."""
+    relevant: dict[str, set[str]] = {}
+    for qid, docs in dataset.relevant_docs.items():
+        relevant.setdefault(dataset.queries[qid], set()).update(dataset.corpus[d] for d in docs)
+    return relevant
 
 
 def test_tables_and_llamaindex_json_give_the_loaders_rows(tmp_path: Path) -> None:
@@ -71,6 +80,7 @@ def test_tables_and_llamaindex_json_give_the_loaders_rows(tmp_path: Path) -> Non
     save_llamaindex_json(load_dataset(parquet, policy=policy), tmp_path / "train.json")
     json_path = tmp_path / "train.json"
     assert training_rows(json_path).examples() == training_examples(load_dataset(json_path))
+    assert relevant_by_text(training_rows(json_path).dataset()) == relevant_by_text(load_dataset(json_path))
 
 
 def test_a_jsonl_is_converted_without_holding_its_texts(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def test_fused_adamw_takes_the_same_step(tiny_encoder: Encoder, monkeypatch: pyt
 def test_the_default_optimizer_is_fused_adamw(tiny_encoder: Encoder) -> None:
     module = EmbeddingFinetuneModule(tiny_encoder, scheduler=None)  # the module's default optimizer
     from_module = module.configure_optimizers()["optimizer"]
-    from_config = build(compose_train([]).optimizer)  # conf/train.yaml's optimizer
+    from_config = build(compose_train(["optimizer.lr=2e-5"]).optimizer)  # conf/train.yaml's, the recipe's lr set
     from_config = from_config(module._param_groups())
     for optimizer in (from_module, from_config, DEFAULT_OPTIMIZER(module._param_groups())):
         assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
@@ -97,7 +97,7 @@ def test_the_default_optimizer_is_fused_adamw(tiny_encoder: Encoder) -> None:
         assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
         grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
         assert sorted(grouped) == sorted(id(p) for p in module.parameters() if p.requires_grad)
-    unfused = build(compose_train(["optimizer.fused=false"]).optimizer)
+    unfused = build(compose_train(["optimizer.fused=false", "optimizer.lr=2e-5"]).optimizer)
     assert unfused(module._param_groups()).defaults["fused"] is False
 
 

@@ -17,7 +17,7 @@ from helpers import REPO, tiny_run_overrides, write_toy_data
 from lit_embed.data import store as store_module
 from lit_embed.data.datamodule import QAPairDataModule
 from lit_embed.data.ragged import Ragged
-from lit_embed.data.tokens import tokenize_texts
+from lit_embed.data.tokens import FastTokenIds, tokenize_texts
 from lit_embed.models.encoder import Encoder
 
 
@@ -48,6 +48,40 @@ def test_batches_are_what_the_tokenizer_gives_the_same_texts(tmp_path: Path, mod
                 assert group.keys() == expected.keys()
                 for key, value in expected.items():
                     assert (group[key] == value).all() if hasattr(value, "shape") else group[key] == value, key
+
+
+@pytest.mark.parametrize("model", ["encoder", "decoder"])
+def test_the_rust_tokenizer_is_used_where_it_gives_the_encoders_ids(model_paths, model: str) -> None:
+    encoder = Encoder(model_paths[model], query_prompt="query: ", max_seq_length=12)
+    texts = Ragged.from_texts([f"question {i}: " + "many words " * (i % 9) for i in range(300)])
+    fast = FastTokenIds.verified(encoder, "query", texts)
+    assert fast is not None  # the equality test above then checks its batches against tokenize()
+    counts, columns, _, _ = fast(texts.texts(range(300)))
+    expected = encoder.tokenize(texts.texts(range(300)), "query")
+    mask = expected["attention_mask"].bool()
+    assert counts.tolist() == mask.sum(1).tolist() and max(counts) == 12  # truncated as tokenize truncates
+    assert columns["input_ids"].tolist() == expected["input_ids"][mask].tolist()
+
+
+class _ReversingEncoder:
+    """An encoder whose tokenize does more than its Rust tokenizer (it reverses each text first)."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+        self.tokenizer, self.prompt, self.vocab_size = encoder.tokenizer, encoder.prompt, encoder.vocab_size
+        self.pad_token_id, self.max_seq_length = encoder.pad_token_id, encoder.max_seq_length
+
+    def tokenize(self, texts: list[str], kind: str) -> dict:
+        return self.encoder.tokenize([text[::-1] for text in texts], kind)
+
+
+def test_an_encoder_whose_ids_differ_from_its_rust_tokenizer_is_tokenized_by_itself(tmp_path: Path, tiny_encoder):
+    encoder = _ReversingEncoder(tiny_encoder)
+    texts = Ragged.from_texts([f"text number {i}" for i in range(40)])
+    assert FastTokenIds.verified(encoder, "document", texts) is None
+    tokens = tokenize_texts(texts, "document", encoder, "texts-key", tmp_path)
+    expected = encoder.tokenize(texts.texts(range(40)), "document")
+    assert (tokens.pad(range(40))["input_ids"] == expected["input_ids"]).all()
 
 
 def test_token_ids_are_stored_compactly(tmp_path: Path, tiny_encoder) -> None:

@@ -185,7 +185,12 @@ class QAPairDataModule(ResumableDataModule):
         train_path: training data (``.json`` = LlamaIndex EmbeddingQAFinetuneDataset, ``.jsonl`` = pairs, or a
             ``.csv`` / ``.parquet`` / ``datasets`` directory with one pair per row).
         val_path: validation data for IR evaluation (optional).
-        batch_size: pairs per batch; each query sees ``batch_size - 1`` in-batch negatives.
+        mine: train on one hard negative per query mined with the base model from the training corpus (in place of
+            the file's), as ``lit-embed-mine --num-negatives 1 --relative-margin 0.05``; done by the training app.
+        val_fraction: without ``val_path``, hold out this fraction of the training queries (at most 1000; none
+            below 200 queries) as the validation set (0 = train on all, without validation).
+        batch_size: pairs per batch; each query sees ``batch_size - 1`` in-batch negatives. ``"auto"``: set by the
+            default recipe (:mod:`lit_embed.training.recipe`) before training.
         use_all_docs: False = one pair per query (its first relevant doc, as LlamaIndex); True = one per
             (query, relevant doc).
         multi_positive: one row per query with all its relevant documents, each a positive that is never another
@@ -212,7 +217,7 @@ class QAPairDataModule(ResumableDataModule):
         self,
         train_path: str | None = None,
         val_path: str | None = None,
-        batch_size: int = 16,
+        batch_size: int | str = 16,
         use_all_docs: bool = False,
         max_negatives: int | None = None,
         length_groups: int = 4,
@@ -225,9 +230,16 @@ class QAPairDataModule(ResumableDataModule):
         strict: bool = False,
         multi_positive: bool = False,
         cache_dir: str | None = None,
+        val_fraction: float = 0.0,
+        mine: bool = False,
     ) -> None:
         super().__init__()
-        check(is_int(batch_size) and batch_size >= 1, "batch_size", batch_size, "a whole number of pairs >= 1")
+        check(
+            is_int(batch_size) and batch_size >= 1 or batch_size == "auto",
+            "batch_size",
+            batch_size,
+            "a whole number of pairs >= 1, or auto (the default recipe's)",
+        )
         check(
             max_negatives is None or is_int(max_negatives) and max_negatives >= 0,
             "max_negatives",
@@ -237,6 +249,12 @@ class QAPairDataModule(ResumableDataModule):
         check(is_int(length_groups) and length_groups >= 1, "length_groups", length_groups, "a whole number >= 1")
         check(is_int(num_workers) and num_workers >= 0, "num_workers", num_workers, "a whole number >= 0")
         check(is_int(seed), "seed", seed, "a whole number")
+        check(
+            is_number(val_fraction) and 0 <= val_fraction < 1,
+            "val_fraction",
+            val_fraction,
+            "a fraction of the training queries from 0 to below 1 (0.1 = 10%), or 0 for no validation slice",
+        )
         check(
             is_number(max_skipped) and 0 <= max_skipped < 1 or is_int(max_skipped) and max_skipped >= 1,
             "max_skipped",
@@ -251,10 +269,13 @@ class QAPairDataModule(ResumableDataModule):
         )
         bools = {"use_all_docs": use_all_docs, "pin_memory": pin_memory, "drop_last": drop_last, "strict": strict}
         bools["multi_positive"] = multi_positive
+        bools["mine"] = mine
         for key, value in bools.items():
             check(is_bool(value), key, value, "true or false")
         self.train_path = train_path
         self.val_path = val_path
+        self.val_fraction = val_fraction
+        self.mine = mine
         self.batch_size = batch_size
         self.use_all_docs = use_all_docs
         self.multi_positive = multi_positive
@@ -300,7 +321,9 @@ class QAPairDataModule(ResumableDataModule):
         if self.train_rows is None:
             rows = self.load_rows()
             self.val_dataset = self.load_validation()
-            if len(rows) < self.batch_size:
+            if self.val_dataset is None and self.val_fraction > 0:
+                rows, self.val_dataset = rows.hold_out(self.val_fraction, self.seed, self.source)
+            if self.batch_size != "auto" and len(rows) < self.batch_size:
                 raise DataFormatError(
                     f"{self.source}: only {len(rows)} training pairs, fewer than one batch "
                     f"(data.batch_size={self.batch_size}). Add data or lower data.batch_size."
@@ -312,6 +335,14 @@ class QAPairDataModule(ResumableDataModule):
     def rows(self) -> TrainingRows:
         assert self.train_rows is not None, "call prepare_data() (Lightning does) first"
         return self.train_rows
+
+    def use_hard_negatives(self, negatives: Ragged) -> None:
+        """Trains on these hard negatives (a row of document numbers for each distinct query of :attr:`rows`, e.g.
+        mined) instead of the file's own."""
+        assert not self.tokenized, "hard negatives change the rows: set them before tokenize()"
+        self.prepare_data()
+        rows = self.rows.with_query_negatives(negatives)
+        self.train_rows = rows.trimmed(self.max_negatives) if self.max_negatives is not None else rows
 
     @property
     def has_teacher_scores(self) -> bool:
@@ -367,8 +398,9 @@ class QAPairDataModule(ResumableDataModule):
         return self._collator is not None
 
     @property
-    def num_rows(self) -> int:
-        """Training rows (pairs, or pairs with their negatives); known after :meth:`prepare_data`."""
+    def num_training_pairs(self) -> int:
+        """Training rows (pairs, or pairs with their negatives), known after :meth:`prepare_data`: what the default
+        recipe sizes the run by."""
         return len(self.rows)
 
     @property
@@ -399,7 +431,9 @@ class QAPairDataModule(ResumableDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = self.batch_sampler(*distributed_position(self.trainer))
-        return index_dataloader(self.num_rows, sampler, self.collator, self.num_workers, self.seed, self.pin_memory)
+        return index_dataloader(
+            self.num_training_pairs, sampler, self.collator, self.num_workers, self.seed, self.pin_memory
+        )
 
     @property
     def collator(self) -> PairCollator:

@@ -24,7 +24,7 @@ from lit_embed.data.json_files import (
     save_llamaindex_json,
 )
 from lit_embed.data.rows import ROWS_FORMAT, TrainingRows, write_examples, write_records
-from lit_embed.data.schema import DEFAULT_POLICY, QADataset, Skipped, SkipPolicy, allow_or_refuse, training_examples
+from lit_embed.data.schema import DEFAULT_POLICY, QADataset, Skipped, SkipPolicy, allow_or_refuse
 from lit_embed.data.store import built_once, content_key, file_digest
 from lit_embed.data.tables import load_table, table_records
 from lit_embed.errors import DataFormatError
@@ -79,9 +79,7 @@ def training_rows(
     def build(directory: Path) -> None:
         fresh.append(directory)
         if suffix == ".json":
-            dataset = load_llamaindex_json(path, policy)
-            examples = training_examples(dataset, use_all_docs, multi_positive)
-            write_examples(examples, directory, key, dataset.skipped)
+            write_examples(load_llamaindex_json(path, policy), directory, key, use_all_docs, multi_positive)
             return
         skipped = Skipped()
         records = jsonl_records(path, skipped) if suffix == ".jsonl" else table_records(path, columns, skipped)
@@ -101,11 +99,11 @@ def dataset_rows(
 ) -> TrainingRows:
     """The training rows of a dataset built in memory (the stdlib data), stored as :func:`training_rows` stores a
     file's, keyed by their texts."""
-    examples = training_examples(dataset, use_all_docs, multi_positive)
-    key = content_key(ROWS_FORMAT, [(e.texts(), e.query_id, e.scores) for e in examples])
+    data = (dataset.queries, dataset.corpus, dataset.relevant_docs, dataset.hard_negatives, dataset.teacher_scores)
+    key = content_key(ROWS_FORMAT, data, use_all_docs, multi_positive)
 
     def build(directory: Path) -> None:
-        write_examples(examples, directory, key, dataset.skipped)
+        write_examples(dataset, directory, key, use_all_docs, multi_positive)
 
     return TrainingRows.load(built_once(cache_dir, f"rows-{key}", build, "the training rows"))
 

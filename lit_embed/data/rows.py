@@ -13,17 +13,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from lit_embed.data.ragged import Ragged, RaggedWriter
-from lit_embed.data.schema import FIX, Record, Skipped, SkipPolicy, TrainingExample, allow_or_refuse
+from lit_embed.data.schema import (
+    FIX,
+    MAX_HELD_OUT_QUERIES,
+    MIN_QUERIES_TO_HOLD_OUT,
+    QADataset,
+    Record,
+    Skipped,
+    SkipPolicy,
+    TrainingExample,
+    allow_or_refuse,
+    training_examples,
+)
 
-ROWS_FORMAT = 1  # part of every rows store's key: a change of what is stored gives new stores
+log = logging.getLogger(__name__)
+
+ROWS_FORMAT = 2  # part of every rows store's key: a change of what is stored gives new stores
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,8 @@ class TrainingRows:
         scores: ``[R]`` rows of a teacher's scores, the positive's then each negative's; None unless every row has
             them.
         query_ids: ``[R]`` each row's query id (UTF-8), for messages.
+        relevant: ``[Q]`` each distinct query's relevant documents, all of them (a row may train on one only): what
+            a validation slice held out of the rows, or mining, counts as relevant.
         key: what the rows were built from (file content and settings): the store's name and part of the token
             stores' keys.
         skipped: the records left out as wrong on their own.
@@ -53,6 +69,7 @@ class TrainingRows:
     other_positives: Ragged
     scores: Ragged | None
     query_ids: Ragged
+    relevant: Ragged
     key: str
     skipped: Skipped | None = None
 
@@ -63,6 +80,72 @@ class TrainingRows:
         """Each row's first ``max_negatives`` hard negatives, and their scores."""
         scores = self.scores.head(1 + max_negatives) if self.scores is not None else None
         return replace(self, negatives=self.negatives.head(max_negatives), scores=scores)
+
+    def subset(self, rows: np.ndarray) -> TrainingRows:
+        """These rows, in this order (the texts stay: every id keeps its meaning)."""
+        scores = self.scores.take(rows) if self.scores is not None else None
+        return replace(
+            self,
+            query=self.query[rows],
+            positive=self.positive[rows],
+            negatives=self.negatives.take(rows),
+            other_positives=self.other_positives.take(rows),
+            scores=scores,
+            query_ids=self.query_ids.take(rows),
+        )
+
+    def with_query_negatives(self, negatives: Ragged) -> TrainingRows:
+        """Every row's hard negatives replaced by its query's (``[Q]``, e.g. mined); teacher scores, which were for
+        the old ones, are dropped."""
+        return replace(self, negatives=negatives.take(self.query), scores=None)
+
+    def dataset(self, queries: np.ndarray | None = None) -> QADataset:
+        """These distinct queries (default: all) with their relevant documents as a :class:`QADataset` in memory;
+        its corpus is every document when all queries are asked for, theirs otherwise. Ids are the numbers of the
+        queries and documents here, so ``dataset.corpus``'s order is the documents'."""
+        if queries is None:
+            queries = np.arange(len(self.queries))
+            documents = np.arange(len(self.documents))
+        else:
+            documents = np.unique(self.relevant.take(queries).values)
+        return QADataset(
+            queries={str(q): self.queries.text(q) for q in queries.tolist()},
+            corpus={str(d): self.documents.text(d) for d in documents.tolist()},
+            relevant_docs={str(q): [str(d) for d in self.relevant.row(q).tolist()] for q in queries.tolist()},
+        )
+
+    def hold_out(self, fraction: float, seed: int, source: str) -> tuple[TrainingRows, QADataset | None]:
+        """Splits a validation set off the rows: ``(train, val)``, or ``(self, None)`` when there are too few queries.
+
+        ``fraction`` of the distinct query texts (at most :data:`MAX_HELD_OUT_QUERIES`), drawn with ``seed``, leave
+        training with every row they have; the validation set is them and all their relevant documents. Queries
+        with the same text are one query here, so none is trained on under another id. The documents stay in the
+        training corpus: where another query has one as positive or negative, it is still trained on.
+        """
+        num_queries = len(self.queries)
+        if num_queries < MIN_QUERIES_TO_HOLD_OUT:
+            log.warning(
+                "%s: no data.val_path, and only %d distinct queries (fewer than %d) to hold out a validation slice "
+                "from: training on all of them without validation, so there is no before/after table, best "
+                "checkpoint or weight merging. Pass data.val_path=FILE to have them.",
+                source,
+                num_queries,
+                MIN_QUERIES_TO_HOLD_OUT,
+            )
+            return self, None
+        count = min(MAX_HELD_OUT_QUERIES, max(1, round(fraction * num_queries)))
+        held = np.sort(np.random.default_rng(seed).choice(num_queries, count, replace=False))
+        is_held = np.zeros(num_queries, dtype=bool)
+        is_held[held] = True
+        log.info(
+            "%s: no data.val_path, so %d of its %d queries (%d%%) are held out as the validation set "
+            "(data.val_fraction=0 trains on all of them, without validation).",
+            source,
+            count,
+            num_queries,
+            round(100 * count / num_queries),
+        )
+        return self.subset(np.flatnonzero(~is_held[self.query])), self.dataset(held)
 
     def row_texts(self) -> Ragged:
         """Each row's text ids, queries and documents in one id space (documents after the queries): what the
@@ -100,7 +183,9 @@ class TrainingRows:
         """Writes everything but the texts (written by the builder as it goes) into ``directory``."""
         np.save(directory / "query.npy", self.query)
         np.save(directory / "positive.npy", self.positive)
-        for name in ("negatives", "other_positives", "query_ids") + (("scores",) if self.scores is not None else ()):
+        for name in ("negatives", "other_positives", "query_ids", "relevant") + (
+            ("scores",) if self.scores is not None else ()
+        ):
             getattr(self, name).save(directory, name)
         skipped = self.skipped.__dict__ if self.skipped is not None else None
         (directory / "rows.json").write_text(json.dumps({"key": self.key, "skipped": skipped}))
@@ -119,15 +204,26 @@ class TrainingRows:
             other_positives=Ragged.load(directory, "other_positives"),
             scores=Ragged.load(directory, "scores") if has_scores else None,
             query_ids=Ragged.load(directory, "query_ids"),
+            relevant=Ragged.load(directory, "relevant"),
             key=meta["key"],
             skipped=Skipped(**meta["skipped"]) if meta["skipped"] else None,
         )
 
 
-def write_examples(examples: Sequence[TrainingExample], directory: Path, key: str, skipped: Skipped | None) -> None:
-    """Stores rows built in memory (LlamaIndex JSON, which is read whole, and the stdlib data)."""
+def write_examples(
+    dataset: QADataset, directory: Path, key: str, use_all_docs: bool = False, multi_positive: bool = False
+) -> None:
+    """Stores the rows of a dataset in memory (LlamaIndex JSON, which is read whole, and the stdlib data)."""
+    examples = training_examples(dataset, use_all_docs, multi_positive)
     query_row = {text: i for i, text in enumerate(dict.fromkeys(e.query for e in examples))}
-    doc_row = {text: i for i, text in enumerate(dict.fromkeys(t for e in examples for t in e.texts()[1:]))}
+    relevant: dict[str, dict[str, None]] = {text: {} for text in query_row}  # query text -> its documents' texts
+    for qid, docs in dataset.relevant_docs.items():
+        if dataset.queries[qid] in relevant:
+            relevant[dataset.queries[qid]].update(dict.fromkeys(dataset.corpus[d] for d in docs))
+    # Documents in order of appearance in the rows, then relevant documents no row trains on.
+    doc_texts = dict.fromkeys(t for e in examples for t in e.texts()[1:])
+    doc_texts.update(dict.fromkeys(t for docs in relevant.values() for t in docs))
+    doc_row = {text: i for i, text in enumerate(doc_texts)}
     Ragged.from_texts(query_row).save(directory, "queries")
     Ragged.from_texts(doc_row).save(directory, "documents")
     scored = bool(examples) and all(e.scores is not None for e in examples)
@@ -140,8 +236,9 @@ def write_examples(examples: Sequence[TrainingExample], directory: Path, key: st
         other_positives=Ragged.from_rows([doc_row[t] for t in e.other_positives] for e in examples),
         scores=Ragged.from_rows((e.scores for e in examples), np.float64) if scored else None,
         query_ids=Ragged.from_texts(e.query_id for e in examples),
+        relevant=Ragged.from_rows([doc_row[t] for t in docs] for docs in relevant.values()),
         key=key,
-        skipped=skipped,
+        skipped=dataset.skipped,
     ).save(directory)
 
 
@@ -242,6 +339,7 @@ def write_records(
         other_positives=others,
         scores=scores,
         query_ids=query_names.take(rows_q),
+        relevant=_grouped(rel_q, rel_d, len(query_names)),
         key=key,
         skipped=skipped if skipped.count else None,
     ).save(directory)

@@ -315,6 +315,19 @@ def text_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
 
 
+def queries_subset(dataset: QADataset, query_ids: Iterable[str]) -> QADataset:
+    """These queries, with the documents relevant to them as the corpus (an evaluation set of their own)."""
+    relevant = {q: dataset.relevant_docs[q] for q in query_ids}
+    corpus = {d: dataset.corpus[d] for docs in relevant.values() for d in docs}
+    return QADataset({q: dataset.queries[q] for q in relevant}, corpus, relevant)
+
+
+# Fewer queries than this keep no validation slice: it would measure little and cost the training a lot.
+MIN_QUERIES_TO_HOLD_OUT = 200
+# Enough queries to tell models apart; more would only slow every evaluation.
+MAX_HELD_OUT_QUERIES = 1000
+
+
 def read_text(path: Path) -> str:
     """The file's text as UTF-8 (a leading byte-order mark removed), or an error naming the first bad line."""
     try:

@@ -156,6 +156,7 @@ def _tokenize_into(directory: Path, texts: Ragged, kind: str, tokenizer: TextTok
     A feature that has been all 0 so far (one-segment type ids) is not written; should a later chunk hold another
     value, its zeros are written first.
     """
+    fast = FastTokenIds.verified(tokenizer, kind, texts)
     vocab_size = getattr(tokenizer, "vocab_size", None)
     writers: dict[str, RaggedWriter] = {}
     zeros: list[str] = []  # features seen, all 0 so far
@@ -163,28 +164,23 @@ def _tokenize_into(directory: Path, texts: Ragged, kind: str, tokenizer: TextTok
     shared: dict[str, Any] = {}
     has_mask, truncated = False, 0
     for start in range(0, len(texts), chunk_size):
-        features = tokenizer.tokenize(texts.texts(range(start, min(start + chunk_size, len(texts)))), kind)
-        mask = features["attention_mask"].bool()
-        counts = mask.sum(1).numpy()
+        chunk = texts.texts(range(start, min(start + chunk_size, len(texts))))
+        counts, columns, chunk_shared, chunk_mask = fast(chunk) if fast else _unpadded(tokenizer.tokenize(chunk, kind))
+        shared.update(chunk_shared)
+        has_mask |= chunk_mask
         truncated += int((counts >= tokenizer.max_seq_length).sum())
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        for key, value in features.items():
-            if key == "attention_mask":
-                has_mask = True
-            elif isinstance(value, Tensor) and value.dim() == 2 and value.shape == mask.shape:
-                values = value.numpy()[mask.numpy()]
-                if key not in writers and key != "input_ids" and not values.any():
-                    zeros += [key] if key not in zeros else []
-                    continue
-                if key not in writers:
-                    writers[key] = RaggedWriter(directory, key, _smallest_dtype(vocab_size, key))
-                    if key in zeros:  # all 0 until this chunk
-                        zeros.remove(key)
-                        earlier = np.array(lengths, dtype=np.int64)
-                        writers[key].extend(Ragged(np.zeros(earlier[-1], dtype=np.int64), earlier))
-                writers[key].extend(Ragged(values, offsets))
-            else:
-                shared[key] = value.tolist() if isinstance(value, Tensor) else value
+        for key, values in columns.items():
+            if key not in writers and key != "input_ids" and not values.any():
+                zeros += [key] if key not in zeros else []
+                continue
+            if key not in writers:
+                writers[key] = RaggedWriter(directory, key, _smallest_dtype(vocab_size, key))
+                if key in zeros:  # all 0 until this chunk
+                    zeros.remove(key)
+                    earlier = np.array(lengths, dtype=np.int64)
+                    writers[key].extend(Ragged(np.zeros(earlier[-1], dtype=np.int64), earlier))
+            writers[key].extend(Ragged(values, offsets))
         lengths.extend((offsets[1:] + lengths[-1]).tolist())
     for writer in writers.values():
         writer.close()
@@ -200,6 +196,71 @@ def _tokenize_into(directory: Path, texts: Ragged, kind: str, tokenizer: TextTok
         "max_seq_length": tokenizer.max_seq_length,
     }
     (directory / "meta.json").write_text(json.dumps(meta))
+
+
+Columns = tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any], bool]
+
+
+def _unpadded(features: dict[str, Any]) -> Columns:
+    """Padded features -> ``(lengths [n], {feature: real positions, row after row}, per-call values, has mask)``."""
+    mask = features["attention_mask"].bool().numpy()
+    columns, shared = {}, {}
+    for key, value in features.items():
+        if isinstance(value, Tensor) and value.dim() == 2 and value.shape == mask.shape:
+            if key != "attention_mask":
+                columns[key] = value.numpy()[mask]
+        else:
+            shared[key] = value.tolist() if isinstance(value, Tensor) else value
+    return mask.sum(1), columns, shared, "attention_mask" in features
+
+
+class FastTokenIds:
+    """The encoder's token ids straight from its Rust tokenizer: no padding to tensors and back, no offsets, the
+    batch spread over every core by the tokenizer's threads (twice the speed of ``tokenize`` on all-MiniLM-L6-v2).
+
+    Used only where it gives exactly the encoder's ids (:meth:`verified`): the prompt is prepended, the tokenizer's
+    own truncation and special tokens apply, and every other feature is a derivable one (a mask, one-segment type
+    ids of 0) or a per-call value.
+    """
+
+    SAMPLE = 512  # texts compared with the encoder's own tokenize before it is trusted
+
+    def __init__(self, backend: Any, prompt: str, zero_keys: list[str], shared: dict[str, Any]) -> None:
+        self.backend, self.prompt, self.zero_keys, self.shared = backend, prompt, zero_keys, shared
+
+    @classmethod
+    def verified(cls, tokenizer: TextTokenizer, kind: str, texts: Ragged) -> FastTokenIds | None:
+        hf = getattr(tokenizer, "tokenizer", None)
+        prompt = getattr(tokenizer, "prompt", None)
+        if getattr(hf, "backend_tokenizer", None) is None or prompt is None or not len(texts):
+            return None
+        backend = type(hf.backend_tokenizer).from_str(hf.backend_tokenizer.to_str())  # its own settings
+        backend.no_padding()
+        direction = getattr(hf, "truncation_side", "right")
+        backend.enable_truncation(tokenizer.max_seq_length, strategy="longest_first", direction=direction)
+        # Texts spread over all of them, and the longest (in bytes), where truncation shows.
+        spread = np.linspace(0, len(texts) - 1, cls.SAMPLE).astype(np.int64)
+        longest = np.argsort(texts.lengths, kind="stable")[-cls.SAMPLE // 8 :]
+        sample = texts.texts(np.unique(np.concatenate([spread, longest])))
+        counts, columns, shared, has_mask = _unpadded(tokenizer.tokenize(sample, kind))
+        others = [key for key in columns if key != "input_ids"]
+        if not has_mask or "input_ids" not in columns or any(columns[key].any() for key in others):
+            return None
+        fast = cls(backend, prompt(kind) or "", others, shared)
+        fast_counts, fast_columns, _, _ = fast(sample)
+        if not (
+            np.array_equal(fast_counts, counts) and np.array_equal(fast_columns["input_ids"], columns["input_ids"])
+        ):
+            log.info("The %s token ids are the encoder's tokenize's (its tokenizer differs from its Rust core).", kind)
+            return None
+        return fast
+
+    def __call__(self, texts: list[str]) -> Columns:
+        encodings = self.backend.encode_batch_fast([self.prompt + text for text in texts])
+        counts = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64, count=int(counts.sum()))
+        columns = {"input_ids": ids} | {key: np.zeros(len(ids), dtype=np.int64) for key in self.zero_keys}
+        return counts, columns, self.shared, True
 
 
 def _smallest_dtype(vocab_size: int | None, key: str) -> np.dtype:

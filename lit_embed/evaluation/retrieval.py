@@ -152,15 +152,15 @@ def check_truncate_dim(truncate_dim: int | None, embedding_dim: int) -> None:
 
 
 def format_metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    """A small table of the headline retrieval metrics, one column per entry (with a change column for two)."""
-    if not metrics:
+    """A small table of the headline retrieval metrics, one column per entry, and the last one's change over the
+    first when there are several."""
+    # metrics.json's other entries ("merge", "skipped") are not columns.
+    columns = [name for name, values in metrics.items() if isinstance(values, dict) and METRIC_TABLE_KEYS[0] in values]
+    if not columns:
         return "No validation set: nothing to compare."
-    columns = list(metrics)
-    lines = [
-        f"{'metric':<14}" + "".join(f"{c:>10}" for c in columns) + (f"{'change':>10}" if len(columns) == 2 else "")
-    ]
+    lines = [f"{'metric':<14}" + "".join(f"{c:>10}" for c in columns) + (f"{'change':>10}" if len(columns) > 1 else "")]
     for key in METRIC_TABLE_KEYS:
         values = [metrics[c][key] for c in columns]
-        change = f"{values[-1] - values[0]:>+10.4f}" if len(values) == 2 else ""
+        change = f"{values[-1] - values[0]:>+10.4f}" if len(values) > 1 else ""
         lines.append(f"{key:<14}" + "".join(f"{v:>10.4f}" for v in values) + change)
     return "\n".join(lines)

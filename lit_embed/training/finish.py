@@ -18,6 +18,7 @@ from lit_embed.models.saving import to_sentence_transformers
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 from lit_embed.training.checkpoint_io import load_checkpoint, load_encoder_weights
+from lit_embed.training.merging import WeightMerging, merge_summary
 from lit_embed.training.report import write_run_report
 
 
@@ -29,6 +30,7 @@ def finish(
     output_dir: Path,
     load_best_model_at_end: bool = True,
     started: float | None = None,
+    merging: WeightMerging | None = None,
 ) -> dict[str, Any]:
     """Picks the model to keep, scores it, exports it and writes ``metrics.json``.
 
@@ -40,9 +42,11 @@ def finish(
         output_dir: the run's directory; ``model/`` and ``metrics.json`` go there.
         load_best_model_at_end: export the best checkpoint's weights instead of the last step's.
         started: ``time.time()`` when the run started, for the model card's wall time (None: not stated).
+        merging: the run's weight merging (None: the finetuned weights are exported as they are).
 
     Returns:
         ``metrics.json``'s content: ``{"base": {...}, "final": {..., "step": N}}``, or ``{}`` without validation;
+        with merging also ``"finetuned"`` (plain finetuning's metrics), ``"merge"`` (every α's) and ``final.alpha``;
         ``"skipped"`` lists, per file, the records left out as wrong on their own, when there were any.
     """
     # Under FSDP every rank gathers the whole weights for this; other strategies hold them already.
@@ -57,6 +61,15 @@ def finish(
             # The best step may have been picked by a monitor other than the IR metrics: then measure it now.
             final = evaluation.metrics_at(step) or evaluation.evaluate(trainer, module, step)
             metrics = {"base": evaluation.metrics_at(0), "final": {**final, "step": step}}
+            merge = merging.choose(trainer, module, evaluation, step, final) if merging is not None else None
+            if merge is not None:
+                chosen = merge["alphas"][str(merge["chosen"])]
+                metrics = {
+                    "base": metrics["base"],
+                    "finetuned": {**final, "step": step},
+                    "final": {**chosen, "step": step, "alpha": merge["chosen"]},
+                    "merge": merge,
+                }
         # Any LightningDataModule can train (LightningCLI); ours say which records they skipped.
         skipped = getattr(trainer.datamodule, "skipped_records", dict)()
         report = {**metrics, "skipped": skipped} if skipped else metrics
@@ -74,7 +87,10 @@ def finish(
             facts = run_facts(trainer, module, report, step, model_dir, output_dir, started)
             write_model_card(model_dir, facts)
             write_run_report(trainer, evaluation, step, report, output_dir, facts)
-            print(format_metrics_table(metrics))
+            table = {"base": metrics.get("base"), "finetuned": metrics.get("finetuned"), "final": metrics.get("final")}
+            print(format_metrics_table({name: m for name, m in table.items() if m}))
+            if "merge" in metrics:
+                print(merge_summary(metrics["merge"], metrics["finetuned"]))
             print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
             if checkpointing is not None:
                 print(checkpointing.kept_summary())

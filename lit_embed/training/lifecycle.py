@@ -32,7 +32,7 @@ HYDRA_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hyd
 CONFIG_KEY = "lit_embed_config"  # the run's resolved config, in every checkpoint
 
 # Top-level keys whose values decide what is trained. The others (output_dir, resume, resume_changed, overwrite,
-# logger, callbacks, eval, checkpoint, optimized_metric, load_best_model_at_end) may differ on a resume.
+# logger, callbacks, eval, checkpoint, merge, optimized_metric, load_best_model_at_end) may differ on a resume.
 TRAINED_KEYS = ("model", "method", "adapter", "lora", "data", "loss", "optimizer", "scheduler", "seed", "trainer")
 # ...except these, which change how long, how fast or how visibly the same training runs: extending a run
 # (trainer.max_steps) or giving it more data workers is what a resume is for.

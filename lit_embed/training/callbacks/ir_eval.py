@@ -10,10 +10,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lit_embed.data.formats import load_dataset
 from lit_embed.data.schema import QADataset
 from lit_embed.distributed import full_parameters
 from lit_embed.errors import LitEmbedError, check, is_int
-from lit_embed.evaluation.retrieval import evaluate_encoder_and_rank
+from lit_embed.evaluation.retrieval import evaluate_encoder, evaluate_encoder_and_rank
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,9 @@ class IREvaluationCallback(L.Callback):
     """Evaluates retrieval on the validation set at step 0, every ``evaluation_steps`` optimizer steps and at the end.
 
     Metrics are logged as ``val/<name>`` (``val/mrr@10``, ``val/ndcg@10`` ...) to every logger and put in
-    ``trainer.callback_metrics`` so checkpointing can monitor them. ``history`` keeps every evaluation and
+    ``trainer.callback_metrics`` so checkpointing can monitor them. A guard set (``guard_path``: general-domain
+    queries the finetuning should not make worse) is scored at the same times and logged as ``guard/<name>``; weight
+    merging rules out models that lose too much on it. ``history`` keeps every evaluation and
     ``rankings`` each one's per-query ranking in brief (the top hit and the rank of the first relevant document, 8
     bytes a query: what the run's report compares); both are saved in checkpoints, so a resumed run still reports
     the base model's numbers.
@@ -40,6 +43,7 @@ class IREvaluationCallback(L.Callback):
         dataset: the validation set; None takes ``trainer.datamodule.val_dataset``.
         truncate_dim: score only the first this many embedding dimensions, e.g. a smaller size trained with
             ``loss=matryoshka`` (None = all). The logged metrics, and the checkpoint they select, are that size's.
+        guard_path: a second QA file (any format ``load_dataset`` reads), evaluated with the validation set.
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class IREvaluationCallback(L.Callback):
         corpus_chunk_size: int = 50_000,
         dataset: QADataset | None = None,
         truncate_dim: int | None = None,
+        guard_path: str | None = None,
     ) -> None:
         check(
             is_int(evaluation_steps) and evaluation_steps >= 0,
@@ -70,13 +75,15 @@ class IREvaluationCallback(L.Callback):
         self.corpus_chunk_size = corpus_chunk_size
         self.dataset = dataset
         self.truncate_dim = truncate_dim
+        # Read now, so that a bad file stops the run before training.
+        self.guard = load_dataset(guard_path) if guard_path else None
         self.history: list[dict[str, Any]] = []
         # step -> {"rankings": [Q, 2] (see evaluate_encoder_and_rank), "dataset": fingerprint of the set ranked}
         self.rankings: dict[int, dict[str, Any]] = {}
 
-    def metrics_at(self, step: int) -> dict[str, float] | None:
-        """The metrics of the evaluation at ``step``, if there was one."""
-        return next((dict(h["metrics"]) for h in self.history if h["step"] == step), None)
+    def metrics_at(self, step: int, key: str = "metrics") -> dict[str, float] | None:
+        """The metrics of the evaluation at ``step`` (``key="guard"``: the guard set's), if there was one."""
+        return next((dict(h[key]) for h in self.history if h["step"] == step and key in h), None)
 
     def rankings_at(self, step: int, dataset: QADataset) -> Tensor | None:
         """The per-query rankings of the evaluation at ``step``, if there was one and it ranked ``dataset`` (a
@@ -105,16 +112,26 @@ class IREvaluationCallback(L.Callback):
             self.rankings[step] = {"rankings": rankings, "dataset": fingerprint(dataset)}
         return metrics
 
+    def evaluate_guard(self, pl_module: L.LightningModule) -> dict[str, float] | None:
+        """Scores the module's encoder on the guard set as it is now (None without one)."""
+        if self.guard is None:
+            return None
+        return evaluate_encoder(
+            pl_module.encoder, self.guard, self.batch_size, self.corpus_chunk_size, truncate_dim=self.truncate_dim
+        )
+
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
         if self.history and self.history[-1]["step"] == step:
             return
         with full_parameters(trainer):
             metrics = self.evaluate(trainer, pl_module, step)
+            guard = self.evaluate_guard(pl_module)
         if metrics is None:
             return
-        self.history.append({"step": step, "metrics": metrics})
+        self.history.append({"step": step, "metrics": metrics, **({"guard": guard} if guard else {})})
         logged = {f"val/{name}": value for name, value in metrics.items()}
+        logged |= {f"guard/{name}": value for name, value in (guard or {}).items()}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=step)
