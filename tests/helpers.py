@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from lit_embed.config import compose_config
+from lit_embed.data.datamodule import PairCollator
 from lit_embed.data.formats import save_llamaindex_json
+from lit_embed.data.ragged import Ragged
+from lit_embed.data.rows import TrainingRows
 from lit_embed.data.schema import QADataset
+from lit_embed.data.store import content_key
+from lit_embed.data.tokens import TokenizedTexts, tokenize_texts
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["sort a list", "open a file", "parse json", "join paths", "read csv", "format dates", "hash bytes"]
@@ -63,3 +70,32 @@ def trained_encoders(monkeypatch) -> list:
 
     monkeypatch.setattr(lit_embed.train, "finish", spy)
     return trained
+
+
+def token_store(texts: list[str], kind: str, encoder) -> TokenizedTexts:
+    """``texts`` tokenized by ``encoder`` as training tokenizes them (into a temporary store)."""
+    return tokenize_texts(Ragged.from_texts(texts), kind, encoder, content_key(texts))
+
+
+def pair_collator(
+    queries: list[str],
+    documents: list[str],
+    rows: list[tuple[int, int, tuple[int, ...]]],
+    encoder,
+    length_groups: int = 1,
+) -> PairCollator:
+    """A collator over ``(query, positive, negatives)`` rows of text indices, as the data module builds one."""
+    training = TrainingRows(
+        queries=Ragged.from_texts(queries),
+        documents=Ragged.from_texts(documents),
+        query=np.array([q for q, _, _ in rows], dtype=np.int64),
+        positive=np.array([p for _, p, _ in rows], dtype=np.int64),
+        negatives=Ragged.from_rows(n for _, _, n in rows),
+        other_positives=Ragged.from_rows(() for _ in rows),
+        scores=None,
+        query_ids=Ragged.from_texts(f"q{i}" for i in range(len(rows))),
+        relevant=Ragged.from_rows([p for q2, p, _ in rows if q2 == q] for q in range(len(queries))),
+        key="test",
+    )
+    stores = token_store(queries, "query", encoder), token_store(documents, "document", encoder)
+    return PairCollator(training, *stores, length_groups=length_groups)

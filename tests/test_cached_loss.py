@@ -7,12 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import compose_train, tiny_run_overrides, write_toy_data
+from helpers import compose_train, pair_collator, tiny_run_overrides, write_toy_data
 from safetensors.torch import load_file
 
 from lit_embed.batch import PairBatch
-from lit_embed.data.datamodule import PairCollator
-from lit_embed.data.tokens import TokenizedTexts
 from lit_embed.errors import LitEmbedError
 from lit_embed.losses.cached import CachedLoss, mini_batches
 from lit_embed.losses.matryoshka import MatryoshkaLoss
@@ -29,13 +27,7 @@ def collated_batch(encoder: Encoder, size: int = 12, negatives: int = 1, length_
     queries = [f"how to {' '.join(WORDS[i % 16 : i % 16 + 1 + i % 5])} {i}" for i in range(size)]
     documents = [f"def f{i}(): return {' + '.join(WORDS[: 1 + i % 9])}" for i in range(size * (1 + negatives))]
     rows = [(i, i, tuple(size + i * negatives + k for k in range(negatives))) for i in range(size)]
-    collator = PairCollator(
-        rows,
-        TokenizedTexts(queries, "query", encoder),
-        TokenizedTexts(documents, "document", encoder),
-        length_groups=length_groups,
-    )
-    return collator(list(range(size)))
+    return pair_collator(queries, documents, rows, encoder, length_groups)(list(range(size)))
 
 
 def gradients(encoder: Encoder) -> dict[str, torch.Tensor]:

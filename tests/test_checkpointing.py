@@ -154,6 +154,29 @@ def test_retention_keeps_the_newest_and_the_best(tmp_path: Path, monkeypatch: py
     assert json.loads((out / "metrics.json").read_text())["final"]["step"] == 1  # the best, not the last
 
 
+def test_a_final_evaluation_after_the_last_save_can_still_make_it_the_best(tmp_path: Path, monkeypatch) -> None:
+    train, val = write_toy_data(tmp_path)
+    # A monitor that grows with the step, evaluated only before training and at its end, which is also a save step:
+    # the step was checkpointed before its evaluation made it the best.
+    from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
+
+    evaluate = IREvaluationCallback._evaluate
+
+    def scored_by_step(self, trainer, pl_module):
+        evaluate(self, trainer, pl_module)
+        trainer.callback_metrics["val/score"] = torch.tensor(float(trainer.global_step))
+
+    monkeypatch.setattr(IREvaluationCallback, "_evaluate", scored_by_step)
+    out = tmp_path / "run"
+    overrides = {"trainer.max_steps": 4, "checkpoint.save_steps": 4, "eval.evaluation_steps": 100}
+    overrides |= {"checkpoint.monitor": "val/score", "merge.alphas": "[1.0]"}
+    metrics = run(compose_train(tiny_run_overrides(train, val, out, **overrides)))
+    assert metrics["final"]["step"] == 4
+    state = load_checkpoint(out / "checkpoints" / "last.ckpt")["callbacks"]
+    assert next(s["best"]["step"] for key, s in state.items() if "StepCheckpoint" in key) == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt", "step=4.ckpt"]
+
+
 def test_exported_model_is_the_best_checkpoint_and_metrics_match_sentence_transformers(tmp_path: Path) -> None:
     train, val = write_toy_data(tmp_path)
     out = tmp_path / "run"

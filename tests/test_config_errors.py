@@ -193,7 +193,7 @@ def test_hydra_full_error_shows_the_original_exception(monkeypatch: pytest.Monke
 def test_an_empty_validation_split_means_no_validation(tmp_path: Path) -> None:
     data = build(compose_train(["data.num_train=64", "data.num_val=0"]).data, "data")
     data.prepare_data()
-    assert data.val_dataset is None and len(data.train_dataset.queries) == 64
+    assert data.val_dataset is None and len(data.rows.queries) == 64
     empty = tmp_path / "empty.json"
     empty.write_text('{"queries": {}, "corpus": {}, "relevant_docs": {}}')
     train, _ = write_toy_data(tmp_path, num_train=16, num_val=4)

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_train, tiny_run_overrides, write_toy_data
+from helpers import compose_train, tiny_run_overrides, token_store, write_toy_data
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
 from test_cached_loss import assert_same, cached_gradients, collated_batch, plain_gradients
 
-from lit_embed.data.tokens import TokenizedTexts
 from lit_embed.losses.cached import mini_batches
 from lit_embed.models.encoder import Encoder
 from lit_embed.models.tiny import DECODER_EOS, build_tiny_decoder
@@ -57,7 +56,7 @@ def test_tiny_decoder_is_shaped_like_qwen3_embedding(model_paths: dict[str, str]
 
 def training_embeddings(encoder: Encoder, texts: list[str], kind: str, length_groups: int) -> torch.Tensor:
     """What a training step embeds: texts tokenized once, stored unpadded, collated in length groups."""
-    store = TokenizedTexts(texts, kind, encoder)
+    store = token_store(texts, kind, encoder)
     batch = store.collate(list(range(len(texts))), max_groups=length_groups)
     assert (len(batch.groups) > 1) == (length_groups > 1), "texts this varied in length should be split"
     return batch.embed(encoder)
@@ -96,8 +95,8 @@ def test_training_embeddings_equal_encode_query_and_encode_document(
 def test_truncation_keeps_the_eos_as_sentence_transformers_does(model_paths: dict[str, str]) -> None:
     encoder = Encoder(model_paths["decoder"], max_seq_length=MAX_SEQ_LENGTH, query_prompt=INSTRUCTION)
     eos = encoder.model.tokenizer.convert_tokens_to_ids(DECODER_EOS)
-    store = TokenizedTexts(QUERIES, "query", encoder)
-    ids = store.rows["input_ids"]
+    store = token_store(QUERIES, "query", encoder)
+    ids = [store.features["input_ids"].row(i).astype(int) for i in range(len(QUERIES))]
     assert [int(row[-1]) for row in ids] == [eos] * len(QUERIES)
     assert len(ids[-1]) == MAX_SEQ_LENGTH  # the long query was cut, and its EOS kept
     inference = encoder.model.preprocess([QUERIES[-1]], prompt=INSTRUCTION)["input_ids"][0]
@@ -113,7 +112,7 @@ def test_truncation_keeps_the_eos_as_sentence_transformers_does(model_paths: dic
 def test_left_padded_batches_are_padded_on_the_left(model_paths: dict[str, str]) -> None:
     encoder = Encoder(model_paths["decoder"])
     assert encoder.padding_side == "left"
-    store = TokenizedTexts(QUERIES[:3], "query", encoder)
+    store = token_store(QUERIES[:3], "query", encoder)
     batch = store.pad([0, 1, 2])
     assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][:, 0].all()
     assert (batch["input_ids"][batch["attention_mask"] == 0] == encoder.pad_token_id).all()

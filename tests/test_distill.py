@@ -186,14 +186,11 @@ def test_scores_travel_from_the_file_to_the_batch(tmp_path, tiny_encoder) -> Non
     data = QAPairDataModule(str(write_jsonl(tmp_path / "s.jsonl", rows)), batch_size=3, max_negatives=2, max_skipped=1)
     data.prepare_data()
     assert data.has_teacher_scores
-    assert data._examples[0].scores == (5.0, 0.0, 2.0)  # negatives 0 and 2 of row 0, trimmed to 2
+    assert data.rows.examples()[0].scores == (5.0, 0.0, 2.0)  # negatives 0 and 2 of row 0, trimmed to 2
     data.tokenize(tiny_encoder)
     batch = data.collator([3, 1, 4])
     assert batch.scores.tolist() == [[8.0, -3.0, -2.0], [6.0, -1.0, 0.0], [9.0, -4.0, -3.0]]
-    texts = data.collator.documents.texts
-    doc_rows = [p for _, p, _ in (data.collator.rows[i] for i in (3, 1, 4))]
-    doc_rows += [n for i in (3, 1, 4) for n in data.collator.rows[i][2]]
-    assert [[texts[doc_rows[c]] for c in row] for row in batch.candidates.tolist()][1] == [
+    assert [[batch.documents.texts[c] for c in row] for row in batch.candidates.tolist()][1] == [
         "answer 1",
         "wrong answer 1.0",
         "wrong answer 1.1",
@@ -221,7 +218,7 @@ def test_rows_with_different_numbers_of_negatives_are_padded_in_the_batch(tmp_pa
     assert batch.candidates.tolist() == [[0, 3, 4], [1, -1, -1], [2, 5, -1]]
     assert batch.scores[~(batch.candidates >= 0)].isnan().all()
     assert batch.scores[batch.candidates >= 0].tolist() == [7.0, -2.0, -1.0, 5.0, 9.0, -4.0]
-    texts = [data.collator.documents.texts[d] for d in _document_rows(data, [2, 0, 4])]
+    texts = batch.documents.texts  # positives, then each row's negatives
     assert [[texts[c] for c in row if c >= 0] for row in batch.candidates.tolist()] == [
         ["answer 2", "wrong answer 2.0", "wrong answer 2.1"],
         ["answer 0"],
@@ -231,13 +228,7 @@ def test_rows_with_different_numbers_of_negatives_are_padded_in_the_batch(tmp_pa
     assert no_negatives.candidates.tolist() == [[0], [1]] and no_negatives.scores.tolist() == [[5.0], [8.0]]
     trimmed = QAPairDataModule(str(path), batch_size=2, max_negatives=1)
     trimmed.prepare_data()
-    assert [len(e.scores) for e in trimmed._examples] == [1, 2, 2, 1, 2, 2]
-
-
-def _document_rows(data: QAPairDataModule, indices: list[int]) -> list[int]:
-    """The batch's documents as rows of the collator's texts: positives, then each row's negatives."""
-    rows = [data.collator.rows[i] for i in indices]
-    return [p for _, p, _ in rows] + [n for _, _, negatives in rows for n in negatives]
+    assert [len(e.scores) for e in trimmed.rows.examples()] == [1, 2, 2, 1, 2, 2]
 
 
 def test_wrong_scores_are_a_file_error_and_nonfinite_ones_a_skipped_line(tmp_path) -> None:

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_train, tiny_run_overrides, write_toy_data
+from helpers import compose_train, pair_collator, tiny_run_overrides, write_toy_data
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, gist_embed
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss as ST_MatryoshkaLoss
 
-from lit_embed.data.datamodule import PairCollator
-from lit_embed.data.tokens import TokenizedTexts
 from lit_embed.errors import InvalidValueError, LitEmbedError
 from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.gist import GISTLoss, gist
@@ -112,10 +110,7 @@ def collated(encoder: Encoder, size: int = 6, negatives: int = 1):
     queries = [f"how to sort list number {i}" for i in range(size)]
     documents = [f"def sort_{i}(xs): return sorted(xs) + [{i}]" for i in range(size * (1 + negatives))]
     rows = [(i, i, tuple(size + i * negatives + k for k in range(negatives))) for i in range(size)]
-    collator = PairCollator(
-        rows, TokenizedTexts(queries, "query", encoder), TokenizedTexts(documents, "document", encoder), 2
-    )
-    return collator(list(range(size)))
+    return pair_collator(queries, documents, rows, encoder, 2)(list(range(size)))
 
 
 @pytest.mark.parametrize("negatives", [0, 1])

@@ -23,9 +23,15 @@ from lit_embed.models.encoder import Encoder
 class FakeEncoder:
     """Looks texts up in a table of hand-made vectors, so every score and rank is known."""
 
+    device = torch.device("cpu")
+
     def __init__(self, vectors: dict[str, list[float]]) -> None:
         self.vectors = vectors
         self.kinds: list[str] = []
+
+    @property
+    def embedding_dim(self) -> int:
+        return len(next(iter(self.vectors.values())))
 
     def encode(self, texts: list[str], kind: str, batch_size: int = 64) -> torch.Tensor:
         self.kinds.append(kind)
@@ -234,7 +240,8 @@ def test_cli_writes_jsonl_that_training_reads(tiny_model_path: str, tmp_path: Pa
     assert len(reloaded.queries) == 24 and len(reloaded.hard_negatives) == 24
     datamodule = QAPairDataModule(train_path=str(out), batch_size=8, use_all_docs=True)
     datamodule.prepare_data()
-    assert len(datamodule.train_dataset.hard_negatives) == 24
+    rows = datamodule.rows
+    assert len(set(rows.query[rows.negatives.lengths > 0].tolist())) == 24  # every query has its negatives
 
 
 @pytest.mark.parametrize(

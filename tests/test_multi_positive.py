@@ -84,30 +84,24 @@ def test_no_positive_of_a_query_is_in_its_batch_as_a_negative(tmp_path: Path, ti
     dm.tokenize(tiny_encoder)
     collator = dm.collator
     doc_ids = {text: doc for doc, text in data.corpus.items()}
-    texts = list(dict.fromkeys(t for e in dm._examples for t in e.texts()[1:]))  # the collator's document ids
     relevant_batches = 0
     for world, rank in ((1, 0), (2, 0), (2, 1)):
         for indices in dm.batch_sampler(rank, world):
             batch = collator(indices)
-            rows = [collator.rows[i] for i in indices]
-            order = [p for _, p, _ in rows] + [n for _, _, ns in rows for n in ns]
-            order += [d for i in indices for d in collator.other_positives[i]]
-            assert len(batch.documents) == len(order) == len(batch.positives) == len(batch.document_rows)
+            texts = batch.documents.texts
+            assert len(batch.documents) == len(texts) == len(batch.positives) == len(batch.document_rows)
             for i, query_id in enumerate(batch.query_ids):
-                mine = {
-                    doc_ids[texts[d]]
-                    for d, r, p in zip(order, batch.document_rows, batch.positives, strict=True)
-                    if r == i and p
-                }
+                owned = zip(texts, batch.document_rows, batch.positives, strict=True)
+                mine = {doc_ids[t] for t, r, p in owned if r == i and p}
                 assert mine == set(data.relevant_docs[query_id])  # all its relevant documents count as positives
-                others = {doc_ids[texts[d]] for d, r in zip(order, batch.document_rows, strict=True) if r != i}
+                others = {doc_ids[t] for t, r in zip(texts, batch.document_rows, strict=True) if r != i}
                 assert not mine & others  # and none of them is another row's document, a negative for it
                 relevant_batches += len(mine) > 1
     assert relevant_batches > 0
     # Each global batch (the two ranks' halves together) repeats no text either: gathered negatives are clean too.
     halves = [list(dm.batch_sampler(rank, 2)) for rank in (0, 1)]
     for first, second in zip(*halves, strict=True):
-        texts_in = [t for i in first + second for t in dm._row_texts[i]]
+        texts_in = [t for i in first + second for t in dm.rows.row_texts().row(i).tolist()]
         assert len(texts_in) == len(set(texts_in))
 
 

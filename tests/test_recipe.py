@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import compose_train, tiny_run_overrides, toy_split, write_toy_data
 
-from lit_embed.data.formats import save_llamaindex_json
-from lit_embed.data.schema import MAX_HELD_OUT_QUERIES, QADataset, hold_out_queries
+from lit_embed.data.formats import dataset_rows, save_llamaindex_json
+from lit_embed.data.schema import MAX_HELD_OUT_QUERIES, QADataset
 from lit_embed.errors import LitEmbedError
 from lit_embed.evaluation.retrieval import format_metrics_table
 from lit_embed.train import run
@@ -67,32 +67,41 @@ def test_a_resume_with_auto_epochs_continues_the_recipes_run(tmp_path: Path) -> 
 
 
 # The held-out validation slice
-def test_held_out_queries_leave_training_and_keep_their_documents() -> None:
+def test_held_out_queries_leave_training_and_keep_their_documents(tmp_path: Path) -> None:
     data = toy_split(400)
     data.queries["dup"] = data.queries["q7"]  # the same text under another id goes with it
     data.relevant_docs["dup"] = ["d8"]
-    train, val = hold_out_queries(data, 0.1, seed=3, source="train.json")
-    assert val is not None and len(val.queries) in (40, 41)
-    assert not set(val.relevant_docs) & set(train.relevant_docs)
-    assert ("q7" in val.queries) == ("dup" in val.queries)
+    data.relevant_docs["q9"] = ["d9", "d10"]  # a row trains on d9 only; validation counts both
+    rows = dataset_rows(data, cache_dir=tmp_path)
+    train, val = rows.hold_out(0.1, seed=3, source="train.json")
+    assert val is not None and len(val.queries) == 40
+    held_texts = set(val.queries.values())
+    trained_texts = {train.queries.text(q) for q in train.query.tolist()}
+    assert not held_texts & trained_texts and len(held_texts | trained_texts) == 400
+    assert len(train) == len(rows) - sum(data.queries[q] in held_texts for q in data.relevant_docs)
+    for qid, text in val.queries.items():
+        relevant = {val.corpus[d] for d in val.relevant_docs[qid]}
+        expected = {data.corpus[d] for q, docs in data.relevant_docs.items() if data.queries[q] == text for d in docs}
+        assert relevant == expected  # every relevant document, of every id with that text
     assert set(val.corpus) == {d for docs in val.relevant_docs.values() for d in docs}
-    assert train.corpus == data.corpus  # documents stay where other queries may train on them
-    assert hold_out_queries(data, 0.1, seed=3, source="x")[1] == val  # the seed decides
-    assert hold_out_queries(data, 0.1, seed=4, source="x")[1] != val
+    assert train.documents is rows.documents  # documents stay where other queries may train on them
+    assert rows.hold_out(0.1, seed=3, source="x")[1] == val  # the seed decides
+    assert rows.hold_out(0.1, seed=4, source="x")[1] != val
 
 
-def test_too_small_data_keeps_every_query_and_says_so(caplog) -> None:
-    data = toy_split(150)
-    train, val = hold_out_queries(data, 0.1, seed=0, source="small.json")
-    assert val is None and train is data
+def test_too_small_data_keeps_every_query_and_says_so(tmp_path: Path, caplog) -> None:
+    rows = dataset_rows(toy_split(150), cache_dir=tmp_path)
+    train, val = rows.hold_out(0.1, seed=0, source="small.json")
+    assert val is None and train is rows
     assert "small.json: no data.val_path, and only 150 distinct queries" in caplog.text
 
 
-def test_held_out_slice_is_capped() -> None:
+def test_held_out_slice_is_capped(tmp_path: Path) -> None:
     data = QADataset(
         {f"q{i}": f"query {i}" for i in range(12_000)}, {"d": "doc"}, {f"q{i}": ["d"] for i in range(12_000)}
     )
-    assert len(hold_out_queries(data, 0.5, seed=0, source="x")[1].queries) == MAX_HELD_OUT_QUERIES
+    rows = dataset_rows(data, cache_dir=tmp_path)
+    assert len(rows.hold_out(0.5, seed=0, source="x")[1].queries) == MAX_HELD_OUT_QUERIES
 
 
 def test_a_run_without_val_path_validates_on_a_held_out_slice(tmp_path: Path) -> None:
@@ -245,19 +254,19 @@ def test_mining_for_training_gives_each_row_a_hard_negative_from_the_corpus(tmp_
     train, _ = write_toy_data(tmp_path, num_train=48)
     data = QAPairDataModule(train_path=str(train), batch_size=8, mine=True)
     data.prepare_data()
-    assert not any(e.negatives for e in data._examples)
+    assert not any(e.negatives for e in data.rows.examples())
     mine_for_training(data, tiny_encoder, cache_dir=str(tmp_path / "cache"))
-    rows = data._examples
+    rows = data.rows.examples()
     # The margin drops candidates scored close to the positive (a random tiny model scores many so): some remain.
     assert any(e.negatives for e in rows)
     assert all(len(e.negatives) <= 1 and e.positive not in e.negatives for e in rows)
-    corpus = set(data.train_dataset.corpus.values())
+    corpus = set(data.rows.documents.texts(range(len(data.rows.documents))))
     assert all(n in corpus for e in rows for n in e.negatives)
     assert len(list((tmp_path / "cache").iterdir())) == 2  # queries and documents, reused by the next run
     again = QAPairDataModule(train_path=str(train), batch_size=8, mine=True)
     again.prepare_data()
     mine_for_training(again, tiny_encoder, cache_dir=str(tmp_path / "cache"))
-    assert again._examples == rows
+    assert again.rows.examples() == rows
 
 
 def test_a_run_with_data_mine_trains_on_mined_negatives(tmp_path: Path, caplog) -> None:

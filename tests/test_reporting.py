@@ -128,10 +128,10 @@ def test_pairs_per_second_is_the_batch_pair_count_over_the_step_time(
 ) -> None:
     from test_cached_loss import collated_batch
 
+    batch = collated_batch(tiny_encoder, size=12, negatives=1)  # 12 pairs, 24 documents (before the clock is faked)
     clock = iter([10.0, 10.5, 20.0, 20.25, 30.0, 30.1])  # start/end of three steps: 0.5 s, 0.25 s, 0.1 s
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
     callback, module, trainer = PairsPerSecond(smoothing=0.5), LogSpy(), SimpleNamespace()
-    batch = collated_batch(tiny_encoder, size=12, negatives=1)  # 12 pairs, 24 documents
     assert len(batch) == 12 and len(batch.documents) == 24
 
     callback.on_train_batch_end(trainer, module, None, batch, 0)  # no start seen: nothing to time

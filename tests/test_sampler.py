@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import random
 
+import numpy as np
 import torch
 
 from lit_embed.data import sampler as sampler_module
+from lit_embed.data.ragged import Ragged
 from lit_embed.data.sampler import NoDuplicatesBatchSampler
 
 
@@ -126,3 +128,23 @@ def test_no_shared_texts_defer_nothing_and_log_nothing(caplog) -> None:
     order = torch.randperm(100, generator=torch.Generator().manual_seed(0)).tolist()
     assert batches == [order[i : i + 16] for i in range(0, 100, 16)]
     assert not caplog.records
+
+
+def test_vectorised_batches_at_scale_keep_every_guarantee() -> None:
+    """50,000 mined rows over a pool of 2,000 negatives: each row once, no text twice in a batch, full batches but
+    the last, the same batches for the same seed and epoch, and a ragged array gives what lists give."""
+    rng = np.random.default_rng(0)
+    n = 50_000
+    negatives = (rng.integers(0, 2000, (n, 1)) + [0, 1, 2] * rng.integers(1, 666, (n, 1))) % 2000  # distinct per row
+    rows = np.concatenate([np.arange(n)[:, None], n + np.arange(n)[:, None], 2 * n + negatives], 1)
+    ragged = Ragged(rows.ravel(), np.arange(0, rows.size + 1, 5))
+    batches = NoDuplicatesBatchSampler(ragged, batch_size=64, seed=5).global_batches()
+    assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(n))
+    assert [len(b) for b in batches[:-1]] == [64] * (len(batches) - 1)
+    for batch in batches:
+        texts = rows[batch].ravel()
+        assert len(np.unique(texts)) == len(texts)
+    assert NoDuplicatesBatchSampler(ragged, batch_size=64, seed=5).global_batches() == batches
+    assert NoDuplicatesBatchSampler(rows[:2000].tolist(), 64, seed=5).global_batches() == (
+        NoDuplicatesBatchSampler(ragged.take(np.arange(2000)), 64, seed=5).global_batches()
+    )

@@ -92,8 +92,10 @@ def test_hf_datasets_directory(tmp_path: Path) -> None:
 def test_datamodule_passes_columns(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "t.csv", ["question", "answer"], [["q a", "doc a"], ["q b", "doc b"]])
     columns = {"query": "question", "positive": "answer"}
-    train, val = QAPairDataModule(train_path=str(path), val_path=str(path), columns=columns).load_splits()
-    assert train.queries == {"row 1": "q a", "row 2": "q b"} and val == train
+    data = QAPairDataModule(train_path=str(path), val_path=str(path), columns=columns, batch_size=2)
+    data.prepare_data()
+    assert [(e.query_id, e.query) for e in data.rows.examples()] == [("row 1", "q a"), ("row 2", "q b")]
+    assert data.val_dataset.queries == {"row 1": "q a", "row 2": "q b"}
 
 
 def test_missing_column_names_file_column_choices_and_setting(tmp_path: Path) -> None:

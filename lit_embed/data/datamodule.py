@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from lit_embed.batch import PairBatch
-from lit_embed.data.formats import load_dataset
+from lit_embed.data.formats import dataset_rows, load_dataset, training_rows
+from lit_embed.data.ragged import Ragged
+from lit_embed.data.rows import TrainingRows
 from lit_embed.data.sampler import NoDuplicatesBatchSampler
-from lit_embed.data.schema import QADataset, SkipPolicy, TrainingExample, hold_out_queries, training_examples
+from lit_embed.data.schema import QADataset, SkipPolicy
 from lit_embed.data.stdlib import build_stdlib_dataset, check_split_sizes
-from lit_embed.data.tokens import TextTokenizer, TokenizedTexts
+from lit_embed.data.tokens import TextTokenizer, TokenizedTexts, tokenize_texts
 from lit_embed.errors import DataFormatError, LitEmbedError, check, is_bool, is_int, is_number
 
 log = logging.getLogger(__name__)
@@ -71,51 +73,62 @@ def distributed_position(trainer: L.Trainer | None) -> tuple[int, int]:
 
 
 class PairCollator:
-    """Turns a list of row indices into a :class:`PairBatch` (positives first, then all hard negatives)."""
+    """Turns a list of row indices into a :class:`PairBatch` (positives first, then all hard negatives).
+
+    Args:
+        rows: the training rows (text ids).
+        queries: the tokenized query texts.
+        documents: the tokenized document texts.
+        length_groups: padding groups per side (see :meth:`TokenizedTexts.collate`).
+        task: the name the batches carry.
+        multi_positive: rows hold all their query's positives (``data.multi_positive``).
+    """
 
     def __init__(
         self,
-        rows: Sequence[tuple[int, int, tuple[int, ...]]],
+        rows: TrainingRows,
         queries: TokenizedTexts,
         documents: TokenizedTexts,
         length_groups: int = 1,
-        query_ids: Sequence[str] = (),
         task: str = "",
-        scores: Sequence[tuple[float, ...]] | None = None,
+        multi_positive: bool = False,
     ):
         self.rows = rows
-        self.scores = scores  # a teacher's scores of each row's positive, then of each of its negatives
-        self.query_ids = query_ids
-        self.task = task
         self.queries = queries
         self.documents = documents
         self.length_groups = length_groups
-        # Per row, the further positives of a multi-positive row (data.multi_positive); empty: one per row.
-        self.other_positives: Sequence[tuple[int, ...]] = []
+        self.task = task
+        self.multi_positive = multi_positive
+        # A teacher's scores of each row's positive, then of each of its negatives (None: not every row has them).
+        self.scores = rows.scores if rows.scores is not None and len(rows.negatives.values) else None
 
     def __call__(self, indices: Sequence[int]) -> PairBatch:
-        rows = [self.rows[i] for i in indices]
-        doc_ids = [positive for _, positive, _ in rows] + [n for _, _, negatives in rows for n in negatives]
+        rows = np.asarray(indices, dtype=np.int64)
+        size = len(rows)
+        negatives = self.rows.negatives.take(rows)
+        doc_ids = np.concatenate([self.rows.positive[rows], negatives.values])
         # The batch row each document came with: positives, then the hard negatives, then further positives
         # last, so the first B + N rows keep the layout every loss reads.
-        owners = [*range(len(rows)), *(i for i, (_, _, negatives) in enumerate(rows) for _ in negatives)]
-        extra: dict[str, Any] = {"document_rows": torch.tensor(owners, dtype=torch.long)}  # [B + N]
-        if self.other_positives:
-            others = [(i, d) for i, row in enumerate(indices) for d in self.other_positives[row]]
-            doc_ids += [d for _, d in others]
+        owners = np.concatenate([np.arange(size), np.repeat(np.arange(size), negatives.lengths)])
+        extra: dict[str, Any] = {}
+        if self.multi_positive:
+            others = self.rows.other_positives.take(rows)
+            doc_ids = np.concatenate([doc_ids, others.values])
             positives = torch.ones(len(doc_ids), dtype=torch.bool)  # [B + N + M]
-            positives[len(rows) : len(owners)] = False  # the hard negatives
-            extra = {"document_rows": torch.tensor(owners + [i for i, _ in others]), "positives": positives}
+            positives[size : len(owners)] = False  # the hard negatives
+            owners = np.concatenate([owners, np.repeat(np.arange(size), others.lengths)])
+            extra["positives"] = positives
         return PairBatch(
-            queries=self.queries.collate([query for query, _, _ in rows], self.length_groups),
-            documents=self.documents.collate(doc_ids, self.length_groups),
-            query_ids=[self.query_ids[i] for i in indices] if self.query_ids else [],
+            queries=self.queries.collate(self.rows.query[rows].tolist(), self.length_groups),
+            documents=self.documents.collate(doc_ids.tolist(), self.length_groups),
+            query_ids=self.rows.query_ids.texts(rows),
             task=self.task,
-            **self._scored(indices, rows),
+            document_rows=torch.from_numpy(owners),  # [B + N (+ M)]
+            **self._scored(rows, negatives),
             **extra,
         )
 
-    def _scored(self, indices: Sequence[int], rows: list[tuple[int, int, tuple[int, ...]]]) -> dict[str, Any]:
+    def _scored(self, rows: np.ndarray, negatives: Ragged) -> dict[str, Any]:
         """The teacher's scores of the batch's rows and where their documents are: positives, then negatives.
 
         Rows are padded to the batch's most negatives ``k``: candidates -1 and scores NaN (see :class:`PairBatch`).
@@ -123,7 +136,7 @@ class PairCollator:
         if self.scores is None:
             return {}
         size = len(rows)
-        counts = torch.tensor([len(negatives) for _, _, negatives in rows])  # [B]
+        counts = torch.from_numpy(negatives.lengths)  # [B]
         real = torch.arange(1 + int(counts.max())) <= counts[:, None]  # [B, 1 + k]
         candidates = torch.full(real.shape, -1)
         candidates[:, 0] = torch.arange(size)
@@ -131,7 +144,7 @@ class PairCollator:
         # negatives of rows before it.
         candidates[:, 1:][real[:, 1:]] = torch.arange(size, size + int(counts.sum()))
         scores = torch.full(real.shape, torch.nan)
-        scores[real] = torch.tensor([s for i in indices for s in self.scores[i]], dtype=torch.float32)
+        scores[real] = torch.from_numpy(self.scores.take(rows).values).float()
         return {"scores": scores, "candidates": candidates}  # both [B, 1 + k]
 
 
@@ -195,6 +208,9 @@ class QAPairDataModule(ResumableDataModule):
             document, a hard negative equal to a positive) that a file may hold; they are skipped with a warning.
             A fraction of the file's records below 1 (0.01 = 1%), or a whole number of records.
         strict: refuse a file with any such record instead.
+        cache_dir: where the training rows and their token ids are stored, converted and tokenized once for every
+            later run and every process of a job (keyed by the data, the tokenizer, the prompts and the length);
+            None: into a temporary directory of this process.
     """
 
     def __init__(
@@ -213,6 +229,7 @@ class QAPairDataModule(ResumableDataModule):
         max_skipped: float = 0.01,
         strict: bool = False,
         multi_positive: bool = False,
+        cache_dir: str | None = None,
         val_fraction: float = 0.0,
         mine: bool = False,
     ) -> None:
@@ -270,58 +287,62 @@ class QAPairDataModule(ResumableDataModule):
         self.drop_last = drop_last
         self.columns = columns
         self.skip_policy = SkipPolicy(max_skipped, strict)
+        self.cache_dir = cache_dir
         self.task = ""  # set by a multi-task data module: the name its batches carry
-        self.train_dataset: QADataset | None = None
+        self.train_rows: TrainingRows | None = None
         self.val_dataset: QADataset | None = None
         self._collator: PairCollator | None = None
-        self._row_texts: list[tuple[int, ...]] = []
-        self._examples: list[TrainingExample] = []
+        self._row_texts: Ragged | None = None
 
-    def load_splits(self) -> tuple[QADataset, QADataset | None]:
-        """Reads and validates the training and validation files."""
+    def load_rows(self) -> TrainingRows:
+        """The training rows, converted from the training file once (see :func:`training_rows`)."""
         if self.train_path is None:
             raise DataFormatError(
                 "data.train_path is not set. Pass data.train_path=PATH (.json, .jsonl, .csv, .parquet or a "
                 "datasets directory)."
             )
-        train = load_dataset(self.train_path, self.columns, self.skip_policy)
-        val = load_dataset(self.val_path, self.columns, self.skip_policy) if self.val_path else None
-        if val is not None and not val.queries:
+        policy, args = self.skip_policy, (self.use_all_docs, self.multi_positive, self.cache_dir)
+        return training_rows(self.train_path, self.columns, policy, *args)
+
+    def load_validation(self) -> QADataset | None:
+        """The validation set, read whole (evaluation embeds its corpus in chunks)."""
+        if not self.val_path:
+            return None
+        val = load_dataset(self.val_path, self.columns, self.skip_policy)
+        if not val.queries:
             raise DataFormatError(
                 f"{self.val_path}: no validation queries. Add queries with their relevant documents, or leave "
                 "data.val_path unset to train without validation."
             )
-        if val is None and self.val_fraction > 0:
-            train, val = hold_out_queries(train, self.val_fraction, self.seed, self.source)
-        return train, val
+        return val
 
     def prepare_data(self) -> None:
         """Loads and checks the data; every data error surfaces here, before anything is trained or written."""
-        if self.train_dataset is None:
-            self.train_dataset, self.val_dataset = self.load_splits()
-            self._build_examples()
-            if self.batch_size != "auto" and len(self._examples) < self.batch_size:
+        if self.train_rows is None:
+            rows = self.load_rows()
+            self.val_dataset = self.load_validation()
+            if self.val_dataset is None and self.val_fraction > 0:
+                rows, self.val_dataset = rows.hold_out(self.val_fraction, self.seed, self.source)
+            if self.batch_size != "auto" and len(rows) < self.batch_size:
                 raise DataFormatError(
-                    f"{self.source}: only {len(self._examples)} training pairs, fewer than one batch "
+                    f"{self.source}: only {len(rows)} training pairs, fewer than one batch "
                     f"(data.batch_size={self.batch_size}). Add data or lower data.batch_size."
                 )
+            self.train_rows = rows.trimmed(self.max_negatives) if self.max_negatives is not None else rows
             self._log_rows_without_negatives()
 
-    def _build_examples(self) -> None:
-        self._examples = training_examples(self.train_dataset, self.use_all_docs, self.multi_positive)
-        if self.max_negatives is not None:
-            self._examples = [self._trimmed(e) for e in self._examples]
+    @property
+    def rows(self) -> TrainingRows:
+        assert self.train_rows is not None, "call prepare_data() (Lightning does) first"
+        return self.train_rows
 
-    def use_hard_negatives(self, hard_negatives: dict[str, list[str]]) -> None:
-        """Trains on these hard negatives (query id -> document ids, e.g. mined) instead of the file's own."""
+    def use_hard_negatives(self, negatives: Ragged) -> None:
+        """Trains on these hard negatives (a row of document numbers for each distinct query of :attr:`rows`, e.g.
+        mined) instead of the file's own."""
         assert not self.tokenized, "hard negatives change the rows: set them before tokenize()"
         self.prepare_data()
-        self.train_dataset = replace(self.train_dataset, hard_negatives=hard_negatives, teacher_scores={})
-        self._build_examples()
-
-    def _trimmed(self, example: TrainingExample) -> TrainingExample:
-        scores = example.scores[: 1 + self.max_negatives] if example.scores is not None else None
-        return replace(example, negatives=example.negatives[: self.max_negatives], scores=scores)
+        rows = self.rows.with_query_negatives(negatives)
+        self.train_rows = rows.trimmed(self.max_negatives) if self.max_negatives is not None else rows
 
     @property
     def has_teacher_scores(self) -> bool:
@@ -329,11 +350,11 @@ class QAPairDataModule(ResumableDataModule):
 
         Every row needs scores, and at least one row a hard negative: scores of positives alone compare nothing.
         """
-        return self._all_scored and any(e.negatives for e in self._examples)
+        return self._all_scored and len(self.rows.negatives.values) > 0
 
     @property
     def _all_scored(self) -> bool:
-        return bool(self._examples) and all(e.scores is not None for e in self._examples)
+        return self.train_rows is not None and self.train_rows.scores is not None
 
     def _log_rows_without_negatives(self) -> None:
         """Says how many scored rows have no hard negative: they give the distillation losses nothing.
@@ -343,8 +364,8 @@ class QAPairDataModule(ResumableDataModule):
         """
         if not self._all_scored:
             return
-        without = sum(not e.negatives for e in self._examples)
-        if without == len(self._examples):
+        without = int((self.rows.negatives.lengths == 0).sum())
+        if without == len(self.rows):
             fix = "raise data.max_negatives from 0"
             if self.max_negatives != 0:
                 fix = "mine them with lit-embed-mine, then score them with lit-embed-score"
@@ -360,11 +381,11 @@ class QAPairDataModule(ResumableDataModule):
                 "%s: %d of %d training rows have no hard negatives: they add nothing to loss=margin_mse or kl_distill.",
                 self.source,
                 without,
-                len(self._examples),
+                len(self.rows),
             )
 
     def skipped_records(self) -> dict[str, dict[str, Any]]:
-        splits = ((self.train_path, self.train_dataset), (self.val_path, self.val_dataset))
+        splits = ((self.train_path, self.train_rows), (self.val_path, self.val_dataset))
         return {str(path): data.skipped.as_dict() for path, data in splits if data is not None and data.skipped}
 
     def setup(self, stage: str | None = None) -> None:
@@ -373,62 +394,46 @@ class QAPairDataModule(ResumableDataModule):
             self.tokenize(self.trainer.lightning_module.encoder)
 
     @property
-    def num_training_pairs(self) -> int:
-        """Training rows, known after :meth:`prepare_data` (what the default recipe sizes the run by)."""
-        return len(self._examples)
-
-    @property
     def tokenized(self) -> bool:
         return self._collator is not None
 
     @property
-    def num_rows(self) -> int:
-        """Training rows (pairs, or pairs with their negatives); known after :meth:`tokenize`."""
-        return len(self._row_texts)
+    def num_training_pairs(self) -> int:
+        """Training rows (pairs, or pairs with their negatives), known after :meth:`prepare_data`: what the default
+        recipe sizes the run by."""
+        return len(self.rows)
 
     @property
     def source(self) -> str:
         return str(self.train_path)
 
     def tokenize(self, tokenizer: TextTokenizer) -> None:
-        """Builds the training rows and tokenizes each distinct text once."""
+        """Tokenizes each distinct text of the training rows once (or opens the token store of an earlier run)."""
         self.prepare_data()
-        examples = self._examples  # trimmed to max_negatives by prepare_data
-        query_texts = list(dict.fromkeys(e.query for e in examples))
-        doc_texts = list(dict.fromkeys(t for e in examples for t in e.texts()[1:]))
-        query_row = {t: i for i, t in enumerate(query_texts)}
-        doc_row = {t: i for i, t in enumerate(doc_texts)}
-        rows = [(query_row[e.query], doc_row[e.positive], tuple(doc_row[n] for n in e.negatives)) for e in examples]
-        queries = TokenizedTexts(query_texts, "query", tokenizer)
-        documents = TokenizedTexts(doc_texts, "document", tokenizer)
-        scores = [e.scores for e in examples] if self.has_teacher_scores else None
-        self._collator = PairCollator(
-            rows, queries, documents, self.length_groups, [e.query_id for e in examples], self.task, scores
-        )
-        if self.multi_positive:
-            self._collator.other_positives = [tuple(doc_row[t] for t in e.other_positives) for e in examples]
-        # Queries and documents live in separate id spaces: a query equal to a document is no clash. A row's texts
-        # include all its positives, so none of them is in the batch as another row's document (a negative).
-        self._row_texts = [
-            (q, *(len(query_texts) + d for d in (p, *n, *others)))
-            for (q, p, n), others in zip(rows, self._collator.other_positives or [()] * len(rows), strict=True)
-        ]
+        rows = self.rows
+        queries = tokenize_texts(rows.queries, "query", tokenizer, rows.key, self.cache_dir)
+        documents = tokenize_texts(rows.documents, "document", tokenizer, rows.key, self.cache_dir)
+        self._collator = PairCollator(rows, queries, documents, self.length_groups, self.task, self.multi_positive)
+        self._row_texts = rows.row_texts()
         log.info(
             "%s: %d training pairs from %d queries and %d documents (tokenized once).",
             self.source,
             len(rows),
-            len(query_texts),
-            len(doc_texts),
+            len(rows.queries),
+            len(rows.documents),
         )
 
     def training_texts(self) -> dict[str, dict[str, list[str]]]:
         """``{task: {"query": texts, "document": texts}}``: every distinct training text, for losses that work on
         them ahead of training (GIST's guide)."""
-        return {self.task: {"query": self.collator.queries.texts, "document": self.collator.documents.texts}}
+        sides = {"query": self.collator.queries.texts, "document": self.collator.documents.texts}
+        return {self.task: {kind: texts.texts(range(len(texts))) for kind, texts in sides.items()}}
 
     def train_dataloader(self) -> DataLoader:
         sampler = self.batch_sampler(*distributed_position(self.trainer))
-        return index_dataloader(self.num_rows, sampler, self.collator, self.num_workers, self.seed, self.pin_memory)
+        return index_dataloader(
+            self.num_training_pairs, sampler, self.collator, self.num_workers, self.seed, self.pin_memory
+        )
 
     @property
     def collator(self) -> PairCollator:
@@ -437,6 +442,7 @@ class QAPairDataModule(ResumableDataModule):
 
     def batch_sampler(self, rank: int = 0, world: int = 1) -> NoDuplicatesBatchSampler:
         """This rank's batches: slices of global batches that hold no text twice (see NoDuplicatesBatchSampler)."""
+        assert self._row_texts is not None, "call setup() (Lightning does) or tokenize() first"
         sampler = NoDuplicatesBatchSampler(
             self._row_texts, self.batch_size, self.seed, self.drop_last, num_replicas=world, rank=rank
         )
@@ -465,11 +471,16 @@ class StdlibDataModule(QAPairDataModule):
         check_split_sizes(num_train, num_val)
         self.num_train = num_train
         self.num_val = num_val
+        self._val: QADataset | None = None  # built with the training split
 
     @property
     def source(self) -> str:
         return "stdlib dataset"
 
-    def load_splits(self) -> tuple[QADataset, QADataset | None]:
+    def load_rows(self) -> TrainingRows:
         train, val = build_stdlib_dataset(seed=self.seed, num_train=self.num_train, num_val=self.num_val)
-        return train, val if val.queries else None  # num_val=0: no validation
+        self._val = val if val.queries else None  # num_val=0: no validation
+        return dataset_rows(train, self.use_all_docs, self.multi_positive, self.cache_dir)
+
+    def load_validation(self) -> QADataset | None:
+        return self._val

@@ -20,11 +20,13 @@ from lit_embed.data.schema import (
     DEFAULT_POLICY,
     FIX,
     QADataset,
+    Record,
     Skipped,
     SkipPolicy,
     TrainingExample,
     read_text,
     rows_to_dataset,
+    text_lines,
     validate,
 )
 from lit_embed.errors import DataFormatError
@@ -87,8 +89,9 @@ def load_llamaindex_json(path: str | os.PathLike, policy: SkipPolicy = DEFAULT_P
 
 
 def json_lines(path: Path) -> Iterator[tuple[int, str, Any]]:
-    """``(line number, "FILE, line N", parsed value)`` for each non-blank line; a bad line is one error naming it."""
-    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+    """``(line number, "FILE, line N", parsed value)`` for each non-blank line, read one line at a time; a bad line
+    is one error naming it."""
+    for lineno, line in text_lines(path):
         if not line.strip():
             continue
         where = f"{path}, line {lineno}"
@@ -108,9 +111,13 @@ def load_jsonl(path: str | os.PathLike, policy: SkipPolicy = DEFAULT_POLICY) -> 
     A line with an empty query or positive is skipped, and so is an empty negative, within ``policy``; so is a line
     whose teacher ``"scores"`` are not all finite. Scores of the wrong length or type are an error.
     """
-    path = Path(path)
-    rows = []
     skipped = Skipped()
+    return validate(rows_to_dataset(jsonl_records(path, skipped)), str(path), policy, skipped)
+
+
+def jsonl_records(path: str | os.PathLike, skipped: Skipped) -> Iterator[Record]:
+    """The usable records of a ``.jsonl`` file, one line at a time; what is left out goes into ``skipped``."""
+    path = Path(path)
     for lineno, where, row in json_lines(path):
         skipped.records += 1
         if not isinstance(row, dict) or "query" not in row or "positive" not in row:
@@ -143,8 +150,7 @@ def load_jsonl(path: str | os.PathLike, policy: SkipPolicy = DEFAULT_POLICY) -> 
         kept = [i for i, t in enumerate(negatives) if t and t.strip()]
         if scores is not None:
             scores = [scores[0], *(scores[1 + i] for i in kept)]
-        rows.append((f"line {lineno}", row["query"], row["positive"], [negatives[i] for i in kept], scores))
-    return validate(rows_to_dataset(rows), str(path), policy, skipped)
+        yield f"line {lineno}", row["query"], row["positive"], [negatives[i] for i in kept], scores
 
 
 def _scores(row: dict[str, Any], num_negatives: int, where: str) -> list[float] | None:

@@ -124,11 +124,13 @@ class MultiTaskDataModule(ResumableDataModule):
                 for sampler in samplers:
                     sampler.resume_at(epoch, done % max(1, len(sampler)))
             loaders = {
-                name: index_dataloader(data.num_rows, s, data.collator, data.num_workers, data.seed, data.pin_memory)
+                name: index_dataloader(
+                    data.num_training_pairs, s, data.collator, data.num_workers, data.seed, data.pin_memory
+                )
                 for (name, data), s in zip(self.tasks.items(), samplers, strict=True)
             }
             return CombinedLoader(loaders, mode=self.mode)
-        sizes = [data.num_rows for data in self.tasks.values()]
+        sizes = [data.num_training_pairs for data in self.tasks.values()]
         offsets = [sum(sizes[:t]) for t in range(len(sizes))]
         schedule = TaskSchedule(samplers, offsets, self.mode, self.seed)
         if self._resume_at is not None:

@@ -6,8 +6,11 @@ import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from lit_embed.data.ragged import Ragged
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +19,8 @@ log = logging.getLogger(__name__)
 LOOKAHEAD = 256
 # Recent full batches a deferred row at the end of an epoch may be swapped into.
 SWAP_WINDOW = 64
+# Rounds in a row that place no waiting row into a hole before the rest is filled one row at a time.
+STALLED_ROUNDS = 3
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -62,15 +67,15 @@ class ResumableBatchSampler(Sampler[list[int]]):
 class NoDuplicatesBatchSampler(ResumableBatchSampler):
     """Shuffles every epoch from ``seed + epoch`` and fills each batch with rows that share no text.
 
-    A row that clashes with the batch being filled waits for the next one, so every row is used exactly once per
-    epoch; only the last few batches can come out smaller when the clashing rows run out of partners.
+    A row that clashes with its batch moves to another one, so every row is used exactly once per epoch; only the
+    last few batches can come out smaller when the clashing rows run out of partners.
 
     Under DDP every rank builds the same global batches of ``batch_size x num_replicas`` rows, so the guarantee
     holds for the global batch (what ``loss.gather_across_devices`` scores), and yields its own slice of each.
 
     Args:
-        row_texts: for each row, the ids of every text it holds (query, positive, negatives). Ids (not strings)
-            keep the per-epoch work cheap.
+        row_texts: for each row, the ids of every text it holds (query, positive, negatives), as a ragged array
+            (or a list of id lists). Ids (not strings) keep the per-epoch work cheap.
         batch_size: rows per batch.
         seed: base seed; epoch ``e`` is shuffled from ``seed + e``, so a resumed run sees the same order.
         drop_last: drop a final batch smaller than ``batch_size``.
@@ -80,7 +85,7 @@ class NoDuplicatesBatchSampler(ResumableBatchSampler):
 
     def __init__(
         self,
-        row_texts: Sequence[Sequence[int]],
+        row_texts: Ragged | Sequence[Sequence[int]],
         batch_size: int,
         seed: int = 0,
         drop_last: bool = False,
@@ -92,7 +97,7 @@ class NoDuplicatesBatchSampler(ResumableBatchSampler):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
         super().__init__(seed)
-        self.row_texts = [frozenset(texts) for texts in row_texts]
+        self.row_texts = row_texts if isinstance(row_texts, Ragged) else Ragged.from_rows(row_texts)
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.num_replicas = num_replicas
@@ -113,70 +118,128 @@ class NoDuplicatesBatchSampler(ResumableBatchSampler):
     def global_batches(self) -> list[list[int]]:
         """This epoch's batches over all ranks, each of up to ``batch_size x num_replicas`` rows sharing no text.
 
-        One pass over the shuffled rows fills each batch in turn; a row that clashes with the batch waits in a
-        queue of deferred rows, which get the first try at the next batch (the first ``LOOKAHEAD`` of them, so a
-        text shared by a large part of the data costs a bounded scan per batch, not one over every waiting row).
-        When the shuffled rows run out, the deferred rows that still clash with each other are swapped into
-        recent full batches for rows that fit the batch being filled, so only batches of rows that fit nowhere
-        come out short. Without shared texts nothing waits and the batches are the shuffled order cut in pieces.
+        Vectorised over all batches at once: the shuffled rows are cut into batches, and a row that shares a text
+        with an earlier row of its batch leaves it. The rows that left then try the holes, each round in another
+        random order, where a newcomer that clashes leaves again, until every hole is filled or the rounds stop
+        placing rows. Whatever is left (rows that fit nowhere, batches with holes, the final partial batch) is
+        filled row by row as before: a clashing row waits for a later batch, and at the end waiting rows are
+        swapped into recent full batches, so only batches of rows that fit nowhere come out short. Without shared
+        texts nothing moves and the batches are the shuffled order cut in pieces.
         """
-        batch_size = self.batch_size * self.num_replicas
-        texts = self.row_texts
-        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        order = order.tolist()
-        lookahead = max(LOOKAHEAD, 4 * batch_size)
-        batches: list[list[int]] = []
-        recent: deque[tuple[list[int], set[int]]] = deque(maxlen=SWAP_WINDOW)  # full batches and their texts
+        size = self.batch_size * self.num_replicas
+        num_rows = len(self.row_texts)
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch)).numpy()
+        rng = np.random.default_rng([self.seed, self.epoch])
+        full = num_rows // size
+        slots = order[: full * size].copy()  # slot s belongs to batch s // size; -1 is a hole
+        holes = self._clashing(slots, np.arange(full), np.arange(full * size))
+        pending = np.concatenate([slots[holes], order[full * size :]])
+        moved = set(slots[holes].tolist())
+        slots[holes] = -1
+        stalled = 0
+        while len(holes) and len(pending) and stalled < STALLED_ROUNDS:
+            n = min(len(holes), len(pending))
+            targets, holes = np.split(holes[rng.permutation(len(holes))], [n])
+            slots[targets] = pending[:n]
+            lost = self._clashing(slots, np.unique(targets // size), targets)
+            pending = np.concatenate([slots[lost], pending[n:]])
+            slots[lost] = -1
+            holes = np.concatenate([holes, lost])
+            stalled = stalled + 1 if len(lost) == n else 0
+        batches = slots.reshape(full, size)
+        complete = (batches >= 0).all(axis=1)
+        leftover = np.concatenate([batches[~complete].ravel(), pending])
+        batches = batches[complete].tolist()
+        deferred = self._fill_in_order(leftover[leftover >= 0].tolist(), batches, size, moved)
+        batches += deferred
+        if self.drop_last and batches and len(batches[-1]) < size:
+            batches.pop()
+        # Every rank needs a row of every batch; only the tail of rows that clash with all others can fall short.
+        kept = [batch for batch in batches if len(batch) >= self.num_replicas]
+        if moved and self.rank == 0:
+            short = sum(len(batch) < size for batch in kept[:-1])
+            left_out = sum(len(batch) for batch in batches) - sum(len(batch) for batch in kept)
+            log.info(
+                "Epoch %d: %d of %d rows shared a text with the batch being filled and went into a later one; "
+                "%d batches before the last are short (their rows share texts with every other row left)%s.",
+                self.epoch,
+                len(moved),
+                num_rows,
+                short,
+                f"; {left_out} rows left out (fewer than one per process in a final batch)" if left_out else "",
+            )
+        return kept
+
+    def _clashing(self, slots: np.ndarray, batches: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Which ``candidates`` (slots of ``batches``) share a text with a row that comes first in their batch.
+
+        Rows that are not candidates come first (they are placed); candidates come in the order given.
+        """
+        size = self.batch_size * self.num_replicas
+        batch_slots = (batches[:, None] * size + np.arange(size)).ravel()
+        batch_slots = batch_slots[slots[batch_slots] >= 0]
+        rank = np.full(len(slots), -1, dtype=np.int64)
+        rank[candidates] = np.arange(len(candidates))
+        texts = self.row_texts.take(slots[batch_slots])
+        owner = np.repeat(batch_slots, texts.lengths)  # [T] the slot of each text
+        key = (owner // size) * (int(np.max(texts.values, initial=0)) + 1) + np.asarray(texts.values)
+        order = np.lexsort((rank[owner], key))
+        key, owner = key[order], owner[order]
+        repeated = (key[1:] == key[:-1]) & (owner[1:] != owner[:-1])
+        clashing = np.zeros(len(slots), dtype=bool)
+        clashing[owner[1:][repeated]] = True
+        return candidates[clashing[candidates]]
+
+    def _fill_in_order(self, rows: list[int], batches: list[list[int]], size: int, moved: set[int]) -> list[list[int]]:
+        """Batches of ``rows`` filled one row at a time, after ``batches`` (whose last full ones take swaps).
+
+        A row that clashes with the batch being filled waits in a queue of deferred rows, which get the first try
+        at the next batch (the first ``LOOKAHEAD`` of them, so a text shared by a large part of the data costs a
+        bounded scan per batch). When the rows run out, deferred rows that still clash with each other are swapped
+        into recent full batches for rows that fit the batch being filled.
+        """
+        recent = deque(((batch, self._texts_of(batch)) for batch in batches[-SWAP_WINDOW:]), maxlen=SWAP_WINDOW)
+        texts = {row: frozenset(self.row_texts.row(row).tolist()) for row in rows}
+        for batch, _ in recent:
+            texts.update((row, frozenset(self.row_texts.row(row).tolist())) for row in batch)
+        lookahead = max(LOOKAHEAD, 4 * size)
+        filled: list[list[int]] = []
         deferred: deque[int] = deque()
-        num_deferred = 0
         swapping = True  # until a short batch cannot be filled by swaps: its rows fit nowhere
         position = 0
-        while position < len(order) or deferred:
+        while position < len(rows) or deferred:
             batch: list[int] = []
             seen: set[int] = set()
             waiting = []
-            while deferred and len(waiting) < lookahead and len(batch) < batch_size:
+            while deferred and len(waiting) < lookahead and len(batch) < size:
                 row = deferred.popleft()
                 if seen.isdisjoint(texts[row]):
                     batch.append(row)
                     seen.update(texts[row])
                 else:
                     waiting.append(row)
-            while len(batch) < batch_size and position < len(order):
-                row = order[position]
+            while len(batch) < size and position < len(rows):
+                row = rows[position]
                 position += 1
                 if seen.isdisjoint(texts[row]):
                     batch.append(row)
                     seen.update(texts[row])
                 else:
                     deferred.append(row)
-                    num_deferred += 1
-            if len(batch) < batch_size and (waiting or deferred) and swapping:
-                # The shuffled rows have run out: every deferred row (up to the lookahead) is a candidate.
+                    moved.add(row)
+            if len(batch) < size and (waiting or deferred) and swapping:
+                # The rows have run out: every deferred row (up to the lookahead) is a candidate.
                 waiting += [deferred.popleft() for _ in range(min(lookahead - len(waiting), len(deferred)))]
-                waiting = self._swap_into_recent(batch, seen, waiting, recent, batch_size)
-                swapping = len(batch) == batch_size
+                waiting = self._swap_into_recent(batch, seen, waiting, recent, size, texts)
+                swapping = len(batch) == size
             deferred.extendleft(reversed(waiting))
-            batches.append(batch)
-            if len(batch) == batch_size:
+            filled.append(batch)
+            if len(batch) == size:
                 recent.append((batch, seen))
-        if self.drop_last and batches and len(batches[-1]) < batch_size:
-            batches.pop()
-        # Every rank needs a row of every batch; only the tail of rows that clash with all others can fall short.
-        kept = [batch for batch in batches if len(batch) >= self.num_replicas]
-        if num_deferred and self.rank == 0:
-            short = sum(len(batch) < batch_size for batch in kept[:-1])
-            left_out = sum(len(batch) for batch in batches) - sum(len(batch) for batch in kept)
-            log.info(
-                "Epoch %d: %d of %d rows shared a text with the batch being filled and went into a later one; "
-                "%d batches before the last are short (their rows share texts with every other row left)%s.",
-                self.epoch,
-                num_deferred,
-                len(texts),
-                short,
-                f"; {left_out} rows left out (fewer than one per process in a final batch)" if left_out else "",
-            )
-        return kept
+        return filled
+
+    def _texts_of(self, batch: list[int]) -> set[int]:
+        return set(np.asarray(self.row_texts.take(batch).values).tolist())
 
     def _swap_into_recent(
         self,
@@ -185,10 +248,10 @@ class NoDuplicatesBatchSampler(ResumableBatchSampler):
         waiting: list[int],
         recent: deque[tuple[list[int], set[int]]],
         batch_size: int,
+        texts: dict[int, frozenset[int]],
     ) -> list[int]:
         """Fills ``batch`` by swaps: a waiting row goes into a recent full batch whose one clashing row (or any
         row, if none clashes) fits ``batch`` and moves there. Returns the rows still waiting, in order."""
-        texts = self.row_texts
         still_waiting = []
         for row in waiting:
             if len(batch) == batch_size:

@@ -6,9 +6,8 @@ Every reader (``json_files``, ``tables``, the stdlib builder) produces a :class:
 from __future__ import annotations
 
 import logging
-import random
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,11 @@ class QADataset:
     hard_negatives: dict[str, list[str]] = field(default_factory=dict)
     skipped: Skipped | None = field(default=None, compare=False)  # what the reader left out of the file
     teacher_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+# One pair as a row format holds it: (row id such as "line 3", query, positive, negatives, a teacher's scores of the
+# positive and of each negative or None).
+Record = tuple[str, str, str, Sequence[str], Sequence[float] | None]
 
 
 @dataclass(frozen=True)
@@ -228,7 +232,7 @@ def validate(
         where = f"{source}: {len(unanswered)} of {len(queries)} queries have no relevant document"
         skipped.add("unanswered", repr(qid), f"{where} (first: {unanswered[0]!r}). {FIX['unanswered']}")
     if skipped.count:
-        _allow_or_refuse(skipped, source, policy)
+        allow_or_refuse(skipped, source, policy)
     return QADataset(
         queries={qid: text for qid, text in queries.items() if relevant_docs.get(qid)},
         corpus=corpus,  # documents no query names stay: they are distractors in evaluation
@@ -254,7 +258,7 @@ def _texts(records: dict[str, Any], kind: str, source: str, skipped: Skipped) ->
     return usable
 
 
-def _allow_or_refuse(skipped: Skipped, source: str, policy: SkipPolicy) -> None:
+def allow_or_refuse(skipped: Skipped, source: str, policy: SkipPolicy) -> None:
     """One warning for what is skipped, or one error when the policy allows fewer."""
     counted = f"{skipped.count} of {skipped.records} records that are wrong on their own ({skipped.summary()})"
     if not policy.allows(skipped.count, skipped.records):
@@ -294,6 +298,23 @@ def training_examples(
     return examples
 
 
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 file, read one line at a time (a leading byte-order mark removed); a line
+    that is not UTF-8 is an error naming it, as :func:`read_text`'s."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(
+                    f"{path}, line {lineno}: the file is not valid UTF-8 (byte offset {offset + err.start}). "
+                    "Re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`."
+                ) from None
+            offset += len(raw)
+            yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
+
+
 def queries_subset(dataset: QADataset, query_ids: Iterable[str]) -> QADataset:
     """These queries, with the documents relevant to them as the corpus (an evaluation set of their own)."""
     relevant = {q: dataset.relevant_docs[q] for q in query_ids}
@@ -305,48 +326,6 @@ def queries_subset(dataset: QADataset, query_ids: Iterable[str]) -> QADataset:
 MIN_QUERIES_TO_HOLD_OUT = 200
 # Enough queries to tell models apart; more would only slow every evaluation.
 MAX_HELD_OUT_QUERIES = 1000
-
-
-def hold_out_queries(dataset: QADataset, fraction: float, seed: int, source: str) -> tuple[QADataset, QADataset | None]:
-    """Splits a validation set off the training data: ``(train, val)``, or ``(dataset, None)`` when too small.
-
-    ``fraction`` of the queries (at most :data:`MAX_HELD_OUT_QUERIES`), drawn with ``seed``, leave training; the
-    validation set is them and their relevant documents. Queries with the same text go together, so no validation
-    query is trained on under another id. The documents stay in the training corpus: where another query is
-    relevant to one, it is still trained on.
-    """
-    by_text: dict[str, list[str]] = {}
-    for qid in dataset.relevant_docs:
-        by_text.setdefault(dataset.queries[qid], []).append(qid)
-    if len(by_text) < MIN_QUERIES_TO_HOLD_OUT:
-        log.warning(
-            "%s: no data.val_path, and only %d distinct queries (fewer than %d) to hold out a validation slice from: "
-            "training on all of them without validation, so there is no before/after table, best checkpoint or "
-            "weight merging. Pass data.val_path=FILE to have them.",
-            source,
-            len(by_text),
-            MIN_QUERIES_TO_HOLD_OUT,
-        )
-        return dataset, None
-    count = min(MAX_HELD_OUT_QUERIES, max(1, round(fraction * len(by_text))))
-    held_texts = random.Random(seed).sample(sorted(by_text), count)
-    held = {qid for text in held_texts for qid in by_text[text]}
-    val = queries_subset(dataset, [q for q in dataset.relevant_docs if q in held])
-    train = replace(
-        dataset,
-        relevant_docs={q: docs for q, docs in dataset.relevant_docs.items() if q not in held},
-        hard_negatives={q: docs for q, docs in dataset.hard_negatives.items() if q not in held},
-        teacher_scores={q: scores for q, scores in dataset.teacher_scores.items() if q not in held},
-    )
-    log.info(
-        "%s: no data.val_path, so %d of its %d queries (%d%%) are held out as the validation set "
-        "(data.val_fraction=0 trains on all of them, without validation).",
-        source,
-        count,
-        len(by_text),
-        round(100 * count / len(by_text)),
-    )
-    return train, val
 
 
 def read_text(path: Path) -> str:

@@ -17,16 +17,27 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lit_embed.data.schema import DEFAULT_POLICY, QADataset, Skipped, SkipPolicy, read_text, rows_to_dataset, validate
+from lit_embed.data.schema import (
+    DEFAULT_POLICY,
+    QADataset,
+    Record,
+    Skipped,
+    SkipPolicy,
+    read_text,
+    rows_to_dataset,
+    validate,
+)
 from lit_embed.errors import DataFormatError
 
 ROLES = ("query", "positive", "negatives")
 
 # Reads the named columns; yields (row number from 1, where the row is for messages, {column: value}).
+BLOCK_ROWS = 8192  # Parquet and datasets rows converted to Python at once
+
 RowReader = Callable[[list[str]], Iterator[tuple[int, str, dict[str, Any]]]]
 
 
@@ -46,6 +57,12 @@ def load_table(
         The dataset, built as :func:`lit_embed.data.json_files.load_jsonl` builds it; query ids are ``"row N"``
         (N counts data rows from 1, the header excluded).
     """
+    skipped = Skipped()
+    return validate(rows_to_dataset(table_records(path, columns, skipped)), str(path), policy, skipped)
+
+
+def table_records(path: str | os.PathLike, columns: Mapping[str, str] | None, skipped: Skipped) -> Iterator[Record]:
+    """The usable rows of a table as records; Parquet and ``datasets`` tables are read in blocks of rows."""
     path = Path(path)
     names = _column_names(path, columns or {})
     if path.is_dir():
@@ -57,8 +74,6 @@ def load_table(
     else:
         raise DataFormatError(f"{path}: not a table; use .csv, .parquet or a datasets save_to_disk directory.")
     chosen = _choose_columns(path, available, names, negatives_required="negatives" in (columns or {}))
-    rows = []
-    skipped = Skipped()
     for n, where, record in read(list(dict.fromkeys(chosen.values()))):
         skipped.records += 1
         texts = {role: _text(record[chosen[role]], where, role, chosen[role]) for role in ("query", "positive")}
@@ -72,8 +87,7 @@ def load_table(
                 skipped.add("empty_text", f"row {n} ({role})", message)
         if texts["query"] is not None and texts["positive"] is not None:
             negatives = [text for role, text in texts.items() if role.startswith("negatives") and text is not None]
-            rows.append((f"row {n}", texts["query"], texts["positive"], negatives))
-    return validate(rows_to_dataset(rows), str(path), policy, skipped)
+            yield f"row {n}", texts["query"], texts["positive"], negatives, None
 
 
 def _column_names(path: Path, columns: Mapping[str, str]) -> dict[str, str]:
@@ -179,7 +193,10 @@ def _open_parquet(path: Path) -> tuple[list[str], RowReader]:
         available = pq.read_schema(path).names
     except pa.ArrowException as err:
         raise DataFormatError(f"{path}: not a readable Parquet file ({err}). Rewrite it or check the path.") from None
-    return available, lambda columns: _arrow_rows(path, pq.read_table(path, columns=columns).to_pylist())
+    # Blocks of rows: a file larger than memory is read a block at a time.
+    return available, lambda columns: _arrow_rows(
+        path, (batch.to_pylist() for batch in pq.ParquetFile(path).iter_batches(BLOCK_ROWS, columns=columns))
+    )
 
 
 def _open_hf_dataset(path: Path) -> tuple[list[str], RowReader]:
@@ -206,10 +223,13 @@ def _open_hf_dataset(path: Path) -> tuple[list[str], RowReader]:
         raise DataFormatError(f"{path}: datasets cannot load it ({err}). Write it again with save_to_disk.") from None
     # Arrow format gives plain Python lists whatever format (numpy, torch) was saved with the dataset.
     return dataset.column_names, lambda columns: _arrow_rows(
-        path, dataset.with_format("arrow", columns=columns)[:].to_pylist()
+        path, (block.to_pylist() for block in dataset.with_format("arrow", columns=columns).iter(BLOCK_ROWS))
     )
 
 
-def _arrow_rows(path: Path, records: list[dict[str, Any]]) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    for n, record in enumerate(records, start=1):
-        yield n, f"{path}, row {n}", record
+def _arrow_rows(path: Path, blocks: Iterable[list[dict[str, Any]]]) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    n = 0
+    for block in blocks:
+        for record in block:
+            n += 1
+            yield n, f"{path}, row {n}", record

@@ -7,10 +7,15 @@ The metrics themselves are computed in :mod:`lit_embed.evaluation.ir`; this embe
 from __future__ import annotations
 
 import contextlib
+import itertools
+import tempfile
+from collections.abc import Iterable
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from lit_embed.data.schema import QADataset
@@ -18,6 +23,9 @@ from lit_embed.distributed import all_gather_rows, rank_and_world
 from lit_embed.errors import LitEmbedError
 from lit_embed.evaluation import DEFAULT_K, METRIC_TABLE_KEYS
 from lit_embed.evaluation.ir import evaluate_and_rank
+
+# Corpus texts embedded per step of encode_corpus: what is held in memory at once, texts and vectors.
+CORPUS_CHUNK = 16_384
 
 
 class TextEncoder(Protocol):
@@ -42,13 +50,38 @@ def encode_texts(
     return embeddings[:, :truncate_dim]  # [n, truncate_dim]
 
 
-def _encode_sharded(
-    encoder: TextEncoder, texts: list[str], kind: str, batch_size: int, truncate_dim: int | None = None
+def encode_corpus(
+    encoder: TextEncoder,
+    texts: Iterable[str],
+    size: int,
+    kind: str,
+    batch_size: int,
+    truncate_dim: int | None = None,
+    chunk_size: int | None = None,
+    normalize: bool = False,
 ) -> Tensor:
-    """Each rank embeds its contiguous share of the texts; the shares are gathered back in the input order."""
+    """``[size, truncate_dim or D]`` float32 embeddings in a memory-mapped file, embedded ``chunk_size`` texts at a
+    time (default ``CORPUS_CHUNK``), so a big corpus never has all its texts in a list nor all its vectors in memory.
+
+    Under ``torch.distributed`` each rank embeds its share of every chunk and the shares are gathered, so every
+    rank ends with the whole corpus. ``normalize`` divides each vector by its length (for dot-product search).
+    The file is deleted once the tensor is no longer used.
+    """
     rank, world = rank_and_world()
-    share = texts[rank * len(texts) // world : (rank + 1) * len(texts) // world]
-    return all_gather_rows(encode_texts(encoder, share, kind, batch_size, truncate_dim))[0]  # [len(texts), D]
+    chunk_size = chunk_size or CORPUS_CHUNK
+    dim = truncate_dim or encoder.embedding_dim
+    with tempfile.NamedTemporaryFile(prefix="lit_embed-corpus-", suffix=".npy") as file:
+        vectors = np.lib.format.open_memmap(file.name, mode="w+", dtype=np.float32, shape=(size, dim))
+    # The name is gone, the mapping stays: the disk space is freed with the array.
+    texts = iter(texts)
+    for start in range(0, size, chunk_size):
+        chunk = list(itertools.islice(texts, chunk_size))  # [n]
+        share = chunk[rank * len(chunk) // world : (rank + 1) * len(chunk) // world]
+        embedded = all_gather_rows(encode_texts(encoder, share, kind, batch_size, truncate_dim))[0].float()
+        if normalize:
+            embedded = F.normalize(embedded, dim=-1)
+        vectors[start : start + len(chunk)] = embedded.cpu().numpy()  # [n, dim]
+    return torch.from_numpy(vectors)
 
 
 def evaluate_encoder(
@@ -82,20 +115,26 @@ def evaluate_encoder_and_rank(
     check_truncate_dim(truncate_dim, encoder.embedding_dim)
     rank, world = rank_and_world()
     query_ids = list(dataset.queries)[rank::world]
-    corpus_ids = list(dataset.corpus)
-    corpus = _encode_sharded(encoder, [dataset.corpus[d] for d in corpus_ids], "document", batch_size, truncate_dim)
+    # Embedded in id order, the order in which equal scores rank, so the search needs no reordered copy of it.
+    corpus_ids = sorted(dataset.corpus)
+    documents = (dataset.corpus[d] for d in corpus_ids)
+    corpus = encode_corpus(encoder, documents, len(corpus_ids), "document", batch_size, truncate_dim)
     queries = encode_texts(encoder, [dataset.queries[q] for q in query_ids], "query", batch_size, truncate_dim)
     metrics, rankings = evaluate_and_rank(
         queries, corpus, query_ids, corpus_ids, dataset.relevant_docs, DEFAULT_K, corpus_chunk_size=corpus_chunk_size
     )
+    # Top hits as positions in the dataset's corpus order, as callers read them.
+    position = torch.tensor([i for _, i in sorted((d, i) for i, d in enumerate(dataset.corpus))], dtype=torch.int32)
+    hit = rankings[:, 0] >= 0
+    rankings[hit, 0] = position[rankings[hit, 0].long()]
     if world == 1:
         return metrics, rankings
     # Every query has a relevant document (validated), so each rank's mean is over len(query_ids) queries.
     sums = torch.tensor([v * len(query_ids) for v in metrics.values()] + [len(query_ids)], dtype=torch.float64)
-    sums = sums.to(corpus.device)
+    sums = sums.to(queries.device)
     dist.all_reduce(sums)
     # Rank r searched queries r, r + world, ...: gathered in rank order, then put back in the dataset's order.
-    gathered = all_gather_rows(rankings.to(corpus.device))[0].cpu()  # [Q, 2]
+    gathered = all_gather_rows(rankings.to(queries.device))[0].cpu()  # [Q, 2]
     order = torch.cat([torch.arange(r, len(dataset.queries), world) for r in range(world)])
     in_order = torch.empty_like(gathered)
     in_order[order] = gathered

@@ -190,6 +190,11 @@ class Encoder(nn.Module):
         return self.model.tokenizer
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids are below this (the data stores them in the smallest integer type that holds it)."""
+        return len(self.model.tokenizer)
+
+    @property
     def padding_side(self) -> str:
         """Where the tokenizer pads (``"left"`` for most decoder embedders): training batches are padded there too."""
         return getattr(self.model.tokenizer, "padding_side", None) or "right"

@@ -161,8 +161,12 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._deferred = None  # the final checkpoint below covers it
         step = trainer.global_step
+        improved = self._improved(trainer, pl_module)
+        if self._saved_at(step) and improved:
+            # Saved at this step before the final evaluation, which made it the best: saved again, as the best.
+            self.saved.pop()
         if not self._saved_at(step):
-            self._save(trainer, step, self._improved(trainer, pl_module))
+            self._save(trainer, step, improved)
         if self.monitor is not None and self.monitor not in trainer.callback_metrics and trainer.is_global_zero:
             # Another callback may log the monitored value, so an unknown name is allowed: say it never came.
             logged = ", ".join(sorted(trainer.callback_metrics))
