@@ -183,9 +183,8 @@ class TrainingRows:
         """Writes everything but the texts (written by the builder as it goes) into ``directory``."""
         np.save(directory / "query.npy", self.query)
         np.save(directory / "positive.npy", self.positive)
-        for name in ("negatives", "other_positives", "query_ids", "relevant") + (
-            ("scores",) if self.scores is not None else ()
-        ):
+        scored = ["scores"] if self.scores is not None else []
+        for name in ["negatives", "other_positives", "query_ids", "relevant", *scored]:
             getattr(self, name).save(directory, name)
         skipped = self.skipped.__dict__ if self.skipped is not None else None
         (directory / "rows.json").write_text(json.dumps({"key": self.key, "skipped": skipped}))
