@@ -89,6 +89,16 @@ def test_smaller_than_one_batch_after_deduplication(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_a_training_file_without_pairs_is_refused_whatever_the_batch_size(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "nothing.jsonl"
+    path.write_text(content)
+    overrides = tiny_run_overrides(path, None, tmp_path / "out", **{"data.batch_size": "auto"})
+    with pytest.raises(LitEmbedError, match=r"nothing\.jsonl: no training pairs"):
+        run(compose_train(overrides))
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_model_path(tmp_path: Path) -> None:
     train, val = write_toy_data(tmp_path)
     overrides = tiny_run_overrides(train, val, tmp_path / "out") + ["model=minilm", "model.model_name_or_path=./nope"]

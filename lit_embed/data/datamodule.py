@@ -323,6 +323,11 @@ class QAPairDataModule(ResumableDataModule):
             self.val_dataset = self.load_validation()
             if self.val_dataset is None and self.val_fraction > 0:
                 rows, self.val_dataset = rows.hold_out(self.val_fraction, self.seed, self.source)
+            if not len(rows):
+                raise DataFormatError(
+                    f"{self.source}: no training pairs: no record has a query with a relevant document. Add pairs "
+                    "to the file, or point data.train_path at the right one."
+                )
             if self.batch_size != "auto" and len(rows) < self.batch_size:
                 raise DataFormatError(
                     f"{self.source}: only {len(rows)} training pairs, fewer than one batch "
