@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from lit_embed.data import store as store_module
 from lit_embed.data.datamodule import QAPairDataModule
 from lit_embed.data.ragged import Ragged
 from lit_embed.data.tokens import FastTokenIds, tokenize_texts
+from lit_embed.errors import LitEmbedError
 from lit_embed.models.encoder import Encoder
 
 
@@ -185,3 +187,19 @@ def test_a_mapped_store_travels_to_worker_processes_as_file_names(tmp_path: Path
     assert len(sent) < 1000 < ids.values.nbytes
     again = pickle.loads(sent)
     assert isinstance(again.values, np.memmap) and np.array_equal(again.values, ids.values)
+
+
+def test_a_cache_dir_that_cannot_hold_the_store_is_one_clear_error(tmp_path: Path, tiny_encoder) -> None:
+    texts = Ragged.from_texts(["a text", "another"])
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(LitEmbedError, match=r"data\.cache_dir=.*file: cannot store the document token store"):
+        tokenize_texts(texts, "document", tiny_encoder, "key", not_a_folder)
+
+    def disk_full(directory: Path) -> None:
+        (directory / "part.npy").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(LitEmbedError, match=r"No space left on device\)\. Set data\.cache_dir"):
+        store_module.built_once(tmp_path / "cache", "store", disk_full, "the store")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".store.lock"]  # nothing half-written is left

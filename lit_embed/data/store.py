@@ -9,6 +9,7 @@ written under a temporary name and renamed (``lit_embed.files``).
 from __future__ import annotations
 
 import atexit
+import errno
 import fcntl
 import hashlib
 import json
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lit_embed.errors import LitEmbedError
 from lit_embed.files import write_directory_atomic
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,20 @@ def built_once(cache_dir: str | os.PathLike | None, name: str, build: Callable[[
     path = root / name
     if path.is_dir():
         return path
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{name}.lock"):
-        if not path.is_dir():  # another process may have built it while this one waited
-            write_directory_atomic(path, lambda staging: _timed_build(build, staging, what))
-            log.info("Stored in %s; later runs on the same data reuse it.", path)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with _locked(root / f".{name}.lock"):
+            if not path.is_dir():  # another process may have built it while this one waited
+                write_directory_atomic(path, lambda staging: _timed_build(build, staging, what))
+                log.info("Stored in %s; later runs on the same data reuse it.", path)
+    except OSError as err:
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not full and not str(err.filename or "").startswith(str(root)):
+            raise  # not the store's own files (reading the input reports its own errors)
+        raise LitEmbedError(
+            f"data.cache_dir={cache_dir}: cannot store {what} in {root} ({err.strerror}). Set data.cache_dir to a "
+            "writable folder with space for the data, or data.cache_dir=null for a temporary one per process."
+        ) from None
     return path
 
 
