@@ -424,7 +424,7 @@ class QAPairDataModule(ResumableDataModule):
             "%s: %d training pairs from %d queries and %d documents (tokenized once).",
             self.source,
             len(rows),
-            len(rows.queries),
+            len(np.unique(rows.query)),  # not the held-out ones
             len(rows.documents),
         )
 
