@@ -65,6 +65,32 @@ def test_the_rust_tokenizer_is_used_where_it_gives_the_encoders_ids(model_paths,
     assert columns["input_ids"].tolist() == expected["input_ids"][mask].tolist()
 
 
+MULTILINGUAL = [
+    "Wie funktioniert die Größenänderung?",
+    "如何在 Python 中读取文件？",
+    "كيف أقرأ ملفًا في بايثون؟",
+    "Как прочитать файл?",
+    "ファイルを読むには",
+    "e\u0301te\u0301 cafe\u0301 (combining accents)",
+    "zero\u200bwidth and\u00a0non-breaking spaces",
+    "emoji 🙂👍🏽 and symbols ∑∫≠",
+    "\tTabs\nnew lines\r\n  and   runs of spaces  ",
+    "x" * 3000,
+    "UPPER lower MiXeD 12345 3.14 a_b-c/d",
+]
+
+
+@pytest.mark.parametrize("model", ["encoder", "decoder"])
+def test_stored_ids_equal_tokenize_on_every_text_in_many_scripts(tmp_path: Path, model_paths, model: str) -> None:
+    encoder = Encoder(model_paths[model], query_prompt="query: ", max_seq_length=32)
+    texts = Ragged.from_texts(MULTILINGUAL * 3 + [f"{t} #{i}" for i, t in enumerate(MULTILINGUAL)])
+    tokens = tokenize_texts(texts, "query", encoder, "multilingual", tmp_path)
+    for i in range(len(texts)):
+        expected = encoder.tokenize([texts.text(i)], "query")
+        got = tokens.pad([i])
+        assert got["input_ids"].tolist() == expected["input_ids"].tolist(), texts.text(i)
+
+
 class _ReversingEncoder:
     """An encoder whose tokenize does more than its Rust tokenizer (it reverses each text first)."""
 
