@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lit_embed.models.packed import PackedTexts
+
 Features = dict[str, Any]  # what a tokenizer returns: input_ids, attention_mask, ... ([n, L] tensors) and extras
 
 
@@ -21,14 +23,14 @@ class TokenGroups:
     """One side of a batch (its queries or its documents), padded in groups of similar length.
 
     Attributes:
-        groups: padded features, one dict per length group.
+        groups: padded features, one dict per length group; or one :class:`PackedTexts`, every text unpadded.
         order: ``[N]``; row ``i`` of the batch is row ``order[i]`` of the groups' outputs concatenated.
         texts: the ``N`` texts in the batch's row order (references to the data's strings, so free to carry), for
             what needs the words rather than this tokenizer's ids: a guide model with its own tokenizer, a cache
             keyed by text. Empty when the batch was built without them.
     """
 
-    groups: list[Features]
+    groups: list[Features] | list[PackedTexts]
     order: Tensor
     texts: list[str] = field(default_factory=list)
 
@@ -77,6 +79,22 @@ class PairBatch:
     def __len__(self) -> int:
         return len(self.queries)
 
+    def embed(self, encoder: Callable[[Features | PackedTexts], Tensor]) -> tuple[Tensor, Tensor]:
+        """``(queries [B, D], documents [B + N, D])``; packed sides that can share a call go through the encoder
+        together, one forward pass for the whole batch."""
+        (queries,), (documents,) = self.queries.groups[:1], self.documents.groups[:1]
+        shared = len(self.queries.groups) == len(self.documents.groups) == 1
+        if (
+            shared
+            and isinstance(queries, PackedTexts)
+            and isinstance(documents, PackedTexts)
+            and queries.joins(documents)
+        ):
+            both = encoder(queries.join(documents))  # [B + B + N, D]
+            size = len(self.queries)
+            return both[:size][self.queries.order], both[size:][self.documents.order]
+        return self.queries.embed(encoder), self.documents.embed(encoder)
+
     def pin_memory(self) -> PairBatch:
         return replace(self, queries=self.queries.pin_memory(), documents=self.documents.pin_memory())
 
@@ -86,5 +104,7 @@ def pair_batches(batch: PairBatch | Mapping[str, PairBatch]) -> list[PairBatch]:
     return [batch] if isinstance(batch, PairBatch) else list(batch.values())
 
 
-def _pinned(features: Features) -> Features:
+def _pinned(features: Features | PackedTexts) -> Features | PackedTexts:
+    if isinstance(features, PackedTexts):
+        return features.pin_memory()
     return {key: value.pin_memory() if isinstance(value, Tensor) else value for key, value in features.items()}
