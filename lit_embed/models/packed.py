@@ -200,7 +200,9 @@ def pool(tokens: Tensor, packed: PackedTexts, mode: str, skip: int = 0) -> Tenso
         return tokens[ends - 1]
     if mode == "cls":
         return tokens[starts + skip]
-    text = torch.repeat_interleave(torch.arange(len(packed), device=tokens.device), ends - starts)  # [T]
+    # output_size: the total is known on the host, so a GPU need not be asked for it (no sync).
+    texts = torch.arange(len(packed), device=tokens.device)
+    text = torch.repeat_interleave(texts, ends - starts, output_size=tokens.size(0))  # [T]
     keep = packed.position_ids[0] >= skip if skip else None
     if mode == "mean":  # summed in fp32 for half-precision tokens, as sentence-transformers sums
         total = torch.float32 if tokens.dtype in (torch.float16, torch.bfloat16) else tokens.dtype
