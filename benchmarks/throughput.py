@@ -50,16 +50,18 @@ class Run:
 
 # Operators that read a device value on the host: each is a device-to-host sync on a GPU (item(), data-dependent
 # shapes). Counted on any device, so the CPU shows what a GPU would wait for.
+PROFILED = 2  # the last steps of each run, profiled and not timed
 HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim"}
 
 
 class StepStats:
     """Hardware-independent figures per optimizer step: tokens computed over real tokens (padding overhead), forward
     passes of the transformer, host reads of device values (syncs on a GPU) and kernels launched (on the CPU: aten
-    operators run), the last two from ``torch.profiler`` over ``profiled`` steps after the warm-up."""
+    operators run), the last two from ``torch.profiler``; all over the run's last ``profiled`` steps, which the
+    timing leaves out."""
 
-    def __init__(self, device: str, transformer: torch.nn.Module, warmup: int, profiled: int = 2) -> None:
-        self.device, self.warmup, self.profiled = device, warmup, profiled
+    def __init__(self, device: str, transformer: torch.nn.Module, steps: int, profiled: int = PROFILED) -> None:
+        self.device, self.warmup, self.profiled = device, steps - profiled, profiled
         self.step = self.forwards = 0
         self.computed = self.real = 0
         self.host_reads = self.launches = 0
@@ -176,10 +178,14 @@ class StepClock:
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
 
-    def pairs_per_second(self, batch_size: int, warmup: int) -> float:
-        if len(self.times) <= warmup + 1:
-            raise SystemExit(f"need more than --warmup + 1 = {warmup + 1} steps to time, ran {len(self.times)}")
-        timed = self.times[warmup:]  # from the end of the last warm-up step
+    def pairs_per_second(self, batch_size: int, warmup: int, profiled: int) -> float:
+        """Over the steps after the warm-up and before the profiled ones (the profiler slows what it watches)."""
+        if len(self.times) <= warmup + profiled + 1:
+            raise SystemExit(
+                f"need more than --warmup + {profiled} profiled + 1 = {warmup + profiled + 1} steps to time, "
+                f"ran {len(self.times)}"
+            )
+        timed = self.times[warmup : len(self.times) - profiled]  # from the end of the last warm-up step
         return batch_size * (len(timed) - 1) / (timed[-1] - timed[0])
 
 
@@ -281,7 +287,7 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
     datamodule.prepare_data()  # as a training run does: the recipe sizes the run by the pairs
     module = build_module(cfg, datamodule)
     clock = StepClock(args.device)
-    stats = StepStats(args.device, module.encoder.model[0].auto_model, args.warmup)
+    stats = StepStats(args.device, module.encoder.model[0].auto_model, args.steps)
 
     class Tick(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, *_: object) -> None:
@@ -307,7 +313,7 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
     with PeakMemory(args.device) as memory:
         trainer.fit(module, datamodule=datamodule)
     mrr = evaluate(module.encoder.model, val) if args.evaluate else None
-    rate = clock.pairs_per_second(args.batch_size, args.warmup)
+    rate = clock.pairs_per_second(args.batch_size, args.warmup, PROFILED)
     return Run("lit_embed", rate, memory.gb, mrr, stats.summary())
 
 
@@ -330,7 +336,7 @@ def run_sentence_transformers(args, model_path: str, queries: list[str], documen
     model = SentenceTransformer(model_path, device=args.device)
     model.max_seq_length = args.max_seq_length
     clock = StepClock(args.device)
-    stats = StepStats(args.device, model[0].auto_model, args.warmup)
+    stats = StepStats(args.device, model[0].auto_model, args.steps)
 
     class Tick(TrainerCallback):
         def on_step_begin(self, *_: object, **__: object) -> None:
@@ -381,7 +387,7 @@ def run_sentence_transformers(args, model_path: str, queries: list[str], documen
     with PeakMemory(args.device) as memory:
         trainer.train()
     mrr = evaluate(model, val) if args.evaluate else None
-    rate = clock.pairs_per_second(args.batch_size, args.warmup)
+    rate = clock.pairs_per_second(args.batch_size, args.warmup, PROFILED)
     return Run("sentence-transformers", rate, memory.gb, mrr, stats.summary())
 
 
@@ -421,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=["tiny", "minilm", "bge-arch"], default="minilm")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (the last 2 profiled, not timed)")
     parser.add_argument("--warmup", type=int, default=2, help="steps of each run left out of the timing")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each system, alternating which goes first")
     parser.add_argument("--max-seq-length", type=int, default=None, help="default: the model's (256 minilm, 512 bge)")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import compose_train, tiny_run_overrides, write_toy_data
 
+from lit_embed.batch import PackedTexts
 from lit_embed.data.datamodule import QAPairDataModule
 from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 from lit_embed.models.encoder import Encoder
-from lit_embed.models.packed import PackedTexts
 from lit_embed.train import run
 
 TEXTS = [
@@ -103,15 +103,17 @@ def test_packed_texts_split_into_runs_of_texts(model_paths) -> None:
     torch.testing.assert_close(torch.cat([encoder(run) for run in runs]), encoder(packed))
 
 
-def test_packing_auto_pads_on_the_cpu_and_true_says_why_it_cannot(tmp_path: Path, model_paths, caplog) -> None:
+def test_packing_auto_packs_where_the_encoder_can_and_true_says_why_it_cannot(
+    tmp_path: Path, model_paths, caplog
+) -> None:
     encoder = Encoder(model_paths["encoder"])
     path = write_pairs(tmp_path / "train.jsonl")
     auto = QAPairDataModule(str(path), batch_size=8)
     auto.tokenize(encoder)
-    assert not auto.collator.packed
-    auto_on_gpu = QAPairDataModule(str(path), batch_size=8)
-    auto_on_gpu.tokenize(encoder, on_gpu=True)
-    assert auto_on_gpu.collator.packed
+    assert auto.collator.packed
+    off = QAPairDataModule(str(path), batch_size=8, packing=False)
+    off.tokenize(encoder)
+    assert not off.collator.packed
 
     encoder.model[1].pooling_mode = "weightedmean"
     del encoder.packing_unsupported  # asked again for the new pooling
@@ -121,11 +123,17 @@ def test_packing_auto_pads_on_the_cpu_and_true_says_why_it_cannot(tmp_path: Path
     assert not asked.collator.packed
     assert "data.packing=true: this encoder cannot embed packed texts: its pooling" in caplog.text
 
+    compiled = QAPairDataModule(str(path), batch_size=8)
+    compiled.tokenize(Encoder(model_paths["encoder"], compile=True))  # compiles the padded path: that one is used
+    assert not compiled.collator.packed
 
-def test_a_run_with_packed_batches_trains_and_exports(tmp_path: Path) -> None:
+
+def test_a_run_with_packed_batches_trains_and_exports(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO)
     train, val = write_toy_data(tmp_path)
     out = tmp_path / "run"
-    metrics = run(compose_train(tiny_run_overrides(train, val, out, **{"data.packing": "true"})))
+    metrics = run(compose_train(tiny_run_overrides(train, val, out)))  # packing=auto packs this model
+    assert "batches packed, no padding" in caplog.text
     assert metrics["final"]["step"] >= 0 and (out / "model" / "modules.json").is_file()
 
 

@@ -204,10 +204,10 @@ class QAPairDataModule(ResumableDataModule):
         max_negatives: cap on hard negatives per pair (None = all the data has).
         length_groups: pad each batch's texts in up to this many groups of similar length, so one long text
             does not pad the rest (1 = pad the whole batch to its longest text). Same texts, same loss.
-        packing: ``True``: each side of a batch is one packed row of tokens, attended to one text at a time, so no
-            padding is computed at all (:mod:`lit_embed.models.packed`); an encoder that cannot pack says why and
-            gets length groups. ``"auto"``: packed when training on a GPU, length groups on the CPU (where they are
-            faster). ``False``: length groups. Same texts, same loss.
+        packing: ``"auto"``: each side of a batch is one packed row of tokens, attended to one text at a time, so
+            no padding is computed at all (:mod:`lit_embed.models.packed`), where the encoder can pack; length
+            groups where it cannot. ``True``: the same, and an encoder that cannot pack is a warning saying why.
+            ``False``: length groups. Same texts, same loss.
         num_workers: DataLoader worker processes for collation.
         pin_memory: collate into page-locked memory, so copies to the GPU overlap compute (ignored on the CPU).
         seed: shuffling seed.
@@ -258,7 +258,7 @@ class QAPairDataModule(ResumableDataModule):
             "a whole number >= 0, or null for every hard negative the data has",
         )
         check(is_int(length_groups) and length_groups >= 1, "length_groups", length_groups, "a whole number >= 1")
-        check(packing in (True, False, "auto"), "packing", packing, "true, false or auto (packed on a GPU)")
+        check(packing in (True, False, "auto"), "packing", packing, "true, false or auto (packed where the model can)")
         check(is_int(num_workers) and num_workers >= 0, "num_workers", num_workers, "a whole number >= 0")
         check(is_int(seed), "seed", seed, "a whole number")
         check(
@@ -409,8 +409,7 @@ class QAPairDataModule(ResumableDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
         if not self.tokenized:
-            on_gpu = self.trainer.strategy.root_device.type == "cuda"
-            self.tokenize(self.trainer.lightning_module.encoder, on_gpu)
+            self.tokenize(self.trainer.lightning_module.encoder)
 
     @property
     def tokenized(self) -> bool:
@@ -426,31 +425,37 @@ class QAPairDataModule(ResumableDataModule):
     def source(self) -> str:
         return str(self.train_path)
 
-    def tokenize(self, tokenizer: TextTokenizer, on_gpu: bool = False) -> None:
-        """Tokenizes each distinct text of the training rows once (or opens the token store of an earlier run);
-        ``on_gpu``: training runs on a GPU (``packing=auto`` packs there)."""
+    def tokenize(self, tokenizer: TextTokenizer) -> None:
+        """Tokenizes each distinct text of the training rows once (or opens the token store of an earlier run)."""
         self.prepare_data()
         rows = self.rows
         queries = tokenize_texts(rows.queries, "query", tokenizer, rows.key, self.cache_dir)
         documents = tokenize_texts(rows.documents, "document", tokenizer, rows.key, self.cache_dir)
-        packed = self._packs(tokenizer, on_gpu, queries, documents)
+        packed = self._packs(tokenizer, queries, documents)
         self._collator = PairCollator(
             rows, queries, documents, self.length_groups, self.task, self.multi_positive, packed
         )
         self._row_texts = rows.row_texts()
         log.info(
-            "%s: %d training pairs from %d queries and %d documents (tokenized once).",
+            "%s: %d training pairs from %d queries and %d documents (tokenized once; batches %s).",
             self.source,
             len(rows),
             len(np.unique(rows.query)),  # not the held-out ones
             len(rows.documents),
+            "packed, no padding" if packed else "padded in length groups",
         )
 
-    def _packs(self, tokenizer: TextTokenizer, on_gpu: bool, *sides: TokenizedTexts) -> bool:
-        """Whether batches are packed (see ``packing``); says why not when packing was asked for and cannot be."""
-        if self.packing is False or (self.packing == "auto" and not on_gpu):
+    def _packs(self, tokenizer: TextTokenizer, *sides: TokenizedTexts) -> bool:
+        """Whether batches are packed (see ``packing``); says why not when the encoder cannot pack."""
+        if self.packing is False:
             return False
-        reason = getattr(tokenizer, "packing_unsupported", f"a {type(tokenizer).__name__} embeds no token ids")
+        config = getattr(tokenizer, "config", None)
+        if isinstance(config, dict) and config.get("compile"):
+            reason = "model.compile=true compiles the padded forward pass, which packed batches would go around"
+        elif isinstance(config, dict) and config.get("gradient_checkpointing"):
+            reason = "model.gradient_checkpointing=true recomputes layers in backward, outside the packed call"
+        else:
+            reason = getattr(tokenizer, "packing_unsupported", f"a {type(tokenizer).__name__} embeds no token ids")
         if reason is None and any(set(side.features) != {"input_ids"} for side in sides):
             reason = "its token store holds more than token ids"
         if reason is not None:

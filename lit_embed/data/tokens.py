@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lit_embed.batch import TokenGroups
+from lit_embed.batch import PackedTexts, TokenGroups
 from lit_embed.data.ragged import Ragged, RaggedWriter
 from lit_embed.data.store import built_once, content_key
-from lit_embed.models.packed import PackedTexts
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,10 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from lit_embed.batch import Features, PairBatch, TokenGroups
+from lit_embed.batch import Features, PackedTexts, PairBatch, TokenGroups
 from lit_embed.errors import check, is_int
 from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
-from lit_embed.models.packed import PackedTexts
 
 
 def mini_batches(side: TokenGroups, size: int) -> list[Features | PackedTexts]:

@@ -16,8 +16,9 @@ import torch
 from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 
+from lit_embed.batch import PackedTexts
 from lit_embed.errors import LitEmbedError, check, is_bool, is_int
-from lit_embed.models.packed import POOLING_MODES, PackedTexts, packed_attention, pool
+from lit_embed.models.packed import POOLING_MODES, packed_attention, pool
 from lit_embed.models.prompts import prompt_for
 
 log = logging.getLogger(__name__)

@@ -17,104 +17,19 @@ import contextlib
 import importlib.util
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_embed.batch import PackedTexts
+
 # Nested jagged tensors are what scaled_dot_product_attention takes for variable lengths; they are used as intended.
 warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
 
 ATTENTION = "lit_embed_packed"
 POOLING_MODES = ("cls", "mean", "max", "lasttoken")
-
-
-@dataclass
-class PackedTexts:
-    """Texts as one row of tokens: what :func:`encode_packed` takes (a collated batch side holds one).
-
-    Attributes:
-        input_ids: ``[1, T]`` every text's token ids, one text after the other.
-        position_ids: ``[1, T]`` each token's position within its text.
-        cu_seqlens: ``[n + 1]`` int32 offsets of the texts in the row (``cu_seqlens[i]`` = where text ``i`` starts).
-        lengths: the ``n`` texts' token counts, on the host (the per-text fallbacks need them without a device sync).
-        extras: per-call values of the tokenizer (``prompt_length``, ``task``, ...), as the padded features carry them.
-    """
-
-    input_ids: Tensor
-    position_ids: Tensor
-    cu_seqlens: Tensor
-    lengths: list[int]
-    extras: dict[str, Any]
-
-    @classmethod
-    def from_tokens(cls, values: Tensor, lengths: list[int], extras: dict[str, Any] | None = None) -> PackedTexts:
-        """``values``: ``[T]`` the texts' token ids one after the other; ``lengths``: each text's count."""
-        counts = torch.tensor(lengths, dtype=torch.int32)
-        cu_seqlens = F.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
-        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), counts.long())
-        positions = torch.arange(len(values)) - starts
-        return cls(values.long()[None], positions[None], cu_seqlens, list(lengths), dict(extras or {}))
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def max_length(self) -> int:
-        return max(self.lengths, default=0)
-
-    def joins(self, other: PackedTexts) -> bool:
-        """Whether the two can be embedded in one call: the same per-call values but the task (the query and the
-        document side of a batch, when their prompts have the same length or there are none)."""
-        return {k: v for k, v in self.extras.items() if k != "task"} == {
-            k: v for k, v in other.extras.items() if k != "task"
-        }
-
-    def join(self, other: PackedTexts) -> PackedTexts:
-        """This row of texts followed by the other's (see :meth:`joins`)."""
-        cu_seqlens = torch.cat([self.cu_seqlens, other.cu_seqlens[1:] + self.cu_seqlens[-1]])
-        return PackedTexts(
-            torch.cat([self.input_ids, other.input_ids], dim=1),
-            torch.cat([self.position_ids, other.position_ids], dim=1),
-            cu_seqlens,
-            self.lengths + other.lengths,
-            self.extras,
-        )
-
-    def split(self, size: int) -> list[PackedTexts]:
-        """Runs of at most ``size`` texts, in order (the cached loss's mini-batches); no device sync."""
-        runs, first = [], 0
-        for start in range(0, len(self), size):
-            lengths = self.lengths[start : start + size]
-            last = first + sum(lengths)
-            cu_seqlens = self.cu_seqlens[start : start + len(lengths) + 1] - self.cu_seqlens[start]
-            tokens = slice(first, last)
-            runs.append(
-                PackedTexts(self.input_ids[:, tokens], self.position_ids[:, tokens], cu_seqlens, lengths, self.extras)
-            )
-            first = last
-        return runs
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedTexts:
-        move = {"device": device, "non_blocking": non_blocking}
-        return PackedTexts(
-            self.input_ids.to(**move),
-            self.position_ids.to(**move),
-            self.cu_seqlens.to(**move),
-            self.lengths,
-            self.extras,
-        )
-
-    def pin_memory(self) -> PackedTexts:
-        return PackedTexts(
-            self.input_ids.pin_memory(),
-            self.position_ids.pin_memory(),
-            self.cu_seqlens.pin_memory(),
-            self.lengths,
-            self.extras,
-        )
 
 
 def _flash_attn_varlen() -> Any:
@@ -146,7 +61,7 @@ def varlen_attention(
     if flash is not None:
         cu, longest = packed.cu_seqlens, packed.max_length
         out = flash(q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling, causal=causal)
-    elif not causal:
+    elif not causal and q.is_cuda:
         offsets = packed.cu_seqlens.long()
 
         def jagged(x: Tensor) -> Tensor:  # [T, H, d] -> [n, H, j, d]
@@ -154,7 +69,7 @@ def varlen_attention(
 
         attended = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v), dropout_p=dropout, scale=scaling)
         out = attended.transpose(1, 2).values()  # [T, H, d]
-    else:  # nested tensors have no causal attention: one call per text
+    else:  # nested tensors have no causal attention, and on the CPU their attention is slower: one call per text
         texts = zip(q.split(packed.lengths), k.split(packed.lengths), v.split(packed.lengths), strict=True)
         out = torch.cat(
             [
@@ -164,7 +79,7 @@ def varlen_attention(
                     c.transpose(0, 1),
                     dropout_p=dropout,
                     scale=scaling,
-                    is_causal=True,
+                    is_causal=causal,
                 ).transpose(0, 1)
                 for a, b, c in texts
             ]
