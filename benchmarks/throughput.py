@@ -427,7 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=["tiny", "minilm", "bge-arch"], default="minilm")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (the last 2 profiled, not timed)")
+    parser.add_argument(
+        "--steps", type=int, default=12, help="optimizer steps per run (the last 2 profiled, not timed)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="steps of each run left out of the timing")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each system, alternating which goes first")
     parser.add_argument("--max-seq-length", type=int, default=None, help="default: the model's (256 minilm, 512 bge)")
@@ -478,7 +480,8 @@ def main(argv: list[str] | None = None) -> None:
     pair_flops = flops_per_pair(model_path, queries, documents, args.max_seq_length)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"\n{args.model}, batch {args.batch_size}, {args.steps} steps ({args.warmup} untimed), max "
+        f"\n{args.model}, batch {args.batch_size}, {args.steps} steps ({args.warmup} warm-up and {PROFILED} profiled "
+        "untimed), max "
         f"{args.max_seq_length} tokens, {args.precision}, {device_name}; median of {args.rounds} rounds"
         + (f"; cached losses, mini-batches of {args.cached}" if args.cached else "")
     )
