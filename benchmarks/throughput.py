@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -44,6 +45,125 @@ class Run:
     pairs_per_second: float
     peak_memory_gb: float
     mrr_at_10: float | None
+    stats: dict[str, float]
+
+
+# Operators that read a device value on the host: each is a device-to-host sync on a GPU (item(), data-dependent
+# shapes). Counted on any device, so the CPU shows what a GPU would wait for.
+PROFILED = 2  # the last steps of each run, profiled and not timed
+HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim"}
+
+
+class StepStats:
+    """Hardware-independent figures per optimizer step: tokens computed over real tokens (padding overhead), forward
+    passes of the transformer, host reads of device values (syncs on a GPU) and kernels launched (on the CPU: aten
+    operators run), the last two from ``torch.profiler``; all over the run's last ``profiled`` steps, which the
+    timing leaves out."""
+
+    def __init__(self, device: str, transformer: torch.nn.Module, steps: int, profiled: int = PROFILED) -> None:
+        self.device, self.warmup, self.profiled = device, steps - profiled, profiled
+        self.step = self.forwards = 0
+        self.computed = self.real = 0
+        self.host_reads = self.launches = 0
+        self.profiler: torch.profiler.profile | None = None
+        # The input embeddings run once per forward pass (sentence-transformers calls the model's forward method
+        # directly, past the module's own hooks).
+        transformer.get_input_embeddings().register_forward_pre_hook(self._forward)
+
+    def _forward(self, *_: object) -> None:
+        if self._counting:
+            self.forwards += 1
+
+    @property
+    def _counting(self) -> bool:
+        return self.warmup <= self.step < self.warmup + self.profiled
+
+    def tokens(self, computed: int, real: int) -> None:
+        if self._counting:
+            self.computed, self.real = self.computed + computed, self.real + real
+
+    def step_start(self) -> None:
+        if self.step == self.warmup:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def step_end(self) -> None:
+        self.step += 1
+        if self.step == self.warmup + self.profiled and self.profiler is not None:
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.events()
+            self.host_reads = sum(_host_read(e) for e in events)
+            if os.environ.get("THROUGHPUT_SHOW_READS"):
+                from collections import Counter
+
+                chains = Counter(_chain(e) for e in events if _host_read(e))
+                for chain, count in chains.most_common():
+                    print(f"{count:4d}  {chain}", file=sys.stderr)
+            if self.device == "cuda":
+                self.launches = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+            else:  # operators called by the step, not by another operator
+                self.launches = sum(e.name.startswith("aten::") and not _inside_aten(e) for e in events)
+            self.profiler = None
+
+    def summary(self) -> dict[str, float]:
+        steps = self.profiled
+        return {
+            "padding_overhead": self.computed / max(self.real, 1),
+            "forward_passes_per_step": self.forwards / steps,
+            "host_reads_per_step": self.host_reads / steps,
+            "launches_per_step": self.launches / steps,
+        }
+
+
+def _host_read(event) -> bool:
+    """A read of a device value on the host inside the step: not the optimizer's step counters (kept on the host
+    on every device) and not the DataLoader's collation (on the CPU, before the batch moves)."""
+    if event.name not in HOST_READS:
+        return False
+    chain = _chain(event, depth=64)
+    counter = (
+        event.cpu_parent is not None
+        and event.cpu_parent.name == "aten::item"
+        and (
+            event.cpu_parent.cpu_parent is not None
+            and (
+                event.cpu_parent.cpu_parent.name == "aten::_fused_adamw_"
+                or event.cpu_parent.cpu_parent.name.startswith("Optimizer.step#")
+            )
+        )
+    )
+    return not counter and "enumerate(DataLoader)" not in chain
+
+
+def _chain(event, depth: int = 6) -> str:
+    names = []
+    while event is not None and len(names) < depth:
+        names.append(event.name)
+        event = event.cpu_parent
+    return " < ".join(names)
+
+
+def _inside_aten(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def side_tokens(features: dict | object) -> tuple[int, int]:
+    """(computed, real) tokens of one encoder input: padded features or packed texts."""
+    mask = features.get("attention_mask") if isinstance(features, dict) else None
+    if mask is None:  # packed: every computed token is real
+        total = int(features.input_ids.numel())
+        return total, total
+    return int(mask.numel()), int(mask.sum())
 
 
 class StepClock:
@@ -58,10 +178,14 @@ class StepClock:
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
 
-    def pairs_per_second(self, batch_size: int, warmup: int) -> float:
-        if len(self.times) <= warmup + 1:
-            raise SystemExit(f"need more than --warmup + 1 = {warmup + 1} steps to time, ran {len(self.times)}")
-        timed = self.times[warmup:]  # from the end of the last warm-up step
+    def pairs_per_second(self, batch_size: int, warmup: int, profiled: int) -> float:
+        """Over the steps after the warm-up and before the profiled ones (the profiler slows what it watches)."""
+        if len(self.times) <= warmup + profiled + 1:
+            raise SystemExit(
+                f"need more than --warmup + {profiled} profiled + 1 = {warmup + profiled + 1} steps to time, "
+                f"ran {len(self.times)}"
+            )
+        timed = self.times[warmup : len(self.times) - profiled]  # from the end of the last warm-up step
         return batch_size * (len(timed) - 1) / (timed[-1] - timed[0])
 
 
@@ -147,6 +271,7 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
         f"data.train_path={train_file}",
         f"data.batch_size={args.batch_size}",
         "data.drop_last=true",
+        "data.val_fraction=0",  # train on the same pairs as the other side
         f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}",
         f"trainer.precision={'bf16-mixed' if args.precision == 'bf16' else '32-true'}",
         f"trainer.max_steps={args.steps}",
@@ -162,10 +287,18 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
     datamodule.prepare_data()  # as a training run does: the recipe sizes the run by the pairs
     module = build_module(cfg, datamodule)
     clock = StepClock(args.device)
+    stats = StepStats(args.device, module.encoder.model[0].auto_model, args.steps)
 
     class Tick(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, *_: object) -> None:
+            stats.step_start()
+            for side in (batch.queries, batch.documents):
+                for features in side.groups:
+                    stats.tokens(*side_tokens(features))
+
         def on_train_batch_end(self, *_: object) -> None:
             clock.tick()
+            stats.step_end()
 
     trainer = build(
         cfg.trainer,
@@ -180,7 +313,8 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
     with PeakMemory(args.device) as memory:
         trainer.fit(module, datamodule=datamodule)
     mrr = evaluate(module.encoder.model, val) if args.evaluate else None
-    return Run("lit_embed", clock.pairs_per_second(args.batch_size, args.warmup), memory.gb, mrr)
+    rate = clock.pairs_per_second(args.batch_size, args.warmup, PROFILED)
+    return Run("lit_embed", rate, memory.gb, mrr, stats.summary())
 
 
 def run_sentence_transformers(args, model_path: str, queries: list[str], documents: list[str], val, workdir) -> Run:
@@ -202,10 +336,15 @@ def run_sentence_transformers(args, model_path: str, queries: list[str], documen
     model = SentenceTransformer(model_path, device=args.device)
     model.max_seq_length = args.max_seq_length
     clock = StepClock(args.device)
+    stats = StepStats(args.device, model[0].auto_model, args.steps)
 
     class Tick(TrainerCallback):
+        def on_step_begin(self, *_: object, **__: object) -> None:
+            stats.step_start()
+
         def on_step_end(self, *_: object, **__: object) -> None:
             clock.tick()
+            stats.step_end()
 
     training_args = SentenceTransformerTrainingArguments(
         output_dir=str(workdir),
@@ -236,11 +375,20 @@ def run_sentence_transformers(args, model_path: str, queries: list[str], documen
         ),
         callbacks=[Tick()],
     )
+    count_tokens = trainer.loss.forward
+
+    def counted(sentence_features, *rest, **kwargs):
+        for features in sentence_features:
+            stats.tokens(*side_tokens(features))
+        return count_tokens(sentence_features, *rest, **kwargs)
+
+    trainer.loss.forward = counted
     trainer.remove_callback(PrinterCallback)  # its end-of-training dict would land in the middle of the table
     with PeakMemory(args.device) as memory:
         trainer.train()
     mrr = evaluate(model, val) if args.evaluate else None
-    return Run("sentence-transformers", clock.pairs_per_second(args.batch_size, args.warmup), memory.gb, mrr)
+    rate = clock.pairs_per_second(args.batch_size, args.warmup, PROFILED)
+    return Run("sentence-transformers", rate, memory.gb, mrr, stats.summary())
 
 
 def matmul_peak_flops(device: str, precision: str) -> float:
@@ -279,7 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=["tiny", "minilm", "bge-arch"], default="minilm")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    parser.add_argument(
+        "--steps", type=int, default=12, help="optimizer steps per run (the last 2 profiled, not timed)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="steps of each run left out of the timing")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each system, alternating which goes first")
     parser.add_argument("--max-seq-length", type=int, default=None, help="default: the model's (256 minilm, 512 bge)")
@@ -330,12 +480,17 @@ def main(argv: list[str] | None = None) -> None:
     pair_flops = flops_per_pair(model_path, queries, documents, args.max_seq_length)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"\n{args.model}, batch {args.batch_size}, {args.steps} steps ({args.warmup} untimed), max "
+        f"\n{args.model}, batch {args.batch_size}, {args.steps} steps ({args.warmup} warm-up and {PROFILED} profiled "
+        "untimed), max "
         f"{args.max_seq_length} tokens, {args.precision}, {device_name}; median of {args.rounds} rounds"
         + (f"; cached losses, mini-batches of {args.cached}" if args.cached else "")
     )
     memory = "peak GPU memory" if args.device == "cuda" else "peak process RSS"
-    print(f"| run | pairs/s | {memory} | MFU | val MRR@10 |\n| --- | --- | --- | --- | --- |")
+    launches = "kernels" if args.device == "cuda" else "aten ops"
+    print(
+        f"| run | pairs/s | {memory} | MFU | val MRR@10 | computed / real tokens | forward passes / step | "
+        f"host reads / step | {launches} / step |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     summary = {}
     for system in ("sentence-transformers", "lit_embed"):
         mine = [r for r in runs if r.system == system]
@@ -344,8 +499,13 @@ def main(argv: list[str] | None = None) -> None:
         mrrs = [r.mrr_at_10 for r in mine if r.mrr_at_10 is not None]
         mrr = f"{statistics.mean(mrrs):.4f}" if mrrs else "-"
         mfu = rate * pair_flops / peak_flops
-        print(f"| {system} | {rate:.1f} | {peak:.2f} GiB | {mfu:.1%} | {mrr} |")
-        summary[system] = {"pairs_per_second": rate, "peak_memory_gib": peak, "mfu": mfu, "mrr@10": mrrs}
+        stats = mine[0].stats  # the same in every round
+        print(
+            f"| {system} | {rate:.1f} | {peak:.2f} GiB | {mfu:.1%} | {mrr} | {stats['padding_overhead']:.3f} | "
+            f"{stats['forward_passes_per_step']:.0f} | {stats['host_reads_per_step']:.0f} | "
+            f"{stats['launches_per_step']:.0f} |"
+        )
+        summary[system] = {"pairs_per_second": rate, "peak_memory_gib": peak, "mfu": mfu, "mrr@10": mrrs, **stats}
     ratio = summary["lit_embed"]["pairs_per_second"] / summary["sentence-transformers"]["pairs_per_second"]
     print(f"\nlit_embed / sentence-transformers: {ratio:.2f}x pairs/s")
     print(f"(MFU: {pair_flops / 1e9:.2f} GFLOP per pair over a {peak_flops / 1e12:.2f} TFLOP/s measured matmul)")

@@ -11,9 +11,96 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 Features = dict[str, Any]  # what a tokenizer returns: input_ids, attention_mask, ... ([n, L] tensors) and extras
+
+
+@dataclass
+class PackedTexts:
+    """Texts as one row of tokens: what :func:`encode_packed` takes (a collated batch side holds one).
+
+    Attributes:
+        input_ids: ``[1, T]`` every text's token ids, one text after the other.
+        position_ids: ``[1, T]`` each token's position within its text.
+        cu_seqlens: ``[n + 1]`` int32 offsets of the texts in the row (``cu_seqlens[i]`` = where text ``i`` starts).
+        lengths: the ``n`` texts' token counts, on the host (the per-text fallbacks need them without a device sync).
+        extras: per-call values of the tokenizer (``prompt_length``, ``task``, ...), as the padded features carry them.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    cu_seqlens: Tensor
+    lengths: list[int]
+    extras: dict[str, Any]
+
+    @classmethod
+    def from_tokens(cls, values: Tensor, lengths: list[int], extras: dict[str, Any] | None = None) -> PackedTexts:
+        """``values``: ``[T]`` the texts' token ids one after the other; ``lengths``: each text's count."""
+        counts = torch.tensor(lengths, dtype=torch.int32)
+        cu_seqlens = F.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
+        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), counts.long())
+        positions = torch.arange(len(values)) - starts
+        return cls(values.long()[None], positions[None], cu_seqlens, list(lengths), dict(extras or {}))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def max_length(self) -> int:
+        return max(self.lengths, default=0)
+
+    def joins(self, other: PackedTexts) -> bool:
+        """Whether the two can be embedded in one call: the same per-call values but the task (the query and the
+        document side of a batch, when their prompts have the same length or there are none)."""
+        return {k: v for k, v in self.extras.items() if k != "task"} == {
+            k: v for k, v in other.extras.items() if k != "task"
+        }
+
+    def join(self, other: PackedTexts) -> PackedTexts:
+        """This row of texts followed by the other's (see :meth:`joins`)."""
+        cu_seqlens = torch.cat([self.cu_seqlens, other.cu_seqlens[1:] + self.cu_seqlens[-1]])
+        return PackedTexts(
+            torch.cat([self.input_ids, other.input_ids], dim=1),
+            torch.cat([self.position_ids, other.position_ids], dim=1),
+            cu_seqlens,
+            self.lengths + other.lengths,
+            self.extras,
+        )
+
+    def split(self, size: int) -> list[PackedTexts]:
+        """Runs of at most ``size`` texts, in order (the cached loss's mini-batches); no device sync."""
+        runs, first = [], 0
+        for start in range(0, len(self), size):
+            lengths = self.lengths[start : start + size]
+            last = first + sum(lengths)
+            cu_seqlens = self.cu_seqlens[start : start + len(lengths) + 1] - self.cu_seqlens[start]
+            tokens = slice(first, last)
+            runs.append(
+                PackedTexts(self.input_ids[:, tokens], self.position_ids[:, tokens], cu_seqlens, lengths, self.extras)
+            )
+            first = last
+        return runs
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedTexts:
+        move = {"device": device, "non_blocking": non_blocking}
+        return PackedTexts(
+            self.input_ids.to(**move),
+            self.position_ids.to(**move),
+            self.cu_seqlens.to(**move),
+            self.lengths,
+            self.extras,
+        )
+
+    def pin_memory(self) -> PackedTexts:
+        return PackedTexts(
+            self.input_ids.pin_memory(),
+            self.position_ids.pin_memory(),
+            self.cu_seqlens.pin_memory(),
+            self.lengths,
+            self.extras,
+        )
 
 
 @dataclass
@@ -21,14 +108,14 @@ class TokenGroups:
     """One side of a batch (its queries or its documents), padded in groups of similar length.
 
     Attributes:
-        groups: padded features, one dict per length group.
+        groups: padded features, one dict per length group; or one :class:`PackedTexts`, every text unpadded.
         order: ``[N]``; row ``i`` of the batch is row ``order[i]`` of the groups' outputs concatenated.
         texts: the ``N`` texts in the batch's row order (references to the data's strings, so free to carry), for
             what needs the words rather than this tokenizer's ids: a guide model with its own tokenizer, a cache
             keyed by text. Empty when the batch was built without them.
     """
 
-    groups: list[Features]
+    groups: list[Features] | list[PackedTexts]
     order: Tensor
     texts: list[str] = field(default_factory=list)
 
@@ -77,6 +164,22 @@ class PairBatch:
     def __len__(self) -> int:
         return len(self.queries)
 
+    def embed(self, encoder: Callable[[Features | PackedTexts], Tensor]) -> tuple[Tensor, Tensor]:
+        """``(queries [B, D], documents [B + N, D])``; packed sides that can share a call go through the encoder
+        together, one forward pass for the whole batch."""
+        (queries,), (documents,) = self.queries.groups[:1], self.documents.groups[:1]
+        shared = len(self.queries.groups) == len(self.documents.groups) == 1
+        if (
+            shared
+            and isinstance(queries, PackedTexts)
+            and isinstance(documents, PackedTexts)
+            and queries.joins(documents)
+        ):
+            both = encoder(queries.join(documents))  # [B + B + N, D]
+            size = len(self.queries)
+            return both[:size][self.queries.order], both[size:][self.documents.order]
+        return self.queries.embed(encoder), self.documents.embed(encoder)
+
     def pin_memory(self) -> PairBatch:
         return replace(self, queries=self.queries.pin_memory(), documents=self.documents.pin_memory())
 
@@ -86,5 +189,7 @@ def pair_batches(batch: PairBatch | Mapping[str, PairBatch]) -> list[PairBatch]:
     return [batch] if isinstance(batch, PairBatch) else list(batch.values())
 
 
-def _pinned(features: Features) -> Features:
+def _pinned(features: Features | PackedTexts) -> Features | PackedTexts:
+    if isinstance(features, PackedTexts):
+        return features.pin_memory()
     return {key: value.pin_memory() if isinstance(value, Tensor) else value for key, value in features.items()}

@@ -69,7 +69,9 @@ def test_prompts_are_applied_when_tokenizing(tmp_path: Path, tiny_model_path: st
     from lit_embed.models.encoder import Encoder
 
     encoder = Encoder(tiny_model_path, query_prompt="query: ")
-    dm = QAPairDataModule(train_path=str(write_jsonl(tmp_path / "t.jsonl", shared_doc_rows(8))), batch_size=4)
+    dm = QAPairDataModule(
+        train_path=str(write_jsonl(tmp_path / "t.jsonl", shared_doc_rows(8))), batch_size=4, packing=False
+    )
     dm.tokenize(encoder)
     batch = next(iter(dm.train_dataloader()))
     query_prefix = encoder.model.tokenizer("query: ", add_special_tokens=False)["input_ids"]
@@ -118,7 +120,7 @@ def test_length_groups_leave_loss_and_gradients_unchanged(tmp_path: Path, tiny_m
     results = []
     for groups in (1, 4):
         encoder = Encoder(tiny_model_path).eval()  # no dropout: the two passes must be comparable
-        dm = QAPairDataModule(train_path=path, batch_size=16, length_groups=groups)
+        dm = QAPairDataModule(train_path=path, batch_size=16, length_groups=groups, packing=False)
         dm.tokenize(encoder)
         batch = next(iter(dm.train_dataloader()))
         assert len(batch.documents.groups) == (1 if groups == 1 else 3)
@@ -162,7 +164,7 @@ def test_lightning_reshuffles_every_epoch(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(EmbeddingFinetuneModule, "on_train_batch_start", record, raising=False)
     train, val = write_toy_data(tmp_path)
-    overrides = {"trainer.max_epochs": 2, "trainer.max_steps": -1}
+    overrides = {"trainer.max_epochs": 2, "trainer.max_steps": -1, "data.packing": "false"}  # rows of padded ids
     run(compose_train(tiny_run_overrides(train, None, tmp_path / "run", **overrides)))
     epochs = [[rows for epoch, rows in seen if epoch == e] for e in (0, 1)]
     assert len(epochs[0]) == len(epochs[1]) == 6

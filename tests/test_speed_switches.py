@@ -107,7 +107,7 @@ def test_pinned_batches_are_the_same_batches(tiny_encoder: Encoder, tmp_path: Pa
     train, _ = write_toy_data(tmp_path)
     batches = {}
     for pin in (False, True):
-        data = QAPairDataModule(str(train), batch_size=8, pin_memory=pin)
+        data = QAPairDataModule(str(train), batch_size=8, pin_memory=pin, packing=False)
         data.tokenize(tiny_encoder)
         loader = data.train_dataloader()
         assert loader.pin_memory == (pin and torch.cuda.is_available())
@@ -198,7 +198,9 @@ def test_compiled_encoder_gives_the_same_loss_and_gradients(tiny_model_path: str
 
 
 ROW = re.compile(
-    r"^\| (sentence-transformers|lit_embed) \| ([\d.]+) \| ([\d.]+) GiB \| ([\d.]+)% \| ([\d.]+|-) \|$", re.M
+    r"^\| (sentence-transformers|lit_embed) \| ([\d.]+) \| ([\d.]+) GiB \| ([\d.]+)% \| ([\d.]+|-) \| "
+    r"([\d.]+) \| (\d+) \| (\d+) \| (\d+) \|$",
+    re.M,
 )
 
 
@@ -209,7 +211,7 @@ ROW = re.compile(
 )
 def test_throughput_benchmark_runs_and_prints_the_ratio(tmp_path: Path, extra: list[str]) -> None:
     result = subprocess.run(
-        [sys.executable, "benchmarks/throughput.py", "--model", "tiny", "--batch-size", "16", "--steps", "4"]
+        [sys.executable, "benchmarks/throughput.py", "--model", "tiny", "--batch-size", "16", "--steps", "5"]
         + ["--warmup", "1", "--rounds", "1", "--json", str(tmp_path / "result.json"), *extra],
         cwd=REPO,
         capture_output=True,
@@ -226,8 +228,10 @@ def test_throughput_benchmark_runs_and_prints_the_ratio(tmp_path: Path, extra: l
     assert set(rows) == {"sentence-transformers", "lit_embed"}, result.stdout
     rates = {system: float(row[0]) for system, row in rows.items()}
     evaluated = "--no-evaluate" not in extra
-    for system, (rate, memory, mfu, mrr) in rows.items():
+    for system, (rate, memory, mfu, mrr, overhead, forwards, _reads, launches) in rows.items():
         assert float(rate) > 0 and float(memory) > 0 and float(mfu) > 0, (system, rows[system])
+        # Hardware-independent figures: padding overhead >= 1, at least one forward pass, operators run.
+        assert float(overhead) >= 1 and int(forwards) >= 1 and int(launches) > 0, (system, rows[system])
         if evaluated:
             assert 0 <= float(mrr) <= 1, (system, mrr)
         else:
@@ -237,6 +241,10 @@ def test_throughput_benchmark_runs_and_prints_the_ratio(tmp_path: Path, extra: l
     printed = float(re.search(r"lit_embed / sentence-transformers: ([\d.]+)x pairs/s", result.stdout)[1])
     lit, st = rates["lit_embed"], rates["sentence-transformers"]
     assert (lit - 0.05) / (st + 0.05) - 0.005 <= printed <= (lit + 0.05) / (st - 0.05) + 0.005, (printed, lit, st)
+    # lit_embed packs this model: no padding computed, queries and documents in one forward pass.
+    assert float(rows["lit_embed"][4]) == 1.0 and float(rows["sentence-transformers"][4]) > 1.0
+    if "--cached" not in extra:
+        assert int(rows["lit_embed"][5]) == 1 and int(rows["sentence-transformers"][5]) == 2
 
     # The JSON holds the unrounded numbers the table and the ratio were printed from.
     data = json.loads((tmp_path / "result.json").read_text())

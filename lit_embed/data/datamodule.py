@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lit_embed.batch import PairBatch
+from lit_embed.batch import PairBatch, TokenGroups
 from lit_embed.data.formats import dataset_rows, load_dataset, training_rows
 from lit_embed.data.ragged import Ragged
 from lit_embed.data.rows import TrainingRows
@@ -82,6 +82,7 @@ class PairCollator:
         length_groups: padding groups per side (see :meth:`TokenizedTexts.collate`).
         task: the name the batches carry.
         multi_positive: rows hold all their query's positives (``data.multi_positive``).
+        packed: each side as one packed row of tokens instead of padded length groups.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class PairCollator:
         length_groups: int = 1,
         task: str = "",
         multi_positive: bool = False,
+        packed: bool = False,
     ):
         self.rows = rows
         self.queries = queries
@@ -99,6 +101,7 @@ class PairCollator:
         self.length_groups = length_groups
         self.task = task
         self.multi_positive = multi_positive
+        self.packed = packed
         # A teacher's scores of each row's positive, then of each of its negatives (None: not every row has them).
         self.scores = rows.scores if rows.scores is not None and len(rows.negatives.values) else None
 
@@ -119,14 +122,17 @@ class PairCollator:
             owners = np.concatenate([owners, np.repeat(np.arange(size), others.lengths)])
             extra["positives"] = positives
         return PairBatch(
-            queries=self.queries.collate(self.rows.query[rows].tolist(), self.length_groups),
-            documents=self.documents.collate(doc_ids.tolist(), self.length_groups),
+            queries=self._side(self.queries, self.rows.query[rows]),
+            documents=self._side(self.documents, doc_ids),
             query_ids=self.rows.query_ids.texts(rows),
             task=self.task,
             document_rows=torch.from_numpy(owners),  # [B + N (+ M)]
             **self._scored(rows, negatives),
             **extra,
         )
+
+    def _side(self, texts: TokenizedTexts, indices: np.ndarray) -> TokenGroups:
+        return texts.packed(indices) if self.packed else texts.collate(indices.tolist(), self.length_groups)
 
     def _scored(self, rows: np.ndarray, negatives: Ragged) -> dict[str, Any]:
         """The teacher's scores of the batch's rows and where their documents are: positives, then negatives.
@@ -198,6 +204,10 @@ class QAPairDataModule(ResumableDataModule):
         max_negatives: cap on hard negatives per pair (None = all the data has).
         length_groups: pad each batch's texts in up to this many groups of similar length, so one long text
             does not pad the rest (1 = pad the whole batch to its longest text). Same texts, same loss.
+        packing: ``"auto"``: each side of a batch is one packed row of tokens, attended to one text at a time, so
+            no padding is computed at all (:mod:`lit_embed.models.packed`), where the encoder can pack; length
+            groups where it cannot. ``True``: the same, and an encoder that cannot pack is a warning saying why.
+            ``False``: length groups. Same texts, same loss.
         num_workers: DataLoader worker processes for collation.
         pin_memory: collate into page-locked memory, so copies to the GPU overlap compute (ignored on the CPU).
         seed: shuffling seed.
@@ -221,6 +231,7 @@ class QAPairDataModule(ResumableDataModule):
         use_all_docs: bool = False,
         max_negatives: int | None = None,
         length_groups: int = 4,
+        packing: bool | str = "auto",
         num_workers: int = 0,
         pin_memory: bool = True,
         seed: int = 0,
@@ -247,6 +258,7 @@ class QAPairDataModule(ResumableDataModule):
             "a whole number >= 0, or null for every hard negative the data has",
         )
         check(is_int(length_groups) and length_groups >= 1, "length_groups", length_groups, "a whole number >= 1")
+        check(packing in (True, False, "auto"), "packing", packing, "true, false or auto (packed where the model can)")
         check(is_int(num_workers) and num_workers >= 0, "num_workers", num_workers, "a whole number >= 0")
         check(is_int(seed), "seed", seed, "a whole number")
         check(
@@ -281,6 +293,7 @@ class QAPairDataModule(ResumableDataModule):
         self.multi_positive = multi_positive
         self.max_negatives = max_negatives
         self.length_groups = length_groups
+        self.packing = packing
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = seed
@@ -418,15 +431,40 @@ class QAPairDataModule(ResumableDataModule):
         rows = self.rows
         queries = tokenize_texts(rows.queries, "query", tokenizer, rows.key, self.cache_dir)
         documents = tokenize_texts(rows.documents, "document", tokenizer, rows.key, self.cache_dir)
-        self._collator = PairCollator(rows, queries, documents, self.length_groups, self.task, self.multi_positive)
+        packed = self._packs(tokenizer, queries, documents)
+        self._collator = PairCollator(
+            rows, queries, documents, self.length_groups, self.task, self.multi_positive, packed
+        )
         self._row_texts = rows.row_texts()
         log.info(
-            "%s: %d training pairs from %d queries and %d documents (tokenized once).",
+            "%s: %d training pairs from %d queries and %d documents (tokenized once; batches %s).",
             self.source,
             len(rows),
             len(np.unique(rows.query)),  # not the held-out ones
             len(rows.documents),
+            "packed, no padding" if packed else "padded in length groups",
         )
+
+    def _packs(self, tokenizer: TextTokenizer, *sides: TokenizedTexts) -> bool:
+        """Whether batches are packed (see ``packing``); says why not when the encoder cannot pack."""
+        if self.packing is False:
+            return False
+        config = getattr(tokenizer, "config", None)
+        if isinstance(config, dict) and config.get("compile"):
+            reason = "model.compile=true compiles the padded forward pass, which packed batches would go around"
+        elif isinstance(config, dict) and config.get("gradient_checkpointing"):
+            reason = "model.gradient_checkpointing=true recomputes layers in backward, outside the packed call"
+        else:
+            reason = getattr(tokenizer, "packing_unsupported", f"a {type(tokenizer).__name__} embeds no token ids")
+        if reason is None and any(set(side.features) != {"input_ids"} for side in sides):
+            reason = "its token store holds more than token ids"
+        if reason is not None:
+            (log.warning if self.packing is True else log.info)(
+                "data.packing=%s: this encoder cannot embed packed texts: %s. Batches are padded in length groups.",
+                str(self.packing).lower(),
+                reason,
+            )
+        return reason is None
 
     def training_texts(self) -> dict[str, dict[str, list[str]]]:
         """``{task: {"query": texts, "document": texts}}``: every distinct training text, for losses that work on

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lit_embed.batch import TokenGroups
+from lit_embed.batch import PackedTexts, TokenGroups
 from lit_embed.data.ragged import Ragged, RaggedWriter
 from lit_embed.data.store import built_once, content_key
 
@@ -102,6 +102,15 @@ class TokenizedTexts:
         if self.has_mask:
             batch["attention_mask"] = torch.from_numpy(real.astype(np.int64))
         return batch | self.shared
+
+    def packed(self, indices: Sequence[int]) -> TokenGroups:
+        """The chosen rows as one packed row of tokens (:class:`~lit_embed.models.packed.PackedTexts`): no padding."""
+        indices = np.asarray(indices, dtype=np.int64)
+        ids = self.features["input_ids"].take(indices)
+        packed = PackedTexts.from_tokens(
+            torch.from_numpy(ids.values.astype(np.int64)), ids.lengths.tolist(), self.shared
+        )
+        return TokenGroups([packed], torch.arange(len(indices)), self.texts.texts(indices))
 
     def collate(self, indices: Sequence[int], max_groups: int = 1) -> TokenGroups:
         """The chosen rows as up to ``max_groups`` padded groups of similar length.

@@ -24,7 +24,7 @@ class EmbeddingLoss(nn.Module):
 
     def batch_loss(self, encoder: nn.Module, batch: PairBatch) -> Tensor:
         """The loss of a batch: its queries and documents embedded by ``encoder``, then scored."""
-        return self.embeddings_loss(encoder, batch, batch.queries.embed(encoder), batch.documents.embed(encoder))
+        return self.embeddings_loss(encoder, batch, *batch.embed(encoder))
 
     def embeddings_loss(self, encoder: nn.Module, batch: PairBatch, queries: Tensor, documents: Tensor) -> Tensor:
         """The loss of a batch's embeddings ``queries [B, D]``, ``documents [B + N, D]``.

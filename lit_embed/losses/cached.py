@@ -8,20 +8,24 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from lit_embed.batch import Features, PairBatch, TokenGroups
+from lit_embed.batch import Features, PackedTexts, PairBatch, TokenGroups
 from lit_embed.errors import check, is_int
 from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 
 
-def mini_batches(side: TokenGroups, size: int) -> list[Features]:
+def mini_batches(side: TokenGroups, size: int) -> list[Features | PackedTexts]:
     """Splits one side of a batch into mini-batches of at most ``size`` rows.
 
-    Each length group is cut into runs of at most ``size`` rows, each trimmed to its own longest row. Rows keep
+    Each length group is cut into runs of at most ``size`` rows, each trimmed to its own longest row (a packed side
+    into runs of at most ``size`` texts). Rows keep
     the groups' order, so the mini-batches' outputs concatenated are the groups' outputs (``order`` still applies).
     """
-    chunks = []
+    chunks: list[Features | PackedTexts] = []
     for features in side.groups:
+        if isinstance(features, PackedTexts):
+            chunks += features.split(size)
+            continue
         mask = features["attention_mask"]  # [n, L]
         for start in range(0, mask.size(0), size):
             rows = slice(start, start + size)

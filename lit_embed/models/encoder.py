@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -15,7 +16,9 @@ import torch
 from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 
+from lit_embed.batch import PackedTexts
 from lit_embed.errors import LitEmbedError, check, is_bool, is_int
+from lit_embed.models.packed import POOLING_MODES, packed_attention, pool
 from lit_embed.models.prompts import prompt_for
 
 log = logging.getLogger(__name__)
@@ -210,9 +213,63 @@ class Encoder(nn.Module):
         features["task"] = kind
         return features
 
-    def forward(self, features: dict[str, Any]) -> Tensor:
-        """Features from :meth:`tokenize` (or a collated batch of them) -> ``[B, D]`` embeddings."""
+    def forward(self, features: dict[str, Any] | PackedTexts) -> Tensor:
+        """Features from :meth:`tokenize` (or a collated batch of them), or packed texts -> ``[B, D]`` embeddings."""
+        if isinstance(features, PackedTexts):
+            return self._forward_packed(features)
         return self.model(dict(features))["sentence_embedding"]
+
+    def _forward_packed(self, packed: PackedTexts) -> Tensor:
+        transformer, pooling, *after = list(self.model)
+        with packed_attention(transformer.auto_model):
+            tokens = transformer.auto_model(
+                input_ids=packed.input_ids, position_ids=packed.position_ids, packed=packed
+            ).last_hidden_state[0]  # [T, H]
+        skip = 0 if pooling.include_prompt else packed.extras.get("prompt_length") or 0
+        features = {"sentence_embedding": pool(tokens, packed, pooling.pooling_mode, skip)}  # [n, H]
+        for module in after:  # Dense, Normalize, ...: they work on the pooled embeddings
+            features = module(features)
+        return features["sentence_embedding"]
+
+    @functools.cached_property
+    def packing_unsupported(self) -> str | None:
+        """Why this encoder cannot embed packed texts (None: it can, with the same embeddings as padded batches).
+
+        It needs a Hugging Face transformer, then a Pooling module of one of :data:`POOLING_MODES`; and its packed
+        embeddings of a few probe texts must equal its padded ones (which rules out architectures whose attention
+        does not go through transformers' attention functions, and position schemes that packing would change).
+        """
+        modules = list(self.model)
+        transformer = getattr(modules[0], "auto_model", None)
+        if transformer is None or not hasattr(transformer, "config"):
+            return f"its first module is a {type(modules[0]).__name__}, not a Hugging Face transformer"
+        pooling = modules[1] if len(modules) > 1 else None
+        mode = getattr(pooling, "pooling_mode", None)
+        if type(pooling).__name__ != "Pooling" or mode not in POOLING_MODES:
+            return f"its pooling ({type(pooling).__name__} {mode or ''}) is not one of {', '.join(POOLING_MODES)}"
+        probes = ["A probe text.", "A longer probe text, with more words in it than the first one has.", "x"]
+        features = self.tokenize(probes, "document")
+        if set(features) - {"input_ids", "attention_mask", "token_type_ids", "task", "prompt_length", "modality"}:
+            return f"its tokenizer gives features packing does not carry ({', '.join(sorted(features))})"
+        if "token_type_ids" in features and features["token_type_ids"].any():
+            return "its tokenizer gives type ids other than 0"
+        mask = features["attention_mask"].bool()
+        extras = {k: v for k, v in features.items() if not isinstance(v, Tensor)}
+        packed = PackedTexts.from_tokens(features["input_ids"][mask], mask.sum(1).tolist(), extras)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                device = self.device
+                padded = self({k: v.to(device) if isinstance(v, Tensor) else v for k, v in features.items()})
+                unpadded = self(packed.to(device))
+        except Exception as err:  # an architecture that cannot take packed inputs at all
+            return f"it cannot run packed inputs ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        finally:
+            self.train(was_training)
+        if not torch.allclose(unpadded.float(), padded.float(), atol=1e-4, rtol=1e-3):
+            return "its packed embeddings differ from its padded ones (its attention or positions do not pack)"
+        return None
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], kind: TextKind, batch_size: int = 64) -> Tensor:

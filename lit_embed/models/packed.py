@@ -1,0 +1,136 @@
+"""Packed sequences: a batch's texts concatenated into one row and attended to one text at a time, without padding.
+
+A padded batch computes every text at the length of its group's longest; a packed one computes each text's own
+tokens only. The transformer runs on ``[1, T]`` token ids (``T`` = the real tokens of all the texts), with position
+ids restarting at 0 for each text (as a right-padded text has them), and its attention is replaced for that call by
+:func:`varlen_attention`, which keeps every text to its own tokens. Pooling then reduces each text's tokens
+(:func:`pool`), and the modules after the pooling (Dense, Normalize) run on the ``[n, D]`` result as usual.
+
+Which attention does the work: FlashAttention's varlen kernel where ``flash-attn`` is installed and the inputs are
+half precision on a GPU; else PyTorch's nested jagged tensors with ``scaled_dot_product_attention`` (bidirectional
+encoders, CPU or GPU); else, for causal models without ``flash-attn``, one attention call per text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_embed.batch import PackedTexts
+
+# Nested jagged tensors are what scaled_dot_product_attention takes for variable lengths; they are used as intended.
+warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+
+ATTENTION = "lit_embed_packed"
+POOLING_MODES = ("cls", "mean", "max", "lasttoken")
+
+
+def _flash_attn_varlen() -> Any:
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func
+
+
+def varlen_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """Attention within each packed text: ``[1, H, T, d]`` query/key/value -> ``[1, T, H, d]`` (transformers'
+    attention-function interface; the packing comes in ``kwargs`` as ``packed``, a :class:`PackedTexts`)."""
+    packed: PackedTexts = kwargs["packed"]
+    causal = bool(getattr(module, "is_causal", False))
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, d]
+    if k.size(1) != q.size(1):  # grouped-query attention: each key/value head serves several query heads
+        k, v = (x.repeat_interleave(q.size(1) // x.size(1), dim=1) for x in (k, v))
+    flash = _flash_attn_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if flash is not None:
+        cu, longest = packed.cu_seqlens, packed.max_length
+        out = flash(q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling, causal=causal)
+    elif not causal and q.is_cuda:
+        offsets = packed.cu_seqlens.long()
+
+        def jagged(x: Tensor) -> Tensor:  # [T, H, d] -> [n, H, j, d]
+            return torch.nested.nested_tensor_from_jagged(x, offsets, max_seqlen=packed.max_length).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v), dropout_p=dropout, scale=scaling)
+        out = attended.transpose(1, 2).values()  # [T, H, d]
+    else:  # nested tensors have no causal attention, and on the CPU their attention is slower: one call per text
+        texts = zip(q.split(packed.lengths), k.split(packed.lengths), v.split(packed.lengths), strict=True)
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    a.transpose(0, 1),
+                    b.transpose(0, 1),
+                    c.transpose(0, 1),
+                    dropout_p=dropout,
+                    scale=scaling,
+                    is_causal=causal,
+                ).transpose(0, 1)
+                for a, b, c in texts
+            ]
+        )
+    return out[None], None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, varlen_attention)
+
+
+@contextlib.contextmanager
+def packed_attention(transformer: nn.Module) -> Iterator[None]:
+    """The transformer's attention is :func:`varlen_attention` inside the block (its config is read at every call,
+    so padded calls elsewhere, evaluation's, keep their own)."""
+    config = transformer.config
+    previous = config._attn_implementation
+    config._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def pool(tokens: Tensor, packed: PackedTexts, mode: str, skip: int = 0) -> Tensor:
+    """``[T, H]`` token embeddings -> ``[n, H]``: each text's ``mode`` pooling (``skip``: leading tokens of each text
+    left out, a prompt that the pooling excludes)."""
+    starts = packed.cu_seqlens[:-1].long()
+    ends = packed.cu_seqlens[1:].long()
+    if mode == "lasttoken":
+        return tokens[ends - 1]
+    if mode == "cls":
+        return tokens[starts + skip]
+    # output_size: the total is known on the host, so a GPU need not be asked for it (no sync).
+    texts = torch.arange(len(packed), device=tokens.device)
+    text = torch.repeat_interleave(texts, ends - starts, output_size=tokens.size(0))  # [T]
+    keep = packed.position_ids[0] >= skip if skip else None
+    if mode == "mean":  # summed in fp32 for half-precision tokens, as sentence-transformers sums
+        total = torch.float32 if tokens.dtype in (torch.float16, torch.bfloat16) else tokens.dtype
+        weights = keep.to(total) if keep is not None else torch.ones(tokens.size(0), dtype=total, device=tokens.device)
+        sums = torch.zeros(len(packed), tokens.size(1), dtype=total, device=tokens.device)
+        sums.index_add_(0, text, tokens.to(total) * weights[:, None])
+        counted = torch.zeros(len(packed), dtype=total, device=tokens.device).index_add_(0, text, weights)
+        return (sums / counted.clamp(min=1e-9)[:, None]).to(tokens.dtype)
+    if mode == "max":
+        values = tokens if keep is None else tokens.masked_fill(~keep[:, None], torch.finfo(tokens.dtype).min)
+        out = torch.full((len(packed), tokens.size(1)), torch.finfo(tokens.dtype).min, dtype=tokens.dtype)
+        return out.to(tokens.device).scatter_reduce(0, text[:, None].expand_as(values), values, "amax")
+    raise ValueError(f"no packed pooling for mode {mode!r}")
+
+
+_register()

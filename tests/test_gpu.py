@@ -1,0 +1,86 @@
+"""GPU checks (``-m gpu``, run by benchmarks/gpu_check.sh): a bf16 training step, packed against padded on CUDA, and
+the cached loss's memory bound. Skipped without a CUDA device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import compose_train, tiny_run_overrides, write_toy_data
+from test_packed import TEXTS, packed_of, write_pairs
+
+from lit_embed.data.datamodule import QAPairDataModule
+from lit_embed.losses.cached import CachedLoss
+from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
+from lit_embed.models.encoder import Encoder
+from lit_embed.train import run
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_a_bf16_training_step_runs_and_exports(tmp_path: Path) -> None:
+    train, val = write_toy_data(tmp_path)
+    overrides = {"trainer": "gpu", "trainer.precision": "bf16-mixed", "data.packing": "true", "trainer.max_steps": 3}
+    metrics = run(compose_train(tiny_run_overrides(train, val, tmp_path / "run", **overrides)))
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics["final"].values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_embeddings_equal_padded_ones_on_cuda(model_paths, dtype: torch.dtype) -> None:
+    encoder = Encoder(model_paths["encoder"], query_prompt="query: ").cuda()
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        padded = encoder(
+            {k: v.cuda() if torch.is_tensor(v) else v for k, v in encoder.tokenize(TEXTS, "query").items()}
+        )
+        packed = encoder(packed_of(encoder, TEXTS, "query").to("cuda"))
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 kernels sum in another order
+    torch.testing.assert_close(packed.float(), padded.float(), atol=tolerance, rtol=tolerance)
+
+
+def test_packed_loss_and_gradients_equal_padded_ones_on_cuda(tmp_path: Path, model_paths) -> None:
+    encoder = Encoder(model_paths["encoder"]).cuda()
+    path = write_pairs(tmp_path / "train.jsonl")
+    results = []
+    for packing in (False, True):
+        data = QAPairDataModule(str(path), batch_size=8, packing=packing)
+        data.tokenize(encoder)
+        batch = data.collator(next(iter(data.batch_sampler())))
+        encoder.zero_grad()
+        loss = MultipleNegativesRankingLoss().batch_loss(encoder, _to_cuda(batch))
+        loss.backward()
+        results.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})
+        )
+    (padded_loss, padded), (packed_loss, packed) = results
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in padded.items():
+        torch.testing.assert_close(packed[name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_the_cached_loss_holds_memory_to_its_mini_batches(tmp_path: Path, model_paths) -> None:
+    """Peak memory of a 64-pair step with the cached loss in mini-batches of 8 stays near a plain 8-pair step's."""
+    encoder = Encoder(model_paths["encoder"]).cuda()
+    path = write_pairs(tmp_path / "train.jsonl", n=128)
+    peaks = {}
+    for name, size, loss in (("plain-8", 8, MultipleNegativesRankingLoss()), ("cached-64", 64, CachedLoss(None, 8))):
+        data = QAPairDataModule(str(path), batch_size=size)
+        data.tokenize(encoder)
+        batch = _to_cuda(data.collator(next(iter(data.batch_sampler()))))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss.batch_loss(encoder, batch).backward()
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() - before
+        encoder.zero_grad(set_to_none=True)
+    assert peaks["cached-64"] < 2 * peaks["plain-8"], peaks
+
+
+def _to_cuda(batch):
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(batch, torch.device("cuda"))

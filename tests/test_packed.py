@@ -1,0 +1,157 @@
+"""Packed batches: every text unpadded in one row, with the embeddings, loss and gradients of padded batches."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import compose_train, tiny_run_overrides, write_toy_data
+
+from lit_embed.batch import PackedTexts
+from lit_embed.data.datamodule import QAPairDataModule
+from lit_embed.losses.cached import CachedLoss
+from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
+from lit_embed.models.encoder import Encoder
+from lit_embed.train import run
+
+TEXTS = [
+    "how do I read a file?",
+    "def read(path):\n    return open(path).read()  # a longer text, with many more tokens than the first",
+    "x",
+    "sort a list of numbers in place, largest first",
+]
+
+
+def packed_of(encoder: Encoder, texts: list[str], kind: str = "document") -> PackedTexts:
+    features = encoder.tokenize(texts, kind)
+    mask = features["attention_mask"].bool()
+    extras = {key: value for key, value in features.items() if not isinstance(value, torch.Tensor)}
+    return PackedTexts.from_tokens(features["input_ids"][mask], mask.sum(1).tolist(), extras)
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls", "max", "lasttoken"])
+@pytest.mark.parametrize("include_prompt", [True, False])
+def test_packed_embeddings_equal_padded_ones(model_paths, mode: str, include_prompt: bool) -> None:
+    encoder = Encoder(model_paths["encoder"], query_prompt="query: ")
+    encoder.model[1].pooling_mode, encoder.model[1].include_prompt = mode, include_prompt
+    for kind in ("query", "document"):
+        padded = encoder(encoder.tokenize(TEXTS, kind))
+        packed = encoder(packed_of(encoder, TEXTS, kind))
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    assert encoder.packing_unsupported is None
+
+
+def test_a_causal_decoder_packs_with_its_padded_embeddings(model_paths) -> None:
+    encoder = Encoder(model_paths["decoder"])
+    assert encoder.padding_side == "left"
+    torch.testing.assert_close(encoder(packed_of(encoder, TEXTS)), encoder(encoder.tokenize(TEXTS, "document")))
+    assert encoder.packing_unsupported is None
+
+
+def write_pairs(path: Path, n: int = 24) -> Path:
+    rows = [
+        {
+            "query": f"question {i}: " + "why " * (i % 7),
+            "positive": f"answer {i} " + "because " * (3 * i % 11),
+            "negatives": [f"a wrong answer {i} " + "no " * (i % 5)],
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def loss_and_gradients(encoder: Encoder, loss, data: QAPairDataModule, indices: list[int]):
+    encoder.zero_grad()
+    value = loss.batch_loss(encoder, data.collator(indices))
+    value.backward()
+    return value.detach(), {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "loss", [MultipleNegativesRankingLoss(), CachedLoss(mini_batch_size=3)], ids=["mnrl", "cached_mnrl"]
+)
+@pytest.mark.parametrize("multi_positive", [False, True])
+def test_packed_batches_give_the_padded_loss_and_gradients(tmp_path: Path, model_paths, loss, multi_positive) -> None:
+    encoder = Encoder(model_paths["encoder"], query_prompt="query: ")
+    path = write_pairs(tmp_path / "train.jsonl")
+    results = []
+    for packing in (False, True):
+        data = QAPairDataModule(str(path), batch_size=8, packing=packing, multi_positive=multi_positive)
+        data.tokenize(encoder)
+        assert data.collator.packed is packing
+        indices = next(iter(data.batch_sampler()))
+        batch = data.collator(indices)
+        assert isinstance(batch.documents.groups[0], PackedTexts) is packing
+        results.append(loss_and_gradients(encoder, loss, data, indices))
+    (padded_loss, padded_grads), (packed_loss, packed_grads) = results
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys() and padded_grads
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_texts_split_into_runs_of_texts(model_paths) -> None:
+    encoder = Encoder(model_paths["encoder"])
+    packed = packed_of(encoder, TEXTS)
+    runs = packed.split(3)
+    assert [len(run) for run in runs] == [3, 1]
+    assert torch.equal(torch.cat([run.input_ids for run in runs], dim=1), packed.input_ids)
+    torch.testing.assert_close(torch.cat([encoder(run) for run in runs]), encoder(packed))
+
+
+def test_packing_auto_packs_where_the_encoder_can_and_true_says_why_it_cannot(
+    tmp_path: Path, model_paths, caplog
+) -> None:
+    encoder = Encoder(model_paths["encoder"])
+    path = write_pairs(tmp_path / "train.jsonl")
+    auto = QAPairDataModule(str(path), batch_size=8)
+    auto.tokenize(encoder)
+    assert auto.collator.packed
+    off = QAPairDataModule(str(path), batch_size=8, packing=False)
+    off.tokenize(encoder)
+    assert not off.collator.packed
+
+    encoder.model[1].pooling_mode = "weightedmean"
+    del encoder.packing_unsupported  # asked again for the new pooling
+    asked = QAPairDataModule(str(path), batch_size=8, packing=True)
+    with caplog.at_level(logging.WARNING):
+        asked.tokenize(encoder)
+    assert not asked.collator.packed
+    assert "data.packing=true: this encoder cannot embed packed texts: its pooling" in caplog.text
+
+    compiled = QAPairDataModule(str(path), batch_size=8)
+    compiled.tokenize(Encoder(model_paths["encoder"], compile=True))  # compiles the padded path: that one is used
+    assert not compiled.collator.packed
+
+
+def test_a_run_with_packed_batches_trains_and_exports(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    train, val = write_toy_data(tmp_path)
+    out = tmp_path / "run"
+    metrics = run(compose_train(tiny_run_overrides(train, val, out)))  # packing=auto packs this model
+    assert "batches packed, no padding" in caplog.text
+    assert metrics["final"]["step"] >= 0 and (out / "model" / "modules.json").is_file()
+
+
+@pytest.mark.parametrize(("prompt", "calls"), [(None, 1), ("query: ", 2)])
+def test_queries_and_documents_share_one_forward_pass_when_their_prompts_allow(
+    tmp_path: Path, model_paths, prompt: str | None, calls: int
+) -> None:
+    encoder = Encoder(model_paths["encoder"], query_prompt=prompt)
+    data = QAPairDataModule(str(write_pairs(tmp_path / "train.jsonl")), batch_size=8, packing=True)
+    data.tokenize(encoder)
+    batch = data.collator(next(iter(data.batch_sampler())))
+    seen = []
+
+    def counting(packed: PackedTexts) -> torch.Tensor:
+        seen.append(len(packed))
+        return encoder(packed)
+
+    queries, documents = batch.embed(counting)
+    assert len(seen) == calls and sum(seen) == len(batch.queries) + len(batch.documents)
+    torch.testing.assert_close(queries, batch.queries.embed(encoder))
+    torch.testing.assert_close(documents, batch.documents.embed(encoder))
