@@ -30,11 +30,11 @@ print(json.dumps({
 PY
 
 if [ "$device" = cuda ]; then
-    model=bge-arch; precision=bf16; plain=(--batch-size 256 --steps 40 --warmup 8); cached=(--batch-size 4096 --cached 128 --steps 6 --warmup 2)
+    model=bge-arch; precision=bf16; plain=(--batch-size 256 --steps 40 --warmup 8); cached=(--batch-size 4096 --cached 128 --steps 7 --warmup 2)
     sources=$(python -c "import site; print(site.getsitepackages()[0])")
 else  # a dry run of the script itself
-    model=tiny; precision=fp32; plain=(--batch-size 16 --steps 6 --warmup 2); cached=(--batch-size 32 --cached 8 --steps 4 --warmup 1)
-    sources=$(python -c "import os, json; print(os.path.dirname(json.__file__))")
+    model=tiny; precision=fp32; plain=(--batch-size 16 --steps 6 --warmup 2); cached=(--batch-size 32 --cached 8 --steps 5 --warmup 1)
+    sources=$(python -c "import os, json; print(os.path.dirname(os.path.dirname(json.__file__)))")
 fi
 common=(--device "$device" --model "$model" --precision "$precision" --rounds 1 --no-evaluate --source-dir "$sources")
 python benchmarks/throughput.py "${common[@]}" "${plain[@]}" --lit data.packing=true --json "$out/plain.json"
