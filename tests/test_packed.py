@@ -44,6 +44,14 @@ def test_packed_embeddings_equal_padded_ones(model_paths, mode: str, include_pro
     assert encoder.packing_unsupported is None
 
 
+def test_the_gpus_nested_tensor_attention_gives_the_padded_embeddings_too(model_paths, monkeypatch) -> None:
+    from lit_embed.models import packed
+
+    monkeypatch.setattr(packed, "attention_kind", lambda query, causal: "nested")  # as on a GPU without flash-attn
+    encoder = Encoder(model_paths["encoder"])
+    torch.testing.assert_close(encoder(packed_of(encoder, TEXTS)), encoder(encoder.tokenize(TEXTS, "document")))
+
+
 def test_a_causal_decoder_packs_with_its_padded_embeddings(model_paths) -> None:
     encoder = Encoder(model_paths["decoder"])
     assert encoder.padding_side == "left"

@@ -7,13 +7,15 @@ ids restarting at 0 for each text (as a right-padded text has them), and its att
 (:func:`pool`), and the modules after the pooling (Dense, Normalize) run on the ``[n, D]`` result as usual.
 
 Which attention does the work: FlashAttention's varlen kernel where ``flash-attn`` is installed and the inputs are
-half precision on a GPU; else PyTorch's nested jagged tensors with ``scaled_dot_product_attention`` (bidirectional
-encoders, CPU or GPU); else, for causal models without ``flash-attn``, one attention call per text.
+half precision on a GPU; else, for bidirectional encoders on a GPU, PyTorch's nested jagged tensors with
+``scaled_dot_product_attention``; else (the CPU, where it is the fastest, and causal models without ``flash-attn``)
+one attention call per text.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import warnings
 from collections.abc import Iterator
@@ -32,12 +34,20 @@ ATTENTION = "lit_embed_packed"
 POOLING_MODES = ("cls", "mean", "max", "lasttoken")
 
 
+@functools.cache
 def _flash_attn_varlen() -> Any:
     if importlib.util.find_spec("flash_attn") is None:
         return None
     from flash_attn import flash_attn_varlen_func
 
     return flash_attn_varlen_func
+
+
+def attention_kind(query: Tensor, causal: bool) -> str:
+    """Which attention packed texts get (see the module's docstring): "flash", "nested" or "per_text"."""
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _flash_attn_varlen() is not None:
+        return "flash"
+    return "nested" if query.is_cuda and not causal else "per_text"
 
 
 def varlen_attention(
@@ -57,11 +67,12 @@ def varlen_attention(
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, d]
     if k.size(1) != q.size(1):  # grouped-query attention: each key/value head serves several query heads
         k, v = (x.repeat_interleave(q.size(1) // x.size(1), dim=1) for x in (k, v))
-    flash = _flash_attn_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
-    if flash is not None:
+    kind = attention_kind(q, causal)
+    if kind == "flash":
         cu, longest = packed.cu_seqlens, packed.max_length
+        flash = _flash_attn_varlen()
         out = flash(q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling, causal=causal)
-    elif not causal and q.is_cuda:
+    elif kind == "nested":
         offsets = packed.cu_seqlens.long()
 
         def jagged(x: Tensor) -> Tensor:  # [T, H, d] -> [n, H, j, d]
