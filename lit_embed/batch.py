@@ -19,7 +19,7 @@ Features = dict[str, Any]  # what a tokenizer returns: input_ids, attention_mask
 
 @dataclass
 class PackedTexts:
-    """Texts as one row of tokens: what :func:`encode_packed` takes (a collated batch side holds one).
+    """Texts as one row of tokens, unpadded: what a packed batch side holds and the encoder's forward takes.
 
     Attributes:
         input_ids: ``[1, T]`` every text's token ids, one text after the other.
@@ -167,10 +167,9 @@ class PairBatch:
     def embed(self, encoder: Callable[[Features | PackedTexts], Tensor]) -> tuple[Tensor, Tensor]:
         """``(queries [B, D], documents [B + N, D])``; packed sides that can share a call go through the encoder
         together, one forward pass for the whole batch."""
-        (queries,), (documents,) = self.queries.groups[:1], self.documents.groups[:1]
-        shared = len(self.queries.groups) == len(self.documents.groups) == 1
+        queries, documents = self.queries.groups[0], self.documents.groups[0]
         if (
-            shared
+            len(self.queries.groups) == len(self.documents.groups) == 1
             and isinstance(queries, PackedTexts)
             and isinstance(documents, PackedTexts)
             and queries.joins(documents)

@@ -104,7 +104,7 @@ class TokenizedTexts:
         return batch | self.shared
 
     def packed(self, indices: Sequence[int]) -> TokenGroups:
-        """The chosen rows as one packed row of tokens (:class:`~lit_embed.models.packed.PackedTexts`): no padding."""
+        """The chosen rows as one packed row of tokens (:class:`~lit_embed.batch.PackedTexts`): no padding."""
         indices = np.asarray(indices, dtype=np.int64)
         ids = self.features["input_ids"].take(indices)
         packed = PackedTexts.from_tokens(
