@@ -6,7 +6,7 @@ each step. Lightning moves both to the device (it maps over dataclass fields) an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -69,18 +69,19 @@ class PackedTexts:
             self.extras,
         )
 
-    def split(self, size: int) -> list[PackedTexts]:
-        """Runs of at most ``size`` texts, in order (the cached loss's mini-batches); no device sync."""
-        runs, first = [], 0
-        for start in range(0, len(self), size):
-            lengths = self.lengths[start : start + size]
+    def split(self, counts: Sequence[int]) -> list[PackedTexts]:
+        """Runs of ``counts[0]``, ``counts[1]``, ... texts, in order (the cached loss's mini-batches); no device
+        sync."""
+        runs, first, start = [], 0, 0
+        for count in counts:
+            lengths = self.lengths[start : start + count]
             last = first + sum(lengths)
-            cu_seqlens = self.cu_seqlens[start : start + len(lengths) + 1] - self.cu_seqlens[start]
+            cu_seqlens = self.cu_seqlens[start : start + count + 1] - self.cu_seqlens[start]
             tokens = slice(first, last)
             runs.append(
                 PackedTexts(self.input_ids[:, tokens], self.position_ids[:, tokens], cu_seqlens, lengths, self.extras)
             )
-            first = last
+            first, start = last, start + count
         return runs
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedTexts:

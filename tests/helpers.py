@@ -83,6 +83,7 @@ def pair_collator(
     rows: list[tuple[int, int, tuple[int, ...]]],
     encoder,
     length_groups: int = 1,
+    packed: bool = False,
 ) -> PairCollator:
     """A collator over ``(query, positive, negatives)`` rows of text indices, as the data module builds one."""
     training = TrainingRows(
@@ -98,4 +99,4 @@ def pair_collator(
         key="test",
     )
     stores = token_store(queries, "query", encoder), token_store(documents, "document", encoder)
-    return PairCollator(training, *stores, length_groups=length_groups)
+    return PairCollator(training, *stores, length_groups=length_groups, packed=packed)

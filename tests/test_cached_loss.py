@@ -10,9 +10,9 @@ import torch
 from helpers import compose_train, pair_collator, tiny_run_overrides, write_toy_data
 from safetensors.torch import load_file
 
-from lit_embed.batch import PairBatch
+from lit_embed.batch import PackedTexts, PairBatch
 from lit_embed.errors import LitEmbedError
-from lit_embed.losses.cached import CachedLoss, mini_batches
+from lit_embed.losses.cached import CachedLoss, mini_batches, run_sizes
 from lit_embed.losses.matryoshka import MatryoshkaLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss, mnrl
 from lit_embed.models.encoder import Encoder
@@ -22,12 +22,14 @@ from lit_embed.training.module import EmbeddingFinetuneModule
 WORDS = "sort open parse join read format hash split merge count filter map reduce zip walk copy".split()
 
 
-def collated_batch(encoder: Encoder, size: int = 12, negatives: int = 1, length_groups: int = 2) -> PairBatch:
+def collated_batch(
+    encoder: Encoder, size: int = 12, negatives: int = 1, length_groups: int = 2, packed: bool = False
+) -> PairBatch:
     """``size`` pairs of varied lengths with ``negatives`` hard negatives each, collated as for training."""
     queries = [f"how to {' '.join(WORDS[i % 16 : i % 16 + 1 + i % 5])} {i}" for i in range(size)]
     documents = [f"def f{i}(): return {' + '.join(WORDS[: 1 + i % 9])}" for i in range(size * (1 + negatives))]
     rows = [(i, i, tuple(size + i * negatives + k for k in range(negatives))) for i in range(size)]
-    return pair_collator(queries, documents, rows, encoder, length_groups)(list(range(size)))
+    return pair_collator(queries, documents, rows, encoder, length_groups, packed)(list(range(size)))
 
 
 def gradients(encoder: Encoder) -> dict[str, torch.Tensor]:
@@ -41,9 +43,11 @@ def plain_gradients(encoder: Encoder, batch: PairBatch) -> tuple[torch.Tensor, d
     return loss.detach(), gradients(encoder)
 
 
-def cached_gradients(encoder: Encoder, batch: PairBatch, size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def cached_gradients(
+    encoder: Encoder, batch: PairBatch, size: int, tokens: int | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     encoder.zero_grad()
-    loss = CachedLoss(mini_batch_size=size).batch_loss(encoder, batch)
+    loss = CachedLoss(mini_batch_size=size, mini_batch_tokens=tokens).batch_loss(encoder, batch)
     loss.backward()
     return loss.detach(), gradients(encoder)
 
@@ -61,6 +65,56 @@ def test_gradients_equal_the_plain_loss(tiny_encoder: Encoder, negatives: int, m
     tiny_encoder.eval()  # no dropout: the plain and cached passes see the same network
     batch = collated_batch(tiny_encoder, negatives=negatives)
     assert_same(cached_gradients(tiny_encoder, batch, mini_batch_size), plain_gradients(tiny_encoder, batch))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("tokens", [1, 40, 10_000])
+def test_token_budget_mini_batches_give_the_plain_gradients(tiny_encoder: Encoder, packed: bool, tokens: int) -> None:
+    tiny_encoder.eval()
+    batch = collated_batch(tiny_encoder, negatives=1, packed=packed)
+    assert_same(cached_gradients(tiny_encoder, batch, 1, tokens), plain_gradients(tiny_encoder, batch))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_token_budget_bounds_every_graph_by_its_computed_tokens(
+    tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch, packed: bool
+) -> None:
+    """With ``mini_batch_tokens`` no forward pass that keeps a graph computes more tokens than that (padded: rows x
+    the longest), unless it is one text longer than the budget; every text is encoded once."""
+    computed: list[tuple[int, int]] = []  # (texts, tokens computed)
+    forward = Encoder.forward
+
+    def recording_forward(self, features):
+        if torch.is_grad_enabled():
+            if isinstance(features, PackedTexts):
+                computed.append((len(features), features.input_ids.size(1)))
+            else:
+                rows, columns = features["input_ids"].shape
+                computed.append((rows, rows * columns))
+        return forward(self, features)
+
+    monkeypatch.setattr(Encoder, "forward", recording_forward)
+    batch = collated_batch(tiny_encoder, size=40, negatives=1, packed=packed)
+    longest = max(
+        max(group.lengths) if packed else group["attention_mask"].sum(1).max().item()
+        for side in (batch.queries, batch.documents)
+        for group in side.groups
+    )
+    budget = 48
+    assert longest < budget < 40 * longest  # a budget that cuts the batch
+    CachedLoss(mini_batch_size=1, mini_batch_tokens=budget).batch_loss(tiny_encoder, batch).backward()
+    assert max(tokens for _, tokens in computed) <= budget
+    assert max(texts for texts, _ in computed) > 1  # cut by tokens, not by mini_batch_size
+    assert sum(texts for texts, _ in computed) == 40 + 80
+
+
+def test_run_sizes_cut_by_texts_or_by_computed_tokens() -> None:
+    assert run_sizes([5, 5, 5, 5, 5], 2, None, padded=False) == [2, 2, 1]
+    assert run_sizes([3, 4, 9, 2, 2, 1], 1, 10, padded=False) == [2, 1, 3]  # sums 7, 9, 5
+    assert run_sizes([3, 4, 9, 2, 2, 1], 1, 10, padded=True) == [2, 1, 3]  # 2 x 4, 1 x 9, 3 x 2
+    assert run_sizes([2, 2, 2, 6], 1, 10, padded=True) == [3, 1]  # 4 x 6 > 10
+    assert run_sizes([20, 3, 30], 1, 10, padded=False) == [1, 1, 1]  # longer than the budget: alone
+    assert run_sizes([], 4, 10, padded=False) == []
 
 
 def test_dropout_masks_are_replayed(tiny_encoder: Encoder) -> None:
@@ -126,13 +180,17 @@ def test_fp16_is_refused_with_the_fix(tiny_encoder: Encoder) -> None:
         module.setup("fit")
     with pytest.raises(ValueError, match="mini_batch_size"):
         CachedLoss(mini_batch_size=0)
+    with pytest.raises(ValueError, match="mini_batch_tokens"):
+        CachedLoss(mini_batch_tokens=0)
 
 
-def test_cached_training_run_trains_the_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("budget", ["loss.mini_batch_size=5", "loss.mini_batch_tokens=64"])
+def test_cached_training_run_trains_the_model(tmp_path: Path, budget: str) -> None:
     train, val = write_toy_data(tmp_path)
+    key, value = budget.split("=")
     settings = {
         "data.batch_size": 24,
-        "loss.mini_batch_size": 5,
+        key: value,
         "load_best_model_at_end": "false",
         "trainer.max_epochs": 2,
     }

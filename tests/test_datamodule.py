@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_embed.batch import PackedTexts
 from lit_embed.data.datamodule import QAPairDataModule
 from lit_embed.data.tokens import padding_groups
-from lit_embed.errors import DataFormatError
+from lit_embed.errors import DataFormatError, LitEmbedError
 
 
 class CountingTokenizer:
@@ -170,3 +171,53 @@ def test_lightning_reshuffles_every_epoch(tmp_path: Path, monkeypatch: pytest.Mo
     assert len(epochs[0]) == len(epochs[1]) == 6
     assert epochs[0] != epochs[1]
     assert sorted(q for rows in epochs[0] for q in rows) == sorted(q for rows in epochs[1] for q in rows)
+
+
+def batch_tokens(batch) -> int:
+    """The real tokens of a batch's queries and documents, packed or padded."""
+    return sum(
+        sum(group.lengths) if isinstance(group, PackedTexts) else int(group["attention_mask"].sum())
+        for side in (batch.queries, batch.documents)
+        for group in side.groups
+    )
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_token_budget_bounds_every_batch_and_keeps_every_row(tmp_path: Path, tiny_encoder, packing: bool) -> None:
+    rows = shared_doc_rows(60)  # passages of 1 to 5 repeats: uneven lengths
+    path = str(write_jsonl(tmp_path / "t.jsonl", rows))
+    plain = QAPairDataModule(train_path=path, batch_size=16, use_all_docs=True, packing=packing)
+    plain.tokenize(tiny_encoder)
+    dm = QAPairDataModule(train_path=path, batch_size=16, use_all_docs=True, packing=packing, max_tokens_per_batch=150)
+    dm.tokenize(tiny_encoder)
+    batches = list(dm.train_dataloader())
+    assert len(batches) > len(list(plain.train_dataloader()))
+    assert max(batch_tokens(batch) for batch in batches) <= 150
+    assert sorted(q for batch in batches for q in batch.query_ids) == sorted(plain.rows.query_ids.texts(range(60)))
+
+
+def test_a_row_over_the_token_budget_is_refused_with_its_id_and_the_fix(tmp_path: Path, tiny_encoder) -> None:
+    rows = shared_doc_rows(20)
+    dm = QAPairDataModule(
+        train_path=str(write_jsonl(tmp_path / "t.jsonl", rows)), batch_size=4, max_tokens_per_batch=20
+    )
+    with pytest.raises(
+        LitEmbedError,
+        match=r"t\.jsonl, line \d+: this training row holds \d+ tokens \(its query and 1 document\), more than "
+        r"data\.max_tokens_per_batch=20\. Raise data\.max_tokens_per_batch to at least \d+",
+    ):
+        dm.tokenize(tiny_encoder)
+    with pytest.raises(ValueError, match="max_tokens_per_batch"):
+        QAPairDataModule(train_path="t.jsonl", max_tokens_per_batch=0)
+
+
+def test_a_training_run_with_a_token_budget_takes_more_smaller_steps(tmp_path: Path) -> None:
+    from helpers import compose_train, tiny_run_overrides, write_toy_data
+
+    from lit_embed.train import run
+
+    train, val = write_toy_data(tmp_path)  # 48 pairs: 6 batches of 8
+    settings = {"data.max_tokens_per_batch": 120, "trainer.max_steps": -1, "trainer.max_epochs": 1}
+    settings["load_best_model_at_end"] = "false"  # metrics.json's step is then the last one
+    metrics = run(compose_train(tiny_run_overrides(train, val, tmp_path / "run", **settings)))
+    assert metrics["final"]["step"] > 6

@@ -105,8 +105,10 @@ def test_packed_batches_give_the_padded_loss_and_gradients(tmp_path: Path, model
 def test_packed_texts_split_into_runs_of_texts(model_paths) -> None:
     encoder = Encoder(model_paths["encoder"])
     packed = packed_of(encoder, TEXTS)
-    runs = packed.split(3)
+    runs = packed.split([3, 1])
     assert [len(run) for run in runs] == [3, 1]
+    assert [run.lengths for run in runs] == [packed.lengths[:3], packed.lengths[3:]]
+    assert runs[1].cu_seqlens.tolist() == [0, packed.lengths[3]]
     assert torch.equal(torch.cat([run.input_ids for run in runs], dim=1), packed.input_ids)
     torch.testing.assert_close(torch.cat([encoder(run) for run in runs]), encoder(packed))
 

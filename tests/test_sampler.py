@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import random
+from itertools import combinations
 
 import numpy as np
+import pytest
 import torch
 
 from lit_embed.data import sampler as sampler_module
 from lit_embed.data.ragged import Ragged
-from lit_embed.data.sampler import NoDuplicatesBatchSampler
+from lit_embed.data.sampler import NoDuplicatesBatchSampler, even_runs
 
 
 def clashing_rows(n: int, vocab: int, seed: int = 0) -> list[tuple[int, ...]]:
@@ -148,3 +150,86 @@ def test_vectorised_batches_at_scale_keep_every_guarantee() -> None:
     assert NoDuplicatesBatchSampler(rows[:2000].tolist(), 64, seed=5).global_batches() == (
         NoDuplicatesBatchSampler(ragged.take(np.arange(2000)), 64, seed=5).global_batches()
     )
+
+
+def uneven_tokens(n: int, seed: int = 0) -> np.ndarray:
+    # Row lengths spread as real ones are: most short, a long tail (a few rows 30x the median).
+    return np.minimum(np.random.default_rng(seed).lognormal(np.log(150), 0.9, n).astype(np.int64) + 10, 3000)
+
+
+def test_a_token_budget_cuts_batches_into_parts_that_fit() -> None:
+    rows = mined_rows(3000, seed=5)
+    tokens = uneven_tokens(len(rows))
+    budget = 3000
+    plain = NoDuplicatesBatchSampler(rows, batch_size=32, seed=1)
+    sampler = NoDuplicatesBatchSampler(rows, batch_size=32, seed=1, row_tokens=tokens, max_tokens=budget)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) > len(plain)
+    assert sorted(i for b in batches for i in b) == list(range(len(rows)))  # every row once
+    assert_no_text_twice(rows, batches)
+    assert max(tokens[b].sum() for b in batches) <= budget
+    # Each plain batch is cut in order into the fewest parts that fit, as even as that allows: their largest is no
+    # larger than greedy filling's.
+    parts = iter(batches)
+    for batch in plain:
+        pieces = [next(parts)]
+        while sum(map(len, pieces)) < len(batch):
+            pieces.append(next(parts))
+        assert [row for piece in pieces for row in piece] == batch
+        greedy, total = [0], 0
+        for row in batch:
+            if total + tokens[row] > budget:
+                greedy.append(0)
+                total = 0
+            total += tokens[row]
+            greedy[-1] = total
+        assert len(pieces) == len(greedy)
+        assert max(tokens[piece].sum() for piece in pieces) <= max(greedy)
+    # A budget every batch fits leaves the batches as they were.
+    roomy = NoDuplicatesBatchSampler(rows, batch_size=32, seed=1, row_tokens=tokens, max_tokens=10**9)
+    assert list(roomy) == list(plain)
+
+
+def test_a_token_budget_under_two_ranks_bounds_each_ranks_batch_and_keeps_every_row() -> None:
+    rows = mined_rows(2001, seed=3)
+    tokens = np.minimum(uneven_tokens(len(rows), seed=2), 2000)  # the data module refuses longer rows
+    ranks = [
+        NoDuplicatesBatchSampler(rows, 16, seed=2, num_replicas=2, rank=r, row_tokens=tokens, max_tokens=2000)
+        for r in range(2)
+    ]
+    per_rank = [list(s) for s in ranks]
+    assert len(per_rank[0]) == len(per_rank[1]) > len(NoDuplicatesBatchSampler(rows, 16, seed=2, num_replicas=2))
+    assert all(per_rank[0]) and all(per_rank[1])  # no rank ever has an empty step
+    assert max(tokens[b].sum() for b in per_rank[0] + per_rank[1]) <= 2000
+    global_batches = [a + b for a, b in zip(*per_rank, strict=True)]
+    assert global_batches == ranks[0].global_batches()
+    assert sorted(i for b in global_batches for i in b) == list(range(len(rows)))
+    assert_no_text_twice(rows, global_batches)
+
+
+def test_rows_over_half_the_budget_under_two_ranks_never_give_a_rank_an_empty_step() -> None:
+    # Three rows, each over half the budget: two steps would need a row on each rank each time, so one row is left
+    # out (and said) rather than a rank stepping on nothing or over its budget.
+    tokens = np.array([60, 70, 80])
+    ranks = [
+        NoDuplicatesBatchSampler([[0], [1], [2]], 2, seed=0, num_replicas=2, rank=r, row_tokens=tokens, max_tokens=100)
+        for r in range(2)
+    ]
+    steps = ranks[0].steps()
+    assert steps == ranks[1].steps()
+    assert all(part and tokens[part].sum() <= 100 for step in steps for part in step)
+    assert sum(len(part) for step in steps for part in step) == 2
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_even_runs_are_as_even_as_any_cut_into_that_many(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 50, size=int(rng.integers(1, 9)))
+    for count in range(1, len(tokens) + 1):
+        ends = even_runs(tokens, count)
+        assert len(ends) == count and ends[-1] == len(tokens) and sorted(set(ends)) == ends
+        best = min(
+            max(part.sum() for part in np.split(tokens, list(cut)))
+            for cut in combinations(range(1, len(tokens)), count - 1)
+        )
+        assert max(part.sum() for part in np.split(tokens, ends[:-1])) == best

@@ -197,6 +197,9 @@ class QAPairDataModule(ResumableDataModule):
             below 200 queries) as the validation set (0 = train on all, without validation).
         batch_size: pairs per batch; each query sees ``batch_size - 1`` in-batch negatives. ``"auto"``: set by the
             default recipe (:mod:`lit_embed.training.recipe`) before training.
+        max_tokens_per_batch: the most tokens (queries, positives and negatives, as tokenized) a batch holds, per
+            process: a batch of ``batch_size`` pairs over it is cut into parts of similar token counts, so memory is
+            bounded by tokens when lengths are very uneven. None: every batch has ``batch_size`` pairs.
         use_all_docs: False = one pair per query (its first relevant doc, as LlamaIndex); True = one per
             (query, relevant doc).
         multi_positive: one row per query with all its relevant documents, each a positive that is never another
@@ -228,6 +231,7 @@ class QAPairDataModule(ResumableDataModule):
         train_path: str | None = None,
         val_path: str | None = None,
         batch_size: int | str = 16,
+        max_tokens_per_batch: int | None = None,
         use_all_docs: bool = False,
         max_negatives: int | None = None,
         length_groups: int = 4,
@@ -250,6 +254,12 @@ class QAPairDataModule(ResumableDataModule):
             "batch_size",
             batch_size,
             "a whole number of pairs >= 1, or auto (the default recipe's)",
+        )
+        check(
+            max_tokens_per_batch is None or is_int(max_tokens_per_batch) and max_tokens_per_batch >= 1,
+            "max_tokens_per_batch",
+            max_tokens_per_batch,
+            "a whole number of tokens per batch >= 1, or null for batches of batch_size pairs",
         )
         check(
             max_negatives is None or is_int(max_negatives) and max_negatives >= 0,
@@ -289,6 +299,7 @@ class QAPairDataModule(ResumableDataModule):
         self.val_fraction = val_fraction
         self.mine = mine
         self.batch_size = batch_size
+        self.max_tokens_per_batch = max_tokens_per_batch
         self.use_all_docs = use_all_docs
         self.multi_positive = multi_positive
         self.max_negatives = max_negatives
@@ -306,6 +317,7 @@ class QAPairDataModule(ResumableDataModule):
         self.val_dataset: QADataset | None = None
         self._collator: PairCollator | None = None
         self._row_texts: Ragged | None = None
+        self._row_tokens: np.ndarray | None = None
 
     def load_rows(self) -> TrainingRows:
         """The training rows, converted from the training file once (see :func:`training_rows`)."""
@@ -436,6 +448,7 @@ class QAPairDataModule(ResumableDataModule):
             rows, queries, documents, self.length_groups, self.task, self.multi_positive, packed
         )
         self._row_texts = rows.row_texts()
+        self._row_tokens = self._tokens_per_row(queries, documents) if self.max_tokens_per_batch else None
         log.info(
             "%s: %d training pairs from %d queries and %d documents (tokenized once; batches %s).",
             self.source,
@@ -444,6 +457,23 @@ class QAPairDataModule(ResumableDataModule):
             len(rows.documents),
             "packed, no padding" if packed else "padded in length groups",
         )
+
+    def _tokens_per_row(self, queries: TokenizedTexts, documents: TokenizedTexts) -> np.ndarray:
+        """Each training row's tokens (query, positives and negatives); refuses a row over the token budget."""
+        lengths = np.concatenate([queries.lengths, documents.lengths])  # the id space of row_texts
+        texts = self._row_texts
+        tokens = np.add.reduceat(lengths[np.asarray(texts.values)], texts.offsets[:-1])
+        longest = int(np.argmax(tokens))
+        if tokens[longest] > self.max_tokens_per_batch:
+            count = int(texts.lengths[longest]) - 1
+            raise LitEmbedError(
+                f"{self.source}, {self.rows.query_ids.text(longest)}: this training row holds {tokens[longest]} "
+                f"tokens (its query and {count} document{'s' * (count != 1)}), more than "
+                f"data.max_tokens_per_batch={self.max_tokens_per_batch}. Raise data.max_tokens_per_batch to at "
+                f"least {tokens[longest]} (a few rows' worth, for in-batch negatives), or lower data.max_negatives "
+                "or model.max_seq_length."
+            )
+        return tokens
 
     def _packs(self, tokenizer: TextTokenizer, *sides: TokenizedTexts) -> bool:
         """Whether batches are packed (see ``packing``); says why not when the encoder cannot pack."""
@@ -487,7 +517,14 @@ class QAPairDataModule(ResumableDataModule):
         """This rank's batches: slices of global batches that hold no text twice (see NoDuplicatesBatchSampler)."""
         assert self._row_texts is not None, "call setup() (Lightning does) or tokenize() first"
         sampler = NoDuplicatesBatchSampler(
-            self._row_texts, self.batch_size, self.seed, self.drop_last, num_replicas=world, rank=rank
+            self._row_texts,
+            self.batch_size,
+            self.seed,
+            self.drop_last,
+            num_replicas=world,
+            rank=rank,
+            row_tokens=self._row_tokens,
+            max_tokens=self.max_tokens_per_batch,
         )
         if self._resume_at is not None:
             sampler.resume_at(*self._resume_at)

@@ -23,6 +23,33 @@ SWAP_WINDOW = 64
 STALLED_ROUNDS = 3
 
 
+def budget_runs(tokens: np.ndarray, capacity: int) -> list[int]:
+    """Where each run of rows ends when each takes rows, in order, while their ``tokens`` fit ``capacity`` (a row
+    over it is a run of its own)."""
+    ends = np.cumsum(tokens)
+    found = [0]
+    while found[-1] < len(tokens):
+        before = ends[found[-1] - 1] if found[-1] else 0
+        found.append(max(found[-1] + 1, int(np.searchsorted(ends, before + capacity, side="right"))))
+    return found[1:]
+
+
+def even_runs(tokens: np.ndarray, count: int) -> list[int]:
+    """Where each of ``count`` non-empty runs of rows (``count <= len(tokens)``) ends, in order, so that the run
+    holding the most ``tokens`` holds as few as it can."""
+    low, high = int(tokens.max()), int(tokens.sum())  # the least capacity that needs at most ``count`` runs
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if len(budget_runs(tokens, middle)) <= count else (middle + 1, high)
+    ends = budget_runs(tokens, low)
+    while len(ends) < count:  # fewer runs than asked: split off the last row of the fullest run of several rows
+        starts = [0, *ends[:-1]]
+        sums = [tokens[a:b].sum() if b - a > 1 else -1 for a, b in zip(starts, ends, strict=True)]
+        fullest = int(np.argmax(sums))
+        ends.insert(fullest, ends[fullest] - 1)
+    return ends
+
+
 class ResumableBatchSampler(Sampler[list[int]]):
     """An epoch's batches, drawn from ``seed + epoch``; an interrupted epoch continues after its done batches.
 
@@ -73,6 +100,10 @@ class NoDuplicatesBatchSampler(ResumableBatchSampler):
     Under DDP every rank builds the same global batches of ``batch_size x num_replicas`` rows, so the guarantee
     holds for the global batch (what ``loss.gather_across_devices`` scores), and yields its own slice of each.
 
+    With a token budget (``max_tokens``), a batch whose slice holds more than ``max_tokens`` tokens on some rank is
+    cut into the fewest steps that fit on every rank, each rank's slice into as many runs of rows, as even as that
+    allows (a step shares no text either): a batch of long texts holds fewer pairs than one of short texts.
+
     Args:
         row_texts: for each row, the ids of every text it holds (query, positive, negatives), as a ragged array
             (or a list of id lists). Ids (not strings) keep the per-epoch work cheap.
@@ -81,6 +112,8 @@ class NoDuplicatesBatchSampler(ResumableBatchSampler):
         drop_last: drop a final batch smaller than ``batch_size``.
         num_replicas: DDP processes; each gets ``batch_size`` rows of every global batch.
         rank: this process's slice.
+        row_tokens: each row's token count (all its texts), for ``max_tokens``.
+        max_tokens: the most tokens a rank's batch holds; None: batches of ``batch_size`` rows.
     """
 
     def __init__(
@@ -91,6 +124,8 @@ class NoDuplicatesBatchSampler(ResumableBatchSampler):
         drop_last: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
+        row_tokens: np.ndarray | None = None,
+        max_tokens: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -102,21 +137,60 @@ class NoDuplicatesBatchSampler(ResumableBatchSampler):
         self.drop_last = drop_last
         self.num_replicas = num_replicas
         self.rank = rank
-        self._batches: tuple[int, list[list[int]]] | None = None
+        if max_tokens is not None and row_tokens is None:
+            raise ValueError("max_tokens needs row_tokens")
+        self.row_tokens = row_tokens
+        self.max_tokens = max_tokens
+        self._steps: tuple[int, list[list[list[int]]]] | None = None
 
     def batches(self) -> list[list[int]]:
         """This rank's batches of this epoch (computed once per epoch; ``len`` and iteration agree)."""
-        if self._batches is None or self._batches[0] != self.epoch:
-            self._batches = (self.epoch, [self._slice(batch) for batch in self.global_batches()])
-        return self._batches[1]
-
-    def _slice(self, batch: list[int]) -> list[int]:
-        # Even slices of a short last batch; every rank must run the same number of steps.
-        size = len(batch)
-        return batch[self.rank * size // self.num_replicas : (self.rank + 1) * size // self.num_replicas]
+        return [step[self.rank] for step in self.steps()]
 
     def global_batches(self) -> list[list[int]]:
-        """This epoch's batches over all ranks, each of up to ``batch_size x num_replicas`` rows sharing no text.
+        """This epoch's batches over all ranks: every rank's rows of each step, in rank order."""
+        return [[row for part in step for row in part] for step in self.steps()]
+
+    def steps(self) -> list[list[list[int]]]:
+        """This epoch's steps, each every rank's rows (rank ``r``'s at ``[r]``), the same on every rank."""
+        if self._steps is None or self._steps[0] != self.epoch:
+            self._steps = (self.epoch, self._build_steps())
+        return self._steps[1]
+
+    def _build_steps(self) -> list[list[list[int]]]:
+        batches, moved = self._filled_batches()
+        steps = [part for batch in batches for part in self._within_budget(self._even_slices(batch))]
+        if self.max_tokens is not None and self.rank == 0 and steps:
+            sizes = [sum(map(len, step)) for step in steps]
+            log.info(
+                "Epoch %d: %d steps of at most %d tokens per process, %.1f pairs on average (%d to %d).",
+                *(self.epoch, len(steps), self.max_tokens, sum(sizes) / len(sizes), min(sizes), max(sizes)),
+            )
+        # Every rank needs a row of every step; only the tail of rows that clash with all others can fall short.
+        kept = [step for step in steps if all(step)]
+        left_out = sum(len(batch) for batch in batches) - sum(len(part) for step in kept for part in step)
+        if (moved or left_out) and self.rank == 0:
+            size = self.batch_size * self.num_replicas
+            short = sum(len(batch) < size for batch in batches[:-1])
+            log.info(
+                "Epoch %d: %d of %d rows shared a text with the batch being filled and went into a later one; "
+                "%d batches before the last are short (their rows share texts with every other row left)%s.",
+                self.epoch,
+                len(moved),
+                len(self.row_texts),
+                short,
+                f"; {left_out} rows left out (a step with fewer rows than processes)" if left_out else "",
+            )
+        return kept
+
+    def _even_slices(self, batch: list[int]) -> list[list[int]]:
+        # Even slices of a short last batch; every rank must run the same number of steps.
+        size, ranks = len(batch), self.num_replicas
+        return [batch[rank * size // ranks : (rank + 1) * size // ranks] for rank in range(ranks)]
+
+    def _filled_batches(self) -> tuple[list[list[int]], set[int]]:
+        """This epoch's batches over all ranks, each of up to ``batch_size x num_replicas`` rows sharing no text, and
+        the rows that moved to a later batch than their shuffled place.
 
         Vectorised over all batches at once: the shuffled rows are cut into batches, and a row that shares a text
         with an earlier row of its batch leaves it. The rows that left then try the holes, each round in another
@@ -154,21 +228,26 @@ class NoDuplicatesBatchSampler(ResumableBatchSampler):
         batches += deferred
         if self.drop_last and batches and len(batches[-1]) < size:
             batches.pop()
-        # Every rank needs a row of every batch; only the tail of rows that clash with all others can fall short.
-        kept = [batch for batch in batches if len(batch) >= self.num_replicas]
-        if moved and self.rank == 0:
-            short = sum(len(batch) < size for batch in kept[:-1])
-            left_out = sum(len(batch) for batch in batches) - sum(len(batch) for batch in kept)
-            log.info(
-                "Epoch %d: %d of %d rows shared a text with the batch being filled and went into a later one; "
-                "%d batches before the last are short (their rows share texts with every other row left)%s.",
-                self.epoch,
-                len(moved),
-                num_rows,
-                short,
-                f"; {left_out} rows left out (fewer than one per process in a final batch)" if left_out else "",
-            )
-        return kept
+        return batches, moved
+
+    def _within_budget(self, slices: list[list[int]]) -> list[list[list[int]]]:
+        """One batch's rank ``slices`` as steps of at most ``max_tokens`` tokens on every rank: the fewest steps the
+        fullest rank needs, each rank's slice cut into that many runs as even as that allows (the smallest largest
+        run). A rank with fewer rows than the steps needed leaves every rank's surplus rows out (only possible when
+        rows hold over half the budget); a row over the budget on its own is refused by the data module."""
+        if self.max_tokens is None or all(self.row_tokens[part].sum() <= self.max_tokens for part in slices):
+            return [slices]
+        steps = max(len(budget_runs(self.row_tokens[part], self.max_tokens)) for part in slices)
+        steps = min(steps, min(len(part) for part in slices))
+        if not steps:  # a rank has no row: the step is left out whole
+            return [slices]
+        runs = []
+        for part in slices:
+            tokens = self.row_tokens[part]
+            while len(budget_runs(tokens, self.max_tokens)) > steps:
+                part, tokens = part[:-1], tokens[:-1]
+            runs.append(np.split(np.asarray(part, dtype=np.int64), even_runs(tokens, steps)[:-1]))
+        return [[rank_runs[step].tolist() for rank_runs in runs] for step in range(steps)]
 
     def _clashing(self, slots: np.ndarray, batches: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Which ``candidates`` (slots of ``batches``) share a text with a row that comes first in their batch.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -14,21 +14,25 @@ from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 
 
-def mini_batches(side: TokenGroups, size: int) -> list[Features | PackedTexts]:
-    """Splits one side of a batch into mini-batches of at most ``size`` rows.
+def mini_batches(side: TokenGroups, size: int, tokens: int | None = None) -> list[Features | PackedTexts]:
+    """Splits one side of a batch into mini-batches of at most ``size`` rows, or of at most ``tokens`` computed tokens.
 
-    Each length group is cut into runs of at most ``size`` rows, each trimmed to its own longest row (a packed side
-    into runs of at most ``size`` texts). Rows keep
-    the groups' order, so the mini-batches' outputs concatenated are the groups' outputs (``order`` still applies).
+    Each length group is cut into runs, each trimmed to its own longest row (a packed side into runs of texts).
+    Rows keep the groups' order, so the mini-batches' outputs concatenated are the groups' outputs (``order`` still
+    applies). With ``tokens``, runs are cut by what the encoder computes: the texts' tokens when packed, rows x the
+    run's longest row when padded (those lengths are read from the device: one sync per step).
     """
     chunks: list[Features | PackedTexts] = []
     for features in side.groups:
         if isinstance(features, PackedTexts):
-            chunks += features.split(size)
+            chunks += features.split(run_sizes(features.lengths, size, tokens, padded=False))
             continue
         mask = features["attention_mask"]  # [n, L]
-        for start in range(0, mask.size(0), size):
-            rows = slice(start, start + size)
+        lengths = mask.sum(dim=1).tolist() if tokens is not None else [mask.size(1)] * mask.size(0)
+        start = 0
+        for count in run_sizes(lengths, size, tokens, padded=True):
+            rows = slice(start, start + count)
+            start += count
             # Drop the columns that are padding in every row, on whichever side the group was padded.
             used = mask[rows].any(dim=0)  # [L]
             chunks.append(
@@ -38,6 +42,23 @@ def mini_batches(side: TokenGroups, size: int) -> list[Features | PackedTexts]:
                 }
             )
     return chunks
+
+
+def run_sizes(lengths: Sequence[int], size: int, tokens: int | None, padded: bool) -> list[int]:
+    """How many of the texts (of these ``lengths``, in order) each mini-batch takes: ``size`` at a time, or with a
+    token budget as many as keep its computed tokens (their sum; padded, texts x the longest) within ``tokens``. A
+    text longer than the budget is a mini-batch of its own."""
+    if tokens is None:
+        return [min(size, len(lengths) - start) for start in range(0, len(lengths), size)]
+    counts: list[int] = []
+    count = total = longest = 0
+    for length in lengths:
+        cost = (count + 1) * max(longest, length) if padded else total + length
+        if count and cost > tokens:
+            counts.append(count)
+            count = total = longest = 0
+        count, total, longest = count + 1, total + length, max(longest, length)
+    return counts + [count] if count else counts
 
 
 @contextmanager
@@ -84,9 +105,15 @@ class CachedLoss(EmbeddingLoss):
         loss: the embedding loss, ``loss(queries [B, D], documents [B + N, D])`` (default: MNRL, scale 20). With
             ``gather_across_devices`` it sees the global batch under DDP.
         mini_batch_size: texts encoded at once; bounds the activation memory.
+        mini_batch_tokens: tokens encoded at once, instead of ``mini_batch_size`` texts (as sentence-transformers'
+            ``mini_batch_num_tokens``): the memory is then bounded by tokens, however uneven the texts' lengths.
+            Counted as computed: each text's tokens when packed, rows x the longest row in length groups. A text
+            longer than this is encoded on its own. None: ``mini_batch_size`` texts.
     """
 
-    def __init__(self, loss: EmbeddingLoss | None = None, mini_batch_size: int = 32) -> None:
+    def __init__(
+        self, loss: EmbeddingLoss | None = None, mini_batch_size: int = 32, mini_batch_tokens: int | None = None
+    ) -> None:
         super().__init__()
         check(
             is_int(mini_batch_size) and mini_batch_size >= 1,
@@ -94,8 +121,15 @@ class CachedLoss(EmbeddingLoss):
             mini_batch_size,
             "a whole number of texts encoded at once, >= 1",
         )
+        check(
+            mini_batch_tokens is None or (is_int(mini_batch_tokens) and mini_batch_tokens >= 1),
+            "mini_batch_tokens",
+            mini_batch_tokens,
+            "a whole number of tokens encoded at once, >= 1, or null for mini_batch_size texts",
+        )
         self.loss = loss if loss is not None else MultipleNegativesRankingLoss()
         self.mini_batch_size = mini_batch_size
+        self.mini_batch_tokens = mini_batch_tokens
 
     def forward(self, queries: Tensor, documents: Tensor) -> Tensor:
         return self.loss(queries, documents)
@@ -103,7 +137,7 @@ class CachedLoss(EmbeddingLoss):
     def batch_loss(self, encoder: nn.Module, batch: PairBatch) -> Tensor:
         """The loss of a batch, ready for ``backward()``, which hands the encoder the whole batch's gradients."""
         sides = [batch.queries, batch.documents]
-        chunks = [mini_batches(side, self.mini_batch_size) for side in sides]
+        chunks = [mini_batches(side, self.mini_batch_size, self.mini_batch_tokens) for side in sides]
         states: list[list[tuple[Tensor, Tensor | None]]] = [[], []]
         grouped = []
         with torch.no_grad():
@@ -143,4 +177,6 @@ class CachedLoss(EmbeddingLoss):
         return self.loss.scores_several_positives()
 
     def extra_repr(self) -> str:
+        if self.mini_batch_tokens is not None:
+            return f"mini_batch_tokens={self.mini_batch_tokens}"
         return f"mini_batch_size={self.mini_batch_size}"
