@@ -24,6 +24,7 @@ from lit_embed.models.saving import to_sentence_transformers
 from lit_embed.train import run
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.checkpoint_io import load_checkpoint
+from lit_embed.training.module import EmbeddingFinetuneModule
 
 GOOD = {"queries": {"q1": "a question"}, "corpus": {"d1": "an answer"}, "relevant_docs": {"q1": ["d1"]}}
 
@@ -153,26 +154,72 @@ def nan_on_call(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
     monkeypatch.setattr(MultipleNegativesRankingLoss, "forward", forward)
 
 
-def test_nan_loss_stops_with_the_step_and_the_batch_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# fused AdamW skips a non-finite step on the device (no host sync); the unfused one is checked on the host
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_nan_loss_stops_with_the_step_and_the_batch_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fused: str
+) -> None:
     train, val = write_toy_data(tmp_path)
     nan_on_call(monkeypatch, call=2)
     out = tmp_path / "out"
+    settings = {"checkpoint.save_steps": 1, "optimizer.fused": fused}
     with pytest.raises(NonFiniteLossError, match=r"the loss is nan at step 2 .*query ids \['q\d+'.*skip_nonfinite"):
-        run(compose_train(tiny_run_overrides(train, val, out, **{"checkpoint.save_steps": 1})))
+        run(compose_train(tiny_run_overrides(train, val, out, **settings)))
     assert load_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] == 2  # the work so far is kept
     assert not (out / "model").exists()
 
 
-def test_nan_loss_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("fused", "loss"), [("true", "mnrl"), ("false", "mnrl"), ("true", "cached_mnrl")])
+def test_nan_loss_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fused: str, loss: str) -> None:
     train, val = write_toy_data(tmp_path)
     nan_on_call(monkeypatch, call=2)
     out = tmp_path / "out"
-    run(compose_train(tiny_run_overrides(train, val, out, **{"method.skip_nonfinite": "true"})))
+    settings = {"method.skip_nonfinite": "true", "optimizer.fused": fused}
+    run(compose_train([f"loss={loss}", *tiny_run_overrides(train, val, out, **settings)]))
     last = load_checkpoint(out / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 4 and last["skipped_batches"] == 1
     assert all(torch.isfinite(w).all() for w in last["state_dict"].values())
     logged = (out / "logs" / "version_0" / "metrics.csv").read_text()
     assert "train/skipped_batches" in logged
+
+
+def test_a_skipped_step_on_the_device_changes_no_weight_and_reads_nothing_in_the_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the fused optimizer the step (loss, backward's flag, optimizer) reads no device value on the host; the
+    NaN step leaves every weight and the optimizer's moments as the step before left them."""
+    reads: list[tuple[str, int]] = []
+    weights: list[dict[str, torch.Tensor]] = []
+
+    def profiled(method):
+        def wrapper(self, *args, **kwargs):
+            with torch.profiler.profile() as profile:
+                result = method(self, *args, **kwargs)
+            reads.append((method.__name__, sum(e.name == "aten::_local_scalar_dense" for e in profile.events())))
+            return result
+
+        return wrapper
+
+    def on_train_batch_start(self, batch, batch_idx):
+        weights.append({name: value.detach().clone() for name, value in self.encoder.state_dict().items()})
+
+    module_class = EmbeddingFinetuneModule
+    monkeypatch.setattr(module_class, "training_step", profiled(module_class.training_step))
+    monkeypatch.setattr(module_class, "on_before_optimizer_step", profiled(module_class.on_before_optimizer_step))
+    monkeypatch.setattr(torch.optim.AdamW, "step", profiled(torch.optim.AdamW.step))
+    monkeypatch.setattr(module_class, "on_train_batch_start", on_train_batch_start, raising=False)
+    train, val = write_toy_data(tmp_path)
+    nan_on_call(monkeypatch, call=1)
+    settings = {"method.skip_nonfinite": "true", "trainer.max_steps": 3, "trainer.log_every_n_steps": 100}
+    run(compose_train(tiny_run_overrides(train, val, tmp_path / "out", load_best_model_at_end="false", **settings)))
+    assert len(reads) == 9 and not any(count for _, count in reads)
+    assert all(torch.equal(weights[1][name], weights[2][name]) for name in weights[1])  # step 1 was skipped
+    assert not all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    # The unfused optimizer needs the host check: one read a step.
+    reads.clear()
+    settings["optimizer.fused"] = "false"
+    run(compose_train(tiny_run_overrides(train, val, tmp_path / "out2", load_best_model_at_end="false", **settings)))
+    assert [count for name, count in reads if name == "training_step"] == [1, 1, 1]
 
 
 def test_non_finite_weights_are_never_exported_or_best(tmp_path: Path, tiny_encoder) -> None:

@@ -153,8 +153,8 @@ class CachedLoss(EmbeddingLoss):
         )
         with torch.enable_grad():
             loss = self.loss.embeddings_loss(encoder, batch, queries, documents)
-        if not torch.isfinite(loss):
-            return loss.detach()  # the module reports or skips it; nothing to back-propagate
+        # A non-finite loss is not checked here (a host sync): its gradients are non-finite too, and the module
+        # skips such a step (on the device with a fused optimizer).
         embedding_grads = torch.autograd.grad(loss, [queries, documents])
         params = [p for p in encoder.parameters() if p.requires_grad]
         totals: list[Tensor | None] = [None] * len(params)

@@ -23,6 +23,7 @@ from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 from lit_embed.models.lora import lora_config, lora_weight_names
+from lit_embed.training.nonfinite import MAX_UNREAD_STEPS, NonFiniteSteps, SkippedStep, skips_on_device
 from lit_embed.training.optim import (
     DEFAULT_OPTIMIZER,
     LinearWarmupDecay,
@@ -44,7 +45,10 @@ class EmbeddingFinetuneModule(L.LightningModule):
         scheduler: ``scheduler(optimizer, total_steps=...) -> LRScheduler`` stepped per optimizer step,
             or None for a constant learning rate.
         skip_nonfinite: on a NaN/inf loss, skip that batch (counted in ``train/skipped_batches``) instead of
-            stopping the run with an error that names the step and the batch's query ids.
+            stopping the run with an error that names the step and the batch's query ids. A fused optimizer (the
+            default AdamW) skips such a step on the device and the error comes at the next log step or checkpoint,
+            with no host sync in the step (:mod:`lit_embed.training.nonfinite`); any other is checked on the host
+            after the loss, one sync a step.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class EmbeddingFinetuneModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.skip_nonfinite = skip_nonfinite
         self.skipped_batches = 0
+        self.nonfinite: NonFiniteSteps | None = None  # set at the start of training where the optimizer skips
         self.schedule_total_steps: int | None = None  # the steps the learning-rate schedule spans
         # The run length and schedule total of the checkpoint a run resumes from (configure_optimizers reads them;
         # under FSDP the checkpoint is read after it, and the schedule spans the estimate).
@@ -95,6 +100,9 @@ class EmbeddingFinetuneModule(L.LightningModule):
             )
 
     def on_train_start(self) -> None:
+        plugin = self.trainer.precision_plugin
+        scaled = isinstance(plugin, MixedPrecision) and plugin.scaler is not None
+        self.nonfinite = NonFiniteSteps() if skips_on_device(self.trainer.optimizers[0], scaled) else None
         # Losses that work on the training texts ahead (GIST's guide embeds each once) get them here, where the
         # encoder is on its device. A data module without the texts leaves such a loss to take them per batch.
         texts_by_task = getattr(self.trainer.datamodule, "training_texts", None)
@@ -110,18 +118,14 @@ class EmbeddingFinetuneModule(L.LightningModule):
         losses = {pairs.task: self.loss_for(pairs.task).batch_loss(self.encoder, pairs) for pairs in tasks}
         loss = torch.stack(list(losses.values())).sum()
         num_pairs = sum(len(pairs) for pairs in tasks)
-        if not torch.isfinite(loss):
-            if not self.skip_nonfinite:
-                query_ids = [i for pairs in tasks for i in pairs.query_ids]
-                raise NonFiniteLossError(
-                    f"the loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch "
-                    f"{self.current_epoch}), on the batch with query ids {query_ids}. Check those "
-                    "texts, lower optimizer.lr, or set method.skip_nonfinite=true to skip such batches. "
-                    "The checkpoints written so far are intact; resume=true continues from the last one."
-                )
-            self.skipped_batches += 1  # returning None makes Lightning skip this batch's backward and step
+        query_ids = [i for pairs in tasks for i in pairs.query_ids]
+        if self.nonfinite is not None:  # checked on the device; the optimizer skips a non-finite step itself
+            self.nonfinite.record(self.global_step, batch_idx, self.current_epoch, query_ids, loss)
+        elif not torch.isfinite(loss):  # a host sync: this optimizer cannot skip on the device
+            skipped = SkippedStep(self.global_step, batch_idx, self.current_epoch, query_ids, loss.item(), 1)
+            self._handle_nonfinite(skipped)
             self.log("train/skipped_batches", float(self.skipped_batches), batch_size=num_pairs)
-            return None
+            return None  # Lightning then skips this batch's backward and step
         # With gather_across_devices each rank's loss is weighted by its share of the batch; their mean is the loss.
         sync = self.trainer.world_size > 1
         self.log("train/loss", loss, prog_bar=True, batch_size=num_pairs, sync_dist=sync)
@@ -134,6 +138,41 @@ class EmbeddingFinetuneModule(L.LightningModule):
         for name, value in self.step_metrics(tasks).items():
             self.log(f"train/{name}", value.float(), batch_size=num_pairs, sync_dist=sync, reduce_fx="sum")
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        if self.nonfinite is not None:
+            gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self.nonfinite.flag(optimizer, self.global_step, gradients)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning reads the logged values on its log steps: what the device skipped is read with them.
+        every = max(1, self.trainer.log_every_n_steps)
+        if self.nonfinite is not None and (
+            self.global_step % every == 0 or self.nonfinite.unread_steps() >= MAX_UNREAD_STEPS
+        ):
+            self.read_nonfinite()
+            if self.skipped_batches:
+                self.log("train/skipped_batches", float(self.skipped_batches))
+
+    def on_train_epoch_end(self) -> None:
+        self.read_nonfinite()
+
+    def read_nonfinite(self) -> None:
+        """Reads the steps the device skipped since the last read (a host sync): raises, or counts them."""
+        skipped = self.nonfinite.read() if self.nonfinite is not None else None
+        if skipped is not None:
+            self._handle_nonfinite(skipped)
+
+    def _handle_nonfinite(self, skipped: SkippedStep) -> None:
+        if not self.skip_nonfinite:
+            raise NonFiniteLossError(
+                f"the loss is {skipped.loss} at step {skipped.step} (batch {skipped.batch_idx} of epoch "
+                f"{skipped.epoch}), on the batch with query ids {skipped.query_ids}. Check those "
+                "texts, lower optimizer.lr, or set method.skip_nonfinite=true to skip such batches. "
+                "That step changed no weight; the checkpoints written so far are intact and resume=true continues "
+                "from the last one."
+            )
+        self.skipped_batches += skipped.count
 
     def loss_for(self, task: str) -> EmbeddingLoss:
         """The loss of one task (single-task data has one loss, for the task ``""``)."""
@@ -175,6 +214,7 @@ class EmbeddingFinetuneModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lets `python -m lit_embed.export CKPT OUT` rebuild the encoder without the run's config.
         checkpoint["encoder_config"] = self.encoder.config
+        self.read_nonfinite()  # a step the device skipped is counted (or stops the run) before it is saved
         checkpoint["skipped_batches"] = self.skipped_batches
         checkpoint["schedule_length"] = {**self._run_length(), "total_steps": self.schedule_total_steps}
         if self.lora_config is not None:

@@ -1,0 +1,92 @@
+"""Non-finite steps found on the device, so that the training step never waits for it.
+
+A fused optimizer (AdamW's default here) takes a ``found_inf`` flag, as fp16's loss scaler sets it: the step is
+then skipped on the device, weights, moments and step count untouched. The flag comes from the gradients after
+DDP's all-reduce, so every rank skips the same steps. What was skipped is read on the host only where the run waits
+for the device anyway: every ``log_every_n_steps``, before a checkpoint is written and at the end of an epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+# Steps kept on the host between reads at most (a read comes sooner with the default logging).
+MAX_UNREAD_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class SkippedStep:
+    """The first step of a read whose loss or gradients were not finite."""
+
+    step: int
+    batch_idx: int
+    epoch: int
+    query_ids: list[str]
+    loss: float
+    count: int  # non-finite steps since the last read
+
+
+def skips_on_device(optimizer: Optimizer, loss_scaled: bool) -> bool:
+    """Whether ``optimizer`` can skip a step on the device: a fused torch optimizer, with no loss scaler of its own
+    (fp16's scaler sets the same flag, and skips non-finite steps its own way)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and not loss_scaled
+
+
+class NonFiniteSteps:
+    """Flags non-finite steps on the device and tells, when read, the first one since the last read."""
+
+    def __init__(self) -> None:
+        self._batches: dict[int, tuple[int, int, list[str]]] = {}  # step -> (batch_idx, epoch, query ids)
+        self._loss: Tensor | None = None  # this step's loss: the first non-finite one of its micro-batches
+        self._count: Tensor | None = None  # non-finite steps since the last read
+        self._first: Tensor | None = None  # [step, loss] of the first of them
+        self._loss_step = -1
+
+    def record(self, step: int, batch_idx: int, epoch: int, query_ids: list[str], loss: Tensor) -> None:
+        """Notes a training step's batch (host) and loss (device), before its backward."""
+        self._batches.setdefault(step, (batch_idx, epoch, query_ids))
+        loss = loss.detach().float()
+        if self._loss is None or self._loss_step != step:
+            self._loss, self._loss_step = loss, step
+        else:  # gradient accumulation: keep the first non-finite loss of the step
+            self._loss = torch.where(torch.isfinite(self._loss), loss, self._loss)
+
+    def flag(self, optimizer: Optimizer, step: int, gradients: list[Tensor]) -> None:
+        """Sets the optimizer's ``found_inf`` for this step from its (all-reduced) gradients and loss."""
+        device = gradients[0].device if gradients else torch.device("cpu")
+        if self._count is None:
+            self._count = torch.zeros((), device=device, dtype=torch.int64)
+            self._first = torch.full((2,), -1.0, device=device, dtype=torch.float64)
+        found = ~torch.isfinite(torch.nn.utils.get_total_norm(gradients)) if gradients else self._count < 0
+        if self._loss is not None and self._loss_step == step:
+            found = found | ~torch.isfinite(self._loss.to(device))
+            loss = self._loss.to(device, torch.float64)
+        else:
+            loss = torch.full((), float("nan"), device=device, dtype=torch.float64)
+        first = found & (self._count == 0)
+        self._first = torch.where(first, torch.stack([torch.full_like(loss, step), loss]), self._first)
+        self._count = self._count + found
+        optimizer.found_inf = found.float()  # read by the fused kernel; the step moves on when it is 0
+
+    def unread_steps(self) -> int:
+        return len(self._batches)
+
+    def read(self) -> SkippedStep | None:
+        """The first non-finite step since the last read (one host sync), or None; forgets what it read."""
+        if self._count is None:
+            self._batches.clear()
+            return None
+        count = int(self._count)
+        found = None
+        if count:
+            step, loss = self._first.tolist()
+            batch_idx, epoch, query_ids = self._batches.get(int(step), (-1, -1, []))
+            found = SkippedStep(int(step), batch_idx, epoch, query_ids, loss, count)
+            self._count.zero_()
+            self._first.fill_(-1.0)
+        self._batches.clear()
+        return found
