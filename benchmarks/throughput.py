@@ -78,7 +78,7 @@ class StepStats:
     def _counting(self) -> bool:
         return self.warmup <= self.step < self.warmup + self.profiled
 
-    def tokens(self, computed: int, real: int) -> None:
+    def tokens(self, computed: int, real: int | torch.Tensor) -> None:
         if self._counting:
             self.computed, self.real = self.computed + computed, self.real + real
 
@@ -87,7 +87,8 @@ class StepStats:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=activities)
+            show = bool(os.environ.get("THROUGHPUT_SHOW_READS"))
+            self.profiler = torch.profiler.profile(activities=activities, with_stack=show)
             self.profiler.__enter__()
 
     def step_end(self) -> None:
@@ -101,7 +102,7 @@ class StepStats:
             if os.environ.get("THROUGHPUT_SHOW_READS"):
                 from collections import Counter
 
-                chains = Counter(_chain(e) for e in events if _host_read(e))
+                chains = Counter(_chain(e) + _where(e) for e in events if _host_read(e))
                 for chain, count in chains.most_common():
                     print(f"{count:4d}  {chain}", file=sys.stderr)
             if self.device == "cuda":
@@ -113,7 +114,7 @@ class StepStats:
     def summary(self) -> dict[str, float]:
         steps = self.profiled
         return {
-            "padding_overhead": self.computed / max(self.real, 1),
+            "padding_overhead": self.computed / max(int(self.real), 1),
             "forward_passes_per_step": self.forwards / steps,
             "host_reads_per_step": self.host_reads / steps,
             "launches_per_step": self.launches / steps,
@@ -148,6 +149,12 @@ def _chain(event, depth: int = 6) -> str:
     return " < ".join(names)
 
 
+def _where(event) -> str:
+    """The Python frames that made the read (with THROUGHPUT_SHOW_READS), outside torch and the standard library."""
+    frames = [frame for frame in event.stack or [] if "/torch/" not in frame and "python3." not in frame]
+    return "".join(f"\n        {frame}" for frame in frames[:4])
+
+
 def _inside_aten(event) -> bool:
     parent = event.cpu_parent
     while parent is not None:
@@ -157,13 +164,14 @@ def _inside_aten(event) -> bool:
     return False
 
 
-def side_tokens(features: dict | object) -> tuple[int, int]:
-    """(computed, real) tokens of one encoder input: padded features or packed texts."""
+def side_tokens(features: dict | object) -> tuple[int, int | torch.Tensor]:
+    """(computed, real) tokens of one encoder input: padded features or packed texts. The real count of padded
+    features stays a device value (summed, read after the run), so counting adds no host read to the step."""
     mask = features.get("attention_mask") if isinstance(features, dict) else None
     if mask is None:  # packed: every computed token is real
         total = int(features.input_ids.numel())
         return total, total
-    return int(mask.numel()), int(mask.sum())
+    return int(mask.numel()), mask.sum()
 
 
 class StepClock:
@@ -259,6 +267,7 @@ def evaluate(model, val) -> float:
 def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -> Run:
     import lightning as L
 
+    from lit_embed.batch import PackedTexts
     from lit_embed.config import build, compose_config
     from lit_embed.console import quiet_third_party_output
     from lit_embed.train import build_module
@@ -275,6 +284,7 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
         f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}",
         f"trainer.precision={'bf16-mixed' if args.precision == 'bf16' else '32-true'}",
         f"trainer.max_steps={args.steps}",
+        "trainer.log_every_n_steps=1000000",  # no logging in the steps measured, as the other side's logging_steps
         "trainer.max_epochs=-1",  # as many epochs as the steps need, as the other Trainer does
         f"seed={args.seed}",
         f"output_dir={workdir}",
@@ -300,6 +310,16 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
             clock.tick()
             stats.step_end()
 
+    bucketed = PackedTexts.padded_to_multiple
+
+    def padded_to_multiple(packed, *args):  # a compiled encoder's bucket padding is computed too
+        padded = bucketed(packed, *args)
+        if torch.is_grad_enabled():  # once per text, as the batch's tokens are counted (GradCache runs twice)
+            stats.tokens(padded.input_ids.size(1) - packed.input_ids.size(1), 0)
+        return padded
+
+    PackedTexts.padded_to_multiple = padded_to_multiple
+
     trainer = build(
         cfg.trainer,
         "trainer",
@@ -310,8 +330,11 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    with PeakMemory(args.device) as memory:
-        trainer.fit(module, datamodule=datamodule)
+    try:
+        with PeakMemory(args.device) as memory:
+            trainer.fit(module, datamodule=datamodule)
+    finally:
+        PackedTexts.padded_to_multiple = bucketed
     mrr = evaluate(module.encoder.model, val) if args.evaluate else None
     rate = clock.pairs_per_second(args.batch_size, args.warmup, PROFILED)
     return Run("lit_embed", rate, memory.gb, mrr, stats.summary())
@@ -502,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
         stats = mine[0].stats  # the same in every round
         print(
             f"| {system} | {rate:.1f} | {peak:.2f} GiB | {mfu:.1%} | {mrr} | {stats['padding_overhead']:.3f} | "
-            f"{stats['forward_passes_per_step']:.0f} | {stats['host_reads_per_step']:.0f} | "
+            f"{stats['forward_passes_per_step']:.0f} | {stats['host_reads_per_step']:.1f} | "
             f"{stats['launches_per_step']:.0f} |"
         )
         summary[system] = {"pairs_per_second": rate, "peak_memory_gib": peak, "mfu": mfu, "mrr@10": mrrs, **stats}

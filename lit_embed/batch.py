@@ -69,6 +69,23 @@ class PackedTexts:
             self.extras,
         )
 
+    def padded_to_multiple(self, multiple: int, pad_id: int) -> PackedTexts:
+        """These texts followed by one text of padding, so that the row's length is a multiple of ``multiple``: the
+        transformer then sees few distinct lengths (a compiled one, few shapes). The padding text attends only to
+        itself; its tokens come after ``sum(lengths)`` and are for no text."""
+        total = self.input_ids.size(1)
+        tail = -total % multiple
+        if not tail:
+            return self
+        device = self.input_ids.device
+        return PackedTexts(
+            F.pad(self.input_ids, (0, tail), value=pad_id),
+            torch.cat([self.position_ids, torch.arange(tail, device=device)[None]], dim=1),
+            torch.cat([self.cu_seqlens, self.cu_seqlens[-1:] + tail]),
+            self.lengths + [tail],
+            self.extras,
+        )
+
     def split(self, counts: Sequence[int]) -> list[PackedTexts]:
         """Runs of ``counts[0]``, ``counts[1]``, ... texts, in order (the cached loss's mini-batches); no device
         sync."""

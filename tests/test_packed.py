@@ -102,6 +102,46 @@ def test_packed_batches_give_the_padded_loss_and_gradients(tmp_path: Path, model
         torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize(("model", "kind"), [("encoder", "per_text"), ("encoder", "nested"), ("decoder", "per_text")])
+def test_rows_padded_to_a_bucket_give_the_padded_embeddings(model_paths, monkeypatch, model: str, kind: str) -> None:
+    """A compiled encoder's packed rows are padded to a multiple of 64 tokens with a text of padding of their own:
+    the real texts' embeddings are unchanged, for every attention kind."""
+    from lit_embed.models import packed as packed_module
+
+    monkeypatch.setattr(packed_module, "attention_kind", lambda query, causal: kind)
+    encoder = Encoder(model_paths[model])
+    encoder.packed_bucket = 64  # as model.compile=true sets it, without the compilation
+    rows: list[int] = []
+    embeddings = encoder.model[0].auto_model.get_input_embeddings()
+    embeddings.register_forward_pre_hook(lambda module, args: rows.append(args[0].size(1)))
+    packed = packed_of(encoder, TEXTS)
+    assert packed.input_ids.size(1) % 64
+    torch.testing.assert_close(encoder(packed), encoder(encoder.tokenize(TEXTS, "document")), atol=1e-5, rtol=1e-5)
+    assert rows[0] % 64 == 0 and rows[0] - packed.input_ids.size(1) < 64
+    bucketed = packed.padded_to_multiple(64, 0)
+    assert len(bucketed) == len(packed) + 1 and bucketed.position_ids[0, -1] == bucketed.lengths[-1] - 1
+    assert packed.padded_to_multiple(packed.input_ids.size(1), 0) is packed  # already a multiple: as it is
+
+
+def test_a_compiled_encoder_packs_with_the_eager_loss_and_gradients_and_no_recompiles(tmp_path: Path, model_paths):
+    from torch._dynamo.utils import counters
+
+    eager, compiled = Encoder(model_paths["encoder"]), Encoder(model_paths["encoder"], compile=True)
+    eager.eval(), compiled.eval()
+    data = QAPairDataModule(str(write_pairs(tmp_path / "train.jsonl", n=48)), batch_size=8)
+    data.tokenize(eager)
+    batches = [indices for indices, _ in zip(data.batch_sampler(), range(3), strict=False)]
+    graphs = []
+    for indices in batches:  # three batches of other lengths
+        expected = loss_and_gradients(eager, MultipleNegativesRankingLoss(), data, indices)
+        got = loss_and_gradients(compiled, MultipleNegativesRankingLoss(), data, indices)
+        torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+        for name, grad in expected[1].items():
+            torch.testing.assert_close(got[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0], graphs  # compiled once, for every length
+
+
 def test_packed_texts_split_into_runs_of_texts(model_paths) -> None:
     encoder = Encoder(model_paths["encoder"])
     packed = packed_of(encoder, TEXTS)
@@ -134,8 +174,8 @@ def test_packing_auto_packs_where_the_encoder_can_and_true_says_why_it_cannot(
     assert "data.packing=true: this encoder cannot embed packed texts: its pooling" in caplog.text
 
     compiled = QAPairDataModule(str(path), batch_size=8)
-    compiled.tokenize(Encoder(model_paths["encoder"], compile=True))  # compiles the padded path: that one is used
-    assert not compiled.collator.packed
+    compiled.tokenize(Encoder(model_paths["encoder"], compile=True))  # the compiled model runs packed rows too
+    assert compiled.collator.packed
 
 
 def test_a_run_with_packed_batches_trains_and_exports(tmp_path: Path, caplog) -> None:

@@ -480,9 +480,7 @@ class QAPairDataModule(ResumableDataModule):
         if self.packing is False:
             return False
         config = getattr(tokenizer, "config", None)
-        if isinstance(config, dict) and config.get("compile"):
-            reason = "model.compile=true compiles the padded forward pass, which packed batches would go around"
-        elif isinstance(config, dict) and config.get("gradient_checkpointing"):
+        if isinstance(config, dict) and config.get("gradient_checkpointing"):
             reason = "model.gradient_checkpointing=true recomputes layers in backward, outside the packed call"
         else:
             reason = getattr(tokenizer, "packing_unsupported", f"a {type(tokenizer).__name__} embeds no token ids")

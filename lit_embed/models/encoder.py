@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lit_embed.batch import PackedTexts
 from lit_embed.errors import LitEmbedError, check, is_bool, is_int
-from lit_embed.models.packed import POOLING_MODES, packed_attention, pool
+from lit_embed.models.packed import PACKED_BUCKET, POOLING_MODES, packed_attention, pool
 from lit_embed.models.prompts import prompt_for
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,10 @@ class Encoder(nn.Module):
             classes its ``modules.json`` names, custom activations, Hugging Face custom models. Off unless you
             trust it; a directory that needs it is refused with a message naming the file and the class.
         model_kwargs: passed to ``transformers``' ``from_pretrained`` (e.g. ``{"attn_implementation": "sdpa"}``).
-        compile: ``torch.compile`` the transformer (dynamic shapes, so the length groups do not recompile): fewer,
-            fused kernels for launch-bound small encoders on a GPU; the first steps pay the compilation.
+        compile: ``torch.compile`` the Hugging Face model (dynamic shapes, so length groups and packed rows of any
+            length do not recompile): fewer, fused kernels for launch-bound small encoders on a GPU; the first
+            steps pay the compilation. Packed rows are padded to a multiple of :data:`PACKED_BUCKET` tokens, and
+            their attention runs outside the compiled graph (one varlen call a layer).
         gradient_checkpointing: keep only each layer's inputs in the forward pass and recompute its activations in
             backward: activation memory of about one layer instead of all of them, for about a third more compute.
             The loss and gradients are unchanged.
@@ -154,8 +156,10 @@ class Encoder(nn.Module):
             self.model.prompts["document"] = document_prompt
         if gradient_checkpointing:
             self._enable_gradient_checkpointing()
+        # A compiled transformer gets packed rows padded to a bucket of lengths (None: rows as they are).
+        self.packed_bucket: int | None = PACKED_BUCKET if compile else None
         if compile:  # in place, so the weights keep their names in checkpoints and exports
-            self.model[0].compile(dynamic=True)
+            getattr(self.model[0], "auto_model", self.model[0]).compile(dynamic=True)
         # sentence-transformers loads models in eval mode; training needs dropout on (encode() switches it off).
         self.train()
 
@@ -221,10 +225,12 @@ class Encoder(nn.Module):
 
     def _forward_packed(self, packed: PackedTexts) -> Tensor:
         transformer, pooling, *after = list(self.model)
-        with packed_attention(transformer.auto_model):
-            tokens = transformer.auto_model(
-                input_ids=packed.input_ids, position_ids=packed.position_ids, packed=packed
-            ).last_hidden_state[0]  # [T, H]
+        model = transformer.auto_model
+        bucket = self.packed_bucket
+        attended = packed.padded_to_multiple(bucket, self.pad_token_id) if bucket else packed
+        with packed_attention(model):
+            tokens = model(input_ids=attended.input_ids, position_ids=attended.position_ids, packed=attended)
+        tokens = tokens.last_hidden_state[0, : packed.input_ids.size(1)]  # [T, H], without the padding text
         skip = 0 if pooling.include_prompt else packed.extras.get("prompt_length") or 0
         features = {"sentence_embedding": pool(tokens, packed, pooling.pooling_mode, skip)}  # [n, H]
         for module in after:  # Dense, Normalize, ...: they work on the pooled embeddings
