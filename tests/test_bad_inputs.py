@@ -222,6 +222,25 @@ def test_a_skipped_step_on_the_device_changes_no_weight_and_reads_nothing_in_the
     assert [count for name, count in reads if name == "training_step"] == [1, 1, 1]
 
 
+def test_non_finite_gradients_of_a_finite_loss_skip_the_step_too() -> None:
+    from lit_embed.training.nonfinite import NonFiniteSteps
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    steps = NonFiniteSteps()
+    for step, grad in enumerate([[1.0, 1.0, 1.0], [1.0, float("inf"), 1.0], [1.0, 1.0, 1.0]]):
+        steps.record(step, step, 0, [f"q{step}"], torch.tensor(0.5))
+        weight.grad = torch.tensor(grad)
+        before = weight.detach().clone()
+        steps.flag(optimizer, step, [weight.grad])
+        optimizer.step()
+        assert torch.equal(weight, before) is (step == 1)  # only the inf step leaves the weight as it was
+    skipped = steps.read()
+    assert (skipped.step, skipped.query_ids, skipped.loss, skipped.count) == (1, ["q1"], 0.5, 1)
+    assert steps.read() is None and steps.unread_steps() == 0  # what was read is forgotten
+    assert optimizer.state[weight]["step"] == 2  # the skipped step did not count
+
+
 def test_non_finite_weights_are_never_exported_or_best(tmp_path: Path, tiny_encoder) -> None:
     module = SimpleNamespace(parameters=tiny_encoder.parameters)
     trainer = SimpleNamespace(callback_metrics={"val/ndcg@10": torch.tensor(0.9)})

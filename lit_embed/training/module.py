@@ -165,8 +165,13 @@ class EmbeddingFinetuneModule(L.LightningModule):
 
     def _handle_nonfinite(self, skipped: SkippedStep) -> None:
         if not self.skip_nonfinite:
+            what = (
+                f"the loss is {skipped.loss}"
+                if not math.isfinite(skipped.loss)
+                else f"the gradients are not finite (the loss is {skipped.loss})"
+            )
             raise NonFiniteLossError(
-                f"the loss is {skipped.loss} at step {skipped.step} (batch {skipped.batch_idx} of epoch "
+                f"{what} at step {skipped.step} (batch {skipped.batch_idx} of epoch "
                 f"{skipped.epoch}), on the batch with query ids {skipped.query_ids}. Check those "
                 "texts, lower optimizer.lr, or set method.skip_nonfinite=true to skip such batches. "
                 "That step changed no weight; the checkpoints written so far are intact and resume=true continues "

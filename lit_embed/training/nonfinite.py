@@ -2,8 +2,9 @@
 
 A fused optimizer (AdamW's default here) takes a ``found_inf`` flag, as fp16's loss scaler sets it: the step is
 then skipped on the device, weights, moments and step count untouched. The flag comes from the gradients after
-DDP's all-reduce, so every rank skips the same steps. What was skipped is read on the host only where the run waits
-for the device anyway: every ``log_every_n_steps``, before a checkpoint is written and at the end of an epoch.
+DDP's all-reduce and is itself reduced over the ranks, so every rank skips the same steps. What was skipped is
+read on the host only where the run waits for the device anyway: every ``log_every_n_steps``, before a checkpoint is
+written and at the end of an epoch.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class NonFiniteSteps:
             loss = self._loss.to(device, torch.float64)
         else:
             loss = torch.full((), float("nan"), device=device, dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Sharded gradients (FSDP) differ between ranks: every rank skips when any found one (a device
+            # collective, no host sync).
+            found = found.to(torch.int32)
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+            found = found.bool()
         first = found & (self._count == 0)
         self._first = torch.where(first, torch.stack([torch.full_like(loss, step), loss]), self._first)
         self._count = self._count + found
