@@ -44,6 +44,14 @@ class PackedTexts:
         positions = torch.arange(len(values)) - starts
         return cls(values.long()[None], positions[None], cu_seqlens, list(lengths), dict(extras or {}))
 
+    @classmethod
+    def from_features(cls, features: Features) -> PackedTexts:
+        """Padded tokenizer features (``input_ids``, ``attention_mask`` and per-call extras) packed: each row's real
+        tokens, whichever side it was padded on."""
+        mask = features["attention_mask"].bool()
+        extras = {key: value for key, value in features.items() if not isinstance(value, Tensor)}
+        return cls.from_tokens(features["input_ids"][mask], mask.sum(1).tolist(), extras)
+
     def __len__(self) -> int:
         return len(self.lengths)
 
@@ -54,9 +62,11 @@ class PackedTexts:
     def joins(self, other: PackedTexts) -> bool:
         """Whether the two can be embedded in one call: the same per-call values but the task (the query and the
         document side of a batch, when their prompts have the same length or there are none)."""
-        return {k: v for k, v in self.extras.items() if k != "task"} == {
-            k: v for k, v in other.extras.items() if k != "task"
-        }
+
+        def per_call(packed: PackedTexts) -> dict[str, Any]:
+            return {key: value for key, value in packed.extras.items() if key != "task"}
+
+        return per_call(self) == per_call(other)
 
     def join(self, other: PackedTexts) -> PackedTexts:
         """This row of texts followed by the other's (see :meth:`joins`)."""
@@ -101,24 +111,15 @@ class PackedTexts:
             first, start = last, start + count
         return runs
 
+    def _map_tensors(self, function: Callable[[Tensor], Tensor]) -> PackedTexts:
+        tensors = ("input_ids", "position_ids", "cu_seqlens")
+        return replace(self, **{name: function(getattr(self, name)) for name in tensors})
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedTexts:
-        move = {"device": device, "non_blocking": non_blocking}
-        return PackedTexts(
-            self.input_ids.to(**move),
-            self.position_ids.to(**move),
-            self.cu_seqlens.to(**move),
-            self.lengths,
-            self.extras,
-        )
+        return self._map_tensors(lambda tensor: tensor.to(device=device, non_blocking=non_blocking))
 
     def pin_memory(self) -> PackedTexts:
-        return PackedTexts(
-            self.input_ids.pin_memory(),
-            self.position_ids.pin_memory(),
-            self.cu_seqlens.pin_memory(),
-            self.lengths,
-            self.extras,
-        )
+        return self._map_tensors(Tensor.pin_memory)
 
 
 @dataclass

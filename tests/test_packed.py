@@ -26,10 +26,7 @@ TEXTS = [
 
 
 def packed_of(encoder: Encoder, texts: list[str], kind: str = "document") -> PackedTexts:
-    features = encoder.tokenize(texts, kind)
-    mask = features["attention_mask"].bool()
-    extras = {key: value for key, value in features.items() if not isinstance(value, torch.Tensor)}
-    return PackedTexts.from_tokens(features["input_ids"][mask], mask.sum(1).tolist(), extras)
+    return PackedTexts.from_features(encoder.tokenize(texts, kind))
 
 
 @pytest.mark.parametrize("mode", ["mean", "cls", "max", "lasttoken"])

@@ -358,7 +358,7 @@ class QAPairDataModule(ResumableDataModule):
                     f"{self.source}: only {len(rows)} training pairs, fewer than one batch "
                     f"(data.batch_size={self.batch_size}). Add data or lower data.batch_size."
                 )
-            self.train_rows = rows.trimmed(self.max_negatives) if self.max_negatives is not None else rows
+            self.train_rows = rows.trimmed(self.max_negatives)
             self._log_rows_without_negatives()
 
     @property
@@ -372,7 +372,7 @@ class QAPairDataModule(ResumableDataModule):
         assert not self.tokenized, "hard negatives change the rows: set them before tokenize()"
         self.prepare_data()
         rows = self.rows.with_query_negatives(negatives)
-        self.train_rows = rows.trimmed(self.max_negatives) if self.max_negatives is not None else rows
+        self.train_rows = rows.trimmed(self.max_negatives)
 
     @property
     def has_teacher_scores(self) -> bool:

@@ -76,8 +76,10 @@ class TrainingRows:
     def __len__(self) -> int:
         return len(self.query)
 
-    def trimmed(self, max_negatives: int) -> TrainingRows:
-        """Each row's first ``max_negatives`` hard negatives, and their scores."""
+    def trimmed(self, max_negatives: int | None) -> TrainingRows:
+        """Each row's first ``max_negatives`` hard negatives, and their scores (None: all of them, these rows)."""
+        if max_negatives is None:
+            return self
         scores = self.scores.head(1 + max_negatives) if self.scores is not None else None
         return replace(self, negatives=self.negatives.head(max_negatives), scores=scores)
 
@@ -99,12 +101,15 @@ class TrainingRows:
         the old ones, are dropped."""
         return replace(self, negatives=negatives.take(self.query), scores=None)
 
-    def dataset(self, queries: np.ndarray | None = None) -> QADataset:
+    def dataset(self, queries: np.ndarray | None = None, every_document: bool | None = None) -> QADataset:
         """These distinct queries (default: all) with their relevant documents as a :class:`QADataset` in memory;
-        its corpus is every document when all queries are asked for, theirs otherwise. Ids are the numbers of the
-        queries and documents here, so ``dataset.corpus``'s order is the documents'."""
+        its corpus is every document when all queries are asked for (or ``every_document``), theirs otherwise. Ids
+        are the numbers of the queries and documents here, so ``dataset.corpus``'s order is the documents'."""
+        if every_document is None:
+            every_document = queries is None
         if queries is None:
             queries = np.arange(len(self.queries))
+        if every_document:
             documents = np.arange(len(self.documents))
         else:
             documents = np.unique(self.relevant.take(queries).values)

@@ -159,6 +159,9 @@ class Encoder(nn.Module):
         # A compiled transformer gets packed rows padded to a bucket of lengths (None: rows as they are).
         self.packed_bucket: int | None = PACKED_BUCKET if compile else None
         if compile:  # in place, so the weights keep their names in checkpoints and exports
+            # transformers wraps several layer methods in one decorator function, whose code dynamo caches once for
+            # all of them: each method, in training and evaluation, takes entries of that one cache (8 by default).
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             getattr(self.model[0], "auto_model", self.model[0]).compile(dynamic=True)
         # sentence-transformers loads models in eval mode; training needs dropout on (encode() switches it off).
         self.train()
@@ -259,9 +262,7 @@ class Encoder(nn.Module):
             return f"its tokenizer gives features packing does not carry ({', '.join(sorted(features))})"
         if "token_type_ids" in features and features["token_type_ids"].any():
             return "its tokenizer gives type ids other than 0"
-        mask = features["attention_mask"].bool()
-        extras = {k: v for k, v in features.items() if not isinstance(v, Tensor)}
-        packed = PackedTexts.from_tokens(features["input_ids"][mask], mask.sum(1).tolist(), extras)
+        packed = PackedTexts.from_features(features)
         was_training = self.training
         self.eval()
         try:
