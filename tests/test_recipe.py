@@ -269,6 +269,28 @@ def test_mining_for_training_gives_each_row_a_hard_negative_from_the_corpus(tmp_
     assert again.rows.examples() == rows
 
 
+def test_mining_after_a_held_out_slice_mines_only_for_the_queries_trained_on(
+    tmp_path: Path, tiny_encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lit_embed.mine
+    from lit_embed.data.datamodule import QAPairDataModule
+
+    asked = []
+    mine = lit_embed.mine.mine_hard_negatives
+    monkeypatch.setattr(
+        lit_embed.mine, "mine_hard_negatives", lambda dataset, *a, **k: asked.append(dataset) or mine(dataset, *a, **k)
+    )
+    train, _ = write_toy_data(tmp_path, num_train=240)
+    data = QAPairDataModule(train_path=str(train), batch_size=8, mine=True, val_fraction=0.1)
+    data.prepare_data()
+    held_out = set(data.val_dataset.queries.values())
+    assert len(held_out) == 24
+    lit_embed.mine.mine_for_training(data, tiny_encoder, cache_dir=str(tmp_path / "cache"))
+    mined = asked[0]
+    assert len(mined.queries) == 216 and held_out.isdisjoint(mined.queries.values())
+    assert len(mined.corpus) == len(data.rows.documents)  # every document is a candidate negative
+
+
 def test_a_run_with_data_mine_trains_on_mined_negatives(tmp_path: Path, caplog) -> None:
     caplog.set_level("INFO")
     train, val = write_toy_data(tmp_path, num_train=48)
