@@ -60,15 +60,15 @@ class StepStats:
     operators run), the last two from ``torch.profiler``; all over the run's last ``profiled`` steps, which the
     timing leaves out."""
 
-    def __init__(self, device: str, transformer: torch.nn.Module, steps: int, profiled: int = PROFILED) -> None:
+    def __init__(self, device: str, once_a_pass: torch.nn.Module, steps: int, profiled: int = PROFILED) -> None:
         self.device, self.warmup, self.profiled = device, steps - profiled, profiled
         self.step = self.forwards = 0
         self.computed = self.real = 0
         self.host_reads = self.launches = 0
         self.profiler: torch.profiler.profile | None = None
-        # The input embeddings run once per forward pass (sentence-transformers calls the model's forward method
-        # directly, past the module's own hooks).
-        transformer.get_input_embeddings().register_forward_pre_hook(self._forward)
+        # ``once_a_pass`` runs once per forward pass of the transformer, and outside any compiled graph (a hook
+        # traced into one would make it recompile as the step count changes).
+        once_a_pass.register_forward_pre_hook(self._forward)
 
     def _forward(self, *_: object) -> None:
         if self._counting:
@@ -297,7 +297,7 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
     datamodule.prepare_data()  # as a training run does: the recipe sizes the run by the pairs
     module = build_module(cfg, datamodule)
     clock = StepClock(args.device)
-    stats = StepStats(args.device, module.encoder.model[0].auto_model, args.steps)
+    stats = StepStats(args.device, module.encoder, args.steps)  # the encoder: one transformer pass a call
 
     class Tick(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, *_: object) -> None:
@@ -359,7 +359,9 @@ def run_sentence_transformers(args, model_path: str, queries: list[str], documen
     model = SentenceTransformer(model_path, device=args.device)
     model.max_seq_length = args.max_seq_length
     clock = StepClock(args.device)
-    stats = StepStats(args.device, model[0].auto_model, args.steps)
+    # The input embeddings run once a forward pass (sentence-transformers calls the model's forward method
+    # directly, past the module's own hooks).
+    stats = StepStats(args.device, model[0].auto_model.get_input_embeddings(), args.steps)
 
     class Tick(TrainerCallback):
         def on_step_begin(self, *_: object, **__: object) -> None:

@@ -1,5 +1,6 @@
-"""GPU checks (``-m gpu``, run by benchmarks/gpu_check.sh): a bf16 training step, packed against padded on CUDA, and
-the cached loss's memory bound. Skipped without a CUDA device."""
+"""GPU checks (``-m gpu``, run by benchmarks/gpu_check.sh): a bf16 training step, a compiled packed one that skips a
+NaN step on the device, packed against padded on CUDA, and the cached loss's memory bound. Skipped without a CUDA
+device."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
+from lit_embed.training.checkpoint_io import load_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,6 +29,26 @@ def test_a_bf16_training_step_runs_and_exports(tmp_path: Path) -> None:
     overrides = {"trainer": "gpu", "trainer.precision": "bf16-mixed", "data.packing": "true", "trainer.max_steps": 3}
     metrics = run(compose_train(tiny_run_overrides(train, val, tmp_path / "run", **overrides)))
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics["final"].values())
+
+
+def test_a_compiled_packed_bf16_run_with_a_nan_step_skips_it_on_the_device(tmp_path: Path, monkeypatch) -> None:
+    from test_bad_inputs import nan_on_call
+
+    train, val = write_toy_data(tmp_path)
+    nan_on_call(monkeypatch, call=1)
+    overrides = {
+        "trainer": "gpu",
+        "trainer.precision": "bf16-mixed",
+        "data.packing": "true",
+        "model.compile": "true",
+        "method.skip_nonfinite": "true",
+        "trainer.max_steps": 4,
+        "load_best_model_at_end": "false",
+    }
+    out = tmp_path / "run"
+    metrics = run(compose_train(tiny_run_overrides(train, val, out, **overrides)))
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics["final"].values())
+    assert load_checkpoint(out / "checkpoints" / "last.ckpt")["skipped_batches"] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
