@@ -66,6 +66,7 @@ class StepStats:
         self.computed = self.real = 0
         self.host_reads = self.launches = 0
         self.profiler: torch.profiler.profile | None = None
+        self.show_reads = bool(os.environ.get("THROUGHPUT_SHOW_READS"))  # where each host read comes from
         # ``once_a_pass`` runs once per forward pass of the transformer, and outside any compiled graph (a hook
         # traced into one would make it recompile as the step count changes).
         once_a_pass.register_forward_pre_hook(self._forward)
@@ -87,8 +88,7 @@ class StepStats:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            show = bool(os.environ.get("THROUGHPUT_SHOW_READS"))
-            self.profiler = torch.profiler.profile(activities=activities, with_stack=show)
+            self.profiler = torch.profiler.profile(activities=activities, with_stack=self.show_reads)
             self.profiler.__enter__()
 
     def step_end(self) -> None:
@@ -99,7 +99,7 @@ class StepStats:
             self.profiler.__exit__(None, None, None)
             events = self.profiler.events()
             self.host_reads = sum(_host_read(e) for e in events)
-            if os.environ.get("THROUGHPUT_SHOW_READS"):
+            if self.show_reads:
                 from collections import Counter
 
                 chains = Counter(_chain(e) + _where(e) for e in events if _host_read(e))
