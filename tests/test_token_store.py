@@ -118,7 +118,8 @@ def test_token_ids_are_stored_compactly(tmp_path: Path, tiny_encoder) -> None:
     texts = Ragged.from_texts([f"text number {i}" for i in range(50)])
     tokens = tokenize_texts(texts, "document", tiny_encoder, "texts-key", tmp_path)
     (directory,) = tmp_path.glob("tokens-document-*")
-    assert sorted(p.name for p in directory.iterdir()) == ["input_ids.offsets.npy", "input_ids.values.npy", "meta.json"]
+    stored = ["input_ids.offsets.npy", "input_ids.values.npy", "manifest.json", "meta.json"]
+    assert sorted(p.name for p in directory.iterdir()) == stored
     assert tokens.features["input_ids"].values.dtype == np.uint16  # BERT's 30,522 ids: 2 bytes a token
     assert isinstance(tokens.features["input_ids"].values, np.memmap)
     assert tokens.zeros == ["token_type_ids"]

@@ -1,0 +1,198 @@
+"""Every cache lit_embed keeps is checked whole before use: one cut short, with files deleted or overwritten, is built
+again with one warning naming it, and gives what a fresh build gives; an intact one is reused as it is."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lit_embed.data import store as store_module
+from lit_embed.data.formats import training_rows
+from lit_embed.data.ragged import Ragged
+from lit_embed.data.tokens import tokenize_texts
+
+
+def write_jsonl(path: Path, n: int = 60) -> Path:
+    rows = [
+        {"query": f"question {i}?", "positive": f"passage {i} " + "word " * (i % 7), "negatives": [f"other {i % 5}"]}
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def cut_short(file: str) -> Callable[[Path], str]:
+    def damage(store: Path) -> str:
+        size = (store / file).stat().st_size
+        with open(store / file, "r+b") as f:
+            f.truncate(size // 2)
+        return f"{file} is {size // 2:,} bytes, expected {size:,}"
+
+    return damage
+
+
+def deleted(file: str) -> Callable[[Path], str]:
+    def damage(store: Path) -> str:
+        (store / file).unlink()
+        return f"{file} is missing"
+
+    return damage
+
+
+def overwritten(file: str) -> Callable[[Path], str]:
+    """Garbage of the same size: only the checksum tells."""
+
+    def damage(store: Path) -> str:
+        (store / file).write_bytes(b"{" * (store / file).stat().st_size)
+        return f"{file} does not match its SHA-256"
+
+    return damage
+
+
+def every_file_deleted(store: Path) -> str:
+    """What temp cleaners do: the files go, the folder stays."""
+    for file in store.iterdir():
+        file.unlink()
+    return "no manifest.json"
+
+
+def manifest_deleted(store: Path) -> str:
+    """A store from before manifests looks the same."""
+    (store / "manifest.json").unlink()
+    return "no manifest.json"
+
+
+def garbage_manifest(store: Path) -> str:
+    (store / "manifest.json").write_text("{not json")
+    return "manifest.json is not the manifest lit_embed writes"
+
+
+ROWS_DAMAGE = {
+    "cut short": cut_short("documents.values.npy"),
+    "rows.json deleted": deleted("rows.json"),
+    "rows.json overwritten": overwritten("rows.json"),
+    "manifest deleted": manifest_deleted,
+    "manifest not JSON": garbage_manifest,
+    "every file deleted": every_file_deleted,
+}
+TOKENS_DAMAGE = {
+    "cut short": cut_short("input_ids.values.npy"),  # was `ValueError: mmap length is greater than file size`
+    "meta.json deleted": deleted("meta.json"),
+    "meta.json overwritten": overwritten("meta.json"),
+    "manifest deleted": manifest_deleted,
+    "manifest not JSON": garbage_manifest,
+    "every file deleted": every_file_deleted,
+}
+
+
+def store_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == store_module.__name__ and r.levelno >= logging.WARNING]
+
+
+def builds(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(r.getMessage().startswith("Building") for r in caplog.records if r.name == store_module.__name__)
+
+
+@pytest.mark.parametrize("damage", ROWS_DAMAGE.values(), ids=ROWS_DAMAGE.keys())
+def test_a_damaged_rows_store_is_rebuilt_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: Callable[[Path], str]
+) -> None:
+    data, cache = write_jsonl(tmp_path / "train.jsonl"), tmp_path / "cache"
+    fresh = training_rows(data, cache_dir=tmp_path / "fresh").examples()
+    training_rows(data, cache_dir=cache)
+    (store,) = cache.glob("rows-*")
+    expected = damage(store)
+    with caplog.at_level(logging.INFO, logger=store_module.__name__):
+        rows = training_rows(data, cache_dir=cache)
+    (warning,) = store_warnings(caplog)
+    assert str(store) in warning and expected in warning, warning
+    assert builds(caplog) == 1
+    assert rows.examples() == fresh
+    assert store_module.damage(store) is None
+
+
+@pytest.mark.parametrize("damage", TOKENS_DAMAGE.values(), ids=TOKENS_DAMAGE.keys())
+def test_a_damaged_token_store_is_rebuilt_with_one_warning(
+    tmp_path: Path, tiny_encoder, caplog: pytest.LogCaptureFixture, damage: Callable[[Path], str]
+) -> None:
+    texts = Ragged.from_texts([f"text number {i} " + "word " * (i % 11) for i in range(40)])
+    fresh = tokenize_texts(texts, "document", tiny_encoder, "key", tmp_path / "fresh").pad(range(40))
+    cache = tmp_path / "cache"
+    tokenize_texts(texts, "document", tiny_encoder, "key", cache)
+    (store,) = cache.glob("tokens-document-*")
+    expected = damage(store)
+    with caplog.at_level(logging.INFO, logger=store_module.__name__):
+        tokens = tokenize_texts(texts, "document", tiny_encoder, "key", cache)
+    (warning,) = store_warnings(caplog)
+    assert str(store) in warning and expected in warning, warning
+    assert builds(caplog) == 1
+    padded = tokens.pad(range(40))
+    assert padded.keys() == fresh.keys()
+    for key, value in fresh.items():
+        assert torch.equal(padded[key], value) if isinstance(value, torch.Tensor) else padded[key] == value, key
+
+
+def test_an_intact_store_is_reused_without_building_or_writing(tmp_path: Path, caplog) -> None:
+    calls = []
+
+    def build(directory: Path) -> None:
+        calls.append(directory)
+        np.save(directory / "values.npy", np.arange(1000))
+        (directory / "meta.json").write_text("{}")
+
+    first = store_module.built_once(tmp_path, "store", build, "the store")
+    stamps = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+    with caplog.at_level(logging.INFO, logger=store_module.__name__):
+        again = store_module.built_once(tmp_path, "store", build, "the store")
+    assert again == first and len(calls) == 1
+    assert not store_warnings(caplog) and builds(caplog) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in again.iterdir()} == stamps
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["meta.json", "values.npy"]
+    assert manifest["files"]["values.npy"]["bytes"] == (first / "values.npy").stat().st_size
+
+
+def test_two_threads_rebuild_a_damaged_store_once(tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both see the damage before either takes the lock; the one that waited finds the store rebuilt, and keeps it."""
+    calls = []
+
+    def build(directory: Path) -> None:
+        calls.append(directory)
+        np.save(directory / "values.npy", np.arange(1000))
+
+    store = store_module.built_once(tmp_path, "store", build, "the store")
+    cut_short("values.npy")(store)
+    calls.clear()
+    both_checked = threading.Barrier(2, timeout=10)
+    checked = threading.local()
+    check = store_module.damage
+
+    def damage_then_wait(directory: Path) -> str | None:
+        found = check(directory)
+        if not getattr(checked, "once", False):  # each thread's first check, outside the lock
+            checked.once = True
+            both_checked.wait()
+        return found
+
+    monkeypatch.setattr(store_module, "damage", damage_then_wait)
+    opened = []
+
+    def open_store() -> None:
+        opened.append(store_module.built_once(tmp_path, "store", build, "the store"))
+
+    with caplog.at_level(logging.INFO, logger=store_module.__name__):
+        threads = [threading.Thread(target=open_store) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert opened == [store, store] and len(calls) == 1
+    assert len(store_warnings(caplog)) == 1
+    assert check(store) is None
