@@ -129,7 +129,9 @@ def test_adapter_run_trains_only_the_head_and_reuses_the_cache(tmp_path: Path, m
         splits = [toy_split(48), toy_split(20, offset=1000)]
         texts = [t for split in splits for t in (split.queries if kind == "query" else split.corpus).values()]
         expected = base.encode(texts, kind)
-        cached = torch.cat([torch.load(f, weights_only=True) for f in sorted((tmp_path / "cache").glob(f"{kind}-*"))])
+        cached = torch.cat(
+            [torch.load(f, weights_only=True)["embeddings"] for f in sorted((tmp_path / "cache").glob(f"{kind}-*"))]
+        )
         assert cached.shape == expected.shape == (48 + 20, 64)
         similarity = cached @ expected.T  # unit vectors: 1 where a cached row is a text's base embedding
         best = similarity.max(dim=1)

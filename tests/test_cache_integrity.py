@@ -17,6 +17,9 @@ from lit_embed.data import store as store_module
 from lit_embed.data.formats import training_rows
 from lit_embed.data.ragged import Ragged
 from lit_embed.data.tokens import tokenize_texts
+from lit_embed.models import embedding_cache
+from lit_embed.models.embedding_cache import cache_path, cached_embeddings
+from lit_embed.models.encoder import Encoder
 
 
 def write_jsonl(path: Path, n: int = 60) -> Path:
@@ -196,3 +199,119 @@ def test_two_threads_rebuild_a_damaged_store_once(tmp_path: Path, caplog, monkey
     assert opened == [store, store] and len(calls) == 1
     assert len(store_warnings(caplog)) == 1
     assert check(store) is None
+
+
+TEXTS = [f"text number {i}: " + "word " * (i % 5) for i in range(12)]
+
+
+def cut_file_short(path: Path) -> str:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return "torch.load fails"
+
+
+def bytes_changed_inside(path: Path) -> str:
+    """The zip holds no checksum of its own: torch.load reads the changed floats without a word."""
+    data = bytearray(path.read_bytes())
+    start = data.find(torch.load(path, weights_only=True)["embeddings"].numpy().tobytes()[:64])
+    assert start > 0
+    data[start + 8 : start + 16] = b"\x00" * 8
+    path.write_bytes(bytes(data))
+    return "do not match their SHA-256"
+
+
+def garbage_file(path: Path) -> str:
+    path.write_bytes(b"garbage" * 100)
+    return "torch.load fails"
+
+
+def other_rows(path: Path) -> str:
+    embeddings = torch.randn(3, 8)
+    torch.save({"embeddings": embeddings, "sha256": embedding_cache._sha256(embeddings)}, path)
+    return "holds 3 embeddings for 12 texts"
+
+
+def not_a_tensor(path: Path) -> str:
+    torch.save({"vectors": [1.0, 2.0]}, path)
+    return "does not hold a [texts, dimensions] tensor"
+
+
+EMBEDDING_DAMAGE = {
+    "cut short": cut_file_short,
+    "bytes changed inside": bytes_changed_inside,
+    "garbage": garbage_file,
+    "other rows": other_rows,
+    "not a tensor": not_a_tensor,
+}
+
+
+@pytest.fixture()
+def encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many texts each call of Encoder.encode embedded."""
+    calls: list[int] = []
+    encode = Encoder.encode
+
+    def counted(self, texts, *args, **kwargs):
+        calls.append(len(texts))
+        return encode(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "encode", counted)
+    return calls
+
+
+def cache_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == embedding_cache.__name__]
+
+
+@pytest.mark.parametrize("damage", EMBEDDING_DAMAGE.values(), ids=EMBEDDING_DAMAGE.keys())
+def test_a_damaged_embedding_file_is_embedded_again_with_one_warning(
+    tmp_path: Path, tiny_encoder, encodes: list[int], caplog, damage: Callable[[Path], str]
+) -> None:
+    """Adapter training, GIST's guide and data.mine all read their embeddings through cached_embeddings."""
+    first = cached_embeddings(tiny_encoder, TEXTS, "query", 4, tmp_path)
+    path = cache_path(tiny_encoder, TEXTS, "query", tmp_path)
+    expected = damage(path)
+    encodes.clear()
+    with caplog.at_level(logging.INFO, logger=embedding_cache.__name__):
+        again = cached_embeddings(tiny_encoder, TEXTS, "query", 4, tmp_path)
+    (warning,) = cache_warnings(caplog)
+    assert str(path) in warning and expected in warning, warning
+    assert encodes == [len(TEXTS)]
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    # Rewritten whole: the next run reads it without embedding or warning.
+    caplog.clear()
+    torch.testing.assert_close(cached_embeddings(tiny_encoder, TEXTS, "query", 4, tmp_path), first, atol=0, rtol=0)
+    assert encodes == [len(TEXTS)] and not cache_warnings(caplog)
+
+
+def test_an_intact_embedding_file_is_read_and_a_deleted_one_embedded_again(
+    tmp_path: Path, tiny_encoder, encodes: list[int], caplog
+) -> None:
+    first = cached_embeddings(tiny_encoder, TEXTS, "document", 4, tmp_path)
+    path = cache_path(tiny_encoder, TEXTS, "document", tmp_path)
+    stamp = path.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger=embedding_cache.__name__):
+        torch.testing.assert_close(cached_embeddings(tiny_encoder, TEXTS, "document", 4, tmp_path), first)
+        assert encodes == [len(TEXTS)] and path.stat().st_mtime_ns == stamp
+        path.unlink()  # nothing to warn about: as on a first run
+        torch.testing.assert_close(cached_embeddings(tiny_encoder, TEXTS, "document", 4, tmp_path), first)
+    assert encodes == [len(TEXTS)] * 2 and not cache_warnings(caplog)
+
+
+def test_an_embedding_file_from_before_checksums_is_kept_and_given_one(
+    tmp_path: Path, tiny_encoder, encodes: list[int], caplog
+) -> None:
+    """Plain tensors of the right shape were written atomically: re-embedding them (hours, for a large guide) would
+    cost more than trusting them once."""
+    path = cache_path(tiny_encoder, TEXTS, "query", tmp_path)
+    legacy = torch.randn(len(TEXTS), tiny_encoder.embedding_dim)
+    torch.save(legacy, path)
+    with caplog.at_level(logging.INFO, logger=embedding_cache.__name__):
+        torch.testing.assert_close(cached_embeddings(tiny_encoder, TEXTS, "query", 4, tmp_path), legacy)
+    assert encodes == [] and not cache_warnings(caplog)
+    saved = torch.load(path, weights_only=True)
+    assert torch.equal(saved["embeddings"], legacy) and saved["sha256"] == embedding_cache._sha256(legacy)
+    # One of the wrong shape is not kept.
+    torch.save(legacy[:5], path)
+    with caplog.at_level(logging.INFO, logger=embedding_cache.__name__):
+        cached_embeddings(tiny_encoder, TEXTS, "query", 4, tmp_path)
+    assert encodes == [len(TEXTS)] and "holds 5 embeddings for 12 texts" in cache_warnings(caplog)[0]

@@ -198,7 +198,9 @@ def test_a_run_prepares_the_guide_before_the_first_step(tmp_path: Path) -> None:
     train, _ = write_toy_data(tmp_path)
     overrides = tiny_run_overrides(train, None, tmp_path / "run", **{"trainer.max_steps": 2})
     run(compose_train([*overrides, "loss=gist", f"loss.cache_dir={tmp_path / 'cache'}"]))
-    saved = {p.name.split("-")[0]: torch.load(p, weights_only=True) for p in (tmp_path / "cache").iterdir()}
+    saved = {
+        p.name.split("-")[0]: torch.load(p, weights_only=True)["embeddings"] for p in (tmp_path / "cache").iterdir()
+    }
     assert {kind: vectors.size(0) for kind, vectors in saved.items()} == {"query": 48, "document": 48}  # the toy set's
 
 

@@ -1,14 +1,19 @@
 """A frozen encoder's embeddings of a list of texts, computed once and kept on disk across runs.
 
 Adapter training (the base under the head) and GIST (the guide) both run a frozen model over the training texts;
-each list of texts is embedded once, saved atomically, and read back by any later run with the same model.
+each list of texts is embedded once, saved atomically with the SHA-256 of its bytes, and read back by any later run
+with the same model once it matches them. A file that does not (cut short, overwritten, unreadable) is embedded again
+and rewritten, with one warning naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import pickle
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +22,8 @@ from torch import Tensor
 
 from lit_embed.files import open_atomic
 from lit_embed.models.encoder import Encoder, TextKind
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = "~/.cache/lit_embed/embeddings"
 
@@ -30,12 +37,51 @@ def cached_embeddings(
     """
     path = cache_path(encoder, texts, kind, cache_dir)
     if path is not None and path.is_file():
-        return torch.load(path, weights_only=True)
+        embeddings, problem = _read(path, len(texts))
+        if problem is None:
+            return embeddings
+        if embeddings is not None:  # from before checksums, of the right shape: kept, and proven from now on
+            _write(path, embeddings)
+            return embeddings
+        log.warning("%s is not whole (%s): embedding its %d texts again.", path, problem, len(texts))
     embeddings = encoder.encode(list(texts), kind, batch_size).cpu()
     if path is not None:
-        with open_atomic(path, binary=True) as f:  # runs sharing the cache never read half a file
-            torch.save(embeddings, f)
+        _write(path, embeddings)
     return embeddings
+
+
+def _read(path: Path, rows: int) -> tuple[Tensor | None, str | None]:
+    """``(embeddings, None)`` when the file is whole; ``(embeddings, why)`` for a plain tensor of the right shape
+    from before checksums; ``(None, why)`` otherwise."""
+    try:
+        with warnings.catch_warnings():  # a damaged file's warnings from the unpickler: the one logged says it all
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, LookupError, EOFError, OSError, pickle.UnpicklingError) as err:
+        return None, f"torch.load fails: {type(err).__name__}"
+    legacy = isinstance(saved, Tensor)
+    embeddings = saved if legacy else saved.get("embeddings") if isinstance(saved, dict) else None
+    if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
+        return None, "it does not hold a [texts, dimensions] tensor"
+    if embeddings.shape[0] != rows:  # the width is the checksum's to prove: not every model reports its own
+        return None, f"it holds {embeddings.shape[0]:,} embeddings for {rows:,} texts"
+    if legacy:
+        return embeddings, "written before checksums"
+    if saved.get("sha256") != _sha256(embeddings):
+        return None, "its embeddings do not match their SHA-256: the file changed after it was written"
+    return embeddings, None
+
+
+def _write(path: Path, embeddings: Tensor) -> None:
+    with open_atomic(path, binary=True) as f:  # runs sharing the cache never read half a file
+        torch.save({"embeddings": embeddings, "sha256": _sha256(embeddings)}, f)
+
+
+def _sha256(embeddings: Tensor) -> str:
+    """Of the shape, type and bytes: every byte is read, about a second per 1.7 GB of embeddings."""
+    digest = hashlib.sha256(json.dumps([list(embeddings.shape), str(embeddings.dtype)]).encode())
+    digest.update(embeddings.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def cache_path(
