@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_toy_data
 
 from lit_embed.data import store as store_module
 from lit_embed.data.formats import training_rows
 from lit_embed.data.ragged import Ragged
 from lit_embed.data.tokens import tokenize_texts
+from lit_embed.errors import LitEmbedError
+from lit_embed.evaluate import evaluate
+from lit_embed.evaluate import main as eval_main
+from lit_embed.evaluation import vector_index
 from lit_embed.models import embedding_cache
 from lit_embed.models.embedding_cache import cache_path, cached_embeddings
 from lit_embed.models.encoder import Encoder
@@ -315,3 +321,153 @@ def test_an_embedding_file_from_before_checksums_is_kept_and_given_one(
     with caplog.at_level(logging.INFO, logger=embedding_cache.__name__):
         cached_embeddings(tiny_encoder, TEXTS, "query", 4, tmp_path)
     assert encodes == [len(TEXTS)] and "holds 5 embeddings for 12 texts" in cache_warnings(caplog)[0]
+
+
+def cut_in_half(file: str, expected: str) -> Callable[[Path], str]:
+    def damage(index: Path) -> str:
+        cut_file_short(index / file)
+        return expected
+
+    return damage
+
+
+def removed(file: str, expected: str) -> Callable[[Path], str]:
+    def damage(index: Path) -> str:
+        (index / file).unlink()
+        return expected
+
+    return damage
+
+
+def index_json_not_json(index: Path) -> str:
+    (index / "index.json").write_text('{"collection": "va')
+    return "index.json is not JSON"
+
+
+INCOMPLETE = "the collection 'val' that index.json describes is missing or incomplete"
+INDEX_DAMAGE = {
+    "meta.json cut short": cut_in_half("meta.json", "Qdrant cannot read its files (JSONDecodeError"),
+    "points cut short": cut_in_half("collection/val/storage.sqlite", "Qdrant cannot read its files (DatabaseError"),
+    "points deleted": removed("collection/val/storage.sqlite", INCOMPLETE),
+    "meta.json deleted": removed("meta.json", INCOMPLETE),
+    "index.json not JSON": index_json_not_json,
+}
+
+
+@pytest.fixture()
+def index_setup(tmp_path: Path, tiny_model_path: str) -> tuple[str, Path, Path]:
+    pytest.importorskip("qdrant_client", reason="pip install 'lit_embed[clients]'")
+    _, val = write_toy_data(tmp_path, num_train=4, num_val=30)
+    return tiny_model_path, val, tmp_path / "index"
+
+
+def index_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == vector_index.__name__]
+
+
+@pytest.mark.parametrize("damage", INDEX_DAMAGE.values(), ids=INDEX_DAMAGE.keys())
+def test_a_damaged_index_is_rebuilt_with_one_warning(
+    index_setup, caplog, capsys, damage: Callable[[Path], str]
+) -> None:
+    model, val, index = index_setup
+    first = evaluate(model, val, device="cpu", index=index)
+    expected = damage(index)
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger=vector_index.__name__):
+        again = evaluate(model, val, device="cpu", index=index)
+    (warning,) = index_warnings(caplog)
+    assert str(index) in warning and expected in warning, warning
+    assert again == first and "Built the index" in capsys.readouterr().err
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=vector_index.__name__):
+        assert evaluate(model, val, device="cpu", index=index) == first
+    assert "Reusing the index" in capsys.readouterr().err and not index_warnings(caplog)
+
+
+def test_an_interrupted_index_build_is_rebuilt_with_one_warning(
+    index_setup, caplog, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, val, index = index_setup
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vector_index, "encode_texts", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, val, device="cpu", index=index)
+    monkeypatch.undo()
+    assert "fingerprint" not in json.loads((index / "index.json").read_text())  # what proves it did not finish
+    with caplog.at_level(logging.INFO, logger=vector_index.__name__):
+        rebuilt = evaluate(model, val, device="cpu", index=index)
+    (warning,) = index_warnings(caplog)
+    assert str(index) in warning and "its build did not finish" in warning
+    exact = evaluate(model, val, device="cpu")
+    assert all(abs(rebuilt[key] - value) <= 1e-6 for key, value in exact.items())
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_a_collection_rebuilt_through_qdrant_leaves_the_users_files_alone(index_setup, caplog) -> None:
+    model, val, index = index_setup
+    first = evaluate(model, val, device="cpu", index=index)
+    (index / "notes.txt").write_text("the user's own")
+    (index / "collection" / "val" / "storage.sqlite").unlink()
+    with caplog.at_level(logging.INFO, logger=vector_index.__name__):
+        assert evaluate(model, val, device="cpu", index=index) == first
+    assert len(index_warnings(caplog)) == 1
+    assert (index / "notes.txt").read_text() == "the user's own"
+
+
+def test_a_damaged_index_beside_the_users_files_is_refused_and_nothing_is_deleted(index_setup, capsys) -> None:
+    model, val, index = index_setup
+    evaluate(model, val, device="cpu", index=index)
+    (index / "notes.txt").write_text("the user's own")
+    cut_file_short(index / "meta.json")
+    before = tree(index)
+    for rebuild in ([], ["--rebuild-index"]):
+        with pytest.raises(SystemExit) as exit_info:
+            eval_main([model, str(val), "--index", str(index), "--device", "cpu", *rebuild])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("lit-embed-eval: error:") == 1 and "Traceback" not in err
+        assert f"--index {index}: Qdrant cannot read its files" in err
+        assert "notes.txt" in err and "Move them out of it, or choose another --index folder" in err
+        assert tree(index) == before
+
+
+def another_tools_database(index: Path) -> None:
+    """A Qdrant database lit_embed did not build: no index.json."""
+    from qdrant_client import QdrantClient, models
+
+    client = QdrantClient(path=str(index))
+    client.create_collection("theirs", vectors_config=models.VectorParams(size=4, distance=models.Distance.COSINE))
+    client.upsert("theirs", points=models.Batch(ids=[0], vectors=[[1.0, 0.0, 0.0, 0.0]], payloads=[{}]))
+    client.close()
+
+
+def test_a_damaged_database_without_index_json_is_refused_until_rebuild_index(index_setup, capsys, caplog) -> None:
+    model, val, index = index_setup
+    another_tools_database(index)
+    cut_file_short(index / "meta.json")
+    before = tree(index)
+    with pytest.raises(LitEmbedError, match=r"and no index\.json says lit-embed-eval built it\. Pass --rebuild-index"):
+        evaluate(model, val, device="cpu", index=index)
+    assert tree(index) == before
+    # Asked to, it replaces a database that holds nothing but Qdrant's files and the collection it builds.
+    shutil.move(index / "collection" / "theirs", index / "collection" / "val")
+    with caplog.at_level(logging.INFO, logger=vector_index.__name__):
+        rebuilt = evaluate(model, val, device="cpu", index=index, rebuild_index=True)
+    assert len(index_warnings(caplog)) == 1
+    assert rebuilt == evaluate(model, val, device="cpu", index=index)
+
+
+def test_an_unreadable_index_json_beside_another_collection_is_refused(index_setup) -> None:
+    model, val, index = index_setup
+    another_tools_database(index)
+    (index / "index.json").write_text("not json")
+    before = tree(index)
+    with pytest.raises(LitEmbedError, match=r"index\.json is not JSON, and the folder holds .*\(collection/theirs\)"):
+        evaluate(model, val, device="cpu", index=index)
+    assert tree(index) == before

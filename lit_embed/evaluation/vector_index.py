@@ -4,19 +4,31 @@ there, scored with the same metrics as the exact search (``lit-embed-eval --inde
 The database is a folder (``QdrantClient(path=DIR)``, no server) holding one collection, cosine distance, one point
 per document with its id in the payload (``doc_id``). ``index.json`` beside it records what the vectors were made
 from: a hash of the model's weights, prompt and length limit, the embedding size, and a hash of the corpus ids and
-texts. It is written last, so a build that did not finish has none. A later call with the same model and corpus
-searches the stored vectors without running the model over the corpus again; any other model or corpus is refused
-with what differs, until ``rebuild=True`` (``--rebuild-index``) replaces the collection.
+texts. A build writes it first without that fingerprint and again, with it, last; so ``index.json`` proves the folder
+is lit_embed's, and its fingerprint that the build finished. A later call with the same model and corpus searches the
+stored vectors without running the model over the corpus again; any other model or corpus is refused with what
+differs, until ``rebuild=True`` (``--rebuild-index``) replaces the collection.
+
+An index that is not whole (a build that did not finish, Qdrant's files cut short or deleted, an ``index.json`` that is
+not JSON) is built again with one warning, in a folder that holds nothing but the index. Files that are not the
+index's are never deleted: where they are, or where no ``index.json`` says the database is lit_embed's, the call is
+refused with what to do.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import pickle
 import re
+import shutil
+import sqlite3
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +43,13 @@ from lit_embed.files import write_text_atomic
 from lit_embed.models.embedding_cache import hash_weights
 from lit_embed.models.encoder import Encoder
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "index.json"
+QDRANT_META, QDRANT_LOCK, QDRANT_COLLECTIONS = "meta.json", ".lock", "collection"  # all QdrantClient(path=) writes
+# What Qdrant raises reading a damaged folder: meta.json cut short or not JSON (ValueError), of another shape
+# (TypeError, LookupError; pydantic's ValidationError is a ValueError), points it cannot read (sqlite3, pickle).
+DAMAGED = (ValueError, TypeError, LookupError, EOFError, sqlite3.DatabaseError, pickle.UnpicklingError)
 INSTALL = "pip install 'lit_embed[clients]'"
 # Documents embedded and written per chunk: the corpus's vectors are never all in memory at once.
 CHUNK_SIZE = 2048
@@ -90,13 +108,99 @@ def _check_reusable(directory: Path, manifest: dict[str, Any], expected: dict[st
         )
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
-    """``index.json``, or None when there is none or it is unreadable (a build that did not finish)."""
+def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(manifest, why it is not a finished build's)``: ``(None, None)`` when there is none."""
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, None
     except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and "collection" in manifest else None
+        return None, f"{MANIFEST} is not JSON"
+    if not isinstance(manifest, dict) or not re.fullmatch(r"[A-Za-z0-9_-]+", str(manifest.get("collection"))):
+        return None, f"{MANIFEST} is not the one lit-embed-eval writes"
+    if not isinstance(manifest.get("fingerprint"), dict):
+        return manifest, "its build did not finish"
+    return manifest, None
+
+
+def _not_the_index(directory: Path, collections: set[str]) -> list[str]:
+    """What the folder holds beside the index (``index.json``, Qdrant's files, ``collections``): never deleted."""
+    others = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name in (MANIFEST, QDRANT_META, QDRANT_LOCK) or entry.name.startswith(f".{MANIFEST}."):
+            continue  # the last: write_text_atomic's temporary files
+        if entry.name == QDRANT_COLLECTIONS and entry.is_dir():
+            others += [f"{entry.name}/{c.name}" for c in sorted(entry.iterdir()) if c.name not in collections]
+        else:
+            others.append(entry.name)
+    return others
+
+
+def _refuse_others(directory: Path, problem: str, others: list[str]) -> None:
+    if others:
+        raise LitEmbedError(
+            f"--index {directory}: {problem}, and the folder holds files that are not the index's "
+            f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}), which lit-embed-eval does not delete. "
+            "Move them out of it, or choose another --index folder."
+        )
+
+
+def open_client(directory: Path, name: str, rebuild: bool) -> Any:
+    """A client of the database in ``directory``. One Qdrant cannot read is emptied first, with one warning, where the
+    folder holds the index and nothing else and ``index.json`` (or ``rebuild``) says it is lit_embed's; refused
+    otherwise."""
+    try:
+        return _client(directory)
+    except DAMAGED as err:
+        problem = f"Qdrant cannot read its files ({type(err).__name__}: {(str(err) or '?').splitlines()[0]})"
+    if not (directory / MANIFEST).exists() and not rebuild:
+        raise LitEmbedError(
+            f"--index {directory}: {problem}, and no {MANIFEST} says lit-embed-eval built it. Pass --rebuild-index "
+            "(rebuild_index=True) to delete this Qdrant database and build the index there, or choose another "
+            "--index folder."
+        )
+    manifest, _ = _read_manifest(directory / MANIFEST)
+    _refuse_others(directory, problem, _not_the_index(directory, {name, *_collection_of(manifest)}))
+    with _held(directory / QDRANT_LOCK):  # Qdrant's own lock: no other client is reading or writing it meanwhile
+        log.warning("--index %s: %s: building the index again.", directory, problem)
+        (directory / MANIFEST).unlink(missing_ok=True)
+        (directory / QDRANT_META).unlink(missing_ok=True)
+        shutil.rmtree(directory / QDRANT_COLLECTIONS, ignore_errors=True)
+    return _client(directory)
+
+
+def _collection_of(manifest: dict[str, Any] | None) -> list[str]:
+    return [manifest["collection"]] if manifest is not None else []
+
+
+def _client(directory: Path) -> Any:
+    from qdrant_client import QdrantClient
+
+    try:
+        return QdrantClient(path=str(directory))
+    except RuntimeError as err:  # local mode locks its folder: one client at a time
+        raise _in_use(directory, str(err)) from None
+
+
+def _in_use(directory: Path, why: str) -> LitEmbedError:
+    return LitEmbedError(
+        f"--index {directory}: {why} Wait for the other process (another lit-embed-eval, a notebook) to close it, "
+        "or choose another folder."
+    )
+
+
+@contextmanager
+def _held(path: Path) -> Iterator[None]:
+    # The lock QdrantClient takes (portalocker: flock on POSIX), without waiting.
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(path.parent, "another Qdrant client has it open.") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def build_or_open(
@@ -118,27 +222,29 @@ def build_or_open(
 
     expected = fingerprint(encoder, dataset, truncate_dim)
     manifest_path = directory / MANIFEST
-    manifest = _read_manifest(manifest_path)
-    if manifest is not None and not rebuild:
-        _check_reusable(directory, manifest, expected)
-        name = manifest["collection"]
-        if client.collection_exists(name) and client.count(name, exact=True).count == expected["documents"]:
-            return name, False
-        raise LitEmbedError(
-            f"{directory}: the collection {name!r} that {MANIFEST} describes is missing or incomplete. Pass "
-            "--rebuild-index (rebuild_index=True) to build it again."
-        )
-    if manifest is None and not rebuild and client.get_collections().collections:
-        raise LitEmbedError(
-            f"{directory} holds a Qdrant database that lit-embed-eval did not finish building (no {MANIFEST}): an "
-            "interrupted build, or another tool's data. Pass --rebuild-index (rebuild_index=True) to (re)build the "
-            f"collection {name!r} there, or choose another --index folder."
-        )
-    manifest_path.unlink(missing_ok=True)  # a build that stops half-way must not look finished
-    if manifest is not None and client.collection_exists(manifest["collection"]):
-        client.delete_collection(manifest["collection"])
-    if client.collection_exists(name):
-        client.delete_collection(name)
+    manifest, problem = _read_manifest(manifest_path)
+    if not rebuild:
+        if manifest is not None and problem is None:
+            _check_reusable(directory, manifest, expected)
+            stored = manifest["collection"]
+            if client.collection_exists(stored) and client.count(stored, exact=True).count == expected["documents"]:
+                return stored, False
+            problem = f"the collection {stored!r} that {MANIFEST} describes is missing or incomplete"
+        collections = {c.name for c in client.get_collections().collections}
+        if not manifest_path.exists() and collections:
+            raise LitEmbedError(
+                f"{directory} holds a Qdrant database that lit-embed-eval did not finish building (no {MANIFEST}): "
+                "an interrupted build, or another tool's data. Pass --rebuild-index (rebuild_index=True) to (re)build "
+                f"the collection {name!r} there, or choose another --index folder."
+            )
+        if problem is not None:
+            if manifest is None:  # an index.json lit-embed-eval cannot read: the folder must hold nothing else
+                _refuse_others(directory, problem, _not_the_index(directory, {name}))
+            log.warning("--index %s: %s: building the index again.", directory, problem)
+    # Before the collection changes: a build that stops half-way leaves a manifest without a fingerprint.
+    write_text_atomic(manifest_path, json.dumps({"collection": name, **described}, indent=2) + "\n")
+    for stale in {name, *_collection_of(manifest)}:
+        client.delete_collection(stale)  # also removes a folder Qdrant's meta.json no longer lists
     client.create_collection(
         name, vectors_config=models.VectorParams(size=expected["dimension"], distance=models.Distance.COSINE)
     )
@@ -179,13 +285,14 @@ def evaluate_with_index(
         model: the model's directory, recorded in ``index.json``.
         batch_size: texts per encoder call.
         truncate_dim: index and search only the first this many dimensions (None = all).
-        rebuild: replace an index built from another model or corpus, or one whose build did not finish.
+        rebuild: replace an index built from another model or corpus, or a Qdrant database no ``index.json`` says
+            lit_embed built (an unfinished build needs none: it is built again).
 
     Returns:
         ``{"mrr@10": ..., ...}``: hits ranked by score, equal scores by document id, as the exact search ranks them.
     """
     import_qdrant()
-    from qdrant_client import QdrantClient, models
+    from qdrant_client import models
 
     check_truncate_dim(truncate_dim, encoder.embedding_dim)
     directory = Path(directory)
@@ -193,13 +300,7 @@ def evaluate_with_index(
         raise LitEmbedError(f"--index {directory} is a file; pass a folder for the Qdrant database.")
     directory.mkdir(parents=True, exist_ok=True)
     described = {"model": str(Path(model).resolve()), "data": str(Path(data).resolve())}
-    try:
-        client = QdrantClient(path=str(directory))
-    except RuntimeError as err:  # local mode locks its folder: one client at a time
-        raise LitEmbedError(
-            f"--index {directory}: {err} Wait for the other process (another lit-embed-eval, a notebook) to close it, "
-            "or choose another folder."
-        ) from None
+    client = open_client(directory, collection_name(data), rebuild)
     try:
         name, built = build_or_open(
             client, directory, encoder, dataset, collection_name(data), batch_size, truncate_dim, rebuild, described
