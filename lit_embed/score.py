@@ -107,14 +107,26 @@ def _chunks(todo: list[int], rows: list[dict[str, Any]], batch_size: int):
 
 
 def _read_progress(path: Path) -> dict[str, list[float]]:
-    """The scores saved by an earlier run; a torn last line (a crash mid-write) is scored again."""
-    done = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    """The scores saved by an earlier run. Lines that are not whole records (a crash mid-write, damage) are scored
+    again, with one warning; a torn last line is cut, or the next record would be appended to it and lost too."""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    done, damaged = {}, int(end < len(data))
+    for line in data[:end].decode("utf-8", errors="replace").split("\n"):
+        if not line:
+            continue
         try:
             record = json.loads(line)
             done[record["key"]] = [float(s) for s in record["scores"]]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
+        except (KeyError, TypeError, ValueError):  # JSONDecodeError is a ValueError
+            damaged += 1
+    if damaged:
+        log.warning(
+            "%s: %d line(s) not whole records (an interrupted write); their rows are scored again.", path, damaged
+        )
     return done
 
 

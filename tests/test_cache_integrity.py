@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import write_toy_data
 
+from lit_embed import score as score_module
 from lit_embed.data import store as store_module
 from lit_embed.data.formats import training_rows
 from lit_embed.data.ragged import Ragged
@@ -26,6 +27,7 @@ from lit_embed.evaluation import vector_index
 from lit_embed.models import embedding_cache
 from lit_embed.models.embedding_cache import cache_path, cached_embeddings
 from lit_embed.models.encoder import Encoder
+from lit_embed.score import score_file
 
 
 def write_jsonl(path: Path, n: int = 60) -> Path:
@@ -471,3 +473,41 @@ def test_an_unreadable_index_json_beside_another_collection_is_refused(index_set
     with pytest.raises(LitEmbedError, match=r"index\.json is not JSON, and the folder holds .*\(collection/theirs\)"):
         evaluate(model, val, device="cpu", index=index)
     assert tree(index) == before
+
+
+def test_a_torn_or_damaged_score_progress_line_is_scored_again_with_one_warning(tmp_path: Path, caplog) -> None:
+    """lit-embed-score's progress file: a crash mid-write leaves a torn last line, which must not swallow the next
+    record appended to it."""
+    rows = [{"query": f"query {i}", "positive": f"doc {i}", "negatives": [f"neg {i}"]} for i in range(6)]
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored: list[str] = []
+
+    def teacher(pairs: list[tuple[str, str]]) -> list[float]:
+        scored.extend(query for query, _ in pairs[::2])
+        return [float(len(query) * 10 + len(doc)) for query, doc in pairs]
+
+    def stop_after_three(pairs: list[tuple[str, str]]) -> list[float]:
+        if len(scored) >= 3:
+            raise KeyboardInterrupt
+        return teacher(pairs)
+
+    with pytest.raises(KeyboardInterrupt):
+        score_file(source, out, stop_after_three, batch_size=2)
+    progress = Path(f"{out}.progress")
+    lines = progress.read_text().splitlines()
+    assert len(lines) == 3
+    progress.write_text(f"{lines[0]}\nnot a record\n{lines[2]}\n{lines[1][:20]}")  # damaged, and torn at the end
+    scored.clear()
+    with caplog.at_level(logging.INFO, logger=score_module.__name__), pytest.raises(KeyboardInterrupt):
+        score_file(source, out, stop_after_three, batch_size=2)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert str(progress) in warning and "2 line(s) not whole records" in warning
+    assert scored == ["query 1", "query 3", "query 4"]  # query 1's record was the torn one
+    assert json.loads(progress.read_text().splitlines()[-1])["scores"]  # on a line of its own, not after the torn one
+    scored.clear()
+    score_file(source, out, teacher, batch_size=2)
+    assert scored == ["query 5"]
+    fresh = tmp_path / "fresh.jsonl"
+    score_file(source, fresh, teacher, batch_size=2)
+    assert out.read_text() == fresh.read_text()
