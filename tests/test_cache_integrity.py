@@ -1,5 +1,7 @@
 """Every cache lit_embed keeps is checked whole before use: one cut short, with files deleted or overwritten, is built
-again with one warning naming it, and gives what a fresh build gives; an intact one is reused as it is."""
+again with one warning naming it, and gives what a fresh build gives; an intact one is reused as it is. Rows and token
+stores, embedding files (adapters, GIST's guide, data.mine), the --index database, lit-embed-score's progress file;
+what is not the cache's (a user's files beside an --index database) is never deleted."""
 
 from __future__ import annotations
 
