@@ -24,7 +24,18 @@ from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 from lit_embed.training.callbacks.progress import default_progress_bar
 from lit_embed.training.checkpoint_io import load_checkpoint
 from lit_embed.training.finish import finish
-from lit_embed.training.lifecycle import check_resumable, check_resume_length, check_weights_fit, ctrl_c_saves
+from lit_embed.training.lifecycle import (
+    RecordConfig,
+    check_resumable,
+    check_resume_data,
+    check_resume_length,
+    check_run_folder,
+    check_weights_fit,
+    ctrl_c_saves,
+    data_identity,
+    is_launching_process,
+    mark_run_folder,
+)
 from lit_embed.training.merging import WeightMerging
 from lit_embed.training.module import EmbeddingFinetuneModule
 from lit_embed.training.optim import OPTIMIZER_DEFAULTS
@@ -89,6 +100,7 @@ class LitEmbedCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # Checked before any model is loaded or anything is written, as in the Hydra app.
         config = self.config[self.subcommand]
+        check_run_folder(config.trainer.default_root_dir)
         model_dir = Path(config.trainer.default_root_dir) / "model"
         if model_dir.exists() and not config.overwrite:
             raise LitEmbedError(
@@ -101,7 +113,11 @@ class LitEmbedCLI(LightningCLI):
         # lit_embed's progress bar, as in the Hydra app, unless the config switches the bar off or brings its own.
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(config.get("callbacks") or [])
-        kwargs["callbacks"] = callbacks + default_progress_bar(config.get("enable_progress_bar"), callbacks)
+        kwargs["callbacks"] = [
+            *callbacks,
+            RecordConfig(),  # what the data was, for a resume's check
+            *default_progress_bar(config.get("enable_progress_bar"), callbacks),
+        ]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -112,6 +128,10 @@ class LitEmbedCLI(LightningCLI):
             check_resumable(ckpt_path, checkpoint)
             check_weights_fit(ckpt_path, checkpoint, self.model)
             check_resume_length(ckpt_path, checkpoint, self.trainer.max_steps, self.trainer.max_epochs)
+            self.datamodule.prepare_data()
+            check_resume_data(ckpt_path, checkpoint, data_identity(self.datamodule), allow_changed=False)
+        if is_launching_process():
+            mark_run_folder(self.trainer.default_root_dir)
 
     def after_fit(self) -> None:
         callbacks = self.trainer.callbacks

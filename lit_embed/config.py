@@ -6,16 +6,20 @@ tests. The configs live in the repository's ``conf/``, shipped inside the packag
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -70,6 +74,89 @@ def check_overrides(overrides: Iterable[str]) -> None:
         key = override.split("=", 1)[0].lstrip("+~")
         if key in RENAMED_KEYS:
             raise LitEmbedError(f"{key} was renamed to {RENAMED_KEYS[key]}: write {RENAMED_KEYS[key]}=... instead.")
+
+
+def check_added_keys(cfg: DictConfig, overrides: Iterable[str]) -> None:
+    """Refuses a key added with ``+`` that no part of the run reads, naming the nearest key that is read.
+
+    Hydra adds any such key without a word, so a typo there (``+optimiser.lr=1e-4``, the form Hydra's own message
+    suggests after a typo without ``+``) would leave the setting as it was. A key is read when it is an argument of
+    the constructor a ``_target_`` above it names (one that takes ``**kwargs`` reads any), or a new entry of
+    ``callbacks`` (each is built). ``++`` may also change an existing key, so it is checked only below a
+    ``_target_``; a config group (``+experiment=NAME``) and ``hydra.*`` (Hydra checks its own) are not keys.
+    """
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if not (override.is_add() or override.is_force_add()) or key.startswith("hydra.") or _is_group(key):
+            continue
+        parts = key.split(".")
+        built = max((i for i in range(len(parts)) if _target_at(cfg, parts[:i])), default=None)
+        if built is None:
+            if override.is_force_add() or parts[0] == "callbacks" and len(parts) == 2:
+                continue
+            candidates = [k for k in _dotted_keys(cfg) if k != key and not k.startswith(key + ".")]
+        else:
+            accepted = _arguments(_target_at(cfg, parts[:built]))
+            if accepted is None or parts[built] in accepted:
+                continue
+            where = ".".join(parts[:built])
+            candidates = [f"{where}.{name}" for name in accepted]
+        nearest = difflib.get_close_matches(key, candidates, n=1, cutoff=0.75)
+        value = override.get_value_element_as_str()
+        given = f"{'++' if override.is_force_add() else '+'}{key}={value}"
+        hint = ""
+        if nearest:
+            exists = OmegaConf.select(cfg, nearest[0], default=_ABSENT) is not _ABSENT
+            hint = f" Did you mean {nearest[0]}? Write {'' if exists else '+'}{nearest[0]}={value}" + (
+                " (without +: that key is in the config already)." if exists else "."
+            )
+        raise LitEmbedError(
+            f"{given}: no part of the run reads {key}, so it would change nothing.{hint or ' Remove it.'}"
+        )
+
+
+_ABSENT = object()
+
+
+def _is_group(key: str) -> bool:
+    return (Path(CONFIG_DIR) / key.replace(".", "/")).is_dir()
+
+
+def _target_at(cfg: DictConfig, parts: list[str]) -> str | None:
+    """The ``_target_`` of the node at ``parts`` (None where it has none, or is no node)."""
+    node = OmegaConf.select(cfg, ".".join(parts), default=None) if parts else cfg
+    return node.get("_target_") if isinstance(node, DictConfig) else None
+
+
+def _arguments(target: str) -> set[str] | None:
+    """The argument names ``target`` takes; None when it takes any, or cannot be imported here (the build names what
+    is wrong with it then). A class whose ``**kwargs`` go to its base (``super().__init__(**kwargs)``) takes the
+    base's too, up to the first ``__init__`` without them."""
+    try:
+        found = get_object(target)
+    except (ImportError, AttributeError, ValueError, InstantiationException):
+        return None
+    names: set[str] = set()
+    for function in [c.__init__ for c in found.__mro__ if c is not object] if isinstance(found, type) else [found]:
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (ValueError, TypeError):
+            return None
+        names |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names
+    return None
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    """Every key of a config, dotted (``optimizer.lr``), nodes and leaves, without resolving any value."""
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=False)
+    if isinstance(node, dict):
+        for key, value in node.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            yield dotted
+            yield from _dotted_keys(value, dotted)
 
 
 def check_moved_targets(text: str, where: str) -> None:

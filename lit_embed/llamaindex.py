@@ -80,9 +80,10 @@ class _Run:
         from lit_embed.config import compose_config
         from lit_embed.data.formats import save_llamaindex_json
         from lit_embed.train import run
-        from lit_embed.training.lifecycle import composed_record
+        from lit_embed.training.lifecycle import check_run_folder, composed_record, mark_run_folder
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_folder(self.run_dir)  # the data files go in first: the folder must be the run's before them
+        mark_run_folder(self.run_dir)
         for name, dataset in self.data.items():
             save_llamaindex_json(dataset, self.run_dir / name)
         overrides = [*self.overrides, *extra]

@@ -26,6 +26,7 @@ from torch import nn
 from lit_embed.config import (
     CONFIG_DIR,
     build,
+    check_added_keys,
     check_output_dir,
     check_overrides,
     check_run_settings,
@@ -46,13 +47,18 @@ from lit_embed.training.checkpoint_io import AtomicCheckpointIO, load_checkpoint
 from lit_embed.training.finish import finish
 from lit_embed.training.lifecycle import (
     CONFIG_KEY,
+    RUN_MARKER,
     OutputDirLock,
     RecordConfig,
+    check_output_path,
     check_resume_config,
+    check_resume_data,
     check_resume_length,
+    check_run_folder,
     check_weights_fit,
     composed_record,
     ctrl_c_saves,
+    data_identity,
     hydra_record,
     is_launching_process,
     keep_log_files_out_of,
@@ -79,9 +85,11 @@ def run(cfg: DictConfig, hydra_record: dict[str, Any] | None = None) -> dict[str
     # folder. A folder that exists (always, under Hydra) is locked at once; a new one once the input is known to be
     # good, since nothing may be written before that.
     lock = OutputDirLock(output_dir) if is_launching_process() else None
-    new_folder = not any((output_dir / name).exists() for name in (".hydra", "model", "checkpoints"))
+    new_folder = not (output_dir / RUN_MARKER).exists()
     ours = False  # whether this run may write into the folder before its checks pass
     try:
+        # A folder of the user's is refused before anything is written into it; the other ranks find it marked.
+        check_run_folder(output_dir) if lock is not None else check_output_path(output_dir)
         if lock is not None and output_dir.is_dir():
             lock.acquire()
         ours = new_folder
@@ -89,6 +97,7 @@ def run(cfg: DictConfig, hydra_record: dict[str, Any] | None = None) -> dict[str
             write_hydra_record(output_dir, hydra_record)  # a new job's folder: kept even if a check below fails
         # Everything a user can get wrong is checked before training starts or anything is written.
         config, resume_from, resumed = _checked_settings(cfg, output_dir)
+        datamodule = _checked_data(cfg, resume_from, resumed)
     except LitEmbedError:
         if not ours:  # another run's folder: its train.log must not get this run's message either
             keep_log_files_out_of(output_dir)
@@ -98,7 +107,7 @@ def run(cfg: DictConfig, hydra_record: dict[str, Any] | None = None) -> dict[str
     try:
         if lock is not None and hydra_record:
             write_hydra_record(output_dir, hydra_record)  # only now: a refused run leaves the folder as it was
-        return _train(cfg, output_dir, lock, config, resume_from, resumed, started)
+        return _train(cfg, datamodule, output_dir, lock, config, resume_from, resumed, started)
     finally:
         if lock is not None:
             lock.release()
@@ -125,8 +134,18 @@ def _checked_settings(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any]
     return config, resume_from, resumed
 
 
+def _checked_data(cfg: DictConfig, resume_from: str | None, resumed: dict | None) -> L.LightningDataModule:
+    """The data module with its data loaded and checked; a resume must find the data its checkpoint trained on."""
+    datamodule = build(cfg.data, "data")
+    datamodule.prepare_data()
+    if resumed is not None:
+        check_resume_data(resume_from, resumed, data_identity(datamodule), cfg.get("resume_changed", False))
+    return datamodule
+
+
 def _train(
     cfg: DictConfig,
+    datamodule: L.LightningDataModule,
     output_dir: Path,
     lock: OutputDirLock | None,
     config: dict[str, Any],
@@ -134,8 +153,6 @@ def _train(
     resumed: dict | None,
     started: float,
 ) -> dict[str, Any]:
-    datamodule = build(cfg.data, "data")
-    datamodule.prepare_data()
     L.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, datamodule)
     if getattr(datamodule, "mine", False):
@@ -295,6 +312,7 @@ def finetune(
     args += [f"data.batch_size={batch_size}"] if batch_size is not None else []
     args += [f"output_dir={output_dir or datetime.now().strftime('outputs/%Y-%m-%d_%H-%M-%S')}", *overrides]
     cfg = compose_config(args)
+    check_added_keys(cfg, args)
     # The same record and log as a Hydra run: .hydra/config.yaml, .hydra/overrides.yaml and train.log.
     check_output_dir(cfg.output_dir)
     with run_log(cfg.output_dir):
@@ -312,7 +330,12 @@ def hydra_app(cfg: DictConfig) -> float | None:
     # A single run ends with the message and exit 2; a sweep's job records it and the sweep goes on (sweeps.py).
     sweeping = job.mode == RunMode.MULTIRUN
     with sweep_job(job.runtime.output_dir, log) if sweeping else reported("lit-embed-train", log):
-        check_output_dir(cfg.output_dir)
+        try:
+            check_added_keys(cfg, job.overrides.task)
+            check_output_dir(cfg.output_dir)
+        except LitEmbedError:
+            keep_log_files_out_of(job.runtime.output_dir)  # not the run's folder yet: it may be the user's
+            raise
         record = hydra_record(cfg)  # the config as composed, before output_dir becomes the job's folder
         # In a sweep Hydra gives each job its own folder under output_dir; that folder is the job's output_dir.
         with open_dict(cfg):
@@ -326,6 +349,10 @@ def main() -> None:
     """``python train.py`` / ``lit-embed-train``: every user mistake exits 2 with one message."""
     with reported("lit-embed-train"):
         check_overrides(sys.argv[1:])
+        for override in sys.argv[1:]:
+            key, _, value = override.partition("=")
+            if key.lstrip("+") == "output_dir":  # before Hydra makes the folder (or fails to, on a file)
+                check_output_path(value)
     register_resolvers()
     try:
         hydra_app()

@@ -18,6 +18,7 @@ from lit_embed.data.formats import load_dataset
 from lit_embed.evaluation.retrieval import evaluate_encoder
 from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
+from lit_embed.training.lifecycle import mark_run_folder
 from lit_embed.training.optim import OPTIMIZER_DEFAULTS
 from lit_embed.training.recipe import default_recipe
 
@@ -125,10 +126,23 @@ def test_print_config_shows_every_class(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_finished_model_is_not_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "run" / "model").mkdir(parents=True)
+    mark_run_folder(tmp_path / "run")  # a finished run's folder
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["fit", f"--config={FULL}", f"--trainer.default_root_dir={tmp_path / 'run'}"])
     assert exit_info.value.code == 2
     assert "already holds a finished model" in capsys.readouterr().err
+
+
+def test_a_folder_of_the_users_is_refused_before_anything_loads(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", f"--config={FULL}", f"--trainer.default_root_dir={folder}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{folder} already holds files that no lit_embed run made (notes.txt)" in err and "Traceback" not in err
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 
 def test_evaluate_json_equals_evaluate_encoder(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
 
-from lit_embed.config import MOVED_TARGETS, build
+from lit_embed.config import MOVED_TARGETS, build, check_added_keys
 from lit_embed.errors import LitEmbedError
 from lit_embed.train import run
 from lit_embed.training.checkpoint_io import load_checkpoint
@@ -125,6 +125,66 @@ def test_moved_class_path_names_the_new_one() -> None:
     for new in MOVED_TARGETS.values():  # every new path exists
         module, name = new.rsplit(".", 1)
         assert hasattr(__import__(module, fromlist=[name]), name), new
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # A top-level typo: the nearest real key, which exists, so it is set without +.
+        (
+            ["+optimiser.lr=1e-4"],
+            "+optimiser.lr=0.0001: no part of the run reads optimiser.lr, so it would change "
+            "nothing. Did you mean optimizer.lr? Write optimizer.lr=0.0001 (without +: that key is in the config",
+        ),
+        # Below a _target_: the constructor's arguments, in the config or not.
+        (["+trainer.fast_dev_runn=1"], "Did you mean trainer.fast_dev_run? Write +trainer.fast_dev_run=1."),
+        (["+data.val_fractio=0.2"], "Did you mean data.val_fraction? Write data.val_fraction=0.2 (without +"),
+        (["+eval.guard=x.json"], "Did you mean eval.guard_path? Write eval.guard_path=x.json (without +"),
+        (
+            ["++trainer.nothing_like_it=1"],
+            "++trainer.nothing_like_it=1: no part of the run reads "
+            "trainer.nothing_like_it, so it would change nothing. Remove it.",
+        ),
+        (["method=lora", "+lora.rr=8"], "Did you mean lora.r? Write lora.r=8"),
+    ],
+)
+def test_an_added_key_that_nothing_reads_is_refused_naming_the_nearest(args: list[str], message: str) -> None:
+    cfg = compose_train(args)
+    with pytest.raises(LitEmbedError) as err:
+        check_added_keys(cfg, args)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["+trainer.fast_dev_run=1"],  # a Trainer argument the config does not set
+        ["+optimizer.foreach=false"],  # of a _partial_ target
+        ["++data.num_train=3"],  # ++ on an existing key changes it
+        ["++seed=3"],
+        ["+callbacks.timer={_target_:lightning.pytorch.callbacks.Timer}"],  # a new extra callback is built
+        ["+adapter=mlp"],  # a config group, not a key
+        ["data=multitask", "+data.tasks.more.data.train_path=x.jsonl"],  # an argument's own dict
+        ["+hydra.job.env_set.X=1"],  # Hydra checks its own
+    ],
+)
+def test_added_keys_that_the_run_reads_pass(args: list[str]) -> None:
+    check_added_keys(compose_train(args), args)
+
+
+def test_an_added_typo_exits_2_before_anything_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "train.py", "model=tiny", f"output_dir={out}", "+optimiser.lr=1e-4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Did you mean optimizer.lr?" in output and "Traceback" not in output
+    assert not out.exists() or not any(out.iterdir())  # the folder Hydra made stays empty: a rerun may take it
 
 
 @pytest.mark.parametrize(

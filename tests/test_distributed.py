@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from lit_embed.errors import LitEmbedError
 from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.gist import GISTLoss, gist
 from lit_embed.losses.mnrl import DIRECTIONS, MultipleNegativesRankingLoss, mnrl
+from lit_embed.training.checkpoint_io import load_checkpoint
 
 WORLD = 2
 
@@ -334,3 +336,71 @@ def test_lightning_resharding_the_batches_is_refused_with_the_fix() -> None:
         distributed_position(trainer)
     trainer._accelerator_connector.use_distributed_sampler = False
     assert distributed_position(trainer) == (1, 2)
+
+
+# --- a non-finite loss on one rank ---------------------------------------------------------------------------
+
+
+def nonfinite_worker(rank: int, rendezvous: str) -> None:
+    from lit_embed.training.nonfinite import nonfinite_on_host
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    try:
+        finite = torch.tensor(0.5)
+        assert nonfinite_on_host(finite, 3, 3, 0, [f"q{rank}"]) is None
+        # Rank 1 alone has a NaN loss: both ranks find the step, with rank 1's batch, and skip it alike.
+        loss = torch.tensor(float("nan")) if rank == 1 else finite
+        skipped = nonfinite_on_host(loss, 4, 4, 0, [f"q{rank}a", f"q{rank}b"])
+        assert skipped is not None and skipped.query_ids == ["q1a", "q1b"] and skipped.step == 4
+        assert skipped.loss != skipped.loss  # NaN, rank 1's loss, on rank 0 too
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_is_found_on_every_rank(tmp_path: Path) -> None:
+    mp.spawn(nonfinite_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD)
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
+from lit_embed.train import main
+
+original, calls = MultipleNegativesRankingLoss.forward, []
+
+
+def forward(self, *args, **kwargs):
+    loss = original(self, *args, **kwargs)
+    calls.append(1)
+    rank_1 = os.environ.get("LOCAL_RANK") == "1"  # Lightning's launcher starts rank 1 as this script again
+    return loss * float("nan") if rank_1 and len(calls) == 2 else loss
+
+
+MultipleNegativesRankingLoss.forward = forward
+main()
+"""
+
+
+@pytest.mark.parametrize("skip", ["true", pytest.param("false", marks=pytest.mark.slow)])
+def test_ddp_run_with_a_nan_on_one_rank_and_the_host_check_skips_or_stops_on_both(tmp_path: Path, skip: str) -> None:
+    """An unfused optimizer is checked on the host: rank 1's NaN must stop or skip the step on rank 0 too, or one
+    rank would wait in the gradient all-reduce for the other forever."""
+    train, val = write_toy_data(tmp_path)
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    settings = {"optimizer.fused": "false", "method.skip_nonfinite": skip, "eval.evaluation_steps": 0}
+    overrides = tiny_run_overrides(train, val, tmp_path / "run", **settings, **{"trainer.max_steps": 3})
+    overrides[overrides.index("trainer=cpu")] = "trainer=ddp_cpu"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, str(script), *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    output = result.stdout + result.stderr
+    if skip == "true":
+        assert result.returncode == 0, output[-3000:]
+        last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+        assert last["global_step"] == 3 and last["skipped_batches"] == 1
+    else:
+        assert result.returncode == 2, output[-3000:]
+        assert re.search(r"the loss is nan at step 1 .*on the batch with query ids \['q\d+'", output), output[-3000:]

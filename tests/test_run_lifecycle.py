@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,12 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
+from helpers import REPO, compose_train, tiny_run_overrides, toy_split, write_toy_data
 
+from lit_embed.data.formats import save_llamaindex_json
 from lit_embed.errors import InvalidValueError, LitEmbedError
 from lit_embed.train import run
 from lit_embed.training.checkpoint_io import load_checkpoint
-from lit_embed.training.lifecycle import LOCK_NAME, OutputDirLock, changed_settings, check_resume_length
+from lit_embed.training.lifecycle import (
+    DATA_KEY,
+    LOCK_NAME,
+    RUN_MARKER,
+    OutputDirLock,
+    changed_settings,
+    check_resume_length,
+    check_run_folder,
+)
 
 HOLD_LOCK = (
     "import sys, time\n"
@@ -162,6 +172,67 @@ def test_each_sweep_job_gets_its_hydra_record(tmp_path: Path) -> None:
         assert f"lr: {lr}" in (record / "config.yaml").read_text()
 
 
+# --- a run writes only into its own folder --------------------------------------------------------------------
+
+
+def test_a_folder_of_the_users_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "mine.csv").write_text("a,b\n")
+    (out / "metrics.json").write_text('{"mine": 1}\n')
+    (out / "train.log").write_text("my own log\n")
+    before = snapshot(out)
+    proc = train_py(out)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert f"output_dir={out} already holds files that no lit_embed run made (logs/, metrics.json, train.log)" in output
+    assert "Traceback" not in output
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["logs", "metrics.json", "train.log"]
+    train, val = write_toy_data(tmp_path)
+    with pytest.raises(LitEmbedError, match="already holds files that no lit_embed run made"):
+        run(compose_train(tiny_run_overrides(train, val, out)))  # lit_embed.finetune's way too
+    assert snapshot(out) == before
+
+
+def test_an_empty_folder_is_taken_and_marked_and_a_marked_one_is_taken_again(tmp_path: Path) -> None:
+    train, val = write_toy_data(tmp_path)
+    out = tmp_path / "empty"
+    out.mkdir()
+    run(compose_train(tiny_run_overrides(train, val, out, **{"trainer.max_steps": 1})))
+    assert (out / RUN_MARKER).is_file() and (out / "model").is_dir()
+    run(compose_train(tiny_run_overrides(train, val, out, overwrite="true", **{"trainer.max_steps": 1})))
+
+
+@pytest.mark.parametrize("where", ["root", "home", "cwd", "file"])
+def test_root_home_the_working_directory_and_a_file_are_never_an_output_dir(tmp_path: Path, where: str) -> None:
+    place = {"root": Path("/"), "home": Path.home(), "cwd": Path.cwd(), "file": tmp_path / "notes.txt"}[where]
+    place.parent.mkdir(parents=True, exist_ok=True)
+    if where == "file":
+        place.write_text("mine\n")
+    message = "is a file, not a folder" if where == "file" else "so it never writes there"
+    with pytest.raises(LitEmbedError, match=message):
+        check_run_folder(place)
+    train, val = write_toy_data(tmp_path)
+    with pytest.raises(LitEmbedError, match=message):
+        run(compose_train(tiny_run_overrides(train, val, place)))
+
+
+@pytest.mark.parametrize("where", ["/", "a file", "${oc.env:HOME}"])
+def test_train_py_refuses_root_a_file_and_home_in_one_message_writing_nothing(tmp_path: Path, where: str) -> None:
+    file = tmp_path / "notes.txt"
+    file.write_text("mine\n")
+    target = str(file) if where == "a file" else where
+    home_before = sorted(p.name for p in Path.home().iterdir())
+    root_before = sorted(p.name for p in Path("/").iterdir())
+    proc = train_py(Path("unused"), f"output_dir={target}")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and ("is a file, not a folder" in output or "never writes there" in output)
+    assert sorted(p.name for p in Path.home().iterdir()) == home_before
+    assert sorted(p.name for p in Path("/").iterdir()) == root_before
+    assert file.read_text() == "mine\n"
+
+
 # --- a resume trains what its checkpoint trained -------------------------------------------------------------
 
 
@@ -214,6 +285,34 @@ def test_resume_path_from_another_runs_checkpoint(tmp_path: Path) -> None:
     assert run(compose_train(tiny_run_overrides(train, val, tmp_path / "copy", resume=last)))["final"]
     with pytest.raises(LitEmbedError, match="data.batch_size: 8 -> 16"):
         run(compose_train(tiny_run_overrides(train, val, tmp_path / "other", resume=last, **{"data.batch_size": 16})))
+
+
+def test_resume_on_a_replaced_training_file_is_refused_listing_what_changed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    train, val, out = interrupted_run(tmp_path)
+    before = snapshot(out)
+    save_llamaindex_json(toy_split(40, offset=500), train)  # the same name, other pairs
+    with pytest.raises(LitEmbedError) as err:
+        run(compose_train(tiny_run_overrides(train, val, out, resume="true")))
+    message = str(err.value)
+    assert f"cannot resume from {out / 'checkpoints' / 'last.ckpt'}: its run trained on other data" in message
+    assert re.search(
+        rf"data: {re.escape(str(train))}, 48 pairs \(rows \w+\) -> {re.escape(str(train))}, 40 pairs", message
+    )
+    assert "resume_changed=true" in message
+    assert snapshot(out) == before  # refused before anything was written: the record, the log, the checkpoints
+
+    # The same bytes again resume; resume_changed=true continues on the new data, saying so.
+    save_llamaindex_json(toy_split(48), train)
+    overrides = tiny_run_overrides(train, val, out, resume="true", **{"trainer.max_steps": 5})
+    assert run(compose_train(overrides))["final"]
+    shutil.rmtree(out / "model")
+    save_llamaindex_json(toy_split(40, offset=500), train)
+    overrides = tiny_run_overrides(train, val, out, resume="true", resume_changed="true", **{"trainer.max_steps": 6})
+    assert run(compose_train(overrides))["final"]
+    assert "resume_changed=true: resuming" in caplog.text and "on other data" in caplog.text
+    assert load_checkpoint(out / "checkpoints" / "last.ckpt")[DATA_KEY]["data"]["pairs"] == 40
 
 
 def test_resume_changed_must_be_a_bool(tmp_path: Path) -> None:

@@ -180,6 +180,12 @@ class ResumableDataModule(L.LightningDataModule):
         """File -> what was left out of it as wrong on its own (for metrics.json); empty when nothing was."""
         return {}
 
+    def data_identity(self) -> dict[str, dict[str, Any]]:
+        """What the training rows were made from, by config path (``data``, ``data.tasks.NAME``): the source, the
+        rows store's key (the file's bytes and the settings that shape the rows) and the number of pairs. Checkpoints
+        keep it, so that a resume on other data is refused. Known after :meth:`prepare_data`."""
+        return {}
+
 
 class QAPairDataModule(ResumableDataModule):
     """Serves query/positive(/negatives) batches from a LlamaIndex ``.json`` or a ``.jsonl`` file.
@@ -436,6 +442,10 @@ class QAPairDataModule(ResumableDataModule):
     @property
     def source(self) -> str:
         return str(self.train_path)
+
+    def data_identity(self) -> dict[str, dict[str, Any]]:
+        where = f"data.tasks.{self.task}" if self.task else "data"
+        return {where: {"source": self.source, "rows": self.rows.key, "pairs": len(self.rows)}}
 
     def tokenize(self, tokenizer: TextTokenizer) -> None:
         """Tokenizes each distinct text of the training rows once (or opens the token store of an earlier run)."""

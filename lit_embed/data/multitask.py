@@ -103,6 +103,9 @@ class MultiTaskDataModule(ResumableDataModule):
             records[str(self.val_path)] = self.val_dataset.skipped.as_dict()
         return records
 
+    def data_identity(self) -> dict[str, dict[str, Any]]:
+        return {where: what for data in self.tasks.values() for where, what in data.data_identity().items()}
+
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
         self.tokenize(self.trainer.lightning_module.encoder)

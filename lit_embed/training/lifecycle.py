@@ -1,10 +1,12 @@
-"""One run's life in its output_dir: the lock that keeps a second run out, the config record, the check that a
-resumed run trains what its checkpoint trained, and Ctrl-C taking SIGTERM's way (save, then stop)."""
+"""One run's life in its output_dir: the folder it may write into, the lock that keeps a second run out, the config
+record, the check that a resumed run trains what its checkpoint trained, and Ctrl-C taking SIGTERM's way (save, then
+stop)."""
 
 from __future__ import annotations
 
 import copy
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -20,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lit_embed.data.datamodule import ResumableDataModule
 from lit_embed.errors import LitEmbedError
 from lit_embed.files import write_text_atomic
 from lit_embed.training.callbacks.checkpointing import continue_after_stop
@@ -28,8 +31,11 @@ from lit_embed.training.module import EmbeddingFinetuneModule
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+# Written into output_dir when a run takes it: the folder is a lit_embed run's, and later runs may write into it.
+RUN_MARKER = ".lit_embed_run"
 HYDRA_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging, for train.log
 CONFIG_KEY = "lit_embed_config"  # the run's resolved config, in every checkpoint
+DATA_KEY = "lit_embed_data"  # what its training rows were made from (ResumableDataModule.data_identity)
 
 # Top-level keys whose values decide what is trained. The others (output_dir, resume, resume_changed, overwrite,
 # logger, callbacks, eval, checkpoint, merge, optimized_metric, load_best_model_at_end) may differ on a resume.
@@ -75,12 +81,63 @@ def is_launching_process() -> bool:
     return True
 
 
+def check_output_path(output_dir: str | os.PathLike) -> None:
+    """Refuses what is never a run's folder, whatever it holds: an existing file, the file-system root, the home
+    folder and the current working directory (a run fills its folder with logs/, checkpoints/, metrics.json ...)."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise LitEmbedError(
+            f"output_dir={output_dir} is a file, not a folder. Choose a folder for everything the run writes, e.g. "
+            f"output_dir={path.parent / 'runs' / path.stem}."
+        )
+    resolved = path.resolve()
+    for name, place in (
+        ("the file-system root", Path("/")),
+        ("your home folder", Path.home()),
+        ("the current working directory", Path.cwd()),
+    ):
+        if resolved == place.resolve():
+            raise LitEmbedError(
+                f"output_dir={output_dir} is {name}: a run writes logs/, checkpoints/, model/ and metrics.json into "
+                f"its output_dir, so it never writes there. Choose a folder of its own, e.g. "
+                f"output_dir={path / 'runs' / 'mine'}."
+            )
+
+
+def check_run_folder(output_dir: str | os.PathLike) -> None:
+    """Refuses an output_dir that holds what no lit_embed run made: a run writes only into a folder that is new,
+    empty, or marked as a run's (:data:`RUN_MARKER`, written when a run takes it), so no file of the user's is ever
+    replaced or mixed with a run's."""
+    check_output_path(output_dir)
+    path = Path(output_dir).expanduser()
+    if not path.is_dir() or (path / RUN_MARKER).is_file():
+        return
+    # The lock file is a run's even before its marker is written (another run may be taking the folder now).
+    entries = sorted(entry.name + "/" * entry.is_dir() for entry in path.iterdir() if entry.name != LOCK_NAME)
+    if entries:
+        shown = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
+        raise LitEmbedError(
+            f"output_dir={output_dir} already holds files that no lit_embed run made ({shown}). A run writes only "
+            f"into a new or empty folder, or one a run made (it holds {RUN_MARKER}), so that nothing of yours is "
+            f"replaced. Choose another output_dir, e.g. output_dir={path / 'run'}."
+        )
+
+
+def mark_run_folder(output_dir: str | os.PathLike) -> None:
+    """Marks ``output_dir`` as a lit_embed run's folder (see :func:`check_run_folder`)."""
+    marker = Path(output_dir) / RUN_MARKER
+    if not marker.is_file():
+        note = "This folder is a lit_embed run's: later runs may write into it (output_dir, resume, overwrite)."
+        write_text_atomic(marker, json.dumps({"lit_embed_run": note}) + "\n")
+
+
 class OutputDirLock:
     """An OS lock (``flock``) on ``output_dir/.lock``, held while the run lives; the file holds its process id.
 
     The kernel drops the lock when the process ends in any way (``kill -9`` included), so a folder is never left
     locked by a dead run; a marker file would be. The file is removed on release: a run that opened it just
-    before then sees, once it holds the lock, that the path names another file, and tries again.
+    before then sees, once it holds the lock, that the path names another file, and tries again. Taking the lock
+    marks the folder as a run's; whoever takes it has checked first that the folder may be (:func:`check_run_folder`).
     """
 
     def __init__(self, output_dir: str | os.PathLike) -> None:
@@ -111,6 +168,7 @@ class OutputDirLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
         self._fd = fd
+        mark_run_folder(self.path.parent)
         return self
 
     @property
@@ -215,14 +273,22 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
         ) from None
 
 
-class RecordConfig(L.Callback):
-    """Stores the run's resolved config in every checkpoint, so that a resume can see what changed."""
+def data_identity(datamodule: L.LightningDataModule) -> dict[str, dict[str, Any]]:
+    """What ``datamodule``'s training rows were made from (empty for a data module that does not say)."""
+    return datamodule.data_identity() if isinstance(datamodule, ResumableDataModule) else {}
 
-    def __init__(self, config: dict[str, Any]) -> None:
+
+class RecordConfig(L.Callback):
+    """Stores the run's resolved config (where it has one) and what its data was in every checkpoint, so that a
+    resume can see what changed."""
+
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.config = config
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint[CONFIG_KEY] = self.config
+        if self.config is not None:
+            checkpoint[CONFIG_KEY] = self.config
+        checkpoint[DATA_KEY] = data_identity(trainer.datamodule)
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -294,6 +360,44 @@ def check_resume_config(path: str, checkpoint: dict[str, Any], config: dict[str,
         )
     if changes:
         log.warning("resume_changed=true: resuming %s with changed settings: %s", path, "; ".join(changes))
+
+
+def check_resume_data(
+    path: str, checkpoint: dict[str, Any], data: dict[str, dict[str, Any]], allow_changed: bool
+) -> None:
+    """Refuses to resume a checkpoint on training data other than its run's: a replaced or edited file under the
+    same name would otherwise be trained on from the old data position, and the export would mix the two.
+
+    ``data`` is :func:`data_identity` of this run's data module; ``resume_changed=true`` continues anyway.
+    """
+    old = checkpoint.get(DATA_KEY)
+    if old is None:
+        log.warning("%s has no record of the data it trained on (written before it was stored): not compared.", path)
+        return
+
+    def described(entry: dict[str, Any] | None) -> str:
+        if not entry:
+            return "(not trained on)"
+        return f"{entry.get('source')}, {entry.get('pairs')} pairs (rows {str(entry.get('rows'))[:12]})"
+
+    def same(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+        return bool(a) and bool(b) and (a["rows"], a["pairs"]) == (b["rows"], b["pairs"])
+
+    changes = [
+        f"{where}: {described(old.get(where))} -> {described(data.get(where))}"
+        for where in sorted(old.keys() | data.keys())
+        if not same(old.get(where), data.get(where))
+    ]
+    if changes and not allow_changed:
+        raise LitEmbedError(
+            f"cannot resume from {path}: its run trained on other data (the file's content, or how it was read, "
+            "changed since):\n  "
+            + "\n  ".join(changes)
+            + "\nResume with the data it trained on, start a new run (another output_dir, no resume), or set "
+            "resume_changed=true to continue from its weights, optimizer state and data position on this data."
+        )
+    if changes:
+        log.warning("resume_changed=true: resuming %s on other data: %s", path, "; ".join(changes))
 
 
 def check_resume_length(path: str, checkpoint: dict[str, Any], max_steps: int | None, max_epochs: int | None) -> None:

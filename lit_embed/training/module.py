@@ -23,7 +23,13 @@ from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 from lit_embed.models.lora import lora_config, lora_weight_names
-from lit_embed.training.nonfinite import MAX_UNREAD_STEPS, NonFiniteSteps, SkippedStep, skips_on_device
+from lit_embed.training.nonfinite import (
+    MAX_UNREAD_STEPS,
+    NonFiniteSteps,
+    SkippedStep,
+    nonfinite_on_host,
+    skips_on_device,
+)
 from lit_embed.training.optim import (
     DEFAULT_OPTIMIZER,
     LinearWarmupDecay,
@@ -71,6 +77,7 @@ class EmbeddingFinetuneModule(L.LightningModule):
         self.skip_nonfinite = skip_nonfinite
         self.skipped_batches = 0
         self.nonfinite: NonFiniteSteps | None = None  # set at the start of training where the optimizer skips
+        self._drop_gradients = False  # this step's loss was not finite on some rank: its optimizer step changes nothing
         self.schedule_total_steps: int | None = None  # the steps the learning-rate schedule spans
         # The run length and schedule total of the checkpoint a run resumes from (configure_optimizers reads them;
         # under FSDP the checkpoint is read after it, and the schedule spans the estimate).
@@ -121,11 +128,14 @@ class EmbeddingFinetuneModule(L.LightningModule):
         query_ids = [i for pairs in tasks for i in pairs.query_ids]
         if self.nonfinite is not None:  # checked on the device; the optimizer skips a non-finite step itself
             self.nonfinite.record(self.global_step, batch_idx, self.current_epoch, query_ids, loss)
-        elif not torch.isfinite(loss):  # a host sync: this optimizer cannot skip on the device
-            skipped = SkippedStep(self.global_step, batch_idx, self.current_epoch, query_ids, loss.item(), 1)
+        # A host sync: this optimizer cannot skip on the device.
+        elif skipped := nonfinite_on_host(loss, self.global_step, batch_idx, self.current_epoch, query_ids):
             self._handle_nonfinite(skipped)
             self.log("train/skipped_batches", float(self.skipped_batches), batch_size=num_pairs)
-            return None  # Lightning then skips this batch's backward and step
+            # Backward still runs, so that under DDP every rank enters the gradient all-reduce (Lightning refuses a
+            # skipped training_step there); every rank then drops the gradients before its optimizer step.
+            self._drop_gradients = True
+            return loss
         # With gather_across_devices each rank's loss is weighted by its share of the batch; their mean is the loss.
         sync = self.trainer.world_size > 1
         self.log("train/loss", loss, prog_bar=True, batch_size=num_pairs, sync_dist=sync)
@@ -140,6 +150,11 @@ class EmbeddingFinetuneModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        if self._drop_gradients:  # torch's optimizers leave a weight without a gradient, and its moments, as they are
+            for group in optimizer.param_groups:
+                for weight in group["params"]:
+                    weight.grad = None
+            self._drop_gradients = False
         if self.nonfinite is not None:
             gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             self.nonfinite.flag(optimizer, self.global_step, gradients)

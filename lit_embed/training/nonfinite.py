@@ -4,11 +4,12 @@ A fused optimizer (AdamW's default here) takes a ``found_inf`` flag, as fp16's l
 then skipped on the device, weights, moments and step count untouched. The flag comes from the gradients after
 DDP's all-reduce and is itself reduced over the ranks, so every rank skips the same steps. What was skipped is
 read on the host only where the run waits for the device anyway: every ``log_every_n_steps``, before a checkpoint is
-written and at the end of an epoch.
+written and at the end of an epoch. Any other optimizer is checked on the host, every step, alike on every rank.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,28 @@ class SkippedStep:
     query_ids: list[str]
     loss: float
     count: int  # non-finite steps since the last read
+
+
+def nonfinite_on_host(loss: Tensor, step: int, batch_idx: int, epoch: int, query_ids: list[str]) -> SkippedStep | None:
+    """The step, when its loss is not finite on any process, checked on the host (one read a step): for optimizers
+    that cannot skip on the device.
+
+    Every process decides alike: one that skipped its backward alone would leave the others waiting in DDP's
+    gradient all-reduce. The step found names the loss and query ids of the batches that were not finite, wherever
+    they were (one more exchange, only then).
+    """
+    found = (~torch.isfinite(loss.detach())).to(torch.int32).reshape(1)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+    if not found.item():
+        return None
+    batches = [(loss.item(), query_ids)]
+    if distributed:
+        batches = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(batches, (loss.item(), query_ids))
+    nonfinite = [(value, ids) for value, ids in batches if not math.isfinite(value)]
+    return SkippedStep(step, batch_idx, epoch, [i for _, ids in nonfinite for i in ids], nonfinite[0][0], 1)
 
 
 def skips_on_device(optimizer: Optimizer, loss_scaled: bool) -> bool:
