@@ -307,24 +307,17 @@ def test_an_intact_embedding_file_is_read_and_a_deleted_one_embedded_again(
     assert encodes == [len(TEXTS)] * 2 and not cache_warnings(caplog)
 
 
-def test_an_embedding_file_from_before_checksums_is_kept_and_given_one(
+def test_an_embedding_file_without_a_checksum_is_embedded_again(
     tmp_path: Path, tiny_encoder, encodes: list[int], caplog
 ) -> None:
-    """Plain tensors of the right shape were written atomically: re-embedding them (hours, for a large guide) would
-    cost more than trusting them once."""
+    """A plain tensor (what a file without its checksum holds) proves nothing about its bytes: embedded again."""
     path = cache_path(tiny_encoder, TEXTS, "query", tmp_path)
-    legacy = torch.randn(len(TEXTS), tiny_encoder.embedding_dim)
-    torch.save(legacy, path)
-    with caplog.at_level(logging.INFO, logger=embedding_cache.__name__):
-        torch.testing.assert_close(cached_embeddings(tiny_encoder, TEXTS, "query", 4, tmp_path), legacy)
-    assert encodes == [] and not cache_warnings(caplog)
-    saved = torch.load(path, weights_only=True)
-    assert torch.equal(saved["embeddings"], legacy) and saved["sha256"] == embedding_cache._sha256(legacy)
-    # One of the wrong shape is not kept.
-    torch.save(legacy[:5], path)
+    torch.save(torch.randn(len(TEXTS), tiny_encoder.embedding_dim), path)
     with caplog.at_level(logging.INFO, logger=embedding_cache.__name__):
         cached_embeddings(tiny_encoder, TEXTS, "query", 4, tmp_path)
-    assert encodes == [len(TEXTS)] and "holds 5 embeddings for 12 texts" in cache_warnings(caplog)[0]
+    assert encodes == [len(TEXTS)] and "with its checksum" in cache_warnings(caplog)[0]
+    saved = torch.load(path, weights_only=True)
+    assert saved["sha256"] == embedding_cache._sha256(saved["embeddings"])
 
 
 def cut_in_half(file: str, expected: str) -> Callable[[Path], str]:

@@ -118,7 +118,7 @@ def damage(directory: Path) -> str | None:
             actual = file.stat().st_size
             if actual != size:
                 return f"{name} is {actual:,} bytes, expected {size:,}"
-            if _sha256(file) != sha256:
+            if file_digest(file) != sha256:
                 return f"{name} does not match its SHA-256: it changed after the store was built"
         except FileNotFoundError:
             return f"{name} is missing"
@@ -130,17 +130,9 @@ def damage(directory: Path) -> str | None:
 def _build_with_manifest(build: Callable[[Path], None], directory: Path, what: str) -> None:
     _timed_build(build, directory, what)
     files = sorted(p for p in directory.rglob("*") if p.is_file())
-    listed = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    listed = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in files}
     # Last, once every file it lists is complete: it describes the finished build, whatever happens to it later.
     (directory / MANIFEST).write_text(json.dumps({"files": listed}, indent=1), encoding="utf-8")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _timed_build(build: Callable[[Path], None], directory: Path, what: str) -> None:

@@ -40,9 +40,6 @@ def cached_embeddings(
         embeddings, problem = _read(path, len(texts))
         if problem is None:
             return embeddings
-        if embeddings is not None:  # from before checksums, of the right shape: kept, and proven from now on
-            _write(path, embeddings)
-            return embeddings
         log.warning("%s is not whole (%s): embedding its %d texts again.", path, problem, len(texts))
     embeddings = encoder.encode(list(texts), kind, batch_size).cpu()
     if path is not None:
@@ -51,22 +48,18 @@ def cached_embeddings(
 
 
 def _read(path: Path, rows: int) -> tuple[Tensor | None, str | None]:
-    """``(embeddings, None)`` when the file is whole; ``(embeddings, why)`` for a plain tensor of the right shape
-    from before checksums; ``(None, why)`` otherwise."""
+    """``(embeddings, None)`` when the file is whole, else ``(None, why)``."""
     try:
         with warnings.catch_warnings():  # a damaged file's warnings from the unpickler: the one logged says it all
             warnings.simplefilter("ignore")
             saved = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, ValueError, LookupError, EOFError, OSError, pickle.UnpicklingError) as err:
         return None, f"torch.load fails: {type(err).__name__}"
-    legacy = isinstance(saved, Tensor)
-    embeddings = saved if legacy else saved.get("embeddings") if isinstance(saved, dict) else None
+    embeddings = saved.get("embeddings") if isinstance(saved, dict) else None
     if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
-        return None, "it does not hold a [texts, dimensions] tensor"
+        return None, "it does not hold a [texts, dimensions] tensor with its checksum"
     if embeddings.shape[0] != rows:  # the width is the checksum's to prove: not every model reports its own
         return None, f"it holds {embeddings.shape[0]:,} embeddings for {rows:,} texts"
-    if legacy:
-        return embeddings, "written before checksums"
     if saved.get("sha256") != _sha256(embeddings):
         return None, "its embeddings do not match their SHA-256: the file changed after it was written"
     return embeddings, None
