@@ -137,6 +137,17 @@ def test_a_hugging_face_custom_model_is_one_message(tmp_path: Path, tiny_model_p
         Encoder(model)
 
 
+def test_an_auto_map_for_a_model_type_transformers_knows_runs_no_code(tmp_path: Path, tiny_model_path: str) -> None:
+    """As transformers without trust_remote_code: its own class for the model_type, not the folder's file."""
+    model = custom_model(tiny_model_path, tmp_path, "sentence_transformers.models.Pooling")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "modeling_custom.py").write_text(CUSTOM_POOLING)
+    encoder = Encoder(model)
+    assert type(encoder.model[0].auto_model).__name__ == "BertModel" and not (model / "IMPORTED").exists()
+
+
 def test_trust_remote_code_must_be_a_bool(tiny_model_path: str) -> None:
     with pytest.raises(LitEmbedError, match="trust_remote_code='yes' is not allowed"):
         Encoder(tiny_model_path, trust_remote_code="yes")

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import SafetensorError
+from transformers import CONFIG_MAPPING
 
 from lit_embed.errors import LitEmbedError
 
@@ -24,8 +25,6 @@ MODEL_KINDS = (
     "Give a sentence-transformers model folder (with modules.json) or a Hugging Face one "
     "(config.json with a model_type)"
 )
-# Hugging Face files whose auto_map points transformers at code in the model folder or repository.
-AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")
 
 
 def check_model_folder(
@@ -36,7 +35,8 @@ def check_model_folder(
     A local path must be a folder that sentence-transformers can load: a sentence-transformers folder
     (``modules.json``, a ``CrossEncoder``'s too) or a Hugging Face one (``config.json`` with a ``model_type``, a
     cross-encoder's ``...ForSequenceClassification`` too). Without ``trust_remote_code``, module classes from outside
-    sentence-transformers (:func:`check_module_classes`) and Hugging Face custom code (an ``auto_map``) are refused.
+    sentence-transformers (:func:`check_module_classes`) and Hugging Face custom code (an ``auto_map`` for a model
+    type transformers does not know) are refused.
     A name that does not look like a path and is not here is a hub id: it is left to the loader, whose errors
     :func:`loading_errors` reports.
 
@@ -59,11 +59,8 @@ def check_model_folder(
     if (folder / "modules.json").is_file():
         check_module_classes(folder, trust_remote_code, fix)
         configs = [folder / sub / "config.json" for sub in _transformer_folders(folder)]
-        for config in configs:
-            if config.is_file():
-                _check_transformers_config(config, what)
+        configs = [config for config in configs if config.is_file()]  # a missing one is the loader's message
     elif (folder / "config.json").is_file():
-        _check_transformers_config(folder / "config.json", what)
         configs = [folder / "config.json"]
     else:
         run = " It looks like a run's output directory: give its model/ folder." if (folder / "model").is_dir() else ""
@@ -71,10 +68,8 @@ def check_model_folder(
             f"{what} {name} is not a model folder: it has neither modules.json (sentence-transformers) nor config.json "
             f"(Hugging Face). {MODEL_KINDS}.{run}"
         )
-    if not trust_remote_code:
-        for config in configs:
-            for file in (config.parent / n for n in AUTO_MAP_FILES):
-                _refuse_auto_map(file, folder, fix)
+    for config in configs:
+        _check_transformers_config(config, folder, what, trust_remote_code, fix)
 
 
 @contextmanager
@@ -137,29 +132,26 @@ def looks_like_a_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def _check_transformers_config(file: Path, what: str) -> None:
-    """A Hugging Face ``config.json``: transformers picks the model's class by its ``model_type``."""
+def _check_transformers_config(file: Path, model_dir: Path, what: str, trust_remote_code: bool, fix: str) -> None:
+    """A Hugging Face ``config.json``: a ``model_type``, and no custom code (``auto_map``) unless trusted."""
     config = read_json(file)
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str):  # transformers picks the model's class by it
         raise LitEmbedError(
-            f"{what} {file.parent} is not a model folder: its config.json has no model_type, which every Hugging Face "
-            f"model's has (is it another program's config.json?). {MODEL_KINDS}."
+            f"{what} {model_dir} is not a model folder: its {file.relative_to(model_dir)} has no model_type, which "
+            f"every Hugging Face model's has (is it another program's config.json?). {MODEL_KINDS}."
         )
-
-
-def _refuse_auto_map(file: Path, model_dir: Path, fix: str) -> None:
-    """Hugging Face custom code: ``auto_map`` names classes that transformers imports from the model's own files."""
-    if not file.is_file():
+    auto_map = config.get("auto_map")
+    # A model type transformers has its own classes for loads with them, none of the folder's code (as transformers
+    # does without trust_remote_code); any other is built by the classes auto_map names, from the folder's files.
+    if not auto_map or trust_remote_code or model_type in CONFIG_MAPPING:
         return
-    config = read_json(file)
-    auto_map = config.get("auto_map") if isinstance(config, dict) else None
-    if not auto_map:
-        return
-    classes = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
-    names = sorted({str(c) for entry in classes for c in (entry if isinstance(entry, list) else [entry]) if c})
+    entries = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    names = sorted({str(c) for entry in entries for c in (entry if isinstance(entry, list) else [entry]) if c})
     raise LitEmbedError(
-        f"{file} names custom code in its auto_map ({', '.join(map(repr, names))}): loading the model would run it. "
-        f"If you trust the code of {model_dir}, {fix}; otherwise use another model."
+        f"{file} names custom code in its auto_map ({', '.join(map(repr, names))}) for its model_type {model_type!r}, "
+        f"which transformers does not know: loading the model would run that code. If you trust the code of "
+        f"{model_dir}, {fix}; otherwise use another model."
     )
 
 
