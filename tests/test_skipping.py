@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import subprocess
 import sys
 import uuid
@@ -17,10 +18,11 @@ from pathlib import Path
 import pytest
 from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
 
-from lit_embed.data.formats import load_dataset
+from lit_embed.data.formats import load_dataset, training_rows
 from lit_embed.data.schema import SkipPolicy, training_examples
 from lit_embed.errors import DataFormatError, InvalidValueError
 from lit_embed.train import run
+from lit_embed.training.report import skipped_note
 
 
 def llamaindex_file(path: Path, chunks: int, empty: tuple[int, ...] = (), questions_per_chunk: int = 2) -> Path:
@@ -46,16 +48,69 @@ def test_a_llamaindex_file_with_one_empty_chunk_loads(tmp_path: Path, caplog: py
     assert len(data.corpus) == 299 and len(data.queries) == 598 and len(data.relevant_docs) == 598
     assert all(text.strip() for text in data.corpus.values())
     report = data.skipped.as_dict()
-    assert report["records"] == 900 and report["skipped"] == 3
+    assert report["records"] == 900 and report["wrong_records"] == 3 and report["problems"] == 3
     assert report["empty_text"]["count"] == 1 and report["unanswered"]["count"] == 2
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warning.startswith(f"{path}: skipped 3 of 900 records that are wrong on their own")
+    assert warning.startswith(f"{path}: skipped 3 problems in 3 of 900 records that are wrong on their own")
     assert "empty texts: 1 (document '" in warning and "queries without a relevant document: 2 ('" in warning
+
+
+def counts(warning: str) -> tuple[int, int, int]:
+    """(problems, wrong records, records) as the warning says them."""
+    found = re.search(r"skipped (\d+) problems? in (\d+) of (\d+) records that are wrong on their own", warning)
+    assert found, warning
+    return tuple(int(n) for n in found.groups())
+
+
+def test_problems_and_records_are_counted_apart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A query naming six documents the corpus lacks: six problems in one of three records (not "6 of 3 records")."""
+    path = tmp_path / "qa.json"
+    relevant = {"q1": ["d1", *(f"gone-{i}" for i in range(6))]}
+    corpus = {"d1": "The widget is calibrated every 3 days.", "d2": "The gauge is never calibrated."}
+    path.write_text(
+        json.dumps(
+            {"queries": {"q1": "How often is the widget calibrated?"}, "corpus": corpus, "relevant_docs": relevant}
+        )
+    )
+    with caplog.at_level(logging.WARNING):
+        data = load_dataset(path, policy=SkipPolicy(max_skipped=1))  # one wrong record allowed
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    problems, wrong, records = counts(warning)
+    assert (problems, wrong, records) == (6, 1, 3) and wrong <= records
+    assert "(ids of documents not in 'corpus': 6 ('gone-0' (query 'q1'), " in warning
+    assert data.relevant_docs == {"q1": ["d1"]}
+    report = data.skipped.as_dict()
+    assert (report["problems"], report["wrong_records"], report["records"]) == (6, 1, 3)
+    assert report["unknown_document"]["count"] == 6
+    assert "6 problems in 1 of 3 records of <code>" in skipped_note({str(path): report})  # report.html's wording
+    with pytest.raises(DataFormatError, match=r"\n6 problems in 1 of 3 records that are wrong on their own \(ids"):
+        load_dataset(path, policy=SkipPolicy(strict=True))
+
+
+def test_a_line_with_several_problems_is_one_wrong_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The same counts whether the file is validated whole, converted into a rows store, or read from that store."""
+    lines = [{"query": f"question {i}", "positive": f"answer {i}", "negatives": [f"wrong {i}"]} for i in range(150)]
+    lines[3]["negatives"] = ["", " ", "wrong 3"]  # two empty negatives on line 4
+    lines[7]["negatives"] = ["answer 7", "wrong 7"]  # the positive as a negative on line 8
+    path = tmp_path / "mined.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    policy = SkipPolicy(max_skipped=2)
+    with caplog.at_level(logging.WARNING):
+        data = load_dataset(path, policy=policy)
+        training_rows(path, policy=policy, cache_dir=tmp_path / "cache")  # converts
+        training_rows(path, policy=policy, cache_dir=tmp_path / "cache")  # reads the store
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [counts(w) for w in warnings] == [(3, 2, 150)] * 3
+    assert data.skipped.wrong_records == {"line 4": 2, "line 8": 1}
+    with pytest.raises(DataFormatError, match=r"\n3 problems in 2 of 150 records .*: more than data\.max_skipped=1 "):
+        load_dataset(path, policy=SkipPolicy(max_skipped=1))
 
 
 def test_strict_refuses_what_would_be_skipped(tmp_path: Path) -> None:
     path = llamaindex_file(tmp_path / "qa.json", chunks=300, empty=(17,))
-    with pytest.raises(DataFormatError, match=r"qa\.json: document '[0-9a-f-]+' has empty text.*\n3 of 900 .*strict"):
+    with pytest.raises(
+        DataFormatError, match=r"qa\.json: document '[0-9a-f-]+' has empty text.*\n3 problems in 3 of 900 .*strict"
+    ):
         load_dataset(path, policy=SkipPolicy(strict=True))
 
 
@@ -67,7 +122,9 @@ def test_the_share_allowed(tmp_path: Path, max_skipped: float, ok: bool) -> None
     if ok:
         assert load_dataset(path, policy=SkipPolicy(max_skipped)).skipped.count == 3
     else:
-        with pytest.raises(DataFormatError, match=r"\n3 of 150 records .*: more than data\.max_skipped=.*raise data"):
+        with pytest.raises(
+            DataFormatError, match=r"\n3 problems in 3 of 150 records .*: more than data\.max_skipped=.*raise"
+        ):
             load_dataset(path, policy=SkipPolicy(max_skipped))
 
 
@@ -152,7 +209,8 @@ def test_a_run_trains_on_what_is_left_and_records_it(tmp_path: Path) -> None:
     metrics = run(compose_train(tiny_run_overrides(train, val, out, **{"trainer.max_steps": 2})))
     written = json.loads((out / "metrics.json").read_text())
     assert written == metrics and set(written) == {"base", "final", "skipped"}
-    assert written["skipped"][str(train)]["skipped"] == 2
+    report = written["skipped"][str(train)]
+    assert (report["problems"], report["wrong_records"], report["records"]) == (2, 2, 200)
     assert (out / "model" / "model.safetensors").is_file()
 
 

@@ -135,15 +135,12 @@ def jsonl_records(path: str | os.PathLike, skipped: Skipped) -> Iterator[Record]
                 raise DataFormatError(f"{where}: {name} is {type(text).__name__}, expected a text (a JSON string).")
         empty = [name for name, text in texts.items() if text is None or not text.strip()]
         for name in empty:
-            skipped.add(
-                "empty_text",
-                f"line {lineno} ({name})",
-                f"{where}: {name} is empty. Remove the line or fill in the text.",
-            )
+            message = f"{where}: {name} is empty. Remove the line or fill in the text."
+            skipped.add("empty_text", f"line {lineno} ({name})", message, f"line {lineno}")
         scores = _scores(row, len(negatives), where)
         if scores is not None and not all(math.isfinite(s) for s in scores):
             message = f"{where}: the teacher scores {scores} are not all finite numbers. {FIX['nonfinite_score']}"
-            skipped.add("nonfinite_score", f"line {lineno}", message)
+            skipped.add("nonfinite_score", f"line {lineno}", message, f"line {lineno}")
             continue
         if "query" in empty or "positive" in empty:
             continue

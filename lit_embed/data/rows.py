@@ -37,7 +37,7 @@ from lit_embed.data.schema import (
 
 log = logging.getLogger(__name__)
 
-ROWS_FORMAT = 2  # part of every rows store's key: a change of what is stored gives new stores
+ROWS_FORMAT = 3  # part of every rows store's key: a change of what is stored gives new stores
 
 
 @dataclass(frozen=True)
@@ -306,7 +306,8 @@ def write_records(
     for q, d in zip(neg_q[equal_to_positive].tolist(), neg_d[equal_to_positive].tolist(), strict=True):
         qid, doc = query_names.text(q), f"d{d}"
         where = f"{source}: query {qid!r} has document {doc!r} as a hard negative with a positive's text."
-        skipped.add("negative_is_positive", f"{doc!r} (query {qid!r})", f"{where} {FIX['negative_is_positive']}")
+        message = f"{where} {FIX['negative_is_positive']}"
+        skipped.add("negative_is_positive", f"{doc!r} (query {qid!r})", message, qid)  # qid: its first line (row)
     if skipped.count:
         allow_or_refuse(skipped, source, policy)
     keep = ~equal_to_positive

@@ -94,7 +94,8 @@ def rows_to_dataset(rows: Iterable[tuple[str, str, str, Sequence[str]] | tuple[A
     return QADataset(queries, corpus, relevant_docs, negatives_by_query, teacher_scores=teacher_scores)
 
 
-# Records wrong on their own, by kind: what the warning and metrics.json call them.
+# What can be wrong in a record on its own (each one a problem, left out), by kind: what the warning and metrics.json
+# call them.
 SKIP_KINDS = {
     "empty_text": "empty texts",
     "unknown_query": "relevant_docs entries for a query not in 'queries'",
@@ -117,11 +118,11 @@ class SkipPolicy:
     max_skipped: float | int = 0.01
     strict: bool = False
 
-    def allows(self, skipped: int, records: int) -> bool:
+    def allows(self, wrong_records: int, records: int) -> bool:
         if self.strict:
-            return skipped == 0
+            return wrong_records == 0
         limit = self.max_skipped * records if self.max_skipped < 1 else self.max_skipped
-        return skipped <= limit
+        return wrong_records <= limit
 
     def describe(self) -> str:
         if self.strict:
@@ -135,18 +136,28 @@ class SkipPolicy:
 
 @dataclass
 class Skipped:
-    """What a reader left out of a file, and why: kind -> the ids of the records (or lines, rows) in file order."""
+    """What a reader left out of a file, and why: two counts of different things, kept apart.
+
+    A *problem* is one thing left out (an empty text, an unknown id, a query without a relevant document ...), listed
+    by kind in ``ids``; a *record* is a unit of the file (a query or a document of LlamaIndex JSON, a line, a row),
+    of which ``records`` are in the file and ``wrong_records`` hold at least one problem. One record can hold several
+    problems (a query naming three documents the corpus lacks), so problems are never counted against records.
+    """
 
     records: int = 0  # how many records the file holds: queries + documents, or lines / rows
-    ids: dict[str, list[str]] = field(default_factory=dict)
+    ids: dict[str, list[str]] = field(default_factory=dict)  # kind -> what was left out, in file order
     first_error: str = ""  # the first culprit's own message, its file named: what a refusal reports first
+    wrong_records: dict[str, int] = field(default_factory=dict)  # record -> how many problems it holds, in file order
 
-    def add(self, kind: str, record_id: str, message: str) -> None:
-        self.ids.setdefault(kind, []).append(record_id)
+    def add(self, kind: str, item: str, message: str, record: str) -> None:
+        """One problem of ``kind``: ``item`` names what is left out, ``record`` the record it is in."""
+        self.ids.setdefault(kind, []).append(item)
+        self.wrong_records[record] = self.wrong_records.get(record, 0) + 1
         self.first_error = self.first_error or message
 
     @property
     def count(self) -> int:
+        """How many problems: things left out, of every kind."""
         return sum(len(ids) for ids in self.ids.values())
 
     def summary(self) -> str:
@@ -157,10 +168,18 @@ class Skipped:
             parts.append(f"{SKIP_KINDS[kind]}: {len(ids)} ({shown})")
         return "; ".join(parts)
 
+    def counted(self) -> str:
+        """``6 problems in 3 of 120 records that are wrong on their own (...)``: problems and records apart."""
+        problems = f"{self.count} problem{'' if self.count == 1 else 's'}"
+        return (
+            f"{problems} in {len(self.wrong_records)} of {self.records} records that are wrong on their own "
+            f"({self.summary()})"
+        )
+
     def as_dict(self) -> dict[str, Any]:
-        """For metrics.json: the record count and, per kind, how many were skipped and the first ids."""
+        """For metrics.json: the file's records, how many are wrong, how many problems, and per kind the first ids."""
         kinds = {kind: {"count": len(ids), "first": ids[:10]} for kind, ids in self.ids.items()}
-        return {"records": self.records, "skipped": self.count, **kinds}
+        return {"records": self.records, "wrong_records": len(self.wrong_records), "problems": self.count, **kinds}
 
 
 DEFAULT_POLICY = SkipPolicy()
@@ -189,14 +208,23 @@ def validate(
     Args:
         dataset: the records as read; not modified.
         source: the file, for messages.
-        policy: how many skipped records are allowed.
+        policy: how many wrong records are allowed.
         skipped: what the reader already left out (lines or rows), with its record count; None for a reader of
-            ids (LlamaIndex JSON), whose records are its queries and documents.
+            ids (LlamaIndex JSON), whose records are its queries and documents (and relevant_docs entries for a
+            query not in 'queries').
 
     Returns:
         A new dataset of the usable records; its ``skipped`` says what was left out.
     """
-    skipped = skipped or Skipped(records=len(dataset.queries) + len(dataset.corpus))
+    of_ids = skipped is None
+    if skipped is None:
+        # A relevant_docs entry for a query not in 'queries' is a record of the file too (a wrong one).
+        skipped = Skipped(records=len(dataset.queries.keys() | dataset.relevant_docs.keys()) + len(dataset.corpus))
+
+    def record(qid: str) -> str:
+        """The record a query's problems are in: the query, or the line (row) a row format gave it its id from."""
+        return f"query {qid!r}" if of_ids else qid
+
     queries = _texts(dataset.queries, "query", source, skipped)
     corpus = _texts(dataset.corpus, "document", source, skipped)
 
@@ -204,14 +232,15 @@ def validate(
         for doc_id in doc_ids:
             if doc_id not in dataset.corpus:  # an empty document is skipped already, not unknown
                 where = f"{source}: query {qid!r} names document {doc_id!r}, which is not in 'corpus'."
-                skipped.add("unknown_document", f"{doc_id!r} (query {qid!r})", f"{where} {FIX['unknown_document']}")
+                message = f"{where} {FIX['unknown_document']}"
+                skipped.add("unknown_document", f"{doc_id!r} (query {qid!r})", message, record(qid))
         return [d for d in dict.fromkeys(doc_ids) if d in corpus]
 
     relevant_docs = {}
     for qid, doc_ids in dataset.relevant_docs.items():
         if qid not in dataset.queries:
             where = f"{source}: relevant_docs names query {qid!r}, which is not in 'queries'."
-            skipped.add("unknown_query", repr(qid), f"{where} {FIX['unknown_query']}")
+            skipped.add("unknown_query", repr(qid), f"{where} {FIX['unknown_query']}", record(qid))
         elif qid in queries:
             relevant_docs[qid] = known_documents(qid, doc_ids)
     hard_negatives = {}
@@ -222,15 +251,14 @@ def validate(
         for doc_id in known_documents(qid, doc_ids):
             if corpus[doc_id].strip() in positives:  # training on it would push the query away from its answer
                 where = f"{source}: query {qid!r} has document {doc_id!r} as a hard negative with a positive's text."
-                skipped.add(
-                    "negative_is_positive", f"{doc_id!r} (query {qid!r})", f"{where} {FIX['negative_is_positive']}"
-                )
+                message = f"{where} {FIX['negative_is_positive']}"
+                skipped.add("negative_is_positive", f"{doc_id!r} (query {qid!r})", message, record(qid))
             else:
                 hard_negatives.setdefault(qid, []).append(doc_id)
     unanswered = [qid for qid in queries if not relevant_docs.get(qid)]
     for qid in unanswered:
         where = f"{source}: {len(unanswered)} of {len(queries)} queries have no relevant document"
-        skipped.add("unanswered", repr(qid), f"{where} (first: {unanswered[0]!r}). {FIX['unanswered']}")
+        skipped.add("unanswered", repr(qid), f"{where} (first: {unanswered[0]!r}). {FIX['unanswered']}", record(qid))
     if skipped.count:
         allow_or_refuse(skipped, source, policy)
     return QADataset(
@@ -250,21 +278,21 @@ def _texts(records: dict[str, Any], kind: str, source: str, skipped: Skipped) ->
         if text is not None and not isinstance(text, str):
             raise DataFormatError(f"{source}: {kind} {key!r} is {type(text).__name__}, expected a string.")
         if text is None or not text.strip():
-            skipped.add(
-                "empty_text", f"{kind} {key!r}", f"{source}: {kind} {key!r} has empty text. {FIX['empty_text']}"
-            )
+            item = f"{kind} {key!r}"  # only a reader of ids gets here (row readers leave empty texts out): a record
+            skipped.add("empty_text", item, f"{source}: {item} has empty text. {FIX['empty_text']}", item)
         else:
             usable[key] = text
     return usable
 
 
 def allow_or_refuse(skipped: Skipped, source: str, policy: SkipPolicy) -> None:
-    """One warning for what is skipped, or one error when the policy allows fewer."""
-    counted = f"{skipped.count} of {skipped.records} records that are wrong on their own ({skipped.summary()})"
-    if not policy.allows(skipped.count, skipped.records):
+    """One warning for what is skipped, or one error when the policy allows fewer wrong records."""
+    if not policy.allows(len(skipped.wrong_records), skipped.records):
         other_way = "set data.strict=false to skip a few" if policy.strict else "raise data.max_skipped to skip them"
-        raise DataFormatError(f"{skipped.first_error}\n{counted}: {policy.describe()}. Fix them, or {other_way}.")
-    log.warning("%s: skipped %s. data.strict=true refuses them instead.", source, counted)
+        raise DataFormatError(
+            f"{skipped.first_error}\n{skipped.counted()}: {policy.describe()}. Fix them, or {other_way}."
+        )
+    log.warning("%s: skipped %s. data.strict=true refuses them instead.", source, skipped.counted())
 
 
 def training_examples(

@@ -84,7 +84,7 @@ def table_records(path: str | os.PathLike, columns: Mapping[str, str] | None, sk
             if text is None:
                 column = chosen[role.split("[")[0]]
                 message = f"{where}: {role} (column {column!r}) is empty. Remove the row or fill in the text."
-                skipped.add("empty_text", f"row {n} ({role})", message)
+                skipped.add("empty_text", f"row {n} ({role})", message, f"row {n}")
         if texts["query"] is not None and texts["positive"] is not None:
             negatives = [text for role, text in texts.items() if role.startswith("negatives") and text is not None]
             yield f"row {n}", texts["query"], texts["positive"], negatives, None

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
-import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -17,7 +14,8 @@ from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 
 from lit_embed.batch import PackedTexts
-from lit_embed.errors import LitEmbedError, check, is_bool, is_int
+from lit_embed.errors import check, is_bool, is_int
+from lit_embed.models.model_folder import check_model_folder, loading_errors
 from lit_embed.models.packed import PACKED_BUCKET, POOLING_MODES, packed_attention, pool
 from lit_embed.models.prompts import prompt_for
 
@@ -110,13 +108,8 @@ class Encoder(nn.Module):
             "load_in_4bit": load_in_4bit,
         }
         loading = _loading_kwargs(dict(model_kwargs or {}), dtype, load_in_4bit)
-        if _looks_like_a_path(path) and not Path(path).exists():
-            raise LitEmbedError(
-                f"model path {path} does not exist. Point model.model_name_or_path at a sentence-transformers "
-                "directory (one with modules.json) or a hub id on a machine with hub access."
-            )
-        check_module_classes(path, trust_remote_code)
-        try:
+        check_model_folder(path, trust_remote_code)
+        with loading_errors(path):
             self.model = SentenceTransformer(
                 path,
                 # 4-bit weights are quantized onto the GPU as they load (device_map); keep them there.
@@ -124,14 +117,6 @@ class Encoder(nn.Module):
                 trust_remote_code=trust_remote_code,
                 model_kwargs=loading,
             )
-        except ValueError as err:
-            # What the check above cannot see before loading: a hub id's modules, Hugging Face custom models.
-            if trust_remote_code or "trust_remote_code" not in str(err):
-                raise
-            reason = str(err).splitlines()[0].rstrip(" .")  # names the model and the code
-            raise LitEmbedError(
-                f"{reason}. If you trust this model's code, {TRUST_FIX}; otherwise use another model."
-            ) from None
         if max_seq_length is not None:
             # Longer inputs than the position embeddings cover would fail in the middle of training.
             positions = getattr(getattr(self.model[0], "auto_model", None), "config", None)
@@ -307,9 +292,6 @@ class Encoder(nn.Module):
         self.model.save(str(path), safe_serialization=True)
 
 
-TRUST_FIX = "set model.trust_remote_code=true"
-
-
 def _loading_kwargs(model_kwargs: dict[str, Any], dtype: str | None, load_in_4bit: bool) -> dict[str, Any]:
     """``transformers``' ``from_pretrained`` arguments for ``model.dtype`` and ``model.load_in_4bit``."""
     check(
@@ -363,80 +345,6 @@ def _loading_kwargs(model_kwargs: dict[str, Any], dtype: str | None, load_in_4bi
     return model_kwargs
 
 
-def check_module_classes(path: str | os.PathLike, trust_remote_code: bool = False, fix: str = TRUST_FIX) -> None:
-    """Refuses a local sentence-transformers directory that names code from outside sentence-transformers.
-
-    Loading imports every class ``modules.json`` (and a ``Router``'s ``router_config.json``) names, and every
-    ``Dense`` activation: code that runs on load, from an installed package or from the model directory itself.
-    Classes under ``sentence_transformers.`` and the ``torch.nn`` modules sentence-transformers writes for a
-    ``Dense`` activation are trusted; anything else needs ``trust_remote_code``. ``fix`` says how to give it.
-    """
-    model_dir = Path(path)
-    if trust_remote_code or not (model_dir / "modules.json").is_file():
-        return
-    for file, what, name in _named_classes(model_dir, model_dir / "modules.json"):
-        trusted = name.startswith("sentence_transformers.") if what == "module class" else _is_torch_module(name)
-        if not trusted:
-            raise LitEmbedError(
-                f"{file} names the {what} {name!r}, which is not part of "
-                f"{'sentence-transformers' if what == 'module class' else 'torch.nn'}: loading the model would run "
-                f"its code. If you trust the code of {model_dir}, {fix}; otherwise use another model."
-            )
-
-
-def _named_classes(model_dir: Path, file: Path) -> Iterator[tuple[Path, str, str]]:
-    """(file, "module class" or "activation function", dotted name) for every class that loading imports."""
-    entries = _read_json(file)
-    if file.name == "modules.json":
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and "type" in e for e in entries):
-            raise LitEmbedError(
-                f"{file} is not a sentence-transformers module list (a JSON list of {{'path', 'type'}} objects). "
-                "Save the model again with sentence-transformers, or remove the file to load a plain transformer."
-            )
-        modules = [(model_dir / str(e.get("path", "")), e["type"]) for e in entries]
-    else:  # a Router's config: {"types": {subfolder: class}}
-        types = entries.get("types", {}) if isinstance(entries, dict) else {}
-        modules = [(file.parent / str(sub), name) for sub, name in types.items()] if isinstance(types, dict) else []
-    for folder, name in modules:
-        yield file, "module class", str(name)
-        kind = str(name).rpartition(".")[2]
-        if kind in ("Router", "Asym"):
-            config = folder / "router_config.json"
-            config = config if config.is_file() else folder / "config.json"
-            if config.is_file():
-                yield from _named_classes(model_dir, config)
-        elif kind == "Dense" and (folder / "config.json").is_file():
-            activation = _read_json(folder / "config.json")
-            if isinstance(activation, dict) and "activation_function" in activation:
-                yield folder / "config.json", "activation function", str(activation["activation_function"])
-
-
-def _read_json(file: Path) -> object:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LitEmbedError(
-            f"{file} could not be read as JSON ({err}). Save the model again with sentence-transformers."
-        ) from None
-
-
-def _is_torch_module(name: str) -> bool:
-    """A ``torch.nn`` module class, as sentence-transformers writes a ``Dense`` activation (``torch.nn.Tanh``)."""
-    module, _, attr = name.rpartition(".")
-    if module != "torch.nn" and not module.startswith("torch.nn."):
-        return False
-    try:
-        value = getattr(importlib.import_module(module), attr, None)
-    except ImportError:
-        return False
-    return isinstance(value, type) and issubclass(value, nn.Module)
-
-
 def weights_are_finite(module: nn.Module) -> bool:
     """No NaN or inf in any trainable weight (a frozen, unregistered base is not looked at)."""
     return all(bool(torch.isfinite(p).all()) for p in module.parameters())
-
-
-def _looks_like_a_path(name: str) -> bool:
-    # A hub id is "org/name" or "name"; anything absolute, relative-dotted or deeper is a local path.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name

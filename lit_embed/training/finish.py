@@ -47,7 +47,8 @@ def finish(
     Returns:
         ``metrics.json``'s content: ``{"base": {...}, "final": {..., "step": N}}``, or ``{}`` without validation;
         with merging also ``"finetuned"`` (plain finetuning's metrics), ``"merge"`` (every α's) and ``final.alpha``;
-        ``"skipped"`` lists, per file, the records left out as wrong on their own, when there were any.
+        ``"skipped"``, when anything was left out as wrong on its own: per file, its ``records``, the
+        ``wrong_records`` among them, the ``problems`` left out, and per kind their count and first ids.
     """
     # Under FSDP every rank gathers the whole weights for this; other strategies hold them already.
     with full_parameters(trainer):

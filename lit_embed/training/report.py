@@ -350,10 +350,14 @@ def queries_section(dataset: QADataset, changes: Sequence[QueryChange] | None) -
 
 
 def skipped_note(skipped: Mapping[str, Any]) -> str:
-    parts = [
-        f"{_e(info.get('skipped', '?'))} of {_e(info.get('records', '?'))} records of <code>{_e(path)}</code>"
-        for path, info in skipped.items()
-    ]
+    """metrics.json's ``skipped``, as the warning words it: problems in wrong records of all records, apart."""
+    parts = []
+    for path, info in skipped.items():
+        problems = info.get("problems", "?")
+        parts.append(
+            f"{_e(problems)} problem{'' if problems == 1 else 's'} in {_e(info.get('wrong_records', '?'))} of "
+            f"{_e(info.get('records', '?'))} records of <code>{_e(path)}</code>"
+        )
     return f'<p class="note warn">Left out as wrong on their own: {"; ".join(parts)} (see metrics.json).</p>'
 
 
