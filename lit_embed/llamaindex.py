@@ -76,14 +76,20 @@ class _Run:
     overrides: list[str]
     data: dict[str, Any] = field(default_factory=dict)  # file name in run_dir -> dataset to write there
 
+    def claim(self) -> None:
+        """Takes the run folder (new, empty or a run's, and marked as one) before any file goes into it."""
+        from lit_embed.training.lifecycle import check_run_folder, mark_run_folder
+
+        check_run_folder(self.run_dir)
+        mark_run_folder(self.run_dir)
+
     def __call__(self, extra: Sequence[str] = ()) -> dict[str, Any]:
         from lit_embed.config import compose_config
         from lit_embed.data.formats import save_llamaindex_json
         from lit_embed.train import run
-        from lit_embed.training.lifecycle import check_run_folder, composed_record, mark_run_folder
+        from lit_embed.training.lifecycle import composed_record
 
-        check_run_folder(self.run_dir)  # the data files go in first: the folder must be the run's before them
-        mark_run_folder(self.run_dir)
+        self.claim()  # the data files go in first
         for name, dataset in self.data.items():
             save_llamaindex_json(dataset, self.run_dir / name)
         overrides = [*self.overrides, *extra]
@@ -317,6 +323,7 @@ class EmbeddingAdapterFinetuneEngine:
     def finetune(self, **train_kwargs: Any) -> None:
         """Runs lit_embed, then puts the LlamaIndex-format adapter at ``model_output_path``."""
         if self._black_box:
+            self._run.claim()
             _write_vectors(self.embed_model, self._datasets, self._vector_files())
         self.metrics = self._run()
         _copy_directory(self.run_dir / "llamaindex_adapter", Path(self.model_output_path))

@@ -90,7 +90,10 @@ def run(cfg: DictConfig, hydra_record: dict[str, Any] | None = None) -> dict[str
     ours = False  # whether this run may write into the folder before its checks pass
     try:
         # A folder of the user's is refused before anything is written into it; the other ranks find it marked.
-        check_run_folder(output_dir) if lock is not None else check_output_path(output_dir)
+        if lock is not None:
+            check_run_folder(output_dir)
+        else:
+            check_output_path(output_dir)
         if lock is not None and output_dir.is_dir():
             lock.acquire()
         ours = new_folder

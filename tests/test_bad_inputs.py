@@ -24,6 +24,7 @@ from lit_embed.models.saving import to_sentence_transformers
 from lit_embed.train import run
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.checkpoint_io import load_checkpoint
+from lit_embed.training.lifecycle import mark_run_folder
 from lit_embed.training.module import EmbeddingFinetuneModule
 
 GOOD = {"queries": {"q1": "a question"}, "corpus": {"d1": "an answer"}, "relevant_docs": {"q1": ["d1"]}}
@@ -134,6 +135,7 @@ def test_a_finished_model_is_not_overwritten(tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out / "model").mkdir(parents=True)
     (out / "model" / "weights").write_text("the finished model")
+    mark_run_folder(out)  # a finished run's folder
     with pytest.raises(LitEmbedError, match=r"already holds a finished model.*overwrite=true"):
         run(compose_train(tiny_run_overrides(train, val, out)))
     assert (out / "model" / "weights").read_text() == "the finished model"

@@ -18,6 +18,7 @@ from lit_embed.data.formats import load_dataset
 from lit_embed.errors import LitEmbedError
 from lit_embed.train import run
 from lit_embed.training.checkpoint_io import load_checkpoint
+from lit_embed.training.lifecycle import mark_run_folder
 from lit_embed.training.module import EmbeddingFinetuneModule
 
 
@@ -249,6 +250,7 @@ def test_leftovers_of_a_killed_write_are_cleaned_up(tmp_path: Path) -> None:
     leftover = tmp_path / "run" / "checkpoints" / ".last.ckpt.abc123.tmp"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"half a checkpoint from a run killed while saving")
+    mark_run_folder(tmp_path / "run")  # the killed run's folder
     run(compose_train(tiny_run_overrides(train, val, tmp_path / "run", **{"trainer.max_steps": 1})))
     assert not leftover.exists()
 
