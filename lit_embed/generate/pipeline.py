@@ -557,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[console])
+    # pypdf warns about every flaw of a broken PDF; the one line naming the skipped file says what matters.
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
     with reported(PROG, log):
         try:
             prompt = DEFAULT_PROMPT if args.prompt_file is None else _read_prompt(args.prompt_file)
