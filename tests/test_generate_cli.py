@@ -122,6 +122,11 @@ def test_a_rerun_asks_nothing_again_and_a_changed_document_set_is_noticed(
     assert not asked_before & set(asked_now)  # unchanged chunks, of aurora.md too, keep their questions
     assert "basalt" not in tags_in(load_dataset(out / "train.json")) | tags_in(load_dataset(out / "val.json"))
 
+    before = len(server.requests)
+    run_cli(docs, out, server.url, "--restart")
+    chunks = len(load_dataset(out / "train.json").corpus) + len(load_dataset(out / "val.json").corpus)
+    assert len(server.requests) - before == chunks  # every chunk asked again
+
 
 def test_a_run_killed_mid_way_goes_on_without_asking_a_finished_chunk_again(tmp_path: Path) -> None:
     docs, out = write_docs(tmp_path / "docs"), tmp_path / "out"

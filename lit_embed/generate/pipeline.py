@@ -171,7 +171,7 @@ def generate_from_documents(
             concurrency=concurrency,
         )
         generated = len(dataset.queries)
-        without = len(chunks) - len({doc_id for docs_ in dataset.relevant_docs.values() for doc_id in docs_})
+        without = len(chunks) - len({chunk for relevant in dataset.relevant_docs.values() for chunk in relevant})
         if not generated:
             raise LitEmbedError(f"No chunk got a question; see {out / LOG} for why. Fix that, then run again.")
         dataset, dropped = drop_weak_questions(dataset, min_question_words)
