@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,39 @@ def test_bad_arguments_are_reported_before_any_call(chunks, template: str, expec
 def test_non_string_answer_is_a_clear_type_error() -> None:
     with pytest.raises(TypeError, match=r"llm\.complete\(prompt\)\.text"):
         generate_qa_pairs(["a"], lambda prompt: object())
+
+
+def test_concurrent_chunks_give_the_same_dataset_and_progress(tmp_path: Path) -> None:
+    chunks = [f"Chunk {i} says that fact number {i} is true." for i in range(40)]
+    progress = tmp_path / "progress.jsonl"
+    llm = FakeLLM()
+    data = generate_qa_pairs(chunks, llm, prompt_template=TEMPLATE, progress_path=progress, concurrency=6)
+    assert sorted(llm.calls) == sorted(chunks)  # each asked once
+    assert data == generate_qa_pairs(chunks, FakeLLM(), prompt_template=TEMPLATE)
+    assert len(progress.read_text().splitlines()) == 40
+    again = FakeLLM()
+    generate_qa_pairs(chunks, again, prompt_template=TEMPLATE, progress_path=progress, concurrency=6)
+    assert again.calls == []
+
+
+def test_a_lit_embed_error_stops_at_once_and_ctrl_c_in_a_thread_reaches_the_caller() -> None:
+    def refused(prompt: str) -> str:
+        refused.calls += 1
+        raise LitEmbedError("HTTP 401: set the API key")
+
+    refused.calls = 0
+    with pytest.raises(LitEmbedError, match="set the API key"):
+        generate_qa_pairs(CHUNKS, refused, prompt_template=TEMPLATE, retry_delay=0)
+    assert refused.calls == 1  # no retry mends it
+    with pytest.raises(KeyboardInterrupt):
+        generate_qa_pairs(CHUNKS, FakeLLM(fail={2: KeyboardInterrupt()}), prompt_template=TEMPLATE, concurrency=3)
+
+
+def test_retry_after_is_waited_for() -> None:
+    class RateLimited(Exception):
+        retry_after = 0.4
+
+    llm = FakeLLM(fail={1: RateLimited("429")})
+    started = time.monotonic()
+    generate_qa_pairs(CHUNKS[:1], llm, prompt_template=TEMPLATE, retry_delay=0)
+    assert time.monotonic() - started >= 0.4 and len(llm.calls) == 2

@@ -5,9 +5,14 @@ Like LlamaIndex's ``generate_qa_embedding_pairs`` (same prompt placeholders, sam
 
 * answers are parsed robustly: numbering, bullets and chatty preambles do not become "questions";
 * a failing or short answer is retried, and what could not be recovered is counted and logged, never dropped silently;
-* with ``progress_path``, every finished chunk is on disk at once, so a crash or Ctrl-C costs at most one chunk and
-  the next call resumes without asking the LLM again;
+* with ``progress_path``, every finished chunk is on disk at once, so a crash or Ctrl-C costs at most the chunks in
+  flight and the next call resumes without asking the LLM again;
+* several chunks can be asked at once (``concurrency``);
 * ids are deterministic: the same chunks give the same chunk and query ids on every run.
+
+Around this core: ``llm`` (an OpenAI-compatible chat client), ``filters`` (weak questions dropped and counted) and
+``pipeline`` (``lit-embed-generate``, or ``python -m lit_embed.generate``: a folder of documents to train.json and
+val.json).
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import random
 import re
 import string
-import time
+import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from lit_embed.data.schema import QADataset, validate
 from lit_embed.errors import DataFormatError, LitEmbedError
@@ -68,6 +75,7 @@ def generate_qa_pairs(
     max_retries: int = 3,
     progress_path: str | os.PathLike | None = None,
     retry_delay: float = 1.0,
+    concurrency: int = 1,
 ) -> QADataset:
     """Asks ``complete`` for questions about each chunk; returns queries, corpus (the chunks) and which answers which.
 
@@ -80,25 +88,32 @@ def generate_qa_pairs(
     Args:
         chunks: the texts, or chunk id -> text (e.g. LlamaIndex node ids). Without ids, a chunk's id is the uuid5 of
             its text, and equal texts are one chunk.
-        complete: prompt -> the LLM's answer, e.g. ``lambda prompt: llm.complete(prompt).text``. Any exception it
-            raises counts as a failed try; KeyboardInterrupt stops the run.
+        complete: prompt -> the LLM's answer, e.g. ``lambda prompt: llm.complete(prompt).text``, or a
+            :class:`lit_embed.generate.llm.ChatCompletions`. An exception it raises counts as a failed try, except a
+            :class:`LitEmbedError` (something no retry mends, such as a refused API key), which stops the run, as
+            KeyboardInterrupt does. An exception with a ``retry_after`` attribute (seconds) waits at least that long.
         num_questions_per_chunk: questions to ask for (and keep at most) per chunk.
         prompt_template: ``str.format`` template with ``{context_str}`` and optionally ``{num_questions_per_chunk}``
             (LlamaIndex's names); other braces must be doubled.
         max_retries: further tries per chunk after the first.
         progress_path: JSONL file with one line per finished chunk, written as each finishes. If it exists, chunks
             it holds (same id, same text) are not asked again, even if ``num_questions_per_chunk`` has changed.
-        retry_delay: seconds to wait before retrying after an exception, doubled on each further retry.
+        retry_delay: seconds to wait before retrying after an exception, doubled on each further retry, times a
+            random factor between 0.5 and 1.5 (so that many clients refused at once do not all come back at once).
+        concurrency: chunks asked at once, each from a thread of its own; ``complete`` must allow that. Progress
+            is still written by one thread, a line per finished chunk, so a crash costs at most the chunks in
+            flight. The dataset does not depend on the order in which the answers come.
 
     Returns:
         The dataset; each query has its chunk as its one relevant document, and every chunk is in the corpus.
         Query ids are the uuid5 of ``"{chunk id}/{question index}"``.
     """
-    if num_questions_per_chunk < 1 or max_retries < 0:
+    if num_questions_per_chunk < 1 or max_retries < 0 or concurrency < 1:
         raise ValueError(
-            f"need num_questions_per_chunk >= 1 and max_retries >= 0, got {num_questions_per_chunk}, {max_retries}"
+            "need num_questions_per_chunk >= 1, max_retries >= 0 and concurrency >= 1, got "
+            f"{num_questions_per_chunk}, {max_retries}, {concurrency}"
         )
-    _check_template(prompt_template)
+    check_template(prompt_template)
     corpus = _chunk_ids(chunks)
     progress = Path(progress_path) if progress_path is not None else None
     if progress is not None:
@@ -107,12 +122,21 @@ def generate_qa_pairs(
     resumed = len(questions)
     short, failed, consecutive_failures = [], [], 0
     last_error: Exception | None = None
+    todo = [(chunk_id, text) for chunk_id, text in corpus.items() if chunk_id not in questions]
+    if resumed:
+        log.info(
+            "%s: %d of %d chunks were asked before; asking the other %d.", progress, resumed, len(corpus), len(todo)
+        )
+
+    def ask(chunk_id: str, text: str, stop: threading.Event) -> tuple[list[str] | None, Exception | None]:
+        prompt = prompt_template.format(context_str=text, num_questions_per_chunk=num_questions_per_chunk)
+        return _ask(complete, prompt, num_questions_per_chunk, max_retries, retry_delay, chunk_id, stop)
+
     with open(progress, "a", encoding="utf-8") if progress is not None else contextlib.nullcontext() as sink:
-        for chunk_id, text in corpus.items():
-            if chunk_id in questions:
-                continue
-            prompt = prompt_template.format(context_str=text, num_questions_per_chunk=num_questions_per_chunk)
-            got, error = _ask(complete, prompt, num_questions_per_chunk, max_retries, retry_delay, chunk_id)
+        for finished, (chunk_id, (got, error)) in enumerate(_answers(todo, ask, concurrency), start=1):
+            if len(todo) >= 20 and finished % (len(todo) // 10) == 0 and finished < len(todo):
+                log.info("asked %d of %d chunks (%d failed so far)", finished, len(todo), len(failed))
+            text = corpus[chunk_id]
             if got is None:
                 failed.append(chunk_id)
                 last_error, consecutive_failures = error, consecutive_failures + 1
@@ -164,21 +188,77 @@ def parse_questions(answer: str) -> list[str]:
     return list(unique.values())
 
 
+def _answers(
+    todo: list[tuple[str, str]],
+    ask: Callable[[str, str, threading.Event], tuple[list[str] | None, Exception | None]],
+    concurrency: int,
+) -> Iterator[tuple[str, tuple[list[str] | None, Exception | None]]]:
+    """``(chunk id, ask's result)`` of every chunk of ``todo``, as each finishes, from ``concurrency`` threads.
+
+    An exception that ``ask`` lets through (KeyboardInterrupt, a LitEmbedError) is raised here, in the caller's
+    thread. When the caller stops early, the threads take no further chunk and give up their retries.
+    """
+    stop = threading.Event()
+    if concurrency == 1:  # in the caller's thread, where Ctrl-C arrives inside complete() itself
+        for chunk_id, text in todo:
+            yield chunk_id, ask(chunk_id, text, stop)
+        return
+    tasks: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+    done: queue.SimpleQueue[tuple[str, Any, BaseException | None]] = queue.SimpleQueue()
+    for task in todo:
+        tasks.put(task)
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                chunk_id, text = tasks.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((chunk_id, ask(chunk_id, text, stop), None))
+            except BaseException as err:  # handed to the caller's thread, which raises it
+                done.put((chunk_id, None, err))
+
+    # Daemon threads: Ctrl-C or an error ends the process at once, without waiting for the answers in flight,
+    # which are lost anyway (only the caller's thread writes progress).
+    for number in range(min(concurrency, len(todo))):
+        threading.Thread(target=work, name=f"lit_embed-generate-{number}", daemon=True).start()
+    try:
+        for _ in todo:
+            chunk_id, result, error = done.get()
+            if error is not None:
+                raise error
+            yield chunk_id, result
+    finally:
+        stop.set()
+
+
 def _ask(
-    complete: Callable[[str], str], prompt: str, wanted: int, max_retries: int, retry_delay: float, chunk_id: str
+    complete: Callable[[str], str],
+    prompt: str,
+    wanted: int,
+    max_retries: int,
+    retry_delay: float,
+    chunk_id: str,
+    stop: threading.Event,
 ) -> tuple[list[str] | None, Exception | None]:
     """The most questions any try gave (None if every try raised), and the last exception."""
     best: list[str] | None = None
     error: Exception | None = None
     for attempt in range(max_retries + 1):
+        if stop.is_set():
+            break
         try:
             answer = complete(prompt)
+        except LitEmbedError:
+            raise  # no retry mends it: a refused key, a wrong URL
         # Network errors, timeouts and rate limits are what retries are for; what remains is counted and logged.
         except Exception as err:
             error = err
             log.info("chunk %s, try %d of %d: complete() raised %r", chunk_id, attempt + 1, max_retries + 1, err)
             if attempt < max_retries:
-                time.sleep(retry_delay * 2**attempt)
+                delay = retry_delay * 2**attempt * random.uniform(0.5, 1.5)
+                stop.wait(max(delay, getattr(err, "retry_after", None) or 0.0))
             continue
         if not isinstance(answer, str):
             raise TypeError(
@@ -201,14 +281,15 @@ def _ask(
     return best, error
 
 
-def _check_template(template: str) -> None:
+def check_template(template: str, source: str = "prompt_template") -> None:
+    """Refuses a prompt without ``{context_str}``, or with other placeholders; ``source`` names it in the message."""
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as err:
-        raise DataFormatError(f"prompt_template: {err}. Double any literal brace ({{{{ or }}}}).") from None
+        raise DataFormatError(f"{source}: {err}. Double any literal brace ({{{{ or }}}}).") from None
     if "context_str" not in fields or not fields <= _PLACEHOLDERS:
         raise DataFormatError(
-            f"prompt_template has placeholders {sorted(fields)}; it needs {{context_str}} and may use "
+            f"{source} has placeholders {sorted(fields)}; it needs {{context_str}} and may use "
             "{num_questions_per_chunk}, nothing else. Double any literal brace ({{ or }})."
         )
 
