@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_openai import FakeOpenAI
 from helpers import REPO, toy_split, write_toy_data
 
 from lit_embed.data.formats import save_llamaindex_json
@@ -84,9 +85,12 @@ FAST = {
     "lit-embed-eval runs/mine val.json --truncate-dim 128",
     "python -m lit_embed.export runs/mine/checkpoints/step=500.ckpt runs/step500-model",
     "from sentence_transformers import SentenceTransformer",
+    "lit-embed-generate docs/ qa/ --llm http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct",
     "python train.py -m data=qa_json data.train_path=train.json data.val_path=val.json optimizer.lr=1e-5,3e-5 "
     "data.batch_size=32,64 output_dir=runs/lr_bs",
 }
+# The OpenAI-compatible server the README's lit-embed-generate example asks: a fake one on 127.0.0.1 answers here.
+README_LLM_URL = "http://localhost:8000/v1"
 # What a command needs that the commands before it in the README do not leave behind.
 BIG_TRAIN = "python train.py loss=cached_mnrl data.batch_size=4096 loss.mini_batch_size=128 ..."
 
@@ -179,6 +183,17 @@ def workspace(tmp_path: Path) -> Path:
         np.save(root / f"{name}.npy", rng.standard_normal((len(ids), 32)).astype(np.float32))
         (root / f"{name}.json").write_text(json.dumps(ids))
     build_tiny_bert(root / "tiny_model", seed=0, hidden_size=384)
+    # Documents for lit-embed-generate: a few guides of paragraphs, each with words of its own to ask about.
+    (root / "docs").mkdir()
+    letters = np.random.default_rng(0)
+    for topic in ("sorting", "file handling", "json parsing", "path joining", "date formatting"):
+        paragraphs = [
+            f"The {topic} guide explains "
+            + " ".join("".join(letters.choice(list("abcdefghijklmnopqrstuvwxyz"), 7)) for _ in range(30))
+            + "."
+            for _ in range(6)
+        ]
+        (root / "docs" / f"{topic.replace(' ', '_')}.md").write_text(f"# {topic}\n\n" + "\n\n".join(paragraphs))
     return root
 
 
@@ -194,7 +209,9 @@ def run_shell(command: str, root: Path) -> None:
         shutil.rmtree(root / "runs" / "mine" / "model")  # resume is for a run that was stopped before its end
     env = {**os.environ, "HOME": str(root), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = tiny_command(command, str(root / "tiny_model"))
-    proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    with FakeOpenAI() as server:  # the LLM server of lit-embed-generate's example, on this machine
+        args = [server.url if arg == README_LLM_URL else arg for arg in args]
+        proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     try:
         assert proc.returncode == 0, (
             f"{command}\n(run as {shlex.join(args)})\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
