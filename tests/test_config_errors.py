@@ -191,10 +191,10 @@ def test_an_added_typo_exits_2_before_anything_is_written(tmp_path: Path) -> Non
     ("args", "message"),
     [
         (["loss.scale=0"], "loss.scale=0 is not allowed"),
-        (["checkpoint.mode=best"], "checkpoint.mode='best' is not allowed"),
+        pytest.param(["checkpoint.mode=best"], "checkpoint.mode='best' is not allowed", marks=pytest.mark.slow),
         (["data.batchsize=3"], "Could not override 'data.batchsize'"),  # Hydra's own message for an unknown key
-        (["model=nonexistent"], "Could not find 'model/nonexistent'"),
-        (["trainer.skip_nonfinite=true"], "renamed to method.skip_nonfinite"),
+        pytest.param(["model=nonexistent"], "Could not find 'model/nonexistent'", marks=pytest.mark.slow),
+        pytest.param(["trainer.skip_nonfinite=true"], "renamed to method.skip_nonfinite", marks=pytest.mark.slow),
         (["data=qa_json"], "data.train_path has no value: set it on the command line (data.train_path=...)."),
     ],
 )

@@ -394,6 +394,7 @@ def test_lora_without_peft_says_how_to_install_it(tmp_path: Path, monkeypatch: p
         run(compose_train(lora_overrides(train, val, tmp_path / "out")))
 
 
+@pytest.mark.slow
 def test_command_line_exits_2_with_one_message(tmp_path: Path) -> None:
     args = ["model=tiny", "trainer=cpu", "method=lora", "lora.r=0", f"output_dir={tmp_path / 'out'}"]
     result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -30,7 +30,12 @@ def test_committed_without_outputs(path: Path) -> None:
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs before committing"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+# The adapter notebook runs under -m slow: the quickstart's run is the same job, and the adapter's is tested apart.
+@pytest.mark.parametrize(
+    "path",
+    [p if p.name == "01_quickstart.ipynb" else pytest.param(p, marks=pytest.mark.slow) for p in NOTEBOOKS],
+    ids=lambda p: p.name,
+)
 def test_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIT_EMBED_SMOKE", "1")
     monkeypatch.setenv("LIT_EMBED_NOTEBOOK_OUTPUT", str(tmp_path / "run"))

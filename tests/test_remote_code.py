@@ -191,6 +191,7 @@ def test_a_teacher_is_checked_as_every_model(tmp_path: Path, tiny_model_path: st
     assert len(scores) == 1 and (my_pkg / "IMPORTED").exists()
 
 
+@pytest.mark.slow
 def test_train_py_refuses_it_with_one_message(tmp_path: Path, tiny_model_path: str) -> None:
     model = custom_model(tiny_model_path, tmp_path, "my_pkg.custom.Pooling")
     train, val = write_toy_data(tmp_path)

@@ -159,6 +159,7 @@ def test_a_new_folder_keeps_its_record_when_a_setting_is_wrong(tmp_path: Path) -
     assert "seed=-1 is not allowed" in (out / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_each_sweep_job_gets_its_hydra_record(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     args = ["model=tiny", "trainer=cpu", "data.num_train=64", "data.num_val=16", "data.batch_size=8"]
@@ -217,7 +218,10 @@ def test_root_home_the_working_directory_and_a_file_are_never_an_output_dir(tmp_
         run(compose_train(tiny_run_overrides(train, val, place)))
 
 
-@pytest.mark.parametrize("where", ["/", "a file", "${oc.env:HOME}"])
+@pytest.mark.parametrize(
+    "where",
+    ["/", pytest.param("a file", marks=pytest.mark.slow), pytest.param("${oc.env:HOME}", marks=pytest.mark.slow)],
+)
 def test_train_py_refuses_root_a_file_and_home_in_one_message_writing_nothing(tmp_path: Path, where: str) -> None:
     file = tmp_path / "notes.txt"
     file.write_text("mine\n")

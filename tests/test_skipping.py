@@ -228,6 +228,7 @@ def test_policy_values_are_checked(tmp_path: Path, override: str, expected: str)
         run(compose_train([*tiny_run_overrides(train, val, tmp_path / "out"), override]))
 
 
+@pytest.mark.slow
 def test_strict_from_the_command_line_exits_2(tmp_path: Path) -> None:
     train = llamaindex_file(tmp_path / "train.json", chunks=100, empty=(4,), questions_per_chunk=1)
     out = tmp_path / "out"

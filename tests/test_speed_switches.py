@@ -209,7 +209,10 @@ ROW = re.compile(
 @pytest.mark.parametrize(
     "extra",
     # 128 pairs: 8 steps an epoch, so the profiled steps 3 and 4 hold no epoch's end or start
-    [["--num-pairs", "128"], ["--cached", "4", "--num-pairs", "128", "--no-evaluate"]],
+    [
+        ["--num-pairs", "128"],
+        pytest.param(["--cached", "4", "--num-pairs", "128", "--no-evaluate"], marks=pytest.mark.slow),
+    ],
     ids=["plain", "cached"],
 )
 def test_throughput_benchmark_runs_and_prints_the_ratio(tmp_path: Path, extra: list[str]) -> None:

@@ -231,6 +231,7 @@ def test_train_py_sweep_trains_each_job_in_its_folder_and_summarizes_them(tmp_pa
     assert (out / "1" / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_optuna_sweep_runs_its_trials_and_summarizes_them(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     _, out = run_sweep(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2")
@@ -241,6 +242,7 @@ def test_optuna_sweep_runs_its_trials_and_summarizes_them(tmp_path: Path) -> Non
     assert sorted(row["job"] for row in rows) == ["0", "1"] and "optimizer.lr" in rows[0]
 
 
+@pytest.mark.slow
 def test_a_job_that_fails_does_not_end_the_sweep(tmp_path: Path) -> None:
     # 48 training pairs: batch size 64 is a user error (fewer pairs than one batch) in two of the four jobs.
     proc, out = run_sweep(tmp_path, "optimizer.lr=1e-3,3e-3", "data.batch_size=8,64", returncode=2)
@@ -263,6 +265,7 @@ def test_a_job_that_fails_does_not_end_the_sweep(tmp_path: Path) -> None:
     assert last_line.startswith(f"lit-embed-train: error: 2 of 4 jobs failed (job {', '.join(failed)}): the status ")
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_every_job_fails_still_has_its_table(tmp_path: Path) -> None:
     proc, out = run_sweep(tmp_path, "optimizer.lr=1e-3,3e-3", "data.batch_size=64", returncode=2)
 
