@@ -145,10 +145,11 @@ class FakeOpenAI:
                 )
                 try:
                     time.sleep(fake.delay + (fake.slow_seconds if behaviour == "slow" else 0.0))
-                    self._respond(behaviour, body, chunk, count)
                 finally:
+                    # Before the answer goes out: a client that has it may ask again before this thread runs on.
                     with fake._lock:
                         fake._in_flight -= 1
+                self._respond(behaviour, body, chunk, count)
 
             def _respond(self, behaviour: str, body: dict, chunk: str, count: int) -> None:
                 try:

@@ -141,7 +141,8 @@ def test_a_folder_of_the_users_is_refused_before_anything_loads(tmp_path: Path, 
         cli.main(["fit", f"--config={FULL}", f"--trainer.default_root_dir={folder}"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert f"{folder} already holds files that no lit_embed run made (notes.txt)" in err and "Traceback" not in err
+    assert f"{folder} already holds files that a lit_embed run did not make (notes.txt)" in err
+    assert "Traceback" not in err
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 

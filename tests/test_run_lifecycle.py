@@ -19,11 +19,11 @@ from helpers import REPO, compose_train, tiny_run_overrides, toy_split, write_to
 
 from lit_embed.data.formats import save_llamaindex_json
 from lit_embed.errors import InvalidValueError, LitEmbedError
+from lit_embed.files import LOCK_NAME
 from lit_embed.train import run
 from lit_embed.training.checkpoint_io import load_checkpoint
 from lit_embed.training.lifecycle import (
     DATA_KEY,
-    LOCK_NAME,
     RUN_MARKER,
     OutputDirLock,
     changed_settings,
@@ -186,11 +186,12 @@ def test_a_folder_of_the_users_is_refused_and_left_as_it_was(tmp_path: Path) -> 
     proc = train_py(out)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output[-3000:]
-    assert f"output_dir={out} already holds files that no lit_embed run made (logs/, metrics.json, train.log)" in output
+    made = f"output_dir={out} already holds files that a lit_embed run did not make"
+    assert f"{made} (logs/, metrics.json, train.log)" in output
     assert "Traceback" not in output
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["logs", "metrics.json", "train.log"]
     train, val = write_toy_data(tmp_path)
-    with pytest.raises(LitEmbedError, match="already holds files that no lit_embed run made"):
+    with pytest.raises(LitEmbedError, match="already holds files that a lit_embed run did not make"):
         run(compose_train(tiny_run_overrides(train, val, out)))  # lit_embed.finetune's way too
     assert snapshot(out) == before
 

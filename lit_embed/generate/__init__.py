@@ -225,7 +225,16 @@ def _answers(
         threading.Thread(target=work, name=f"lit_embed-generate-{number}", daemon=True).start()
     try:
         for _ in todo:
-            chunk_id, result, error = done.get()
+            try:
+                chunk_id, result, error = done.get()
+            except KeyboardInterrupt:
+                stop.set()
+                # Answers that arrived before Ctrl-C are the caller's to save: only those in flight are lost.
+                while not done.empty():
+                    chunk_id, result, error = done.get_nowait()
+                    if error is None:
+                        yield chunk_id, result
+                raise
             if error is not None:
                 raise error
             yield chunk_id, result

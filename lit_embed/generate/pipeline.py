@@ -21,7 +21,6 @@ OUT_DIR holds what the command writes and nothing else: it must be new, empty or
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import logging
@@ -42,7 +41,7 @@ from lit_embed.data.documents import Document, SkippedFile, find_files, read_doc
 from lit_embed.data.json_files import save_llamaindex_json
 from lit_embed.data.schema import QADataset
 from lit_embed.errors import DataFormatError, LitEmbedError, reported
-from lit_embed.files import write_text_atomic
+from lit_embed.files import FolderLock, check_folder_owner, write_text_atomic
 from lit_embed.generate import DEFAULT_PROMPT, check_template, generate_qa_pairs
 from lit_embed.generate.filters import drop_weak_questions, round_trip, with_queries
 from lit_embed.generate.llm import ChatCompletions
@@ -52,7 +51,6 @@ log = logging.getLogger(__name__)
 
 PROG = "lit-embed-generate"
 MARKER = ".lit_embed_generate"  # written into OUT_DIR when a run takes it: later runs may write there
-LOCK = ".lock"
 PROGRESS = "progress.jsonl"
 STATE = "documents.json"
 LOG = "generate.log"
@@ -296,36 +294,10 @@ def _output_folder(out: Path) -> Iterator[None]:
     """Holds ``out`` for this run: refuses a folder of the user's, and a second run into the same folder."""
     if out.exists() and not out.is_dir():
         raise LitEmbedError(f"OUT_DIR {out} is a file. Pass a folder for train.json, val.json and the run's progress.")
-    if out.is_dir() and not (out / MARKER).is_file():
-        # The lock is ours even before the marker is written (a run killed between the two).
-        entries = sorted(entry.name + "/" * entry.is_dir() for entry in out.iterdir() if entry.name != LOCK)
-        if entries:
-            shown = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
-            raise LitEmbedError(
-                f"OUT_DIR {out} holds files that {PROG} did not make ({shown}). It writes only into a new or empty "
-                f"folder, or one it made (it holds {MARKER}), so that nothing of yours is replaced. Choose another, "
-                f"e.g. {out / 'qa'}."
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    # flock, not a marker file: the kernel drops it when the process ends in any way, kill -9 included.
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 100).decode("utf-8", "replace").strip() or "unknown"
-            raise LitEmbedError(
-                f"OUT_DIR {out} is in use by another {PROG} (process {holder}). Wait for it to end, or choose "
-                "another OUT_DIR."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        if not (out / MARKER).is_file():
-            note = f"{PROG} writes into this folder: later runs go on from its progress."
-            write_text_atomic(out / MARKER, json.dumps({"lit_embed_generate": note}) + "\n")
+    check_folder_owner(out, MARKER, f"OUT_DIR {out}", PROG)
+    note = f"{PROG} writes into this folder: later runs go on from its progress."
+    with FolderLock(out, (MARKER, note), f"OUT_DIR {out}", f"another {PROG}"):
         yield
-    finally:
-        os.close(fd)
 
 
 @contextmanager

@@ -5,12 +5,9 @@ stop)."""
 from __future__ import annotations
 
 import copy
-import fcntl
-import json
 import logging
 import os
 import signal
-import socket
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,15 +21,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lit_embed.data.datamodule import ResumableDataModule
 from lit_embed.errors import LitEmbedError
-from lit_embed.files import write_text_atomic
+from lit_embed.files import FolderLock, check_folder_owner, mark_folder, write_text_atomic
 from lit_embed.training.callbacks.checkpointing import continue_after_stop
 from lit_embed.training.module import EmbeddingFinetuneModule
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".lock"
 # Written into output_dir when a run takes it: the folder is a lit_embed run's, and later runs may write into it.
 RUN_MARKER = ".lit_embed_run"
+RUN_NOTE = "This folder is a lit_embed run's: later runs may write into it (output_dir, resume, overwrite)."
 HYDRA_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging, for train.log
 CONFIG_KEY = "lit_embed_config"  # the run's resolved config, in every checkpoint
 DATA_KEY = "lit_embed_data"  # what its training rows were made from (ResumableDataModule.data_identity)
@@ -105,87 +102,24 @@ def check_output_path(output_dir: str | os.PathLike) -> None:
 
 
 def check_run_folder(output_dir: str | os.PathLike) -> None:
-    """Refuses an output_dir that holds what no lit_embed run made: a run writes only into a folder that is new,
-    empty, or marked as a run's (:data:`RUN_MARKER`, written when a run takes it), so no file of the user's is ever
-    replaced or mixed with a run's."""
+    """Refuses an output_dir a run may not write into (:func:`check_output_path`), or one that holds what no run made:
+    a run writes only into a folder that is new, empty, or marked as a run's (:data:`RUN_MARKER`), so no file of the
+    user's is ever replaced or mixed with a run's."""
     check_output_path(output_dir)
-    path = Path(output_dir).expanduser()
-    if not path.is_dir() or (path / RUN_MARKER).is_file():
-        return
-    # The lock file is a run's even before its marker is written (another run may be taking the folder now).
-    entries = sorted(entry.name + "/" * entry.is_dir() for entry in path.iterdir() if entry.name != LOCK_NAME)
-    if entries:
-        shown = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
-        raise LitEmbedError(
-            f"output_dir={output_dir} already holds files that no lit_embed run made ({shown}). A run writes only "
-            f"into a new or empty folder, or one a run made (it holds {RUN_MARKER}), so that nothing of yours is "
-            f"replaced. Choose another output_dir, e.g. output_dir={path / 'run'}."
-        )
+    check_folder_owner(output_dir, RUN_MARKER, f"output_dir={output_dir}", "a lit_embed run")
 
 
 def mark_run_folder(output_dir: str | os.PathLike) -> None:
     """Marks ``output_dir`` as a lit_embed run's folder (see :func:`check_run_folder`)."""
-    marker = Path(output_dir) / RUN_MARKER
-    if not marker.is_file():
-        note = "This folder is a lit_embed run's: later runs may write into it (output_dir, resume, overwrite)."
-        write_text_atomic(marker, json.dumps({"lit_embed_run": note}) + "\n")
+    mark_folder(output_dir, RUN_MARKER, RUN_NOTE)
 
 
-class OutputDirLock:
-    """An OS lock (``flock``) on ``output_dir/.lock``, held while the run lives; the file holds its process id.
-
-    The kernel drops the lock when the process ends in any way (``kill -9`` included), so a folder is never left
-    locked by a dead run; a marker file would be. The file is removed on release: a run that opened it just
-    before then sees, once it holds the lock, that the path names another file, and tries again. Taking the lock
-    marks the folder as a run's; whoever takes it has checked first that the folder may be (:func:`check_run_folder`).
-    """
+class OutputDirLock(FolderLock):
+    """The lock of a run's output_dir (:class:`lit_embed.files.FolderLock`), held while the run lives; taking it
+    marks the folder as a run's."""
 
     def __init__(self, output_dir: str | os.PathLike) -> None:
-        self.path = Path(output_dir) / LOCK_NAME
-        self._fd: int | None = None
-
-    def acquire(self) -> OutputDirLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
-                os.close(fd)
-                raise LitEmbedError(
-                    f"output_dir={self.path.parent} is in use by another run (process {holder}): two runs in one "
-                    "folder would write over each other. Wait for that run to end or stop it, or choose another "
-                    "output_dir."
-                ) from None
-            try:
-                same_file = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same_file = False
-            if same_file:
-                break
-            os.close(fd)  # released and removed by its holder between our open and our lock
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
-        self._fd = fd
-        mark_run_folder(self.path.parent)
-        return self
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            self.path.unlink(missing_ok=True)  # while still locked, so no other run holds a lock on it
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> OutputDirLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+        super().__init__(output_dir, (RUN_MARKER, RUN_NOTE), f"output_dir={output_dir}", "another run")
 
 
 def hydra_record(cfg: DictConfig) -> dict[str, str]:
