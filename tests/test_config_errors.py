@@ -195,7 +195,11 @@ def test_an_added_typo_exits_2_before_anything_is_written(tmp_path: Path) -> Non
         (["data.batchsize=3"], "Could not override 'data.batchsize'"),  # Hydra's own message for an unknown key
         pytest.param(["model=nonexistent"], "Could not find 'model/nonexistent'", marks=pytest.mark.slow),
         pytest.param(["trainer.skip_nonfinite=true"], "renamed to method.skip_nonfinite", marks=pytest.mark.slow),
-        (["data=qa_json"], "data.train_path has no value: set it on the command line (data.train_path=...)."),
+        pytest.param(
+            ["data=qa_json"],
+            "data.train_path has no value: set it on the command line (data.train_path=...).",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_command_line_exits_2_with_one_message(tmp_path: Path, args: list[str], message: str) -> None:

@@ -224,8 +224,9 @@ def run_tool(tool: str, path: Path, work: Path, inputs: Inputs) -> tuple[int, st
     ("tool", "bad"),
     [
         ("lit-embed-score --teacher", "missing"),
-        ("lit-embed-eval", "stray config.json"),
-        ("lit-embed-train", "custom transformers code"),
+        # Slower starts (the encoder's imports, Hydra): the in-process matrix above covers these tools.
+        pytest.param("lit-embed-eval", "stray config.json", marks=pytest.mark.slow),
+        pytest.param("lit-embed-train", "custom transformers code", marks=pytest.mark.slow),
     ],
 )
 def test_as_the_user_runs_them(tool: str, bad: str, bad_paths: dict[str, Path], inputs: Inputs, tmp_path: Path) -> None:
