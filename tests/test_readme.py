@@ -44,7 +44,7 @@ TINY_STDLIB = ["data.num_train=64", "data.num_val=16"]  # the default data, when
 TINY_FLAGS = {
     "lit-embed-mine": ["--model", "{tiny}"],
     "lit-embed-score": ["--teacher", "{tiny}"],  # the tiny bi-encoder stands in for the cross-encoder
-    "benchmarks/throughput.py": ["--model", "tiny", "--steps", "3", "--warmup", "1", "--rounds", "1"],
+    "benchmarks/throughput.py": ["--model", "tiny", "--steps", "5", "--warmup", "1", "--rounds", "1"],
     "benchmarks/onnx_latency.py": ["--model", "{tiny}", "--repeats", "2", "--num-val", "50"],
     "lit-embed": [
         "--trainer.accelerator=cpu",
@@ -91,8 +91,8 @@ FAST = {
 }
 # The OpenAI-compatible server the README's lit-embed-generate example asks: a fake one on 127.0.0.1 answers here.
 README_LLM_URL = "http://localhost:8000/v1"
-# What a command needs that the commands before it in the README do not leave behind.
-BIG_TRAIN = "python train.py loss=cached_mnrl data.batch_size=4096 loss.mini_batch_size=128 ..."
+# The training pairs the workspace's train.json holds; a command whose batch is larger gets one that fills it.
+WORKSPACE_PAIRS = 96
 
 
 def readme_blocks(text: str) -> list[tuple[str, int, str]]:
@@ -168,7 +168,7 @@ def workspace(tmp_path: Path) -> Path:
     root = tmp_path
     for name in ("train.py", "conf", "benchmarks"):
         (root / name).symlink_to(REPO / name)
-    train, val = toy_split(96), toy_split(24, offset=1000)
+    train, val = toy_split(WORKSPACE_PAIRS), toy_split(24, offset=1000)
     save_llamaindex_json(train, root / "train.json")
     save_llamaindex_json(val, root / "val.json")
     save_llamaindex_json(toy_split(48, offset=2000), root / "qa.json")
@@ -198,8 +198,9 @@ def workspace(tmp_path: Path) -> Path:
 
 
 def run_shell(command: str, root: Path) -> None:
-    if command == BIG_TRAIN:  # 4096 pairs a batch needs 4096 pairs
-        save_llamaindex_json(toy_split(4096), root / "train.json")
+    batch = max(map(int, re.findall(r"data\.batch_size=(\d+)", command)), default=0)
+    if batch > WORKSPACE_PAIRS:  # e.g. 4096 pairs a batch needs 4096 pairs
+        save_llamaindex_json(toy_split(batch), root / "train.json")
     if "step=500.ckpt" in command:
         # A run of 500 steps or more would have written it; the tiny run stops at step 2.
         checkpoints = root / "runs" / "mine" / "checkpoints"
@@ -217,8 +218,8 @@ def run_shell(command: str, root: Path) -> None:
             f"{command}\n(run as {shlex.join(args)})\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
         )
     finally:
-        if command == BIG_TRAIN:
-            save_llamaindex_json(toy_split(96), root / "train.json")
+        if batch > WORKSPACE_PAIRS:
+            save_llamaindex_json(toy_split(WORKSPACE_PAIRS), root / "train.json")
 
 
 class FakeLLM:
