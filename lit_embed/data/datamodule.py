@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lit_embed.batch import PairBatch, TokenGroups
+from lit_embed.batch import PackedTexts, PairBatch
 from lit_embed.data.formats import dataset_rows, load_dataset, training_rows
 from lit_embed.data.ragged import Ragged
 from lit_embed.data.rows import TrainingRows
@@ -79,10 +79,10 @@ class PairCollator:
         rows: the training rows (text ids).
         queries: the tokenized query texts.
         documents: the tokenized document texts.
-        length_groups: padding groups per side (see :meth:`TokenizedTexts.collate`).
+        length_groups: how the encoder computes each side: 0 = packed; ``g`` = padded in up to ``g`` length groups
+            (see :class:`~lit_embed.batch.PackedTexts`).
         task: the name the batches carry.
         multi_positive: rows hold all their query's positives (``data.multi_positive``).
-        packed: each side as one packed row of tokens instead of padded length groups.
     """
 
     def __init__(
@@ -90,10 +90,9 @@ class PairCollator:
         rows: TrainingRows,
         queries: TokenizedTexts,
         documents: TokenizedTexts,
-        length_groups: int = 1,
+        length_groups: int = 0,
         task: str = "",
         multi_positive: bool = False,
-        packed: bool = False,
     ):
         self.rows = rows
         self.queries = queries
@@ -101,7 +100,6 @@ class PairCollator:
         self.length_groups = length_groups
         self.task = task
         self.multi_positive = multi_positive
-        self.packed = packed
         # A teacher's scores of each row's positive, then of each of its negatives (None: not every row has them).
         self.scores = rows.scores if rows.scores is not None and len(rows.negatives.values) else None
 
@@ -131,8 +129,8 @@ class PairCollator:
             **extra,
         )
 
-    def _side(self, texts: TokenizedTexts, indices: np.ndarray) -> TokenGroups:
-        return texts.packed(indices) if self.packed else texts.collate(indices.tolist(), self.length_groups)
+    def _side(self, texts: TokenizedTexts, indices: np.ndarray) -> PackedTexts:
+        return texts.packed(indices, self.length_groups)
 
     def _scored(self, rows: np.ndarray, negatives: Ragged) -> dict[str, Any]:
         """The teacher's scores of the batch's rows and where their documents are: positives, then negatives.
@@ -454,9 +452,8 @@ class QAPairDataModule(ResumableDataModule):
         queries = tokenize_texts(rows.queries, "query", tokenizer, rows.key, self.cache_dir)
         documents = tokenize_texts(rows.documents, "document", tokenizer, rows.key, self.cache_dir)
         packed = self._packs(tokenizer, queries, documents)
-        self._collator = PairCollator(
-            rows, queries, documents, self.length_groups, self.task, self.multi_positive, packed
-        )
+        length_groups = 0 if packed else self.length_groups
+        self._collator = PairCollator(rows, queries, documents, length_groups, self.task, self.multi_positive)
         self._row_texts = rows.row_texts()
         self._row_tokens = self._tokens_per_row(queries, documents) if self.max_tokens_per_batch else None
         log.info(
@@ -489,11 +486,7 @@ class QAPairDataModule(ResumableDataModule):
         """Whether batches are packed (see ``packing``); says why not when the encoder cannot pack."""
         if self.packing is False:
             return False
-        config = getattr(tokenizer, "config", None)
-        if isinstance(config, dict) and config.get("gradient_checkpointing"):
-            reason = "model.gradient_checkpointing=true recomputes layers in backward, outside the packed call"
-        else:
-            reason = getattr(tokenizer, "packing_unsupported", f"a {type(tokenizer).__name__} embeds no token ids")
+        reason = tokenizer.packing_unsupported
         if reason is None and any(set(side.features) != {"input_ids"} for side in sides):
             reason = "its token store holds more than token ids"
         if reason is not None:

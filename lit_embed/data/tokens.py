@@ -1,4 +1,4 @@
-"""The token store: every distinct text tokenized once, kept unpadded on disk, and padded per batch in length groups.
+"""The token store: every distinct text tokenized once, kept unpadded on disk, and packed per batch side.
 
 One text's tokens are a row of a flat array of token ids in the smallest integer type that holds the vocabulary
 (:class:`~lit_embed.data.ragged.Ragged`); attention masks are derived from the lengths, and type ids that are all 0
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lit_embed.batch import PackedTexts, TokenGroups
+from lit_embed.batch import PackedTexts
 from lit_embed.data.ragged import Ragged, RaggedWriter
 from lit_embed.data.store import built_once, content_key
 
@@ -37,13 +37,14 @@ PROBES = ["Key probe: Ünïcode, numbers 12345, CamelCase and    spaces.", "x"]
 class TextTokenizer(Protocol):
     """What the data needs from an encoder (see ``lit_embed.models.encoder.Encoder``).
 
-    An encoder with a ``padding_side`` attribute (``"left"`` or ``"right"``) has its batches padded on that side;
-    one without (an adapter's table lookup) on the right. One with a Hugging Face fast ``tokenizer``, a
-    ``vocab_size`` and a ``prompt(kind)`` method has its token ids kept on disk (:func:`tokenizer_fingerprint`).
+    ``tokenize`` gives padded features whose ``input_ids`` (with ``attention_mask``) the store keeps unpadded. One
+    with a Hugging Face fast ``tokenizer``, a ``vocab_size`` and a ``prompt(kind)`` method has its token ids kept on
+    disk (:func:`tokenizer_fingerprint`).
     """
 
     pad_token_id: int
     max_seq_length: int
+    packing_unsupported: str | None  # why it cannot embed packed texts (None: it can)
 
     def tokenize(self, texts: Sequence[str], kind: str) -> dict[str, Any]: ...
 
@@ -61,15 +62,9 @@ class TokenizedTexts:
     def __init__(self, directory: Path, texts: Ragged) -> None:
         meta = json.loads((directory / "meta.json").read_text())
         self.texts = texts
+        # input_ids, and any other per-token feature that is not all 0 (those are derived: one-segment type ids)
         self.features = {key: Ragged.load(directory, key) for key in meta["stored"]}
-        self.zeros: list[str] = meta["zeros"]  # one-segment type ids: all 0, derived rather than stored
-        self.has_mask: bool = meta["has_mask"]
         self.shared: dict[str, Any] = meta["shared"]  # per-call values such as the task, equal for every row
-        self.pad_token_id: int = meta["pad_token_id"]
-        # Batches are padded as inference pads them (encode_query/encode_document): a model whose output depends on
-        # where the padding is (one that reads the last position, absolute positions under left padding) then
-        # trains on what it is used with. Models that pool from the mask give the same embeddings on either side.
-        self.padding_side: str = meta["padding_side"]
         self.lengths = next(iter(self.features.values())).lengths if self.features else np.zeros(0, np.int64)
         if meta["truncated"]:
             log.warning(
@@ -84,48 +79,24 @@ class TokenizedTexts:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def pad(self, indices: Sequence[int]) -> dict[str, Any]:
-        """Features of the chosen rows, padded to the longest of them on the tokenizer's padding side."""
-        indices = np.asarray(indices, dtype=np.int64)
-        lengths = self.lengths[indices]
-        width = int(lengths.max(initial=0))
-        columns = np.arange(width)
-        # Row-major order of the real positions is the order of the tokens, on either side.
-        real = columns >= width - lengths[:, None] if self.padding_side == "left" else columns < lengths[:, None]
-        batch: dict[str, Any] = {}
-        for key, rows in self.features.items():
-            padded = np.full(real.shape, self.pad_token_id if key == "input_ids" else 0, dtype=np.int64)
-            padded[real] = rows.take(indices).values
-            batch[key] = torch.from_numpy(padded)
-        for key in self.zeros:
-            batch[key] = torch.zeros(real.shape, dtype=torch.long)
-        if self.has_mask:
-            batch["attention_mask"] = torch.from_numpy(real.astype(np.int64))
-        return batch | self.shared
-
-    def packed(self, indices: Sequence[int]) -> TokenGroups:
-        """The chosen rows as one packed row of tokens (:class:`~lit_embed.batch.PackedTexts`): no padding."""
+    def packed(self, indices: Sequence[int], length_groups: int = 0) -> PackedTexts:
+        """The chosen rows as one row of tokens (:class:`~lit_embed.batch.PackedTexts`), with their texts;
+        ``length_groups`` as there (0: packed where the encoder can)."""
         indices = np.asarray(indices, dtype=np.int64)
         ids = self.features["input_ids"].take(indices)
-        packed = PackedTexts.from_tokens(
-            torch.from_numpy(ids.values.astype(np.int64)), ids.lengths.tolist(), self.shared
+        others = {
+            key: torch.from_numpy(rows.take(indices).values.astype(np.int64))
+            for key, rows in self.features.items()
+            if key != "input_ids"
+        }
+        return PackedTexts.from_tokens(
+            torch.from_numpy(ids.values.astype(np.int64)),
+            ids.lengths.tolist(),
+            self.shared,
+            token_features=others,
+            texts=self.texts.texts(indices),
+            length_groups=length_groups,
         )
-        return TokenGroups([packed], torch.arange(len(indices)), self.texts.texts(indices))
-
-    def collate(self, indices: Sequence[int], max_groups: int = 1) -> TokenGroups:
-        """The chosen rows as up to ``max_groups`` padded groups of similar length.
-
-        One long document no longer pads the whole batch to its length: each group is padded to its own
-        longest row. Only the padding changes: the texts of the batch, hence its in-batch negatives, are the
-        same for any ``max_groups``.
-        """
-        lengths = self.lengths[np.asarray(indices, dtype=np.int64)].tolist()
-        by_length = sorted(range(len(indices)), key=lengths.__getitem__)
-        bounds = padding_groups([lengths[i] for i in by_length], max_groups)
-        groups = [self.pad([indices[i] for i in by_length[start:end]]) for start, end in bounds]
-        order = torch.empty(len(indices), dtype=torch.long)
-        order[torch.tensor(by_length, dtype=torch.long)] = torch.arange(len(indices))
-        return TokenGroups(groups, order, self.texts.texts(indices))
 
 
 def tokenize_texts(
@@ -307,37 +278,3 @@ def tokenizer_fingerprint(tokenizer: TextTokenizer, kind: str) -> str | None:
         tokenizer.max_seq_length,
         {key: value.tolist() for key, value in probe.items() if isinstance(value, Tensor)},
     )
-
-
-def padding_groups(sorted_lengths: Sequence[int], max_groups: int, max_candidates: int = 64) -> list[tuple[int, int]]:
-    """Splits ascending lengths into at most ``max_groups`` contiguous groups with the fewest padded tokens.
-
-    A group costs ``size x its longest length``. Exact dynamic programming over split points, restricted to at
-    most ``max_candidates`` evenly spaced ones so huge batches stay cheap; another group is only taken when it
-    saves at least 10% of the tokens. Returns ``(start, end)`` pairs.
-    """
-    n = len(sorted_lengths)
-    if max_groups <= 1 or n <= 1:
-        return [(0, n)]
-    step = max(1, n // max_candidates)
-    points = sorted(set(range(0, n, step)) | {n})  # candidate group boundaries, 0 and n included
-    inf = float("inf")
-    # best[k][j]: fewest tokens covering items before points[j] with k groups; back[k][j]: the previous boundary.
-    best = [[inf] * len(points) for _ in range(max_groups + 1)]
-    back = [[0] * len(points) for _ in range(max_groups + 1)]
-    best[0][0] = 0
-    for k in range(1, max_groups + 1):
-        for j in range(1, len(points)):
-            for i in range(j):
-                cost = best[k - 1][i] + (points[j] - points[i]) * sorted_lengths[points[j] - 1]
-                if cost < best[k][j]:
-                    best[k][j], back[k][j] = cost, i
-    k = 1  # each further forward pass has a fixed cost: take another group only if it saves 10% of the tokens
-    while k < max_groups and best[k + 1][-1] < 0.9 * best[k][-1]:
-        k += 1
-    bounds, j = [], len(points) - 1
-    while j > 0:
-        i = back[k][j]
-        bounds.append((points[i], points[j]))
-        j, k = i, k - 1
-    return bounds[::-1]

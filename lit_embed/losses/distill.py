@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_embed.batch import PairBatch
+from lit_embed.batch import Embedded
 from lit_embed.errors import LitEmbedError, check, is_number
 from lit_embed.losses.base import EmbeddingLoss
 
@@ -87,48 +87,35 @@ def kl_distill(
     return F.kl_div(student_log_probs, teacher_probs, reduction="batchmean") * temperature**2
 
 
+def own_candidates(embedded: Embedded, loss: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """``(candidates [B, 1 + k, D], teacher scores [B, 1 + k], mask [B, 1 + k])``: each query's positive and hard
+    negatives, as the batch's ``candidates`` name them; refuses a batch without a teacher's scores."""
+    if embedded.scores is None or embedded.candidates is None:
+        raise LitEmbedError(f"{type(loss).__name__}: {NO_SCORES}.")
+    mask = embedded.candidates >= 0  # [B, 1 + k]: -1 pads a row with fewer negatives than the batch's most
+    candidates = embedded.documents[embedded.candidates.clamp(min=0)]  # [B, 1 + k, D]; padding takes row 0, masked
+    return candidates, embedded.scores, mask
+
+
 class DistillationLoss(EmbeddingLoss):
     """A loss of each query's candidates against the teacher's scores of them (``PairBatch.scores``)."""
 
-    def forward(
-        self, queries: Tensor, candidates: Tensor, teacher_scores: Tensor, mask: Tensor | None = None
-    ) -> Tensor:
-        raise NotImplementedError
-
-    def batch_loss(self, encoder: nn.Module, batch: PairBatch) -> Tensor:
-        if batch.scores is None or batch.candidates is None:
-            raise LitEmbedError(f"{type(self).__name__}: {NO_SCORES}.")
-        mask = batch.candidates >= 0  # [B, 1 + k]: -1 pads a row with fewer negatives than the batch's most
-        documents = batch.documents.embed(encoder)  # [B + N, D]
-        candidates = documents[batch.candidates.clamp(min=0)]  # [B, 1 + k, D]; padding takes row 0, masked out
-        return self(batch.queries.embed(encoder), candidates, batch.scores, mask)
-
 
 def check_distillation_data(loss: nn.Module, has_teacher_scores: bool) -> None:
-    """Refuses, before training, a distillation loss the data cannot feed or another loss cannot call."""
+    """Refuses, before training, a distillation loss on data without a teacher's scores."""
     distillation = [m for m in loss.modules() if isinstance(m, DistillationLoss)]
-    if not distillation:
-        return
-    name = type(distillation[0]).__name__
-    if not isinstance(loss, DistillationLoss):
+    if distillation and not has_teacher_scores:
         raise LitEmbedError(
-            f"{name} scores each query against its own candidates with the teacher's scores: it cannot be wrapped "
-            f"in {type(loss).__name__}. Use loss=margin_mse or loss=kl_distill on their own."
-        )
-    if not has_teacher_scores:
-        raise LitEmbedError(
-            f"{name}: {NO_SCORES}. Every row needs scores, and at least one row a hard negative "
-            "(data.max_negatives >= 1)."
+            f"{type(distillation[0]).__name__}: {NO_SCORES}. Every row needs scores, and at least one row a hard "
+            "negative (data.max_negatives >= 1)."
         )
 
 
 class MarginMSELoss(DistillationLoss):
     """sentence-transformers' ``MarginMSELoss`` (dot products, several negatives): see :func:`margin_mse`."""
 
-    def forward(
-        self, queries: Tensor, candidates: Tensor, teacher_scores: Tensor, mask: Tensor | None = None
-    ) -> Tensor:
-        return margin_mse(queries, candidates, teacher_scores, mask)
+    def forward(self, embedded: Embedded) -> Tensor:
+        return margin_mse(embedded.queries, *own_candidates(embedded, self))
 
 
 class KLDistillLoss(DistillationLoss):
@@ -148,10 +135,9 @@ class KLDistillLoss(DistillationLoss):
         )
         self.temperature = temperature
 
-    def forward(
-        self, queries: Tensor, candidates: Tensor, teacher_scores: Tensor, mask: Tensor | None = None
-    ) -> Tensor:
-        return kl_distill(queries, candidates, teacher_scores, self.temperature, mask)
+    def forward(self, embedded: Embedded) -> Tensor:
+        candidates, teacher_scores, mask = own_candidates(embedded, self)
+        return kl_distill(embedded.queries, candidates, teacher_scores, self.temperature, mask)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"

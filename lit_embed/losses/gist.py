@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_embed.batch import PairBatch, TokenGroups
+from lit_embed.batch import Embedded, PackedTexts
 from lit_embed.distributed import all_gather_rows, rank_and_world
 from lit_embed.errors import LitEmbedError, check, is_bool, is_int, is_number
 from lit_embed.losses.base import EmbeddingLoss
@@ -201,12 +201,6 @@ class GISTLoss(EmbeddingLoss):
         self.__dict__["_embeddings"] = {"query": GuideTable(), "document": GuideTable()}
         self._masked = torch.zeros((), dtype=torch.long)
 
-    def forward(self, queries: Tensor, documents: Tensor) -> Tensor:
-        raise LitEmbedError(
-            "loss=gist needs the guide's embeddings of the batch's texts, which a loss that calls it on embeddings "
-            "alone cannot give it: wrap it only in a loss that calls embeddings_loss (loss=cached_gist does)."
-        )
-
     def prepare(self, encoder: nn.Module, texts: Mapping[TextKind, Sequence[str]]) -> None:
         """Embeds every training text with the guide once, from ``cache_dir`` where an earlier run saved them."""
         guide = self.guide(encoder)
@@ -218,17 +212,23 @@ class GISTLoss(EmbeddingLoss):
                 table.add(chunk, cached_embeddings(guide, chunk, kind, self.guide_batch_size, self.cache_dir))
             log.info("loss=gist: the guide holds the embeddings of %d %s texts.", len(table), kind)
 
-    def embeddings_loss(self, encoder: nn.Module, batch: PairBatch, queries: Tensor, documents: Tensor) -> Tensor:
-        if getattr(batch, "positives", None) is not None:
+    def forward(self, embedded: Embedded) -> Tensor:
+        if embedded.positives is not None:
             # Further positives follow the hard negatives; GIST would score them as negatives.
             raise LitEmbedError(
                 "loss=gist takes one positive per query, and these batches hold several (data.multi_positive): "
                 "set data.multi_positive=false, or use loss=mnrl."
             )
-        guide = self.guide(encoder)
+        if embedded.sides is None:
+            raise LitEmbedError(
+                "loss=gist needs the batch's texts for its guide, and these embeddings come without them: embed "
+                "batches with PairBatch.embed (lit_embed's data modules and steps do)."
+            )
+        queries, documents = embedded.queries, embedded.documents
+        guide = self.guide(None, queries.device)
         with torch.no_grad():
-            guide_queries = self._guide_embeddings(guide, batch.queries, "query").to(queries.device)  # [B, D']
-            guide_documents = self._guide_embeddings(guide, batch.documents, "document").to(queries.device)
+            guide_queries = self._guide_embeddings(guide, embedded.sides[0], "query").to(queries.device)  # [B, D']
+            guide_documents = self._guide_embeddings(guide, embedded.sides[1], "document").to(queries.device)
         return self.guided_loss(queries, documents, guide_queries, guide_documents)
 
     def guided_loss(self, queries: Tensor, documents: Tensor, guide_queries: Tensor, guide_documents: Tensor) -> Tensor:
@@ -273,8 +273,9 @@ class GISTLoss(EmbeddingLoss):
     def step_metrics(self) -> dict[str, Tensor]:
         return {"gist_masked": self._masked}
 
-    def guide(self, encoder: nn.Module) -> Encoder:
-        """The frozen guide, loaded on first use onto the student's device."""
+    def guide(self, encoder: nn.Module | None, device: torch.device | None = None) -> Encoder:
+        """The frozen guide, loaded on first use (from ``encoder``'s config for the default guide), on ``device``
+        (None: the encoder's)."""
         if self._guide is None:
             if self.guide_path is not None:
                 guide = Encoder(self.guide_path)
@@ -282,6 +283,11 @@ class GISTLoss(EmbeddingLoss):
                 # Loaded again from where the student came from, not copied from it: after a resume the student
                 # holds trained weights, and the guide must be the base model as it was at step 0.
                 guide = Encoder(**{**encoder.config, "compile": False})
+            elif encoder is None:
+                raise LitEmbedError(
+                    "loss=gist's default guide is the student's base model, which it loads in prepare(encoder, "
+                    "texts): call that before training (the LightningModule does), or set loss.guide."
+                )
             else:
                 raise LitEmbedError(
                     f"loss=gist's default guide is the base model, which a {type(encoder).__name__} is not: set "
@@ -289,12 +295,12 @@ class GISTLoss(EmbeddingLoss):
                 )
             guide.eval().requires_grad_(False)
             self.__dict__["_guide"] = guide
-        device = next(encoder.parameters()).device
+        device = device if device is not None else next(encoder.parameters()).device
         if self._guide.device != device:
             self._guide.to(device)
         return self._guide
 
-    def _guide_embeddings(self, guide: Encoder, side: TokenGroups, kind: TextKind) -> Tensor:
+    def _guide_embeddings(self, guide: Encoder, side: PackedTexts, kind: TextKind) -> Tensor:
         """``[N, D']``: the guide's embeddings of one side of the batch; a text not prepared is embedded now, once."""
         if len(side.texts) != len(side):
             if self.guide_path is not None:
@@ -302,7 +308,7 @@ class GISTLoss(EmbeddingLoss):
                     "loss.guide embeds the batch's texts with its own tokenizer, but this batch carries only the "
                     "student's token ids: build batches with lit_embed's data modules, or set loss.guide=null."
                 )
-            return side.embed(guide)  # the default guide reads the student's tokens as they are
+            return guide(side)  # the default guide reads the student's tokens as they are
         table = self._embeddings[kind]
         new = table.missing(side.texts)
         if new:

@@ -3,36 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_embed.batch import PairBatch
+from lit_embed.batch import Embedded
 from lit_embed.errors import LitEmbedError, is_int, is_number
 from lit_embed.losses.base import EmbeddingLoss
-from lit_embed.losses.cached import CachedLoss
 
 
 def matryoshka(
-    loss: Callable[[Tensor, Tensor], Tensor],
-    queries: Tensor,
-    documents: Tensor,
-    dims: Sequence[int],
-    weights: Sequence[float],
+    loss: Callable[[Embedded], Tensor], embedded: Embedded, dims: Sequence[int], weights: Sequence[float]
 ) -> Tensor:
-    """Weighted sum over ``dims`` of ``loss`` on the first ``d`` dimensions of queries and documents.
+    """Weighted sum over ``dims`` of ``loss`` on the first ``d`` dimensions of the queries and documents.
 
     Args:
-        loss: ``loss(queries [B, d], documents [B + N, d]) -> scalar``, e.g. a ``MultipleNegativesRankingLoss``.
-        queries: ``[B, D]`` query embeddings.
-        documents: ``[B + N, D]`` document embeddings, laid out as ``loss`` expects them.
+        loss: ``loss(Embedded) -> scalar``, e.g. a ``MultipleNegativesRankingLoss``.
+        embedded: the batch, ``queries [B, D]`` and ``documents [B + N, D]``.
         dims: the prefix sizes, each at most ``D``.
         weights: one weight per entry of ``dims``.
 
     Returns:
-        ``sum(w * loss(queries[:, :d], documents[:, :d]))`` over ``zip(dims, weights)``.
+        ``sum(w * loss(embedded with queries[:, :d], documents[:, :d]))`` over ``zip(dims, weights)``.
     """
-    size = queries.size(-1)
+    size = embedded.queries.size(-1)
     if max(dims) > size:
         raise LitEmbedError(
             f"loss.dims {list(dims)} has sizes larger than the embedding size {size} of the model: keep every "
@@ -42,9 +37,12 @@ def matryoshka(
     for dim, weight in zip(dims, weights, strict=True):
         # Renormalized as sentence-transformers' MatryoshkaLoss does, so a loss on dot products sees unit vectors
         # at every size, not prefixes that shrink in norm as d drops.
-        prefix_queries = F.normalize(queries[:, :dim], dim=-1)  # [B, d]
-        prefix_documents = F.normalize(documents[:, :dim], dim=-1)  # [B + N, d]
-        total = total + weight * loss(prefix_queries, prefix_documents)
+        prefix = replace(
+            embedded,
+            queries=F.normalize(embedded.queries[:, :dim], dim=-1),  # [B, d]
+            documents=F.normalize(embedded.documents[:, :dim], dim=-1),  # [B + N, d]
+        )
+        total = total + weight * loss(prefix)
     return total
 
 
@@ -52,10 +50,10 @@ class MatryoshkaLoss(EmbeddingLoss):
     """Trains nested embedding sizes: the wrapped loss on the first ``d`` dimensions, for each ``d`` in ``dims``.
 
     Same definition and defaults as sentence-transformers' ``MatryoshkaLoss`` (every size, weights of 1), for
-    any ``loss(queries, documents) -> scalar``. Include the full embedding size in ``dims``, or the full
-    embeddings are not trained directly. Measure a smaller size with ``eval.truncate_dim`` (``lit-embed-eval
-    --truncate-dim``) and use it with ``SentenceTransformer(path, truncate_dim=...)``. With GradCache, this loss
-    goes inside ``CachedLoss`` as its ``loss``, not around it: the cached loss embeds the batch itself.
+    any loss. Include the full embedding size in ``dims``, or the full embeddings are not trained directly. Measure
+    a smaller size with ``eval.truncate_dim`` (``lit-embed-eval --truncate-dim``) and use it with
+    ``SentenceTransformer(path, truncate_dim=...)``. With ``loss.loss=cached_mnrl``'s GradCache inside, the batch
+    is embedded by GradCache for this whole loss (see :func:`lit_embed.training.steps.split_step`).
 
     Args:
         loss: the loss to apply at every size, e.g. :class:`~lit_embed.losses.mnrl.MultipleNegativesRankingLoss`.
@@ -63,13 +61,8 @@ class MatryoshkaLoss(EmbeddingLoss):
         weights: one weight per size (None = 1 each).
     """
 
-    def __init__(self, loss: EmbeddingLoss, dims: Sequence[int], weights: Sequence[float] | None = None) -> None:
+    def __init__(self, loss: nn.Module, dims: Sequence[int], weights: Sequence[float] | None = None) -> None:
         super().__init__()
-        if isinstance(loss, CachedLoss):
-            raise LitEmbedError(
-                "MatryoshkaLoss cannot wrap the cached loss, which embeds the batch itself: put it inside instead, "
-                "as the cached loss's `loss:` (CachedLoss(loss=MatryoshkaLoss(...)))."
-            )
         self.loss = loss
         if isinstance(dims, str | int) or not all(is_int(d) for d in dims):
             raise LitEmbedError(f"loss.dims needs a list of embedding sizes such as [384,256,128], got {dims!r}.")
@@ -85,16 +78,8 @@ class MatryoshkaLoss(EmbeddingLoss):
                 f"{len(self.weights)} weights {list(self.weights)}. Set loss.weights=null for 1 each."
             )
 
-    def forward(self, queries: Tensor, documents: Tensor) -> Tensor:
-        return matryoshka(self.loss, queries, documents, self.dims, self.weights)
-
-    def embeddings_loss(self, encoder: nn.Module, batch: PairBatch, queries: Tensor, documents: Tensor) -> Tensor:
-        """As :meth:`forward`, the wrapped loss seeing the batch too (which documents are a query's positives)."""
-
-        def loss(prefix_queries: Tensor, prefix_documents: Tensor) -> Tensor:
-            return self.loss.embeddings_loss(encoder, batch, prefix_queries, prefix_documents)
-
-        return matryoshka(loss, queries, documents, self.dims, self.weights)
+    def forward(self, embedded: Embedded) -> Tensor:
+        return matryoshka(self.loss, embedded, self.dims, self.weights)
 
     def scores_several_positives(self) -> bool:
         return self.loss.scores_several_positives()

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lit_embed.batch import PairBatch
+from lit_embed.batch import Embedded
 from lit_embed.distributed import all_gather_rows, gather_sizes, rank_and_world
 from lit_embed.errors import LitEmbedError, check, is_bool, is_int, is_number
 from lit_embed.losses.base import EmbeddingLoss
@@ -22,85 +22,101 @@ _SAME_SIDE = ("query_to_query", "doc_to_doc")
 
 
 def mnrl(
-    queries: Tensor,
-    documents: Tensor,
+    embedded: Embedded,
     scale: float = 20.0,
-    first_positive: int = 0,
-    query_chunk_size: int | None = None,
     directions: Sequence[str] = ("query_to_doc",),
     partition_mode: str = "joint",
-    all_queries: Tensor | None = None,
-    first_query: int = 0,
-    document_rows: Tensor | None = None,
-    positives: Tensor | None = None,
+    gather_across_devices: bool = False,
+    query_chunk_size: int | None = None,
 ) -> Tensor:
     """Cross-entropy of each query against every document in the batch, its own positive being the target.
 
+    Every document is a candidate for every query (in-batch negatives), so the hard negatives of one query are also
+    negatives for all others, exactly as in sentence-transformers' MultipleNegativesRankingLoss.
+
     Args:
-        queries: ``[B, D]`` query embeddings.
-        documents: ``[B + N, D]``: row ``i < B`` is query ``i``'s positive; the ``N`` rows after them are hard
-            negatives. Every document is a candidate for every query (in-batch negatives), so the hard
-            negatives of one query are also negatives for all others, exactly as in sentence-transformers.
+        embedded: ``queries [B, D]``, ``documents [B + N, D]`` (row ``i < B`` is query ``i``'s positive), and which
+            query each document came with (``document_rows``) and which are positives (``positives``: several per
+            query trains each against the non-positives, the other positives left out; then only ``query_to_doc``).
         scale: inverse temperature applied to the cosine similarities (20 = temperature 0.05).
-        first_positive: row of ``documents`` that holds query 0's positive (query ``i``'s is that row + ``i``);
-            non-zero when ``documents`` are gathered from several devices.
-        query_chunk_size: score at most this many queries at once, and again in the backward pass, so only a
-            ``[query_chunk_size, B + N]`` block of scores is ever in memory (None: all ``B`` at once). The
-            ``[B, B + N]`` scores of a 65,536-pair batch alone would take 17 GB in fp32.
         directions: the interaction terms, as sentence-transformers' ``directions``: ``query_to_doc`` (always
             included: it holds the positive), ``query_to_query`` (query ``i`` against every other query),
             ``doc_to_query`` (positive ``i`` against every query) and ``doc_to_doc`` (positive ``i`` against every
             document not given with query ``i``).
         partition_mode: ``joint`` = one softmax over every direction's scores; ``per_direction`` = the mean of
             one log-normaliser per direction (only with ``query_to_doc`` and ``doc_to_query``).
-        all_queries: ``[Q, D]`` every query of the batch (all devices' when gathered) for the query-side
-            directions; None = ``queries``.
-        first_query: row of ``all_queries`` that holds ``queries[0]``.
-        document_rows: ``[B + N]`` the row of ``all_queries`` each document was given with (a positive or a hard
-            negative; -1 = none). ``doc_to_doc`` leaves those of the same query out, and multi-positive rows find
-            their positives by it. None: document ``first_positive + i`` is query ``i``'s, the rest nobody's.
-        positives: ``[B + N]`` bool, which documents are positives of their ``document_rows`` query: several per
-            query trains each against the non-positives (see :func:`_summed_multi_positive`). None: one positive
-            per query, document ``first_positive + i``.
+        gather_across_devices: under DDP, every rank's documents (and queries, for the query-side directions) are
+            candidates, gathered with their gradient; ranks may hold batches of different sizes.
+        query_chunk_size: score at most this many queries at once, and again in the backward pass, so only a
+            ``[query_chunk_size, B + N]`` block of scores is ever in memory (None: all ``B`` at once). The
+            ``[B, B + N]`` scores of a 65,536-pair batch alone would take 17 GB in fp32.
 
     Returns:
-        The mean loss over the ``B`` queries.
+        The mean loss over the ``B`` queries (over the global batch's queries, under DDP's gradient averaging).
     """
-    if documents.size(0) < first_positive + queries.size(0):
-        raise ValueError(
-            f"need at least one positive per query: {queries.size(0)} queries, {documents.size(0)} documents"
-        )
     directions = tuple(directions)
-    check_directions(directions, partition_mode, multi_positive=positives is not None)
+    several = embedded.positives is not None
+    check_directions(directions, partition_mode, multi_positive=several)
+    queries, documents = embedded.queries, embedded.documents  # [B, D], [C = B + N, D]
+    size, device = queries.size(0), queries.device
+    if documents.size(0) < size:
+        raise ValueError(f"need at least one positive per query: {size} queries, {documents.size(0)} documents")
+    rows = torch.arange(size, device=device)  # [B]
+    owners = embedded.document_rows  # [C]: the query each document came with (-1: none)
+    if owners is None:
+        owners = F.pad(rows, (0, documents.size(0) - size), value=-1)
+    positives = embedded.positives  # [C] bool
+    all_queries, first_query, first_positive, share = queries, 0, 0, 1.0
+    rank, world = rank_and_world()
+    if gather_across_devices and world > 1:
+        queries_per_rank = gather_sizes(size, device)
+        first_query = sum(queries_per_rank[:rank])  # this rank's queries among all ranks' (for the query directions)
+        documents, documents_per_rank = all_gather_rows(documents)  # [C_all, D], with their gradient
+        first_positive = sum(documents_per_rank[:rank])  # where this rank's documents start among them
+        marks = positives if several else torch.zeros_like(owners, dtype=torch.bool)
+        own = torch.where(owners >= 0, owners + first_query, owners)  # [C]: numbered across the ranks' queries
+        layout, _ = all_gather_rows(torch.stack([own, marks.long()], dim=1))  # [C_all, 2]
+        owners, positives = layout[:, 0], (layout[:, 1].bool() if several else None)  # [C_all]
+        if set(directions) & {"query_to_query", "doc_to_query"}:
+            all_queries, _ = all_gather_rows(queries)  # [Q, D], with their gradient
+        # DDP averages the ranks' gradients; weighting by this rank's share of the queries makes that average
+        # the gradient of the mean over the global batch, even when the last batches differ in size.
+        share = size * world / sum(queries_per_rank)
     queries, documents = F.normalize(queries, dim=-1), F.normalize(documents, dim=-1)
-    size = queries.size(0)
-    rows = torch.arange(size, device=queries.device)
-    if directions == ("query_to_doc",) and positives is None:
-        # The classic loss, kept on its own path so the default's numbers never change.
-        score = _summed_cross_entropy
-        args: tuple = (documents, scale)
-        per_query = (rows + first_positive,)  # query i's positive
-    else:
-        all_queries = queries if all_queries is None else F.normalize(all_queries, dim=-1)  # [Q, D]
-        if document_rows is None:
-            document_rows = torch.full((documents.size(0),), -1, dtype=torch.long, device=documents.device)
-            document_rows[first_positive : first_positive + size] = rows + first_query
-        score = _summed_multi_positive if positives is not None else _summed_directions
-        args = (documents, all_queries, document_rows, positives, directions, partition_mode, scale)
-        per_query = (rows + first_query, rows + first_positive)  # query i's row in all_queries, its positive
+    all_queries = F.normalize(all_queries, dim=-1) if all_queries is not embedded.queries else queries  # [Q, D]
+    query_rows = rows + first_query  # [B]: each query's row in all_queries, and the owner its documents carry
+    labels = rows + first_positive  # [B]: each query's (first) positive among the documents
+
+    def summed(block: slice) -> Tensor:
+        """The loss summed over the queries of ``block`` (``b`` of them)."""
+        q, mine, label = queries[block], query_rows[block], labels[block]  # [b, D], [b], [b]
+        scores = [q @ documents.T]  # query_to_doc: [b, C]
+        own_documents = documents[label]  # [b, D]: each query's positive
+        if "query_to_query" in directions:  # every other query; itself left out
+            itself = (torch.arange(q.size(0), device=device), mine)
+            scores.append((q @ all_queries.T).index_put(itself, torch.tensor(float("-inf"), device=device)))  # [b, Q]
+        if "doc_to_query" in directions:
+            scores.append(own_documents @ all_queries.T)  # [b, Q]
+        if "doc_to_doc" in directions:  # every document not given with this query
+            same_query = owners[None, :] == mine[:, None]  # [b, C]
+            scores.append((own_documents @ documents.T).masked_fill(same_query, float("-inf")))  # [b, C]
+        # bf16/fp16 logits lose too much precision in the softmax; compute it in at least fp32.
+        scores = [_at_least_fp32(block_scores * scale) for block_scores in scores]
+        if several:  # mean over its positives p of -log softmax(p), its other positives left out
+            is_positive = positives[None, :] & (owners[None, :] == mine[:, None])  # [b, C]
+            negatives = torch.logsumexp(scores[0].masked_fill(is_positive, float("-inf")), 1, keepdim=True)  # [b, 1]
+            per_positive = (torch.logaddexp(negatives, scores[0]) - scores[0]).masked_fill(~is_positive, 0.0)  # [b, C]
+            return (per_positive.sum(dim=1) / is_positive.sum(dim=1)).sum()
+        if partition_mode == "per_direction":  # one log-normaliser per direction, averaged
+            positive = scores[0].gather(1, label[:, None])[:, 0]  # [b]
+            return (torch.stack([torch.logsumexp(s, dim=1) for s in scores]).mean(dim=0) - positive).sum()
+        logits = scores[0] if len(scores) == 1 else torch.cat(scores, dim=1)  # [b, C (+ Q ...)]: one softmax
+        return F.cross_entropy(logits, label, reduction="sum")
+
     if query_chunk_size is None or size <= query_chunk_size:
-        return score(queries, *per_query, *args) / size
-    total = sum(
-        checkpoint(
-            score,
-            queries[start : start + query_chunk_size],
-            *(index[start : start + query_chunk_size] for index in per_query),
-            *args,
-            use_reentrant=False,
-        )
-        for start in range(0, size, query_chunk_size)
-    )
-    return total / size
+        return summed(slice(0, size)) / size * share
+    blocks = (slice(start, start + query_chunk_size) for start in range(0, size, query_chunk_size))
+    return sum(checkpoint(summed, block, use_reentrant=False) for block in blocks) / size * share
 
 
 def check_directions(directions: Sequence[str], partition_mode: str, multi_positive: bool = False) -> None:
@@ -130,81 +146,12 @@ def check_directions(directions: Sequence[str], partition_mode: str, multi_posit
         )
 
 
-def _summed_cross_entropy(queries: Tensor, labels: Tensor, documents: Tensor, scale: float) -> Tensor:
-    scores = queries @ documents.T * scale  # [b, B + N]
-    # bf16/fp16 logits lose too much precision in the softmax; compute it in at least fp32.
-    return F.cross_entropy(_at_least_fp32(scores), labels, reduction="sum")
-
-
-def _summed_directions(
-    queries: Tensor,
-    query_rows: Tensor,
-    labels: Tensor,
-    documents: Tensor,
-    all_queries: Tensor,
-    document_rows: Tensor,
-    positives: Tensor | None,
-    directions: tuple[str, ...],
-    partition_mode: str,
-    scale: float,
-) -> Tensor:
-    """Sum over queries of ``log Z - s(q_i, d_i)``, ``Z`` over the chosen directions (sentence-transformers')."""
-    rows = torch.arange(queries.size(0), device=queries.device)
-    own_documents = documents[labels]  # [b, D]: each query's positive
-    scores = {"query_to_doc": queries @ documents.T}  # [b, B + N]
-    if "query_to_query" in directions:
-        scores["query_to_query"] = (queries @ all_queries.T).index_put((rows, query_rows), _minus_inf(queries))
-    if "doc_to_query" in directions:
-        scores["doc_to_query"] = own_documents @ all_queries.T  # [b, Q]
-    if "doc_to_doc" in directions:
-        same_query = document_rows[None, :] == query_rows[:, None]  # [b, B + N]: its positive and hard negatives
-        scores["doc_to_doc"] = (own_documents @ documents.T).masked_fill(same_query, float("-inf"))  # [b, B + N]
-    scores = {key: _at_least_fp32(value * scale) for key, value in scores.items()}
-    positive = scores["query_to_doc"][rows, labels]  # [b]
-    if partition_mode == "joint":
-        log_z = torch.logsumexp(torch.cat(list(scores.values()), dim=1), dim=1)  # [b]
-    else:
-        log_z = torch.stack([torch.logsumexp(value, dim=1) for value in scores.values()]).mean(dim=0)  # [b]
-    return (log_z - positive).sum()
-
-
-def _summed_multi_positive(
-    queries: Tensor,
-    query_rows: Tensor,
-    labels: Tensor,
-    documents: Tensor,
-    all_queries: Tensor,
-    document_rows: Tensor,
-    positives: Tensor,
-    directions: tuple[str, ...],
-    partition_mode: str,
-    scale: float,
-) -> Tensor:
-    """Sum over queries of the mean over its positives ``p`` of ``-log softmax(p)``, its other positives left out.
-
-    Of the two usual multi-positive objectives this is the one that ranks every relevant document above every
-    irrelevant one: ``-log(sum_p exp s_p / Z)`` is already low once any one positive scores high, so a query's
-    other relevant documents get little gradient. With one positive per query this is the classic loss. Each
-    query weighs the same however many positives it has, as each row does in the single-positive loss.
-    """
-    scores = _at_least_fp32(queries @ documents.T * scale)  # [b, B + N]
-    is_positive = positives[None, :] & (document_rows[None, :] == query_rows[:, None])  # [b, B + N]
-    negatives = torch.logsumexp(scores.masked_fill(is_positive, float("-inf")), dim=1, keepdim=True)  # [b, 1]
-    # -log softmax of positive p with the other positives left out: log(exp(negatives) + exp(s_p)) - s_p.
-    per_positive = (torch.logaddexp(negatives, scores) - scores).masked_fill(~is_positive, 0.0)  # [b, B + N]
-    return (per_positive.sum(dim=1) / is_positive.sum(dim=1)).sum()
-
-
 def _at_least_fp32(scores: Tensor) -> Tensor:
     return scores.to(torch.promote_types(scores.dtype, torch.float32))
 
 
-def _minus_inf(like: Tensor) -> Tensor:
-    return torch.tensor(float("-inf"), dtype=like.dtype, device=like.device)
-
-
 class MultipleNegativesRankingLoss(EmbeddingLoss):
-    """Thin module around :func:`mnrl` so the scale and the negatives' reach are part of the config.
+    """:func:`mnrl` with its settings as part of the config.
 
     Args:
         scale: inverse temperature of the softmax over cosine similarities.
@@ -249,60 +196,15 @@ class MultipleNegativesRankingLoss(EmbeddingLoss):
         self.directions = tuple(directions)  # from a Hydra ListConfig too
         self.partition_mode = partition_mode
 
-    def forward(
-        self,
-        queries: Tensor,
-        documents: Tensor,
-        document_rows: Tensor | None = None,
-        positives: Tensor | None = None,
-    ) -> Tensor:
-        """The loss; ``document_rows`` and ``positives`` as in :class:`~lit_embed.batch.PairBatch`."""
-        rank, world = rank_and_world()
-        options = {"directions": self.directions, "partition_mode": self.partition_mode}
-        if not self.gather_across_devices or world == 1:
-            return mnrl(
-                queries,
-                documents,
-                self.scale,
-                query_chunk_size=self.query_chunk_size,
-                document_rows=document_rows,
-                positives=positives,
-                **options,
-            )
-        documents, documents_per_rank = all_gather_rows(documents)  # [sum over ranks of (B_r + N_r), D]
-        queries_per_rank = gather_sizes(queries.size(0), queries.device)
-        first_positive = sum(documents_per_rank[:rank])
-        first_query = sum(queries_per_rank[:rank])
-        if self.directions != ("query_to_doc",) or positives is not None:
-            # Which query each document came with, numbered across the devices' queries, goes along with it.
-            if document_rows is None:
-                document_rows = torch.full((documents_per_rank[rank],), -1, device=queries.device)
-                document_rows[: queries.size(0)] = torch.arange(queries.size(0), device=queries.device)
-            own = torch.where(document_rows >= 0, document_rows + first_query, document_rows)  # [B + N]
-            marks = positives if positives is not None else torch.zeros_like(own, dtype=torch.bool)
-            layout, _ = all_gather_rows(torch.stack([own, marks.long()], dim=1))  # [sum of (B_r + N_r), 2]
-            document_rows, positives = layout[:, 0], (layout[:, 1].bool() if positives is not None else None)
-        all_queries = None
-        if set(self.directions) & {"query_to_query", "doc_to_query"}:
-            all_queries, _ = all_gather_rows(queries)  # [sum of B_r, D], with their gradient
-        local = mnrl(
-            queries,
-            documents,
+    def forward(self, embedded: Embedded) -> Tensor:
+        return mnrl(
+            embedded,
             self.scale,
-            first_positive,
+            self.directions,
+            self.partition_mode,
+            self.gather_across_devices,
             self.query_chunk_size,
-            all_queries=all_queries,
-            first_query=first_query,
-            document_rows=document_rows,
-            positives=positives,
-            **options,
         )
-        # DDP averages the ranks' gradients; weighting by this rank's share of the queries makes that average
-        # the gradient of the mean over the global batch, even when the last batches differ in size.
-        return local * (queries.size(0) * world / sum(queries_per_rank))
-
-    def embeddings_loss(self, encoder: nn.Module, batch: PairBatch, queries: Tensor, documents: Tensor) -> Tensor:
-        return self(queries, documents, batch.document_rows, batch.positives)
 
     def scores_several_positives(self) -> bool:
         return self.directions == ("query_to_doc",)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_embed.batch import PackedTexts
 from lit_embed.errors import LitEmbedError, check, is_int
 from lit_embed.models.embedding_cache import DEFAULT_CACHE_DIR, cached_embeddings
 from lit_embed.models.encoder import Encoder, TextKind
@@ -29,7 +30,8 @@ class AdaptedEncoder(nn.Module):
 
     It is a drop-in for :class:`Encoder` in the LightningModule, the data module and the IR callback:
     ``tokenize`` embeds each new text once with the frozen encoder (or loads it from ``cache_dir``) and returns
-    its row in the in-memory table, and ``forward`` is a table lookup followed by the adapter. Only the adapter
+    its row in the in-memory table as the text's one token, and ``forward`` is a table lookup followed by the
+    adapter. Only the adapter
     is a registered submodule, so only it trains and only it is saved in checkpoints.
 
     Args:
@@ -81,6 +83,8 @@ class AdaptedEncoder(nn.Module):
             "adapter": {"class": type(self.adapter).__name__, **self.adapter.init_args(), "transform": self.transform},
         }
 
+    packing_unsupported = None  # a text is one row of the table: packed and padded are the same
+
     @property
     def embedding_dim(self) -> int:
         return self.adapter.out_dim
@@ -119,7 +123,7 @@ class AdaptedEncoder(nn.Module):
             name = f"{kind}_table"
             setattr(self, name, torch.cat([getattr(self, name), embeddings]))
         ids = torch.tensor([[rows[t]] for t in texts], dtype=torch.long)
-        return {"text_ids": ids, "attention_mask": torch.ones_like(ids), "kind": kind}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "kind": kind}
 
     def _base_embeddings(self, texts: list[str], kind: TextKind, batch_size: int) -> Tensor:
         if isinstance(self.base, PrecomputedEmbeddings):
@@ -129,15 +133,22 @@ class AdaptedEncoder(nn.Module):
     def adapts(self, kind: TextKind) -> bool:
         return kind == "query" or self.transform == "both"
 
-    def forward(self, features: dict[str, Any]) -> Tensor:
-        kind = features["kind"]
-        embeddings = self._table(kind)[features["text_ids"][:, 0]]  # [B, D] cached base embeddings
+    def forward(self, texts: PackedTexts) -> Tensor:
+        """Texts tokenized by :meth:`tokenize` (one token each: its row of the table) -> ``[n, D]``."""
+        return self._adapted(texts.input_ids[0], texts.extras["kind"])
+
+    def packs(self, texts: PackedTexts) -> bool:
+        return True
+
+    def _adapted(self, rows: Tensor, kind: TextKind) -> Tensor:
+        embeddings = self._table(kind)[rows]  # [n, D] cached base embeddings
         return self.adapter(embeddings) if self.adapts(kind) else embeddings
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], kind: TextKind, batch_size: int = 64) -> Tensor:
         """``[len(texts), D]``: base embeddings (new texts embedded ``batch_size`` at a time), then the head."""
-        return self(self._rows_of(texts, kind, batch_size)).float()
+        rows = self._rows_of(texts, kind, batch_size)["input_ids"][:, 0]
+        return self._adapted(rows.to(self.device), kind).float()
 
     def save(self, path: str | os.PathLike) -> None:
         """A sentence-transformers directory: the base model, then the adapter as plain ``Dense`` modules.

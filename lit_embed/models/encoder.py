@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -13,15 +14,20 @@ import torch
 from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 
-from lit_embed.batch import PackedTexts
+from lit_embed.batch import Features, PackedTexts, padding_groups
 from lit_embed.errors import check, is_bool, is_int
+from lit_embed.internals import attention_implementation, dynamo_recompile_limit, set_attention_implementation
 from lit_embed.models.model_folder import check_model_folder, loading_errors
-from lit_embed.models.packed import PACKED_BUCKET, POOLING_MODES, packed_attention, pool
+from lit_embed.models.packed import PACKED_BUCKET, POOLING_MODES, install_packed_attention, pool
 from lit_embed.models.prompts import prompt_for
 
 log = logging.getLogger(__name__)
 
 TextKind = Literal["query", "document"]
+# Length groups for packed texts that an encoder that cannot pack gets without a setting of their own.
+DEFAULT_LENGTH_GROUPS = 4
+# Recompiles a compiled transformer may take per code object (see lit_embed.internals.dynamo_recompile_limit).
+RECOMPILE_LIMIT = 64
 # model.dtype: the names torch and Lightning use for each.
 DTYPES = {
     "float32": torch.float32,
@@ -144,9 +150,6 @@ class Encoder(nn.Module):
         # A compiled transformer gets packed rows padded to a bucket of lengths (None: rows as they are).
         self.packed_bucket: int | None = PACKED_BUCKET if compile else None
         if compile:  # in place, so the weights keep their names in checkpoints and exports
-            # transformers wraps several layer methods in one decorator function, whose code dynamo caches once for
-            # all of them: each method, in training and evaluation, takes entries of that one cache (8 by default).
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             getattr(self.model[0], "auto_model", self.model[0]).compile(dynamic=True)
         # sentence-transformers loads models in eval mode; training needs dropout on (encode() switches it off).
         self.train()
@@ -205,19 +208,36 @@ class Encoder(nn.Module):
         features["task"] = kind
         return features
 
-    def forward(self, features: dict[str, Any] | PackedTexts) -> Tensor:
-        """Features from :meth:`tokenize` (or a collated batch of them), or packed texts -> ``[B, D]`` embeddings."""
-        if isinstance(features, PackedTexts):
-            return self._forward_packed(features)
-        return self.model(dict(features))["sentence_embedding"]
+    def forward(self, texts: PackedTexts) -> Tensor:
+        """Packed texts -> ``[n, D]`` embeddings: attended within each text where this encoder packs
+        (:attr:`packing_unsupported`) and ``texts.length_groups`` asks for it, else padded in length groups."""
+        if self.packs(texts):
+            return self._forward_packed(texts)
+        # Padded as inference pads (encode_query/encode_document): a model whose output depends on where the padding
+        # is (one that reads the last position) trains on what it is used with. Shortest texts first, in groups.
+        rows = sorted(range(len(texts)), key=texts.lengths.__getitem__)
+        bounds = padding_groups([texts.lengths[i] for i in rows], texts.length_groups or DEFAULT_LENGTH_GROUPS)
+        groups = [texts.padded(rows[start:end], self.padding_side, self.pad_token_id) for start, end in bounds]
+        embeddings = torch.cat([self.embed_features(features) for features in groups])  # [n, D], shortest first
+        return embeddings[torch.argsort(torch.tensor(rows, device=embeddings.device))]  # [n, D] in the texts' order
+
+    def packs(self, texts: PackedTexts) -> bool:
+        """Whether :meth:`forward` attends within each text (else it pads them)."""
+        return texts.length_groups == 0 and self.packing_unsupported is None
+
+    def embed_features(self, features: Features) -> Tensor:
+        """Padded features from :meth:`tokenize` -> ``[n, D]`` embeddings, as sentence-transformers computes them."""
+        with self._compiled_calls():
+            return self.model(dict(features))["sentence_embedding"]
 
     def _forward_packed(self, packed: PackedTexts) -> Tensor:
         transformer, pooling, *after = list(self.model)
-        model = transformer.auto_model
         bucket = self.packed_bucket
         attended = packed.padded_to_multiple(bucket, self.pad_token_id) if bucket else packed
-        with packed_attention(model):
-            tokens = model(input_ids=attended.input_ids, position_ids=attended.position_ids, packed=attended)
+        with self._compiled_calls():
+            tokens = transformer.auto_model(
+                input_ids=attended.input_ids, position_ids=attended.position_ids, packed=attended
+            )
         tokens = tokens.last_hidden_state[0, : packed.input_ids.size(1)]  # [T, H], without the padding text
         skip = 0 if pooling.include_prompt else packed.extras.get("prompt_length") or 0
         features = {"sentence_embedding": pool(tokens, packed, pooling.pooling_mode, skip)}  # [n, H]
@@ -225,13 +245,18 @@ class Encoder(nn.Module):
             features = module(features)
         return features["sentence_embedding"]
 
+    def _compiled_calls(self) -> contextlib.AbstractContextManager:
+        return dynamo_recompile_limit(RECOMPILE_LIMIT) if self.packed_bucket else contextlib.nullcontext()
+
     @functools.cached_property
     def packing_unsupported(self) -> str | None:
         """Why this encoder cannot embed packed texts (None: it can, with the same embeddings as padded batches).
 
-        It needs a Hugging Face transformer, then a Pooling module of one of :data:`POOLING_MODES`; and its packed
-        embeddings of a few probe texts must equal its padded ones (which rules out architectures whose attention
-        does not go through transformers' attention functions, and position schemes that packing would change).
+        It needs a Hugging Face transformer, then a Pooling module of one of :data:`POOLING_MODES`, and an attention
+        that :func:`~lit_embed.models.packed.install_packed_attention` can install; and its packed embeddings of a
+        few probe texts must equal its padded ones (which rules out architectures whose attention does not go
+        through transformers' attention functions, and position schemes that packing would change). Where it can,
+        the packed attention stays installed from here on.
         """
         modules = list(self.model)
         transformer = getattr(modules[0], "auto_model", None)
@@ -247,19 +272,25 @@ class Encoder(nn.Module):
             return f"its tokenizer gives features packing does not carry ({', '.join(sorted(features))})"
         if "token_type_ids" in features and features["token_type_ids"].any():
             return "its tokenizer gives type ids other than 0"
-        packed = PackedTexts.from_features(features)
+        own = attention_implementation(transformer.config)
         was_training = self.training
         self.eval()
         try:
             with torch.no_grad():
                 device = self.device
-                padded = self({k: v.to(device) if isinstance(v, Tensor) else v for k, v in features.items()})
-                unpadded = self(packed.to(device))
+                features = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in features.items()}
+                padded = self.embed_features(features)
+                if reason := install_packed_attention(transformer):
+                    return reason
+                unpadded = self._forward_packed(PackedTexts.from_features(features))
+                padded_after = self.embed_features(features)
         except Exception as err:  # an architecture that cannot take packed inputs at all
+            set_attention_implementation(transformer.config, own)
             return f"it cannot run packed inputs ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
         finally:
             self.train(was_training)
-        if not torch.allclose(unpadded.float(), padded.float(), atol=1e-4, rtol=1e-3):
+        if not (close(unpadded, padded) and torch.equal(padded_after, padded)):
+            set_attention_implementation(transformer.config, own)
             return "its packed embeddings differ from its padded ones (its attention or positions do not pack)"
         return None
 
@@ -277,7 +308,7 @@ class Encoder(nn.Module):
             for start in range(0, len(order), batch_size):
                 features = self.tokenize([texts[i] for i in order[start : start + batch_size]], kind)
                 features = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in features.items()}
-                chunks.append(self(features).float())
+                chunks.append(self.embed_features(features).float())
         finally:
             self.train(was_training)
         embeddings = torch.cat(chunks) if chunks else torch.empty(0, self.embedding_dim, device=self.device)
@@ -343,6 +374,11 @@ def _loading_kwargs(model_kwargs: dict[str, Any], dtype: str | None, load_in_4bi
     )
     model_kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
     return model_kwargs
+
+
+def close(a: Tensor, b: Tensor) -> bool:
+    """Equal embeddings up to the order in which packed and padded attention add up."""
+    return torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-3)
 
 
 def weights_are_finite(module: nn.Module) -> bool:

@@ -15,11 +15,9 @@ stays a call of its own, on rows padded to a multiple of :data:`PACKED_BUCKET` t
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,11 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_embed.batch import PackedTexts
+from lit_embed.internals import attention_implementation, set_attention_implementation
 
-# Nested jagged tensors are what scaled_dot_product_attention takes for variable lengths; they are used as intended.
-warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
-
-ATTENTION = "lit_embed_packed"
+ATTENTION = "lit_embed_packed"  # the installed attention is named "lit_embed_packed+<the model's own>"
 POOLING_MODES = ("cls", "mean", "max", "lasttoken")
 # A compiled encoder's packed rows are padded to a multiple of this many tokens: few distinct shapes, aligned tiles,
 # and at most 63 padding tokens a row (0.2% of a 256-pair batch of 130-token texts).
@@ -83,7 +79,10 @@ def varlen_attention(
         offsets = packed.cu_seqlens.long()
 
         def jagged(x: Tensor) -> Tensor:  # [T, H, d] -> [n, H, j, d]
-            return torch.nested.nested_tensor_from_jagged(x, offsets, max_seqlen=packed.max_length).transpose(1, 2)
+            with warnings.catch_warnings():  # nested jagged tensors are used as intended: not a "prototype" warning
+                warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+                nested = torch.nested.nested_tensor_from_jagged(x, offsets, max_seqlen=packed.max_length)
+            return nested.transpose(1, 2)
 
         attended = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v), dropout_p=dropout, scale=scaling)
         out = attended.transpose(1, 2).values()  # [T, H, d]
@@ -105,23 +104,40 @@ def varlen_attention(
     return out[None], None
 
 
-def _register() -> None:
+def install_packed_attention(transformer: nn.Module) -> str | None:
+    """Gives the transformer an attention that runs :func:`varlen_attention` for a call with ``packed=`` and its own
+    attention for any other; returns why it cannot (None: installed, or already there).
+
+    Registered with transformers' attention and mask registries under one name per own attention, so every layer
+    finds it through the config, in the forward pass and when recomputed. A call without ``attention_mask`` (packed)
+    gets no mask; a padded call gets the mask its own attention would.
+    """
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    AttentionInterface.register(ATTENTION, varlen_attention)
+    own = attention_implementation(transformer.config)
+    if own is not None and own.startswith(ATTENTION):
+        return None
+    if own not in ALL_ATTENTION_FUNCTIONS or own not in ALL_MASK_ATTENTION_FUNCTIONS:
+        # "eager" is each architecture's own function, which a shared wrapper cannot call.
+        return f"its attention ({own}) is not one of transformers' shared ones (model.model_kwargs.attn_implementation=sdpa is)"
+    name = f"{ATTENTION}+{own}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        padded_attention, padded_mask = ALL_ATTENTION_FUNCTIONS[own], ALL_MASK_ATTENTION_FUNCTIONS[own]
 
+        def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if "packed" in kwargs:
+                return varlen_attention(module, query, key, value, *args, **kwargs)
+            return padded_attention(module, query, key, value, *args, **kwargs)
 
-@contextlib.contextmanager
-def packed_attention(transformer: nn.Module) -> Iterator[None]:
-    """The transformer's attention is :func:`varlen_attention` inside the block (its config is read at every call,
-    so padded calls elsewhere, evaluation's, keep their own)."""
-    config = transformer.config
-    previous = config._attn_implementation
-    config._attn_implementation = ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+        def mask(*args: Any, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
+            return None if attention_mask is None else padded_mask(*args, attention_mask=attention_mask, **kwargs)
+
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, mask)
+    set_attention_implementation(transformer.config, name)
+    return None
 
 
 def pool(tokens: Tensor, packed: PackedTexts, mode: str, skip: int = 0) -> Tensor:
@@ -151,4 +167,3 @@ def pool(tokens: Tensor, packed: PackedTexts, mode: str, skip: int = 0) -> Tenso
     raise ValueError(f"no packed pooling for mode {mode!r}")
 
 
-_register()

@@ -20,7 +20,6 @@ from torch.optim import Optimizer
 from lit_embed.batch import PairBatch, pair_batches
 from lit_embed.errors import LitEmbedError, NonFiniteLossError, check, is_bool
 from lit_embed.losses.base import EmbeddingLoss
-from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 from lit_embed.models.lora import lora_config, lora_weight_names
 from lit_embed.training.nonfinite import (
@@ -37,6 +36,7 @@ from lit_embed.training.optim import (
     SchedulerFactory,
     check_optimization,
 )
+from lit_embed.training.steps import GradCache, plain_step, split_step
 
 
 class EmbeddingFinetuneModule(L.LightningModule):
@@ -46,7 +46,8 @@ class EmbeddingFinetuneModule(L.LightningModule):
         encoder: texts -> embeddings: an :class:`~lit_embed.models.encoder.Encoder`, or an
             :class:`~lit_embed.models.adapted.AdaptedEncoder` for adapter training.
         loss: an :class:`~lit_embed.losses.base.EmbeddingLoss` (default: MNRL, scale 20); for multi-task data,
-            ``{task name: loss}``.
+            ``{task name: loss}``. A :class:`~lit_embed.training.steps.GradCache` in it (``loss=cached_mnrl``) is the
+            task's step: it embeds the batch for the loss it holds.
         optimizer: ``optimizer(param_groups) -> Optimizer`` (a Hydra partial); default AdamW, lr 2e-5, decay 0.01.
         scheduler: ``scheduler(optimizer, total_steps=...) -> LRScheduler`` stepped per optimizer step,
             or None for a constant learning rate.
@@ -69,9 +70,13 @@ class EmbeddingFinetuneModule(L.LightningModule):
         check(is_bool(skip_nonfinite), "skip_nonfinite", skip_nonfinite, "true or false")
         check_optimization(optimizer, scheduler)
         self.encoder = encoder
-        if isinstance(loss, Mapping):
-            loss = nn.ModuleDict(dict(loss))
-        self.loss = loss if loss is not None else MultipleNegativesRankingLoss()
+        loss = loss if loss is not None else MultipleNegativesRankingLoss()
+        losses = dict(loss) if isinstance(loss, Mapping) else {"": loss}
+        # Each task's step (None: the plain one) and loss; a step has no weights, so it is no submodule.
+        self.steps: dict[str, GradCache | None] = {}
+        for task, task_loss in losses.items():
+            self.steps[task], losses[task] = split_step(task_loss)
+        self.loss = nn.ModuleDict(losses) if isinstance(loss, Mapping) else losses[""]
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.skip_nonfinite = skip_nonfinite
@@ -98,14 +103,6 @@ class EmbeddingFinetuneModule(L.LightningModule):
             self.frozen_weights = frozenset(f"encoder.{n}" for n in encoder.state_dict() if n not in lora_names)
             self.strict_loading = False  # the frozen weights are left out of checkpoints on purpose
 
-    def setup(self, stage: str) -> None:
-        cached = any(isinstance(m, CachedLoss) for m in self.loss.modules())
-        if cached and self.trainer.precision in ("16-mixed", "16-true"):
-            raise LitEmbedError(
-                "loss=cached_mnrl and loss=cached_gist compute their gradients inside the step, where fp16's loss "
-                "scaling cannot reach: use trainer.precision=bf16-mixed or 32-true."
-            )
-
     def on_train_start(self) -> None:
         plugin = self.trainer.precision_plugin
         scaled = isinstance(plugin, MixedPrecision) and plugin.scaler is not None
@@ -122,7 +119,7 @@ class EmbeddingFinetuneModule(L.LightningModule):
 
     def training_step(self, batch: PairBatch | Mapping[str, PairBatch], batch_idx: int) -> Tensor | None:
         tasks = pair_batches(batch)  # one task's pairs, or every task's when a step trains them all
-        losses = {pairs.task: self.loss_for(pairs.task).batch_loss(self.encoder, pairs) for pairs in tasks}
+        losses = {pairs.task: self.task_loss(pairs) for pairs in tasks}
         loss = torch.stack(list(losses.values())).sum()
         num_pairs = sum(len(pairs) for pairs in tasks)
         query_ids = [i for pairs in tasks for i in pairs.query_ids]
@@ -194,6 +191,20 @@ class EmbeddingFinetuneModule(L.LightningModule):
             )
         self.skipped_batches += skipped.count
 
+    def task_loss(self, pairs: PairBatch) -> Tensor:
+        """The loss of one task's pairs, by that task's step."""
+        loss = self.loss_for(pairs.task)
+        if pairs.positives is not None and not loss.scores_several_positives():
+            raise LitEmbedError(
+                f"{type(loss).__name__} scores one positive per query, but the rows hold several "
+                "(data.multi_positive=true): train them with loss=mnrl, cached_mnrl or matryoshka, or set "
+                "data.multi_positive=false."
+            )
+        step = self.steps[pairs.task if isinstance(self.loss, nn.ModuleDict) else ""]
+        if step is None:
+            return plain_step(self.encoder, pairs, loss)
+        return step(self.encoder, pairs, loss, loss_scale_of(self.trainer.precision_plugin))
+
     def loss_for(self, task: str) -> EmbeddingLoss:
         """The loss of one task (single-task data has one loss, for the task ``""``)."""
         if not isinstance(self.loss, nn.ModuleDict):
@@ -205,7 +216,7 @@ class EmbeddingFinetuneModule(L.LightningModule):
     def step_metrics(self, tasks: list[PairBatch]) -> dict[str, Tensor]:
         """What this step's losses measured besides the loss (GIST's masked candidates), summed over the tasks."""
         metrics: dict[str, Tensor] = {}
-        # A wrapped loss (GradCache's) reports too: every EmbeddingLoss inside each task's loss.
+        # A wrapped loss (Matryoshka's) reports too: every EmbeddingLoss inside each task's loss.
         losses = [m for pairs in tasks for m in self.loss_for(pairs.task).modules() if isinstance(m, EmbeddingLoss)]
         for loss in losses:
             for name, value in loss.step_metrics().items():
@@ -281,3 +292,9 @@ class EmbeddingFinetuneModule(L.LightningModule):
             if param.requires_grad:
                 (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def loss_scale_of(plugin: Any) -> float:
+    """fp16's current loss scale (a host read, as fp16's scaler makes every step), 1 without one."""
+    scaler = plugin.scaler if isinstance(plugin, MixedPrecision) else None
+    return float(scaler.get_scale()) if scaler is not None else 1.0

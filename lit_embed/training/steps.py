@@ -1,4 +1,9 @@
-"""GradCache: any embedding loss on batches far larger than fit in memory, with the gradients of the whole batch."""
+"""How a training step turns a batch into a loss: the batch embedded in one pass, or by GradCache.
+
+A step strategy is chosen beside the loss (as Tevatron chooses its trainer): the loss is a function of an embedded
+batch (:class:`~lit_embed.batch.Embedded`) and knows nothing of how the embeddings were made, so every loss, and
+Matryoshka around any of them, trains with either.
+"""
 
 from __future__ import annotations
 
@@ -8,40 +13,21 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from lit_embed.batch import Features, PackedTexts, PairBatch, TokenGroups
+from lit_embed.batch import PackedTexts, PairBatch
 from lit_embed.errors import check, is_int
 from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 
 
-def mini_batches(side: TokenGroups, size: int, tokens: int | None = None) -> list[Features | PackedTexts]:
-    """Splits one side of a batch into mini-batches of at most ``size`` rows, or of at most ``tokens`` computed tokens.
+def plain_step(encoder: nn.Module, batch: PairBatch, loss: EmbeddingLoss, loss_scale: float = 1.0) -> Tensor:
+    """The loss of the batch embedded in one pass, with its graph: Lightning's backward does the rest."""
+    return loss(batch.embed(encoder))
 
-    Each length group is cut into runs, each trimmed to its own longest row (a packed side into runs of texts).
-    Rows keep the groups' order, so the mini-batches' outputs concatenated are the groups' outputs (``order`` still
-    applies). With ``tokens``, runs are cut by what the encoder computes: the texts' tokens when packed, rows x the
-    run's longest row when padded (those lengths are read from the device: one sync per step).
-    """
-    chunks: list[Features | PackedTexts] = []
-    for features in side.groups:
-        if isinstance(features, PackedTexts):
-            chunks += features.split(run_sizes(features.lengths, size, tokens, padded=False))
-            continue
-        mask = features["attention_mask"]  # [n, L]
-        lengths = mask.sum(dim=1).tolist() if tokens is not None else [mask.size(1)] * mask.size(0)
-        start = 0
-        for count in run_sizes(lengths, size, tokens, padded=True):
-            rows = slice(start, start + count)
-            start += count
-            # Drop the columns that are padding in every row, on whichever side the group was padded.
-            used = mask[rows].any(dim=0)  # [L]
-            chunks.append(
-                {
-                    key: value[rows][:, used] if isinstance(value, Tensor) and value.shape == mask.shape else value
-                    for key, value in features.items()
-                }
-            )
-    return chunks
+
+def mini_batches(side: PackedTexts, size: int, tokens: int | None, packs: bool) -> list[PackedTexts]:
+    """One side of a batch in runs of at most ``size`` texts, or of at most ``tokens`` computed tokens: each text's
+    tokens where the encoder ``packs`` them, texts x the run's longest where it pads."""
+    return side.split(run_sizes(side.lengths, size, tokens, padded=not packs))
 
 
 def run_sizes(lengths: Sequence[int], size: int, tokens: int | None, padded: bool) -> list[int]:
@@ -90,8 +76,8 @@ class _WithGradients(torch.autograd.Function):
         return (None, None, *(g * grad.to(g.dtype) for g in ctx.gradients))
 
 
-class CachedLoss(EmbeddingLoss):
-    """Trains on huge batches in the memory of one mini-batch, with exactly the big batch's gradients (GradCache).
+class GradCache(nn.Module):
+    """Embeds huge batches in the memory of one mini-batch, with exactly the big batch's gradients (GradCache).
 
     1. Every text of the batch is embedded in mini-batches without a graph (the RNG state before each is kept).
     2. The loss and its gradient for each embedding are computed on the whole batch at once.
@@ -99,15 +85,19 @@ class CachedLoss(EmbeddingLoss):
        and back-propagated with its embeddings' gradients from step 2; its graph is freed before the next.
 
     The returned loss carries the summed parameter gradients into Lightning's backward, so gradient clipping,
-    accumulation and DDP's gradient averaging work as for any loss. Costs one extra forward pass per step.
+    accumulation, fp16's loss scaling and DDP's gradient averaging work as for any loss. Costs one extra forward
+    pass per step.
+
+    Configured in the loss's place around the loss it runs (``loss=cached_mnrl``: ``GradCache(loss=MNRL)``); the
+    module takes it apart into this step and that loss (:func:`split_step`), wherever it sits in the loss's config.
 
     Args:
-        loss: the embedding loss, ``loss(queries [B, D], documents [B + N, D])`` (default: MNRL, scale 20). With
-            ``gather_across_devices`` it sees the global batch under DDP.
+        loss: the loss it runs (default: MNRL, scale 20). With ``gather_across_devices`` it sees the global batch
+            under DDP.
         mini_batch_size: texts encoded at once; bounds the activation memory.
         mini_batch_tokens: tokens encoded at once, instead of ``mini_batch_size`` texts (as sentence-transformers'
             ``mini_batch_num_tokens``): the memory is then bounded by tokens, however uneven the texts' lengths.
-            Counted as computed: each text's tokens when packed, rows x the longest row in length groups. A text
+            Counted as computed: each text's tokens when packed, texts x the longest in a padded mini-batch. A text
             longer than this is encoded on its own. None: ``mini_batch_size`` texts.
     """
 
@@ -127,56 +117,64 @@ class CachedLoss(EmbeddingLoss):
             mini_batch_tokens,
             "a whole number of tokens encoded at once, >= 1, or null for mini_batch_size texts",
         )
-        self.loss = loss if loss is not None else MultipleNegativesRankingLoss()
+        # Not a submodule: the module trains it as the task's loss; this step only runs it.
+        self.__dict__["loss"] = loss if loss is not None else MultipleNegativesRankingLoss()
         self.mini_batch_size = mini_batch_size
         self.mini_batch_tokens = mini_batch_tokens
 
-    def forward(self, queries: Tensor, documents: Tensor) -> Tensor:
-        return self.loss(queries, documents)
+    def forward(self, encoder: nn.Module, batch: PairBatch, loss: EmbeddingLoss, loss_scale: float = 1.0) -> Tensor:
+        """The loss of a batch, ready for ``backward()``, which hands the encoder the whole batch's gradients.
 
-    def batch_loss(self, encoder: nn.Module, batch: PairBatch) -> Tensor:
-        """The loss of a batch, ready for ``backward()``, which hands the encoder the whole batch's gradients."""
+        ``loss_scale``: fp16's current loss scale; the mini-batches' backward passes run scaled, as Lightning's
+        backward of an unscaled loss would, so their half-precision gradients do not underflow.
+        """
         sides = [batch.queries, batch.documents]
-        chunks = [mini_batches(side, self.mini_batch_size, self.mini_batch_tokens) for side in sides]
+        chunks = [mini_batches(side, self.mini_batch_size, self.mini_batch_tokens, encoder.packs(side)) for side in sides]
         states: list[list[tuple[Tensor, Tensor | None]]] = [[], []]
-        grouped = []
+        embedded = []
         with torch.no_grad():
             for side_chunks, side_states in zip(chunks, states, strict=True):
                 outputs = []
                 for chunk in side_chunks:
                     side_states.append(rng_state())
                     outputs.append(encoder(chunk))
-                grouped.append(torch.cat(outputs))  # [N, D] in group order
-        # Leaves in the batch's row order; their gradients are what each mini-batch back-propagates.
-        queries, documents = (
-            rows[side.order].detach().requires_grad_() for rows, side in zip(grouped, sides, strict=True)
-        )
+                embedded.append(torch.cat(outputs).detach().requires_grad_())  # [n, D]: leaves in the batch's order
+        queries, documents = embedded
         with torch.enable_grad():
-            loss = self.loss.embeddings_loss(encoder, batch, queries, documents)
+            value = loss(batch.embedded(queries, documents))
         # A non-finite loss is not checked here (a host sync): its gradients are non-finite too, and the module
         # skips such a step (on the device with a fused optimizer).
-        embedding_grads = torch.autograd.grad(loss, [queries, documents])
+        embedding_grads = torch.autograd.grad(value * loss_scale, [queries, documents])
         params = [p for p in encoder.parameters() if p.requires_grad]
         totals: list[Tensor | None] = [None] * len(params)
-        for side, side_chunks, side_states, grad in zip(sides, chunks, states, embedding_grads, strict=True):
-            grouped_grad = torch.empty_like(grad)
-            grouped_grad[side.order] = grad  # back to group order, the order the mini-batches come in
+        for side_chunks, side_states, grad in zip(chunks, states, embedding_grads, strict=True):
             start = 0
             for chunk, state in zip(side_chunks, side_states, strict=True):
                 with torch.enable_grad(), replayed_rng(state):
                     embeddings = encoder(chunk)  # [n, D]
-                chunk_grad = grouped_grad[start : start + embeddings.size(0)].to(embeddings.dtype)
+                chunk_grad = grad[start : start + embeddings.size(0)].to(embeddings.dtype)
                 start += embeddings.size(0)
                 grads = torch.autograd.grad(embeddings, params, grad_outputs=chunk_grad, allow_unused=True)
                 totals = [t if g is None else g if t is None else t.add_(g) for t, g in zip(totals, grads, strict=True)]
         # Parameters the encoder never used (a BERT pooler) get no gradient at all, as with the plain loss.
-        used = [(param, total) for param, total in zip(params, totals, strict=True) if total is not None]
-        return _WithGradients.apply(loss.detach(), [total for _, total in used], *(param for param, _ in used))
-
-    def scores_several_positives(self) -> bool:
-        return self.loss.scores_several_positives()
+        used = [(param, total / loss_scale) for param, total in zip(params, totals, strict=True) if total is not None]
+        return _WithGradients.apply(value.detach(), [total for _, total in used], *(param for param, _ in used))
 
     def extra_repr(self) -> str:
         if self.mini_batch_tokens is not None:
             return f"mini_batch_tokens={self.mini_batch_tokens}"
         return f"mini_batch_size={self.mini_batch_size}"
+
+
+def split_step(loss: nn.Module) -> tuple[GradCache | None, nn.Module]:
+    """The step a loss config asks for, and the loss without it: a :class:`GradCache` at the top of the config
+    (``loss=cached_mnrl``) or inside another loss (``loss=matryoshka loss.loss=...cached``) embeds the batch for the
+    whole loss; None: the plain step."""
+    if isinstance(loss, GradCache):
+        return loss, loss.loss
+    for parent in loss.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, GradCache):
+                setattr(parent, name, child.loss)
+                return child, loss
+    return None, loss
