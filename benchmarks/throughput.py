@@ -164,14 +164,18 @@ def _inside_aten(event) -> bool:
     return False
 
 
-def side_tokens(features: dict | object) -> tuple[int, int | torch.Tensor]:
-    """(computed, real) tokens of one encoder input: padded features or packed texts. The real count of padded
-    features stays a device value (summed, read after the run), so counting adds no host read to the step."""
-    mask = features.get("attention_mask") if isinstance(features, dict) else None
-    if mask is None:  # packed: every computed token is real
-        total = int(features.input_ids.numel())
-        return total, total
-    return int(mask.numel()), mask.sum()
+def side_tokens(side: PackedTexts, packs: bool) -> tuple[int, int]:
+    """(computed, real) tokens of one side of a batch, from the host lengths (no device read): its tokens where the
+    encoder packs them, else the padded groups the encoder cuts (rows x each group's longest)."""
+    from lit_embed.batch import padding_groups
+    from lit_embed.models.encoder import DEFAULT_LENGTH_GROUPS
+
+    real = sum(side.lengths)
+    if packs:
+        return real, real
+    lengths = sorted(side.lengths)
+    bounds = padding_groups(lengths, side.length_groups or DEFAULT_LENGTH_GROUPS)
+    return sum((end - start) * lengths[end - 1] for start, end in bounds), real
 
 
 class StepClock:
@@ -303,8 +307,7 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
         def on_train_batch_start(self, trainer, pl_module, batch, *_: object) -> None:
             stats.step_start()
             for side in (batch.queries, batch.documents):
-                for features in side.groups:
-                    stats.tokens(*side_tokens(features))
+                stats.tokens(*side_tokens(side, module.encoder.packs(side)))
 
         def on_train_batch_end(self, *_: object) -> None:
             clock.tick()
