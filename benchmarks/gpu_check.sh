@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU check (under 8 minutes on one H100/H200): lit_embed against sentence-transformers' Trainer at
-# bge-small's shape in bf16 -- batch 256 plain, the same with lit_embed's model.compile=true, and batch 4096 with the
+# bge-small's shape in bf16 -- batch 256 plain, the same with lit_embed's method.compile=true, and batch 4096 with the
 # cached losses -- in one process each, then the GPU tests (-m gpu). Writes everything to one JSON file.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]        # default: ./gpu_check
@@ -40,7 +40,7 @@ else  # a dry run of the script itself
 fi
 common=(--device "$device" --model "$model" --precision "$precision" --rounds 1 --no-evaluate --source-dir "$sources")
 python benchmarks/throughput.py "${common[@]}" "${plain[@]}" --lit data.packing=true --json "$out/plain.json"
-python benchmarks/throughput.py "${common[@]}" "${compiled[@]}" --lit data.packing=true --lit model.compile=true \
+python benchmarks/throughput.py "${common[@]}" "${compiled[@]}" --lit data.packing=true --lit method.compile=true \
     --json "$out/compiled.json"
 python benchmarks/throughput.py "${common[@]}" "${cached[@]}" --lit data.packing=true --json "$out/cached.json"
 

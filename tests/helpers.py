@@ -82,10 +82,10 @@ def pair_collator(
     documents: list[str],
     rows: list[tuple[int, int, tuple[int, ...]]],
     encoder,
-    length_groups: int = 1,
-    packed: bool = False,
+    length_groups: int = 0,
 ) -> PairCollator:
-    """A collator over ``(query, positive, negatives)`` rows of text indices, as the data module builds one."""
+    """A collator over ``(query, positive, negatives)`` rows of text indices, as the data module builds one
+    (``length_groups``: 0 packs the sides, ``g`` pads them in up to ``g`` length groups)."""
     training = TrainingRows(
         queries=Ragged.from_texts(queries),
         documents=Ragged.from_texts(documents),
@@ -99,4 +99,4 @@ def pair_collator(
         key="test",
     )
     stores = token_store(queries, "query", encoder), token_store(documents, "document", encoder)
-    return PairCollator(training, *stores, length_groups=length_groups, packed=packed)
+    return PairCollator(training, *stores, length_groups=length_groups)

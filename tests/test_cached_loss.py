@@ -1,4 +1,4 @@
-"""The cached (GradCache) loss gives the plain loss's gradients while building graphs of one mini-batch at a time."""
+"""The GradCache step gives the plain step's gradients while building graphs of one mini-batch at a time."""
 
 from __future__ import annotations
 
@@ -8,28 +8,28 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import compose_train, pair_collator, tiny_run_overrides, write_toy_data
+from lightning.pytorch.plugins.precision import MixedPrecision
 from safetensors.torch import load_file
 
-from lit_embed.batch import PackedTexts, PairBatch
-from lit_embed.errors import LitEmbedError
-from lit_embed.losses.cached import CachedLoss, mini_batches, run_sizes
+from lit_embed.batch import Embedded, PackedTexts, PairBatch
+from lit_embed.config import build
 from lit_embed.losses.matryoshka import MatryoshkaLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss, mnrl
 from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
 from lit_embed.training.module import EmbeddingFinetuneModule
+from lit_embed.training.steps import GradCache, mini_batches, plain_step, run_sizes, split_step
 
 WORDS = "sort open parse join read format hash split merge count filter map reduce zip walk copy".split()
 
 
-def collated_batch(
-    encoder: Encoder, size: int = 12, negatives: int = 1, length_groups: int = 2, packed: bool = False
-) -> PairBatch:
-    """``size`` pairs of varied lengths with ``negatives`` hard negatives each, collated as for training."""
+def collated_batch(encoder: Encoder, size: int = 12, negatives: int = 1, length_groups: int = 2) -> PairBatch:
+    """``size`` pairs of varied lengths with ``negatives`` hard negatives each, collated as for training
+    (``length_groups``: 0 packed, ``g`` padded in up to ``g`` groups)."""
     queries = [f"how to {' '.join(WORDS[i % 16 : i % 16 + 1 + i % 5])} {i}" for i in range(size)]
     documents = [f"def f{i}(): return {' + '.join(WORDS[: 1 + i % 9])}" for i in range(size * (1 + negatives))]
     rows = [(i, i, tuple(size + i * negatives + k for k in range(negatives))) for i in range(size)]
-    return pair_collator(queries, documents, rows, encoder, length_groups, packed)(list(range(size)))
+    return pair_collator(queries, documents, rows, encoder, length_groups)(list(range(size)))
 
 
 def gradients(encoder: Encoder) -> dict[str, torch.Tensor]:
@@ -38,16 +38,17 @@ def gradients(encoder: Encoder) -> dict[str, torch.Tensor]:
 
 def plain_gradients(encoder: Encoder, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     encoder.zero_grad()
-    loss = mnrl(batch.queries.embed(encoder), batch.documents.embed(encoder))
+    loss = mnrl(Embedded(encoder(batch.queries), encoder(batch.documents)))
     loss.backward()
     return loss.detach(), gradients(encoder)
 
 
 def cached_gradients(
-    encoder: Encoder, batch: PairBatch, size: int, tokens: int | None = None
+    encoder: Encoder, batch: PairBatch, size: int, tokens: int | None = None, loss_scale: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     encoder.zero_grad()
-    loss = CachedLoss(mini_batch_size=size, mini_batch_tokens=tokens).batch_loss(encoder, batch)
+    step = GradCache(mini_batch_size=size, mini_batch_tokens=tokens)
+    loss = step(encoder, batch, step.loss, loss_scale=loss_scale)
     loss.backward()
     return loss.detach(), gradients(encoder)
 
@@ -71,7 +72,7 @@ def test_gradients_equal_the_plain_loss(tiny_encoder: Encoder, negatives: int, m
 @pytest.mark.parametrize("tokens", [1, 40, 10_000])
 def test_token_budget_mini_batches_give_the_plain_gradients(tiny_encoder: Encoder, packed: bool, tokens: int) -> None:
     tiny_encoder.eval()
-    batch = collated_batch(tiny_encoder, negatives=1, packed=packed)
+    batch = collated_batch(tiny_encoder, negatives=1, length_groups=0 if packed else 2)
     assert_same(cached_gradients(tiny_encoder, batch, 1, tokens), plain_gradients(tiny_encoder, batch))
 
 
@@ -84,25 +85,20 @@ def test_token_budget_bounds_every_graph_by_its_computed_tokens(
     computed: list[tuple[int, int]] = []  # (texts, tokens computed)
     forward = Encoder.forward
 
-    def recording_forward(self, features):
+    def recording_forward(self, texts: PackedTexts):
         if torch.is_grad_enabled():
-            if isinstance(features, PackedTexts):
-                computed.append((len(features), features.input_ids.size(1)))
-            else:
-                rows, columns = features["input_ids"].shape
-                computed.append((rows, rows * columns))
-        return forward(self, features)
+            assert self.packs(texts) is packed
+            # Padded, at most texts x the longest: the encoder's length groups can only pad less.
+            computed.append((len(texts), sum(texts.lengths) if packed else len(texts) * texts.max_length))
+        return forward(self, texts)
 
     monkeypatch.setattr(Encoder, "forward", recording_forward)
-    batch = collated_batch(tiny_encoder, size=40, negatives=1, packed=packed)
-    longest = max(
-        max(group.lengths) if packed else group["attention_mask"].sum(1).max().item()
-        for side in (batch.queries, batch.documents)
-        for group in side.groups
-    )
+    batch = collated_batch(tiny_encoder, size=40, negatives=1, length_groups=0 if packed else 2)
+    longest = max(batch.queries.max_length, batch.documents.max_length)
     budget = 48
     assert longest < budget < 40 * longest  # a budget that cuts the batch
-    CachedLoss(mini_batch_size=1, mini_batch_tokens=budget).batch_loss(tiny_encoder, batch).backward()
+    step = GradCache(mini_batch_size=1, mini_batch_tokens=budget)
+    step(tiny_encoder, batch, step.loss).backward()
     assert max(tokens for _, tokens in computed) <= budget
     assert max(texts for texts, _ in computed) > 1  # cut by tokens, not by mini_batch_size
     assert sum(texts for texts, _ in computed) == 40 + 80
@@ -125,8 +121,11 @@ def test_dropout_masks_are_replayed(tiny_encoder: Encoder) -> None:
     torch.manual_seed(7)
     tiny_encoder.zero_grad()
     sides = [batch.queries, batch.documents]
-    embedded = [torch.cat([tiny_encoder(chunk) for chunk in mini_batches(side, 4)])[side.order] for side in sides]
-    reference = mnrl(*embedded)
+    embedded = [
+        torch.cat([tiny_encoder(chunk) for chunk in mini_batches(side, 4, None, tiny_encoder.packs(side))])
+        for side in sides
+    ]
+    reference = mnrl(Embedded(*embedded))
     reference.backward()
     expected = reference.detach(), gradients(tiny_encoder)
     torch.manual_seed(7)
@@ -148,40 +147,71 @@ def test_graphs_are_built_one_mini_batch_at_a_time(tiny_encoder: Encoder, monkey
     rows_with_graph = []
     forward = Encoder.forward
 
-    def recording_forward(self, features):
+    def recording_forward(self, texts: PackedTexts):
         if torch.is_grad_enabled():
-            rows_with_graph.append(features["input_ids"].size(0))
-        return forward(self, features)
+            rows_with_graph.append(len(texts))
+        return forward(self, texts)
 
     monkeypatch.setattr(Encoder, "forward", recording_forward)
     batch = collated_batch(tiny_encoder, size=40, negatives=1)
-    CachedLoss(mini_batch_size=5).batch_loss(tiny_encoder, batch).backward()
+    step = GradCache(mini_batch_size=5)
+    step(tiny_encoder, batch, step.loss).backward()
     assert max(rows_with_graph) <= 5
     assert sum(rows_with_graph) == 40 + 80  # every query and document once
 
 
-def test_mini_batches_are_trimmed_to_their_longest_text(tiny_encoder: Encoder) -> None:
+def test_mini_batches_are_trimmed_to_their_longest_text(tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
     batch = collated_batch(tiny_encoder, size=12, negatives=0, length_groups=1)
-    chunks = mini_batches(batch.documents, 4)
-    assert [c["input_ids"].size(0) for c in chunks] == [4, 4, 4]
-    for chunk in chunks:
-        assert chunk["attention_mask"][:, -1].any(), "a column of padding only was kept"
+    assert not tiny_encoder.packs(batch.documents)  # length_groups=1: padded, in one group per call
+    chunks = mini_batches(batch.documents, 4, None, packs=False)
+    assert [len(c) for c in chunks] == [4, 4, 4]
+    masks = []
+    embed_features = Encoder.embed_features
+
+    def recording(self, features):
+        masks.append(features["attention_mask"])
+        return embed_features(self, features)
+
+    monkeypatch.setattr(Encoder, "embed_features", recording)
     with torch.no_grad():
         tiny_encoder.eval()
-        whole = batch.documents.embed(tiny_encoder)
-        pieces = torch.cat([tiny_encoder(c) for c in chunks])[batch.documents.order]
+        whole = tiny_encoder(batch.documents)
+        masks.clear()
+        pieces = torch.cat([tiny_encoder(c) for c in chunks])
+    assert [mask.size(0) for mask in masks] == [4, 4, 4]
+    for mask in masks:
+        assert mask.bool().any(dim=0).all(), "a column of padding only was kept"
     torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=0)
 
 
-def test_fp16_is_refused_with_the_fix(tiny_encoder: Encoder) -> None:
-    module = EmbeddingFinetuneModule(tiny_encoder, loss=CachedLoss())
-    module._trainer = SimpleNamespace(precision="16-mixed")
-    with pytest.raises(LitEmbedError, match="bf16-mixed or 32-true"):
-        module.setup("fit")
+def test_fp16s_loss_scale_gives_the_plain_gradients(tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 trains with the cached step: its mini-batches back-propagate scaled (no fp16 underflow), and the
+    gradients it hands on are the plain ones; the module passes it the scaler's current scale."""
+    tiny_encoder.eval()
+    batch = collated_batch(tiny_encoder, negatives=1)
+    expected = plain_gradients(tiny_encoder, batch)
+    assert_same(cached_gradients(tiny_encoder, batch, 3, loss_scale=1024.0), expected)
+
+    module = EmbeddingFinetuneModule(tiny_encoder, loss=GradCache(mini_batch_size=3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    module._trainer = SimpleNamespace(precision_plugin=MixedPrecision("16-mixed", "cpu", scaler=scaler))
+    scales = []
+    forward = GradCache.forward
+
+    def recording(self, encoder, pairs, loss, loss_scale=1.0):
+        scales.append(loss_scale)
+        return forward(self, encoder, pairs, loss, loss_scale)
+
+    monkeypatch.setattr(GradCache, "forward", recording)
+    tiny_encoder.zero_grad()
+    loss = module.task_loss(batch)
+    loss.backward()
+    assert scales == [1024.0]
+    assert_same((loss.detach(), gradients(tiny_encoder)), expected)
     with pytest.raises(ValueError, match="mini_batch_size"):
-        CachedLoss(mini_batch_size=0)
+        GradCache(mini_batch_size=0)
     with pytest.raises(ValueError, match="mini_batch_tokens"):
-        CachedLoss(mini_batch_tokens=0)
+        GradCache(mini_batch_tokens=0)
 
 
 @pytest.mark.parametrize("budget", ["loss.mini_batch_size=5", "loss.mini_batch_tokens=64"])
@@ -201,17 +231,41 @@ def test_cached_training_run_trains_the_model(tmp_path: Path, budget: str) -> No
     assert any(not torch.equal(trained[k], base[k]) for k in base)
 
 
-def test_wraps_matryoshka_and_not_the_other_way_round(tiny_encoder: Encoder) -> None:
+def nested(inner: torch.nn.Module) -> MatryoshkaLoss:
+    return MatryoshkaLoss(inner, dims=[64, 32, 16], weights=[1.0, 0.5, 0.25])
+
+
+def test_matryoshka_and_the_cached_step_compose_either_way_round(tiny_encoder: Encoder) -> None:
+    """GradCache around Matryoshka, and Matryoshka around GradCache (``loss=matryoshka`` with a GradCache as its
+    ``loss:``): both split into the cached step and Matryoshka of the inner loss, with the plain step's loss and
+    gradients."""
     tiny_encoder.eval()
     batch = collated_batch(tiny_encoder, negatives=1)
-    nested = MatryoshkaLoss(MultipleNegativesRankingLoss(), dims=[64, 32, 16], weights=[1.0, 0.5, 0.25])
     tiny_encoder.zero_grad()
-    loss = nested(batch.queries.embed(tiny_encoder), batch.documents.embed(tiny_encoder))
+    loss = plain_step(tiny_encoder, batch, nested(MultipleNegativesRankingLoss()))
     loss.backward()
     expected = loss.detach(), gradients(tiny_encoder)
+    for config in (
+        GradCache(nested(MultipleNegativesRankingLoss()), mini_batch_size=3),
+        nested(GradCache(MultipleNegativesRankingLoss(), mini_batch_size=3)),
+    ):
+        step, loss = split_step(config)
+        assert isinstance(step, GradCache) and step.mini_batch_size == 3
+        assert isinstance(loss, MatryoshkaLoss) and isinstance(loss.loss, MultipleNegativesRankingLoss)
+        tiny_encoder.zero_grad()
+        cached = step(tiny_encoder, batch, loss)
+        cached.backward()
+        assert_same((cached.detach(), gradients(tiny_encoder)), expected)
+
+    module = EmbeddingFinetuneModule(tiny_encoder, nested(GradCache(MultipleNegativesRankingLoss(), mini_batch_size=3)))
+    assert isinstance(module.steps[""], GradCache) and isinstance(module.loss.loss, MultipleNegativesRankingLoss)
+    module._trainer = SimpleNamespace(precision_plugin=None)  # no fp16 scaler: loss scale 1
     tiny_encoder.zero_grad()
-    cached = CachedLoss(nested, mini_batch_size=3).batch_loss(tiny_encoder, batch)
+    cached = module.task_loss(batch)
     cached.backward()
     assert_same((cached.detach(), gradients(tiny_encoder)), expected)
-    with pytest.raises(LitEmbedError, match="put it inside"):
-        MatryoshkaLoss(CachedLoss(), dims=[16])
+
+    overrides = ["loss=matryoshka", "loss.loss._target_=lit_embed.training.steps.GradCache", "~loss.loss.scale"]
+    step, loss = split_step(build(compose_train([*overrides, "+loss.loss.mini_batch_size=3"]).loss, "loss"))
+    assert isinstance(step, GradCache) and step.mini_batch_size == 3
+    assert isinstance(loss, MatryoshkaLoss) and isinstance(loss.loss, MultipleNegativesRankingLoss)

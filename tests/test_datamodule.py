@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_embed.batch import PackedTexts
 from lit_embed.data.datamodule import QAPairDataModule
-from lit_embed.data.tokens import padding_groups
+from lit_embed.batch import padding_groups
 from lit_embed.errors import DataFormatError, LitEmbedError
 
 
@@ -21,6 +20,7 @@ class CountingTokenizer:
         self.encoder = encoder
         self.pad_token_id = encoder.pad_token_id
         self.max_seq_length = encoder.max_seq_length
+        self.packing_unsupported = None
         self.texts_seen = 0
 
     def tokenize(self, texts, kind):
@@ -41,7 +41,12 @@ def shared_doc_rows(n: int) -> list[dict]:
     ]
 
 
-def test_tokenizes_each_distinct_text_once_and_pads_per_batch(tmp_path: Path, tiny_encoder) -> None:
+def side_texts(side) -> list[tuple[int, ...]]:
+    """Each text's token ids in a packed batch side."""
+    return [tuple(ids.tolist()) for ids in side.input_ids[0].split(side.lengths)]
+
+
+def test_tokenizes_each_distinct_text_once_and_packs_per_batch(tmp_path: Path, tiny_encoder) -> None:
     rows = shared_doc_rows(40)
     dm = QAPairDataModule(train_path=str(write_jsonl(tmp_path / "t.jsonl", rows)), batch_size=8, use_all_docs=True)
     tokenizer = CountingTokenizer(tiny_encoder)
@@ -53,15 +58,18 @@ def test_tokenizes_each_distinct_text_once_and_pads_per_batch(tmp_path: Path, ti
     for epoch in range(2):
         loader.batch_sampler.set_epoch(epoch)
         for batch in loader:
-            texts = []
-            for features in batch.documents.groups:
-                ids, mask = features["input_ids"], features["attention_mask"]
-                assert mask.sum(1).max() == ids.shape[1]  # each group padded to its own longest row only
-                widths.add(ids.shape[1])
-                texts += [tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
+            side = batch.documents
+            assert side.input_ids.size(1) == sum(side.lengths)  # no padding anywhere
+            texts = side_texts(side)
             assert len(texts) == len(set(texts)), "a passage repeated inside a batch would be a false negative"
-            assert sorted(batch.documents.order.tolist()) == list(range(len(texts)))
-            assert len(batch.queries.order) == len(texts)
+            assert len(batch.queries) == len(texts) and side.texts and len(side.texts) == len(texts)
+            rows = sorted(range(len(side)), key=side.lengths.__getitem__)[: len(side) // 2]
+            padded = side.padded(rows, "right", tiny_encoder.pad_token_id)  # what an encoder that cannot pack does
+            assert padded["attention_mask"].sum(1).max() == padded["input_ids"].shape[1]  # padded to its longest
+            assert [tuple(r[m.bool()].tolist()) for r, m in zip(padded["input_ids"], padded["attention_mask"])] == [
+                texts[i] for i in rows
+            ]
+            widths.add(padded["input_ids"].shape[1])
     assert tokenizer.texts_seen == 60  # iterating epochs does not tokenize again
     assert len(widths) > 1
 
@@ -76,7 +84,7 @@ def test_prompts_are_applied_when_tokenizing(tmp_path: Path, tiny_model_path: st
     dm.tokenize(encoder)
     batch = next(iter(dm.train_dataloader()))
     query_prefix = encoder.model.tokenizer("query: ", add_special_tokens=False)["input_ids"]
-    features = batch.queries.groups[0]
+    features = batch.queries.padded(range(len(batch.queries)), encoder.padding_side, encoder.pad_token_id)
     assert features["input_ids"][0, 1 : 1 + len(query_prefix)].tolist() == query_prefix
     assert features["prompt_length"] == len(query_prefix) + 1  # [CLS] + prompt, for prompt-aware pooling
 
@@ -86,7 +94,7 @@ def test_hard_negatives_follow_the_positives(tmp_path: Path, tiny_encoder) -> No
     dm = QAPairDataModule(train_path=str(write_jsonl(tmp_path / "t.jsonl", rows)), batch_size=4, max_negatives=1)
     dm.tokenize(tiny_encoder)
     batch = next(iter(dm.train_dataloader()))
-    assert len(batch.documents.order) == 4 + 4  # 4 positives, then one negative each
+    assert len(batch.documents) == 4 + 4  # 4 positives, then one negative each
     assert len(batch.documents) - len(batch.queries) == 4  # the hard negatives follow the positives
 
 
@@ -113,6 +121,7 @@ def test_padding_groups_are_optimal(lengths: list[int]) -> None:
 
 
 def test_length_groups_leave_loss_and_gradients_unchanged(tmp_path: Path, tiny_model_path: str) -> None:
+    from lit_embed.batch import Embedded
     from lit_embed.losses.mnrl import mnrl
     from lit_embed.models.encoder import Encoder
 
@@ -124,8 +133,9 @@ def test_length_groups_leave_loss_and_gradients_unchanged(tmp_path: Path, tiny_m
         dm = QAPairDataModule(train_path=path, batch_size=16, length_groups=groups, packing=False)
         dm.tokenize(encoder)
         batch = next(iter(dm.train_dataloader()))
-        assert len(batch.documents.groups) == (1 if groups == 1 else 3)
-        loss = mnrl(batch.queries.embed(encoder), batch.documents.embed(encoder))
+        assert not encoder.packs(batch.documents) and batch.documents.length_groups == groups
+        assert len(padding_groups(sorted(batch.documents.lengths), groups)) == (1 if groups == 1 else 3)
+        loss = mnrl(Embedded(encoder(batch.queries), encoder(batch.documents)))
         loss.backward()
         results.append(
             (loss.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})
@@ -156,16 +166,12 @@ def test_lightning_reshuffles_every_epoch(tmp_path: Path, monkeypatch: pytest.Mo
     seen: list[tuple[int, tuple[int, ...]]] = []
 
     def record(self, batch, batch_idx):
-        queries = [
-            tuple(row[mask.bool()].tolist())
-            for group in batch.queries.groups
-            for row, mask in zip(group["input_ids"], group["attention_mask"], strict=True)
-        ]
+        queries = side_texts(batch.queries)
         seen.append((self.current_epoch, tuple(sorted(queries))))
 
     monkeypatch.setattr(EmbeddingFinetuneModule, "on_train_batch_start", record, raising=False)
     train, val = write_toy_data(tmp_path)
-    overrides = {"trainer.max_epochs": 2, "trainer.max_steps": -1, "data.packing": "false"}  # rows of padded ids
+    overrides = {"trainer.max_epochs": 2, "trainer.max_steps": -1}
     run(compose_train(tiny_run_overrides(train, None, tmp_path / "run", **overrides)))
     epochs = [[rows for epoch, rows in seen if epoch == e] for e in (0, 1)]
     assert len(epochs[0]) == len(epochs[1]) == 6
@@ -175,11 +181,7 @@ def test_lightning_reshuffles_every_epoch(tmp_path: Path, monkeypatch: pytest.Mo
 
 def batch_tokens(batch) -> int:
     """The real tokens of a batch's queries and documents, packed or padded."""
-    return sum(
-        sum(group.lengths) if isinstance(group, PackedTexts) else int(group["attention_mask"].sum())
-        for side in (batch.queries, batch.documents)
-        for group in side.groups
-    )
+    return sum(sum(side.lengths) for side in (batch.queries, batch.documents))
 
 
 @pytest.mark.parametrize("packing", [True, False])

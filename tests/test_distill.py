@@ -8,13 +8,15 @@ import pytest
 import torch
 from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss, MarginMSELoss
 
-from lit_embed.batch import PairBatch, TokenGroups
+from lit_embed.batch import Embedded, PackedTexts, PairBatch
 from lit_embed.data.datamodule import QAPairDataModule
 from lit_embed.data.json_files import load_jsonl
 from lit_embed.data.schema import SkipPolicy
 from lit_embed.errors import DataFormatError, InvalidValueError, LitEmbedError
-from lit_embed.losses.distill import KLDistillLoss
+from lit_embed.losses.distill import KLDistillLoss, check_distillation_data, kl_distill, margin_mse
 from lit_embed.losses.distill import MarginMSELoss as OurMarginMSE
+from lit_embed.losses.matryoshka import MatryoshkaLoss
+from lit_embed.training.steps import plain_step
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,14 @@ def columns(num_negatives: int, batch: int = 10, dim: int = 16) -> tuple[list[to
 
 
 def ours(loss: torch.nn.Module, embeddings: list[torch.Tensor], scores: torch.Tensor) -> torch.Tensor:
-    return loss(embeddings[0], torch.stack(embeddings[1:], dim=1), scores)  # candidates [B, 1 + k, D]
+    """Our loss on sentence-transformers' columns, laid out as a batch: the positives, then each query's negatives,
+    with ``candidates`` naming each query's own rows."""
+    queries, positives, *negatives = embeddings
+    size, k = queries.size(0), len(negatives)
+    documents = torch.cat([positives, torch.stack(negatives, dim=1).flatten(0, 1)])  # [B + B * k, D]
+    rows = torch.arange(size)[:, None]
+    candidates = torch.cat([rows, size + rows * k + torch.arange(k)], dim=1)  # [B, 1 + k]
+    return loss(Embedded(queries, documents, scores=scores, candidates=candidates))
 
 
 @pytest.mark.parametrize("num_negatives", [1, 3])
@@ -64,27 +73,38 @@ def test_gradients_equal_sentence_transformers(st_model) -> None:
             e.grad = None
 
 
+def table_sides(size: int, documents: int) -> tuple[PackedTexts, PackedTexts]:
+    """A batch's two sides as one-token texts whose token ids are rows of one table: queries ``0 .. size - 1``,
+    then documents, so a table lookup is an encoder (the sides join into one call, as real ones do)."""
+    queries = PackedTexts.from_tokens(torch.arange(size), [1] * size)
+    docs = PackedTexts.from_tokens(torch.arange(size, size + documents), [1] * documents)
+    return queries, docs
+
+
+def kl_at(temperature: float):
+    """kl_distill at ``temperature``, called as margin_mse is: ``(queries, candidates, teacher_scores, mask)``."""
+    return lambda queries, candidates, scores, mask=None: kl_distill(queries, candidates, scores, temperature, mask)
+
+
 def test_batch_loss_takes_each_querys_own_candidates() -> None:
     """The candidates index the batch's documents: positives first, then each row's negatives."""
     torch.manual_seed(0)
     queries, documents = torch.randn(3, 8), torch.randn(3 + 6, 8)
     candidates = torch.tensor([[0, 3, 4], [1, 5, 6], [2, 7, 8]])
     scores = torch.randn(3, 3)
-    batch = PairBatch(
-        TokenGroups([{"x": queries}], torch.arange(3)),
-        TokenGroups([{"x": documents}], torch.arange(9)),
-        scores=scores,
-        candidates=candidates,
-    )
-    encoder = lambda features: features["x"]  # noqa: E731
-    for loss in (OurMarginMSE(), KLDistillLoss(0.5)):
-        assert loss.batch_loss(encoder, batch) == loss(queries, documents[candidates], scores)
+    batch = PairBatch(*table_sides(3, 9), scores=scores, candidates=candidates)
+    table = torch.cat([queries, documents])
+    encoder = lambda packed: table[packed.input_ids[0]]  # noqa: E731
+    for loss, function in ((OurMarginMSE(), margin_mse), (KLDistillLoss(0.5), kl_at(0.5))):
+        assert loss(batch.embed(encoder)) == function(queries, documents[candidates], scores)
 
 
 def test_refuses_a_batch_without_scores() -> None:
-    groups = TokenGroups([{"x": torch.randn(2, 4)}], torch.arange(2))
+    embedded = Embedded(torch.randn(2, 4), torch.randn(2, 4))
     with pytest.raises(LitEmbedError, match="lit-embed-score"):
-        OurMarginMSE().batch_loss(lambda f: f["x"], PairBatch(groups, groups))
+        OurMarginMSE()(embedded)
+    with pytest.raises(LitEmbedError, match="lit-embed-score"):
+        MatryoshkaLoss(KLDistillLoss(), dims=[4])(embedded)
     with pytest.raises(InvalidValueError, match="temperature"):
         KLDistillLoss(temperature=0)
 
@@ -99,6 +119,13 @@ def padded_batch(counts: list[int], dim: int = 8) -> tuple[torch.Tensor, torch.T
     mask = torch.arange(width) <= torch.tensor(counts)[:, None]  # [B, 1 + k_max]
     scores = (torch.randn(size, width, dtype=torch.float64) * 3).masked_fill(~mask, torch.nan)
     return queries, candidates, scores, mask
+
+
+def padded_embedded(queries: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor):
+    """The padded candidates as a batch's documents, each row's real ones named by ``candidates`` (-1: padding)."""
+    size, width, dim = candidates.shape
+    rows = torch.arange(size * width).view(size, width).masked_fill(~mask, -1)  # [B, 1 + k_max]
+    return Embedded(queries, candidates.reshape(-1, dim), scores=scores, candidates=rows)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
@@ -116,21 +143,22 @@ def test_masked_losses_equal_the_losses_of_each_rows_own_candidates(temperature:
         log_ratio = teacher_probs.log() - torch.log_softmax(student / temperature, dim=0)
         kls.append((teacher_probs * log_ratio).sum() * temperature**2)
     expected = {
-        "margin_mse": (torch.cat(errors).mean(), OurMarginMSE()),
-        "kl_distill": (torch.stack(kls).mean(), KLDistillLoss(temperature)),
+        "margin_mse": (torch.cat(errors).mean(), margin_mse, OurMarginMSE()),
+        "kl_distill": (torch.stack(kls).mean(), kl_at(temperature), KLDistillLoss(temperature)),
     }
-    for name, (reference, loss) in expected.items():
+    embedded = padded_embedded(queries, candidates, scores, mask)
+    for name, (reference, function, loss) in expected.items():
         (expected_grad,) = torch.autograd.grad(reference, queries, retain_graph=True)  # both share the student
-        value = loss(queries, candidates, scores, mask)
-        (grad,) = torch.autograd.grad(value, queries)
-        assert value.item() == pytest.approx(reference.item(), abs=1e-9), name
-        torch.testing.assert_close(grad, expected_grad, atol=1e-9, rtol=0, msg=name)
+        for value in (function(queries, candidates, scores, mask), loss(embedded)):  # the function, the module
+            (grad,) = torch.autograd.grad(value, queries)
+            assert value.item() == pytest.approx(reference.item(), abs=1e-9), name
+            torch.testing.assert_close(grad, expected_grad, atol=1e-9, rtol=0, msg=name)
     # Every row full: the mask is all True and changes nothing (the parity tests above run without one).
     full = torch.ones_like(mask)
     scores = scores.nan_to_num(0.0)
-    for loss in (OurMarginMSE(), KLDistillLoss(temperature)):
-        assert loss(queries, candidates, scores, full).item() == pytest.approx(
-            loss(queries, candidates, scores).item(), abs=1e-12
+    for function in (margin_mse, kl_at(temperature)):
+        assert function(queries, candidates, scores, full).item() == pytest.approx(
+            function(queries, candidates, scores).item(), abs=1e-12
         )
 
 
@@ -138,20 +166,39 @@ def test_masked_losses_equal_the_losses_of_each_rows_own_candidates(temperature:
 def test_a_batch_without_negatives_gives_a_zero_loss_with_a_gradient(loss) -> None:
     """Rows whose mining kept no negative: the step trains nothing but runs, and backward reaches the encoder."""
     weight = torch.nn.Parameter(torch.randn(4, 4))
-    encoder = lambda features: features["x"] @ weight  # noqa: E731
-    groups = TokenGroups([{"x": torch.randn(2, 4)}], torch.arange(2))
-    positives_only = PairBatch(groups, groups, scores=torch.randn(2, 1), candidates=torch.arange(2)[:, None])
-    value = loss.batch_loss(encoder, positives_only)
+    inputs = torch.randn(4, 4)  # 2 queries, 2 documents
+    encoder = lambda packed: inputs[packed.input_ids[0]] @ weight  # noqa: E731
+    positives_only = PairBatch(*table_sides(2, 2), scores=torch.randn(2, 1), candidates=torch.arange(2)[:, None])
+    value = plain_step(encoder, positives_only, loss)
     assert value.item() == 0.0 and value.requires_grad
     value.backward()
     assert weight.grad is not None and torch.equal(weight.grad, torch.zeros_like(weight))
     # Padded to a negative no row has: still zero, not NaN.
     _, candidates, scores, mask = padded_batch([0, 0], dim=4)
     queries = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    value = loss(queries, candidates, scores, mask)
+    value = loss(padded_embedded(queries, candidates, scores, mask))
     assert value.item() == 0.0
     (grad,) = torch.autograd.grad(value, queries)
     assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_margin_mse_inside_matryoshka_is_the_weighted_sum_over_the_renormalized_prefixes() -> None:
+    """Distillation wraps like any loss now: MarginMSE on each prefix, renormalized as Matryoshka renormalizes."""
+    embeddings, scores = columns(2, dim=16)
+    embeddings = [e.requires_grad_() for e in embeddings]
+    sizes = [(16, 1.0), (8, 0.5), (4, 0.25)]
+    expected = 0.0
+    for d, w in sizes:
+        queries, *candidates = [torch.nn.functional.normalize(e[:, :d], dim=-1) for e in embeddings]
+        expected = expected + w * margin_mse(queries, torch.stack(candidates, dim=1), scores)  # [B, 1 + k, d]
+    expected_grads = torch.autograd.grad(expected, embeddings)
+    value = ours(MatryoshkaLoss(OurMarginMSE(), dims=[16, 8, 4], weights=[1.0, 0.5, 0.25]), embeddings, scores)
+    grads = torch.autograd.grad(value, embeddings)
+    assert value.item() == pytest.approx(expected.item(), abs=1e-12)
+    torch.testing.assert_close(grads, expected_grads, atol=1e-12, rtol=0)
+    check_distillation_data(MatryoshkaLoss(OurMarginMSE(), dims=[16]), has_teacher_scores=True)  # no refusal
+    with pytest.raises(LitEmbedError, match="MarginMSELoss: the training data has no teacher scores"):
+        check_distillation_data(MatryoshkaLoss(OurMarginMSE(), dims=[16]), has_teacher_scores=False)
 
 
 @pytest.mark.parametrize(("name", "cls"), [("margin_mse", OurMarginMSE), ("kl_distill", KLDistillLoss)])
@@ -270,6 +317,33 @@ def test_rows_with_zero_one_and_two_negatives_train_to_completion(tmp_path, loss
     overrides = {"data.batch_size": 4, "trainer.max_steps": 4}
     metrics = run(compose_train(tiny_run_overrides(path, None, tmp_path / "run", loss=loss, **overrides)))
     assert metrics is not None and (tmp_path / "run" / "model" / "modules.json").exists()
+
+
+def test_margin_mse_inside_matryoshka_trains(tmp_path) -> None:
+    """``loss=matryoshka`` around MarginMSE: the distillation loss on every prefix, a run that changes the weights."""
+    from helpers import compose_train, tiny_run_overrides
+    from safetensors.torch import load_file
+
+    from lit_embed.config import build
+    from lit_embed.train import run
+    from lit_embed.training.checkpoint_io import load_checkpoint
+
+    path = write_jsonl(tmp_path / "mined.jsonl", uneven_rows(24))
+    settings = {
+        "loss.dims": "[64,32,16]",
+        "loss.loss._target_": "lit_embed.losses.distill.MarginMSELoss",
+        "data.batch_size": 4,
+        "trainer.max_steps": 4,
+    }
+    overrides = tiny_run_overrides(path, None, tmp_path / "run", loss="matryoshka", **settings)
+    cfg = compose_train([*overrides, "~loss.loss.scale"])
+    loss = build(cfg.loss, "loss")
+    assert isinstance(loss, MatryoshkaLoss) and isinstance(loss.loss, OurMarginMSE)
+    assert run(cfg) is not None
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4
+    base = load_file(tmp_path / "run" / "base_model" / "model.safetensors")
+    trained = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
 
 
 def test_scores_without_a_single_negative_are_refused_before_training(tmp_path, capsys, caplog) -> None:

@@ -13,12 +13,13 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, gist_embed
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss as ST_MatryoshkaLoss
 
+from lit_embed.batch import Embedded, PairBatch
 from lit_embed.errors import InvalidValueError, LitEmbedError
-from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.gist import GISTLoss, gist
 from lit_embed.losses.matryoshka import MatryoshkaLoss
 from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
+from lit_embed.training.steps import GradCache
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,12 @@ def collated(encoder: Encoder, size: int = 6, negatives: int = 1):
     return pair_collator(queries, documents, rows, encoder, 2)(list(range(size)))
 
 
+def prepared(loss: GISTLoss, encoder: Encoder, batch: PairBatch) -> GISTLoss:
+    """The loss after what the module does before training: its guide loaded, the batch's texts embedded."""
+    loss.prepare(encoder, {"query": batch.queries.texts, "document": batch.documents.texts})
+    return loss
+
+
 @pytest.mark.parametrize("negatives", [0, 1])
 def test_batch_loss_equals_sentence_transformers_on_the_model(
     tiny_model_path: str, st_model: SentenceTransformer, negatives: int
@@ -120,8 +127,8 @@ def test_batch_loss_equals_sentence_transformers_on_the_model(
     """Same model, guide (the base model) and batch: the same loss as GISTEmbedLoss, which embeds them itself."""
     encoder = Encoder(tiny_model_path).eval()  # dropout off, so both embed alike
     batch = collated(encoder, negatives=negatives)
-    ours = GISTLoss(temperature=0.05, margin=0.01)
-    loss = ours.batch_loss(encoder, batch)
+    ours = prepared(GISTLoss(temperature=0.05, margin=0.01, cache_dir=None), encoder, batch)
+    loss = ours(batch.embed(encoder))
     guide = SentenceTransformer(tiny_model_path, device="cpu")
     theirs = GISTEmbedLoss(encoder.model, guide, temperature=0.05, margin=0.01)
     size = len(batch)
@@ -139,7 +146,8 @@ def test_matryoshka_of_gist_equals_sentence_transformers_on_the_model(
     encoder = Encoder(tiny_model_path).eval()
     batch = collated(encoder, negatives=1)
     dims = [encoder.embedding_dim, 16, 8]
-    ours = MatryoshkaLoss(GISTLoss(temperature=0.05, margin=0.01), dims).batch_loss(encoder, batch)
+    inner = prepared(GISTLoss(temperature=0.05, margin=0.01, cache_dir=None), encoder, batch)
+    ours = MatryoshkaLoss(inner, dims)(batch.embed(encoder))
     guide = SentenceTransformer(tiny_model_path, device="cpu")
     theirs = ST_MatryoshkaLoss(encoder.model, GISTEmbedLoss(encoder.model, guide, temperature=0.05, margin=0.01), dims)
     size = len(batch)
@@ -151,15 +159,16 @@ def test_matryoshka_of_gist_equals_sentence_transformers_on_the_model(
 def test_guide_is_frozen_unsaved_and_embeds_each_text_once(tiny_model_path: str) -> None:
     encoder = Encoder(tiny_model_path)
     batch = collated(encoder)
-    loss = GISTLoss()
+    loss = GISTLoss(cache_dir=None)
+    loss.prepare(encoder, {})  # the guide loaded, no text prepared: each is embedded at its first batch
     calls = []
-    loss.batch_loss(encoder, batch)
+    loss(batch.embed(encoder))
     guide = loss.guide(encoder)
     guide.register_forward_hook(lambda *args: calls.append(1))
     first_state = {k: v.clone() for k, v in guide.state_dict().items()}
     with torch.no_grad():
         next(encoder.parameters()).add_(1.0)  # the student trains; the guide must not follow
-    loss.batch_loss(encoder, batch)  # every text is in the cache: the guide does not run
+    loss(batch.embed(encoder))  # every text is in the cache: the guide does not run
     assert calls == []
     assert list(loss.state_dict()) == [] and not any(p.requires_grad for p in guide.parameters())
     assert all(torch.equal(v, first_state[k]) for k, v in guide.state_dict().items())
@@ -175,7 +184,7 @@ def test_prepare_embeds_every_training_text_once_and_a_later_run_reads_them_from
     texts = {"query": batch.queries.texts, "document": batch.documents.texts}
     first = GISTLoss(margin=0.01, cache_dir=tmp_path / "cache")
     first.prepare(encoder, texts)
-    expected = first.batch_loss(encoder, batch)
+    expected = first(batch.embed(encoder))
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["document", "query"]
 
     def no_guide_run(*args: object, **kwargs: object) -> None:
@@ -189,7 +198,7 @@ def test_prepare_embeds_every_training_text_once_and_a_later_run_reads_them_from
     later.prepare(encoder, texts)
     monkeypatch.undo()
     later.guide(encoder).register_forward_hook(no_guide_run)  # training embeds with the student only
-    assert later.batch_loss(encoder, batch).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert later(batch.embed(encoder)).item() == pytest.approx(expected.item(), abs=1e-6)
     assert later.step_metrics()["gist_masked"] == first.step_metrics()["gist_masked"]
 
 
@@ -204,27 +213,39 @@ def test_a_run_prepares_the_guide_before_the_first_step(tmp_path: Path) -> None:
     assert {kind: vectors.size(0) for kind, vectors in saved.items()} == {"query": 48, "document": 48}  # the toy set's
 
 
-def test_embeddings_alone_are_refused() -> None:
-    """Without the batch there are no texts for the guide: a wrapper calling the loss on embeddings is refused."""
-    with pytest.raises(LitEmbedError, match="embeddings_loss"):
-        GISTLoss()(torch.randn(2, 4), torch.randn(2, 4))
+def test_any_embeddings_of_the_batch_are_scored_against_the_guides_view_of_its_texts(tiny_model_path: str) -> None:
+    """The loss is a function of embeddings with the batch's texts: whoever made the embeddings (a step, a wrapper
+    that cut them), the guide embeds the batch's texts, and the loss is :func:`gist` of the two."""
+    encoder = Encoder(tiny_model_path).eval()
+    batch = collated(encoder, negatives=1)
+    loss = prepared(GISTLoss(margin=0.01, cache_dir=None), encoder, batch)
+    torch.manual_seed(0)
+    queries, documents = torch.randn(len(batch), 12), torch.randn(len(batch.documents), 12)
+    guide = loss.guide(encoder)
+    guide_queries = guide.encode(batch.queries.texts, "query")
+    guide_documents = guide.encode(batch.documents.texts, "document")
+    expected, masked = gist(queries, documents, guide_queries, guide_documents, margin=0.01)
+    assert loss(batch.embedded(queries, documents)).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert loss.step_metrics()["gist_masked"] == masked
+    with pytest.raises(LitEmbedError, match="needs the batch's texts for its guide"):
+        loss(Embedded(queries, documents))  # no batch, no texts: nothing for the guide to embed
 
 
 def test_cached_gist_equals_gist(tiny_model_path: str) -> None:
     encoder = Encoder(tiny_model_path).eval()
     batch = collated(encoder, size=8)
-    plain = GISTLoss(margin=0.01)
-    expected = plain.batch_loss(encoder, batch)
+    plain = prepared(GISTLoss(margin=0.01, cache_dir=None), encoder, batch)
+    expected = plain(batch.embed(encoder))
     expected.backward()
     grads = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
     encoder.zero_grad()
-    cached = CachedLoss(GISTLoss(margin=0.01), mini_batch_size=3)
-    loss = cached.batch_loss(encoder, batch)
+    inner = prepared(GISTLoss(margin=0.01, cache_dir=None), encoder, batch)
+    loss = GradCache(inner, mini_batch_size=3)(encoder, batch, inner)
     loss.backward()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(dict(encoder.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4)
-    assert cached.loss.step_metrics()["gist_masked"] == plain.step_metrics()["gist_masked"]
+    assert inner.step_metrics()["gist_masked"] == plain.step_metrics()["gist_masked"]
 
 
 @pytest.mark.parametrize("loss", ["gist", "cached_gist"])
@@ -246,4 +267,4 @@ def test_several_positives_per_query_are_refused(tiny_model_path: str) -> None:
     batch = collated(encoder)
     several = replace(batch, positives=torch.ones(len(batch.documents), dtype=torch.bool))
     with pytest.raises(LitEmbedError, match="data.multi_positive=false"):
-        GISTLoss().batch_loss(encoder, several)
+        GISTLoss()(several.embed(encoder))

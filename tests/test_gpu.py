@@ -12,11 +12,11 @@ from helpers import compose_train, tiny_run_overrides, write_toy_data
 from test_packed import TEXTS, packed_of, write_pairs
 
 from lit_embed.data.datamodule import QAPairDataModule
-from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
 from lit_embed.training.checkpoint_io import load_checkpoint
+from lit_embed.training.steps import GradCache, plain_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,7 +40,7 @@ def test_a_compiled_packed_bf16_run_with_a_nan_step_skips_it_on_the_device(tmp_p
         "trainer": "gpu",
         "trainer.precision": "bf16-mixed",
         "data.packing": "true",
-        "model.compile": "true",
+        "method.compile": "true",
         "method.skip_nonfinite": "true",
         "trainer.max_steps": 4,
         "load_best_model_at_end": "false",
@@ -55,7 +55,7 @@ def test_a_compiled_packed_bf16_run_with_a_nan_step_skips_it_on_the_device(tmp_p
 def test_packed_embeddings_equal_padded_ones_on_cuda(model_paths, dtype: torch.dtype) -> None:
     encoder = Encoder(model_paths["encoder"], query_prompt="query: ").cuda()
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        padded = encoder(
+        padded = encoder.embed_features(
             {k: v.cuda() if torch.is_tensor(v) else v for k, v in encoder.tokenize(TEXTS, "query").items()}
         )
         packed = encoder(packed_of(encoder, TEXTS, "query").to("cuda"))
@@ -72,7 +72,7 @@ def test_packed_loss_and_gradients_equal_padded_ones_on_cuda(tmp_path: Path, mod
         data.tokenize(encoder)
         batch = data.collator(next(iter(data.batch_sampler())))
         encoder.zero_grad()
-        loss = MultipleNegativesRankingLoss().batch_loss(encoder, _to_cuda(batch))
+        loss = plain_step(encoder, _to_cuda(batch), MultipleNegativesRankingLoss())
         loss.backward()
         results.append(
             (loss.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})
@@ -88,14 +88,14 @@ def test_the_cached_loss_holds_memory_to_its_mini_batches(tmp_path: Path, model_
     encoder = Encoder(model_paths["encoder"]).cuda()
     path = write_pairs(tmp_path / "train.jsonl", n=128)
     peaks = {}
-    for name, size, loss in (("plain-8", 8, MultipleNegativesRankingLoss()), ("cached-64", 64, CachedLoss(None, 8))):
+    for name, size, step in (("plain-8", 8, plain_step), ("cached-64", 64, GradCache(mini_batch_size=8))):
         data = QAPairDataModule(str(path), batch_size=size)
         data.tokenize(encoder)
         batch = _to_cuda(data.collator(next(iter(data.batch_sampler()))))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        loss.batch_loss(encoder, batch).backward()
+        step(encoder, batch, MultipleNegativesRankingLoss()).backward()
         torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() - before
         encoder.zero_grad(set_to_none=True)

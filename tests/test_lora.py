@@ -315,7 +315,7 @@ def test_lora_on_a_decoder_with_gradient_checkpointing(tmp_path: Path, monkeypat
     """The tiny Qwen3 (last-token pooling, left padding): every linear layer's update trains through recomputed
     layers, and the merged model embeds as the trained one."""
     trained = trained_encoders(monkeypatch)
-    values = {"trainer.max_steps": 4, "load_best_model_at_end": "false", "model.gradient_checkpointing": "true"}
+    values = {"trainer.max_steps": 4, "load_best_model_at_end": "false", "method.gradient_checkpointing": "true"}
     out, _ = toy_run(tmp_path, "decoder", "model=tiny_decoder", "method=lora", **values)
     weights = lora_weights(out)
     projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

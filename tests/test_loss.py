@@ -6,6 +6,7 @@ import pytest
 import torch
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as STMNRL
 
+from lit_embed.batch import Embedded
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss, mnrl
 
 
@@ -26,7 +27,7 @@ def test_equals_sentence_transformers(st_loss: STMNRL, num_negative_columns: int
     expected = st_loss.compute_loss_from_embeddings([queries, positives, *negatives], labels=None)
     # Ours takes the documents as one list: positives first, then each query's negatives in any order.
     per_query_negatives = torch.stack(negatives, dim=1).reshape(-1, dim) if negatives else torch.empty(0, dim)
-    ours = mnrl(queries, torch.cat([positives, per_query_negatives.double()]), scale=20.0)
+    ours = mnrl(Embedded(queries, torch.cat([positives, per_query_negatives.double()])), scale=20.0)
     assert ours.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
@@ -37,22 +38,22 @@ def test_gradients_equal_sentence_transformers(st_loss: STMNRL) -> None:
     st_loss.compute_loss_from_embeddings([q, d], labels=None).backward()
     expected = q.grad.clone(), d.grad.clone()
     q.grad = d.grad = None
-    MultipleNegativesRankingLoss(scale=20.0)(q, d).backward()
+    MultipleNegativesRankingLoss(scale=20.0)(Embedded(q, d)).backward()
     torch.testing.assert_close((q.grad, d.grad), expected, atol=1e-6, rtol=0)
 
 
 def test_scale_changes_the_loss_and_must_be_positive() -> None:
     q, d = torch.randn(4, 8), torch.randn(4, 8)
-    assert mnrl(q, d, scale=20.0) != mnrl(q, d, scale=1.0)
+    assert mnrl(Embedded(q, d), scale=20.0) != mnrl(Embedded(q, d), scale=1.0)
     with pytest.raises(ValueError, match="scale must be positive"):
         MultipleNegativesRankingLoss(scale=0)
 
 
 def test_perfect_alignment_gives_low_loss() -> None:
     q = torch.eye(6)
-    assert mnrl(q, q.clone(), scale=20.0) < 1e-6
+    assert mnrl(Embedded(q, q.clone()), scale=20.0) < 1e-6
     with pytest.raises(ValueError, match="at least one positive per query"):
-        mnrl(torch.randn(4, 8), torch.randn(3, 8))
+        mnrl(Embedded(torch.randn(4, 8), torch.randn(3, 8)))
 
 
 @pytest.mark.parametrize("num_negatives", [0, 5])
@@ -60,13 +61,13 @@ def test_query_chunks_give_the_same_loss_and_gradients(num_negatives: int) -> No
     torch.manual_seed(3)
     q = torch.randn(10, 16, requires_grad=True)
     d = torch.randn(10 + num_negatives, 16, requires_grad=True)
-    mnrl(q, d).backward()
+    mnrl(Embedded(q, d)).backward()
     expected = q.grad.clone(), d.grad.clone()
     q.grad = d.grad = None
     chunked = MultipleNegativesRankingLoss(query_chunk_size=3)
-    loss = chunked(q, d)
+    loss = chunked(Embedded(q, d))
     loss.backward()
-    assert loss.item() == pytest.approx(mnrl(q, d).item(), abs=1e-6)
+    assert loss.item() == pytest.approx(mnrl(Embedded(q, d)).item(), abs=1e-6)
     torch.testing.assert_close((q.grad, d.grad), expected, atol=1e-6, rtol=0)
 
 
@@ -80,10 +81,10 @@ def test_query_chunks_bound_the_scores_in_memory() -> None:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
-        MultipleNegativesRankingLoss(query_chunk_size=16)(q, d).backward()
+        MultipleNegativesRankingLoss(query_chunk_size=16)(Embedded(q, d)).backward()
     assert max(shape.numel() for shape in saved) <= 16 * 64
     with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
-        MultipleNegativesRankingLoss(query_chunk_size=None)(q, d)
+        MultipleNegativesRankingLoss(query_chunk_size=None)(Embedded(q, d))
     assert max(shape.numel() for shape in saved) == 64 * 64
 
 
@@ -122,7 +123,7 @@ def test_directions_equal_sentence_transformers(
         loss = MultipleNegativesRankingLoss(
             query_chunk_size=chunk, directions=directions, partition_mode=partition_mode
         )
-        ours = loss(embeddings[0], documents, document_rows=rows)
+        ours = loss(Embedded(embeddings[0], documents, document_rows=rows))
         assert ours.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
@@ -134,7 +135,8 @@ def test_directions_gradients_equal_sentence_transformers(st_loss: STMNRL) -> No
     leaves = [e.clone().requires_grad_() for e in embeddings]
     st.compute_loss_from_embeddings(leaves, labels=None).backward()
     q, d = embeddings[0].clone().requires_grad_(), documents.clone().requires_grad_()
-    MultipleNegativesRankingLoss(directions=directions, query_chunk_size=3)(q, d, document_rows=rows).backward()
+    loss = MultipleNegativesRankingLoss(directions=directions, query_chunk_size=3)
+    loss(Embedded(q, d, document_rows=rows)).backward()
     expected_d = torch.cat([leaves[1].grad, leaves[2].grad])
     torch.testing.assert_close((q.grad, d.grad), (leaves[0].grad, expected_d), atol=1e-6, rtol=0)
 
@@ -143,8 +145,8 @@ def test_default_direction_is_the_classic_loss() -> None:
     torch.manual_seed(2)
     q, d = torch.randn(6, 8), torch.randn(9, 8)
     rows = torch.cat([torch.arange(6), torch.tensor([0, 1, 2])])
-    assert mnrl(q, d, directions=["query_to_doc"]) == mnrl(q, d)
-    assert MultipleNegativesRankingLoss()(q, d, document_rows=rows) == mnrl(q, d)
+    assert mnrl(Embedded(q, d), directions=["query_to_doc"]) == mnrl(Embedded(q, d))
+    assert MultipleNegativesRankingLoss()(Embedded(q, d, document_rows=rows)) == mnrl(Embedded(q, d))
 
 
 @pytest.mark.parametrize(

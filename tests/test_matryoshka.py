@@ -15,6 +15,7 @@ from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss as 
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as STMNRL
 from torch import Tensor
 
+from lit_embed.batch import Embedded
 from lit_embed.errors import LitEmbedError
 from lit_embed.evaluate import main as eval_main
 from lit_embed.evaluation.retrieval import evaluate_encoder
@@ -62,7 +63,7 @@ def our_matryoshka(
         queries, positives, *negatives = [model(model.preprocess(texts))["sentence_embedding"] for texts in columns]
         # Ours takes the documents as one list: positives first, then every query's hard negatives.
         per_query_negatives = torch.stack(negatives, dim=1).flatten(0, 1) if negatives else positives[:0]
-        return loss(queries, torch.cat([positives, per_query_negatives]))  # documents [8 + 8 * columns, 64]
+        return loss(Embedded(queries, torch.cat([positives, per_query_negatives])))  # documents [8 + 8 * columns, 64]
 
     return loss_and_gradients(model, compute)
 
@@ -94,11 +95,13 @@ def test_gradients_equal_sentence_transformers(st_model: SentenceTransformer) ->
 def test_is_the_weighted_sum_of_the_inner_loss_per_size() -> None:
     torch.manual_seed(0)
     queries, documents = torch.randn(6, 16, dtype=torch.float64), torch.randn(9, 16, dtype=torch.float64)
-    expected = sum(w * mnrl(queries[:, :d], documents[:, :d]) for d, w in [(16, 1.0), (8, 2.0), (4, 0.5)])
+    sizes = [(16, 1.0), (8, 2.0), (4, 0.5)]
+    expected = sum(w * mnrl(Embedded(queries[:, :d], documents[:, :d])) for d, w in sizes)
     loss = MatryoshkaLoss(MultipleNegativesRankingLoss(), dims=[16, 8, 4], weights=[1.0, 2.0, 0.5])
-    assert loss(queries, documents).item() == pytest.approx(expected.item(), abs=1e-12)
-    assert MatryoshkaLoss(MultipleNegativesRankingLoss(), dims=[16])(queries, documents) == pytest.approx(
-        mnrl(queries, documents).item(), abs=1e-12
+    embedded = Embedded(queries, documents)
+    assert loss(embedded).item() == pytest.approx(expected.item(), abs=1e-12)
+    assert MatryoshkaLoss(MultipleNegativesRankingLoss(), dims=[16])(embedded) == pytest.approx(
+        mnrl(embedded).item(), abs=1e-12
     )
 
 
@@ -152,7 +155,7 @@ def test_bad_dims_or_weights_are_rejected(dims: Sequence[int], weights: list[flo
 def test_dims_larger_than_the_embeddings_stop_the_run(tmp_path: Path) -> None:
     loss = MatryoshkaLoss(MultipleNegativesRankingLoss(), dims=[128, 64])
     with pytest.raises(LitEmbedError, match=r"loss.dims \[128, 64\] has sizes larger than the embedding size 32"):
-        loss(torch.randn(4, 32), torch.randn(4, 32))
+        loss(Embedded(torch.randn(4, 32), torch.randn(4, 32)))
 
     train, val = write_toy_data(tmp_path, num_train=16, num_val=4)
     overrides = tiny_run_overrides(train, val, tmp_path / "run", **{"loss.dims": "[128]"})

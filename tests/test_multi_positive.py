@@ -10,15 +10,17 @@ import torch
 import torch.nn.functional as F
 from helpers import compose_train, tiny_run_overrides
 
+from lit_embed.batch import Embedded
 from lit_embed.data.datamodule import QAPairDataModule
 from lit_embed.data.json_files import save_llamaindex_json
 from lit_embed.data.schema import QADataset
 from lit_embed.errors import LitEmbedError
 from lit_embed.losses.base import EmbeddingLoss
-from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.matryoshka import MatryoshkaLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss, mnrl
 from lit_embed.train import run
+from lit_embed.training.module import EmbeddingFinetuneModule
+from lit_embed.training.steps import GradCache, plain_step
 
 
 def several_relevant(n: int, offset: int = 0) -> QADataset:
@@ -59,7 +61,7 @@ def test_equals_the_direct_computation_and_chunks_do_not_change_it() -> None:
     positives = torch.tensor([True] * 5 + [False] * 3 + [True] * 4)
     expected = direct_loss(q, d, rows, positives, 20.0)
     for chunk in (None, 2):
-        loss = mnrl(q, d, query_chunk_size=chunk, document_rows=rows, positives=positives)
+        loss = mnrl(Embedded(q, d, document_rows=rows, positives=positives), query_chunk_size=chunk)
         assert loss.item() == pytest.approx(expected.item(), abs=1e-9)
 
 
@@ -68,13 +70,14 @@ def test_one_positive_per_query_is_the_classic_loss() -> None:
     q, d = torch.randn(6, 8, dtype=torch.float64), torch.randn(9, 8, dtype=torch.float64)
     rows = torch.cat([torch.arange(6), torch.tensor([0, 3, 5])])
     positives = torch.arange(9) < 6
-    assert mnrl(q, d, document_rows=rows, positives=positives).item() == pytest.approx(mnrl(q, d).item(), abs=1e-9)
+    several = Embedded(q, d, document_rows=rows, positives=positives)
+    assert mnrl(several).item() == pytest.approx(mnrl(Embedded(q, d)).item(), abs=1e-9)
 
 
 def test_other_directions_are_refused_with_several_positives() -> None:
     q, d = torch.randn(2, 4), torch.randn(3, 4)
     with pytest.raises(LitEmbedError, match="loss.directions=.* cannot score rows with several positives"):
-        mnrl(q, d, directions=["query_to_doc", "doc_to_query"], positives=torch.ones(3, dtype=torch.bool))
+        mnrl(Embedded(q, d, positives=torch.ones(3, dtype=torch.bool)), directions=["query_to_doc", "doc_to_query"])
 
 
 def test_no_positive_of_a_query_is_in_its_batch_as_a_negative(tmp_path: Path, tiny_encoder) -> None:
@@ -111,18 +114,24 @@ def test_composes_with_cached_and_matryoshka(tmp_path: Path, tiny_encoder) -> No
     dm.tokenize(tiny_encoder)
     batch = dm.collator(next(iter(dm.batch_sampler())))
     tiny_encoder.eval()  # no dropout: the three losses embed the same texts to the same vectors
-    plain = MultipleNegativesRankingLoss().batch_loss(tiny_encoder, batch)
+    loss = MultipleNegativesRankingLoss()
+    plain = plain_step(tiny_encoder, batch, loss)
     expected = mnrl(
-        batch.queries.embed(tiny_encoder),
-        batch.documents.embed(tiny_encoder),
-        document_rows=batch.document_rows,
-        positives=batch.positives,
+        Embedded(
+            tiny_encoder(batch.queries),
+            tiny_encoder(batch.documents),
+            document_rows=batch.document_rows,
+            positives=batch.positives,
+        )
     )
     assert plain.item() == pytest.approx(expected.item(), abs=1e-5)
-    cached = CachedLoss(MultipleNegativesRankingLoss(), mini_batch_size=4).batch_loss(tiny_encoder, batch)
+    cached = GradCache(loss, mini_batch_size=4)(tiny_encoder, batch, loss)
     assert cached.item() == pytest.approx(plain.item(), abs=1e-5)
-    full = MatryoshkaLoss(MultipleNegativesRankingLoss(), dims=[64]).batch_loss(tiny_encoder, batch)
+    full = plain_step(tiny_encoder, batch, MatryoshkaLoss(loss, dims=[64]))
     assert full.item() == pytest.approx(plain.item(), abs=1e-5)
+    nested = MatryoshkaLoss(loss, dims=[64])
+    cached_nested = GradCache(nested, mini_batch_size=4)(tiny_encoder, batch, nested)
+    assert cached_nested.item() == pytest.approx(plain.item(), abs=1e-5)
 
 
 def test_tiny_run_trains_and_exports(tmp_path: Path) -> None:
@@ -140,15 +149,15 @@ def test_tiny_run_trains_and_exports(tmp_path: Path) -> None:
 
 def test_a_loss_of_one_positive_refuses_multi_positive_rows(tmp_path: Path, tiny_encoder) -> None:
     class OnePositive(EmbeddingLoss):
-        def forward(self, queries: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
-            return mnrl(queries, documents)
+        def forward(self, embedded: Embedded) -> torch.Tensor:
+            return mnrl(Embedded(embedded.queries, embedded.documents))
 
     save_llamaindex_json(several_relevant(12), tmp_path / "train.json")
     dm = QAPairDataModule(train_path=str(tmp_path / "train.json"), batch_size=6, multi_positive=True)
     dm.tokenize(tiny_encoder)
     batch = dm.collator(next(iter(dm.batch_sampler())))
     with pytest.raises(LitEmbedError, match="OnePositive scores one positive per query.*data.multi_positive=false"):
-        OnePositive().batch_loss(tiny_encoder, batch)
+        EmbeddingFinetuneModule(tiny_encoder, OnePositive()).task_loss(batch)
 
 
 @pytest.mark.parametrize("loss", ["loss=gist", "loss.directions=[query_to_doc,doc_to_query]"])

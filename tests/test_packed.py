@@ -12,10 +12,10 @@ from helpers import compose_train, tiny_run_overrides, write_toy_data
 
 from lit_embed.batch import PackedTexts
 from lit_embed.data.datamodule import QAPairDataModule
-from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
+from lit_embed.training.steps import GradCache, plain_step
 
 TEXTS = [
     "how do I read a file?",
@@ -35,7 +35,7 @@ def test_packed_embeddings_equal_padded_ones(model_paths, mode: str, include_pro
     encoder = Encoder(model_paths["encoder"], query_prompt="query: ")
     encoder.model[1].pooling_mode, encoder.model[1].include_prompt = mode, include_prompt
     for kind in ("query", "document"):
-        padded = encoder(encoder.tokenize(TEXTS, kind))
+        padded = encoder.embed_features(encoder.tokenize(TEXTS, kind))
         packed = encoder(packed_of(encoder, TEXTS, kind))
         torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
     assert encoder.packing_unsupported is None
@@ -46,13 +46,13 @@ def test_the_gpus_nested_tensor_attention_gives_the_padded_embeddings_too(model_
 
     monkeypatch.setattr(packed, "attention_kind", lambda query, causal: "nested")  # as on a GPU without flash-attn
     encoder = Encoder(model_paths["encoder"])
-    torch.testing.assert_close(encoder(packed_of(encoder, TEXTS)), encoder(encoder.tokenize(TEXTS, "document")))
+    torch.testing.assert_close(encoder(packed_of(encoder, TEXTS)), encoder.embed_features(encoder.tokenize(TEXTS, "document")))
 
 
 def test_a_causal_decoder_packs_with_its_padded_embeddings(model_paths) -> None:
     encoder = Encoder(model_paths["decoder"])
     assert encoder.padding_side == "left"
-    torch.testing.assert_close(encoder(packed_of(encoder, TEXTS)), encoder(encoder.tokenize(TEXTS, "document")))
+    torch.testing.assert_close(encoder(packed_of(encoder, TEXTS)), encoder.embed_features(encoder.tokenize(TEXTS, "document")))
     assert encoder.packing_unsupported is None
 
 
@@ -69,29 +69,34 @@ def write_pairs(path: Path, n: int = 24) -> Path:
     return path
 
 
-def loss_and_gradients(encoder: Encoder, loss, data: QAPairDataModule, indices: list[int]):
+def loss_and_gradients(encoder: Encoder, step, data: QAPairDataModule, indices: list[int]):
     encoder.zero_grad()
-    value = loss.batch_loss(encoder, data.collator(indices))
+    value = step(encoder, data.collator(indices), MultipleNegativesRankingLoss())
     value.backward()
     return value.detach(), {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("step", [plain_step, GradCache(mini_batch_size=3)], ids=["plain", "grad_cache"])
 @pytest.mark.parametrize(
-    "loss", [MultipleNegativesRankingLoss(), CachedLoss(mini_batch_size=3)], ids=["mnrl", "cached_mnrl"]
+    ("multi_positive", "checkpointing"), [(False, False), (True, False), (False, True)], ids=["", "multi", "ckpt"]
 )
-@pytest.mark.parametrize("multi_positive", [False, True])
-def test_packed_batches_give_the_padded_loss_and_gradients(tmp_path: Path, model_paths, loss, multi_positive) -> None:
+def test_packed_batches_give_the_padded_loss_and_gradients(
+    tmp_path: Path, model_paths, step, multi_positive: bool, checkpointing: bool
+) -> None:
+    """With gradient checkpointing too: the packed attention is installed once, so a layer recomputed in backward
+    attends within each text as in the forward pass."""
     encoder = Encoder(model_paths["encoder"], query_prompt="query: ")
+    if checkpointing:
+        encoder.enable_gradient_checkpointing()
     path = write_pairs(tmp_path / "train.jsonl")
     results = []
     for packing in (False, True):
         data = QAPairDataModule(str(path), batch_size=8, packing=packing, multi_positive=multi_positive)
         data.tokenize(encoder)
-        assert data.collator.packed is packing
         indices = next(iter(data.batch_sampler()))
         batch = data.collator(indices)
-        assert isinstance(batch.documents.groups[0], PackedTexts) is packing
-        results.append(loss_and_gradients(encoder, loss, data, indices))
+        assert encoder.packs(batch.documents) is packing and encoder.packs(batch.queries) is packing
+        results.append(loss_and_gradients(encoder, step, data, indices))
     (padded_loss, padded_grads), (packed_loss, packed_grads) = results
     torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
     assert packed_grads.keys() == padded_grads.keys() and padded_grads
@@ -107,13 +112,14 @@ def test_rows_padded_to_a_bucket_give_the_padded_embeddings(model_paths, monkeyp
 
     monkeypatch.setattr(packed_module, "attention_kind", lambda query, causal: kind)
     encoder = Encoder(model_paths[model])
-    encoder.packed_bucket = 64  # as model.compile=true sets it, without the compilation
+    encoder.packed_bucket = 64  # as method.compile=true sets it, without the compilation
+    assert encoder.packing_unsupported is None  # its probe runs before the rows are recorded
     rows: list[int] = []
     embeddings = encoder.model[0].auto_model.get_input_embeddings()
     embeddings.register_forward_pre_hook(lambda module, args: rows.append(args[0].size(1)))
     packed = packed_of(encoder, TEXTS)
     assert packed.input_ids.size(1) % 64
-    torch.testing.assert_close(encoder(packed), encoder(encoder.tokenize(TEXTS, "document")), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(encoder(packed), encoder.embed_features(encoder.tokenize(TEXTS, "document")), atol=1e-5, rtol=1e-5)
     assert rows[0] % 64 == 0 and rows[0] - packed.input_ids.size(1) < 64
     bucketed = packed.padded_to_multiple(64, 0)
     assert len(bucketed) == len(packed) + 1 and bucketed.position_ids[0, -1] == bucketed.lengths[-1] - 1
@@ -123,15 +129,16 @@ def test_rows_padded_to_a_bucket_give_the_padded_embeddings(model_paths, monkeyp
 def test_a_compiled_encoder_packs_with_the_eager_loss_and_gradients_and_no_recompiles(tmp_path: Path, model_paths):
     from torch._dynamo.utils import counters
 
-    eager, compiled = Encoder(model_paths["encoder"]), Encoder(model_paths["encoder"], compile=True)
+    eager, compiled = Encoder(model_paths["encoder"]), Encoder(model_paths["encoder"])
+    compiled.compile_transformer()
     eager.eval(), compiled.eval()
     data = QAPairDataModule(str(write_pairs(tmp_path / "train.jsonl", n=48)), batch_size=8)
     data.tokenize(eager)
     batches = [indices for indices, _ in zip(data.batch_sampler(), range(3), strict=False)]
     graphs = []
     for indices in batches:  # three batches of other lengths
-        expected = loss_and_gradients(eager, MultipleNegativesRankingLoss(), data, indices)
-        got = loss_and_gradients(compiled, MultipleNegativesRankingLoss(), data, indices)
+        expected = loss_and_gradients(eager, plain_step, data, indices)
+        got = loss_and_gradients(compiled, plain_step, data, indices)
         torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
         for name, grad in expected[1].items():
             torch.testing.assert_close(got[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -157,22 +164,24 @@ def test_packing_auto_packs_where_the_encoder_can_and_true_says_why_it_cannot(
     path = write_pairs(tmp_path / "train.jsonl")
     auto = QAPairDataModule(str(path), batch_size=8)
     auto.tokenize(encoder)
-    assert auto.collator.packed
+    assert auto.collator.length_groups == 0
     off = QAPairDataModule(str(path), batch_size=8, packing=False)
     off.tokenize(encoder)
-    assert not off.collator.packed
+    assert off.collator.length_groups == 4
 
     encoder.model[1].pooling_mode = "weightedmean"
     del encoder.packing_unsupported  # asked again for the new pooling
     asked = QAPairDataModule(str(path), batch_size=8, packing=True)
     with caplog.at_level(logging.WARNING):
         asked.tokenize(encoder)
-    assert not asked.collator.packed
+    assert asked.collator.length_groups == 4
     assert "data.packing=true: this encoder cannot embed packed texts: its pooling" in caplog.text
 
     compiled = QAPairDataModule(str(path), batch_size=8)
-    compiled.tokenize(Encoder(model_paths["encoder"], compile=True))  # the compiled model runs packed rows too
-    assert compiled.collator.packed
+    encoder = Encoder(model_paths["encoder"])
+    encoder.compile_transformer()
+    compiled.tokenize(encoder)  # the compiled model runs packed rows too
+    assert compiled.collator.length_groups == 0
 
 
 def test_a_run_with_packed_batches_trains_and_exports(tmp_path: Path, caplog) -> None:
@@ -198,7 +207,7 @@ def test_queries_and_documents_share_one_forward_pass_when_their_prompts_allow(
         seen.append(len(packed))
         return encoder(packed)
 
-    queries, documents = batch.embed(counting)
+    embedded = batch.embed(counting)
     assert len(seen) == calls and sum(seen) == len(batch.queries) + len(batch.documents)
-    torch.testing.assert_close(queries, batch.queries.embed(encoder))
-    torch.testing.assert_close(documents, batch.documents.embed(encoder))
+    torch.testing.assert_close(embedded.queries, encoder(batch.queries))
+    torch.testing.assert_close(embedded.documents, encoder(batch.documents))

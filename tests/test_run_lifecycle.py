@@ -329,7 +329,8 @@ def test_resume_changed_must_be_a_bool(tmp_path: Path) -> None:
 def test_which_settings_count_as_changed() -> None:
     old = {
         "output_dir": "/runs/a",
-        "model": {"path": "/runs/a/base_model", "compile": False},
+        "model": {"path": "/runs/a/base_model"},
+        "method": {"compile": False},
         "data": {"batch_size": 8, "num_workers": 0, "val_path": "v.json"},
         "trainer": {"max_steps": 10, "accumulate_grad_batches": 1, "precision": "32-true", "log_every_n_steps": 5},
         "eval": {"evaluation_steps": 50},
@@ -340,7 +341,8 @@ def test_which_settings_count_as_changed() -> None:
     }
     new = {
         "output_dir": "/runs/b",
-        "model": {"path": "/runs/b/base_model", "compile": True},
+        "model": {"path": "/runs/b/base_model"},
+        "method": {"compile": True},
         "data": {"batch_size": 8, "num_workers": 4, "val_path": "w.json"},
         "trainer": {"max_steps": 99, "accumulate_grad_batches": 2, "precision": "bf16-mixed", "log_every_n_steps": 1},
         "eval": {"evaluation_steps": 5},
@@ -386,14 +388,15 @@ def test_the_length_check_reads_a_checkpoint_lightning_wrote_at_the_end(caplog: 
 
 
 def test_a_setting_added_since_the_old_run_counts_as_unchanged_while_it_is_off() -> None:
-    """A run written before model.gradient_checkpointing existed trained without it: resuming with it off is fine."""
-    old = {"model": {"path": "m"}, "data": {"batch_size": 8}}
-    off = {"model": {"path": "m", "gradient_checkpointing": False, "dtype": None}, "data": {"batch_size": 8}}
+    """A run written before method.gradient_checkpointing existed trained without it: resuming with it off is fine."""
+    old = {"model": {"path": "m"}, "method": {}, "data": {"batch_size": 8}}
+    data = {"batch_size": 8}
+    off = {"model": {"path": "m", "dtype": None}, "method": {"gradient_checkpointing": False}, "data": data}
     assert changed_settings(old, off) == []
-    on = {"model": {"path": "m", "gradient_checkpointing": True, "dtype": "bfloat16"}, "data": {"batch_size": 8}}
+    on = {"model": {"path": "m", "dtype": "bfloat16"}, "method": {"gradient_checkpointing": True}, "data": data}
     assert changed_settings(old, on) == [
+        "method.gradient_checkpointing: (not set) -> True",
         "model.dtype: (not set) -> bfloat16",
-        "model.gradient_checkpointing: (not set) -> True",
     ]
 
 

@@ -134,17 +134,16 @@ def test_pin_memory_setting_reaches_the_dataloader(
 
 
 def test_compile_setting_reaches_the_transformer(tiny_model_path: str, tmp_path: Path) -> None:
-    """model.compile=true compiles the Hugging Face model in place (compilation itself waits for the first call),
+    """method.compile=true compiles the Hugging Face model in place (compilation itself waits for the first call),
     the one that padded and packed batches both run."""
     assert Encoder(tiny_model_path).model[0].auto_model._compiled_call_impl is None
-    compiled = Encoder(tiny_model_path, compile=True)
-    assert compiled.model[0].auto_model._compiled_call_impl is not None and compiled.config["compile"] is True
-    assert all(module._compiled_call_impl is None for module in list(compiled.model)[1:])  # pooling stays eager
     for value in (True, False):
-        cfg = compose_train(tiny_run_overrides(tmp_path / "t.json", None, tmp_path / "run", **{"model.compile": value}))
-        encoder = build(cfg.model, "model")
-        compiled_model = encoder.model[0].auto_model._compiled_call_impl is not None
-        assert compiled_model is value and encoder.config["compile"] is value
+        cfg = compose_train(tiny_run_overrides(tmp_path / "t.json", None, tmp_path / "run", **{"method.compile": value}))
+        module = build(cfg.method, "method", encoder=build(cfg.model, "model"))
+        compiled = module.encoder
+        assert (compiled.model[0].auto_model._compiled_call_impl is not None) is value
+        assert all(module._compiled_call_impl is None for module in list(compiled.model)[1:])  # pooling stays eager
+        assert "compile" not in compiled.config  # a training switch: the encoder rebuilt for export is plain
 
 
 def padded_tokens(groups: list[dict]) -> tuple[int, int]:
@@ -188,7 +187,8 @@ def test_length_groups_pad_less_and_keep_the_loss_and_gradients(tiny_encoder: En
 
 @pytest.mark.slow
 def test_compiled_encoder_gives_the_same_loss_and_gradients(tiny_model_path: str) -> None:
-    eager, compiled = Encoder(tiny_model_path), Encoder(tiny_model_path, compile=True)
+    eager, compiled = Encoder(tiny_model_path), Encoder(tiny_model_path)
+    compiled.compile_transformer()
     eager.eval(), compiled.eval()
     batch = collated_batch(eager, negatives=1)
     assert compiled.model[0].auto_model._compiled_call_impl is not None

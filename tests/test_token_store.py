@@ -1,4 +1,5 @@
-"""The token store: the tokenizer's own ids and padding, kept compact on disk, built once per key, shared by ranks."""
+"""The token store: the tokenizer's own ids, kept compact on disk, built once per key, shared by ranks; padded as the
+tokenizer pads them where an encoder cannot pack."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ from lit_embed.errors import LitEmbedError
 from lit_embed.models.encoder import Encoder
 
 
+def padded(tokens, indices, side: str = "right", pad_id: int = 0) -> dict:
+    """The store's rows ``indices`` as an encoder that cannot pack computes them."""
+    return tokens.packed(indices).padded(range(len(indices)), side, pad_id)
+
+
 def write_jsonl(path: Path, n: int) -> Path:
     rows = [
         {"query": f"question {i}?", "positive": f"passage {i} " + "word " * (i % 17), "negatives": [f"other {i % 5}"]}
@@ -34,7 +40,8 @@ def write_jsonl(path: Path, n: int) -> Path:
 
 @pytest.mark.parametrize("model", ["encoder", "decoder"])
 def test_batches_are_what_the_tokenizer_gives_the_same_texts(tmp_path: Path, model_paths, model: str) -> None:
-    """Each padded group equals the encoder's own tokenize() of its texts: ids, mask, type ids, padding side."""
+    """Each batch side, padded as the encoder pads it, equals the encoder's own tokenize() of its texts: ids, mask,
+    per-call values, padding side (type ids that are all 0 are the model's default and not carried)."""
     encoder = Encoder(model_paths[model], query_prompt="query: ", max_seq_length=12)
     data = QAPairDataModule(
         str(write_jsonl(tmp_path / "t.jsonl", 40)), batch_size=8, cache_dir=str(tmp_path / "c"), packing=False
@@ -43,15 +50,12 @@ def test_batches_are_what_the_tokenizer_gives_the_same_texts(tmp_path: Path, mod
     for indices in data.batch_sampler():
         batch = data.collator(indices)
         for side, kind in ((batch.queries, "query"), (batch.documents, "document")):
-            start = 0
-            for group in side.groups:
-                rows = int(group["attention_mask"].shape[0])
-                texts = [side.texts[i] for i in side.order.argsort()[start : start + rows].tolist()]
-                start += rows
-                expected = encoder.tokenize(texts, kind)
-                assert group.keys() == expected.keys()
-                for key, value in expected.items():
-                    assert (group[key] == value).all() if hasattr(value, "shape") else group[key] == value, key
+            got = side.padded(range(len(side)), encoder.padding_side, encoder.pad_token_id)
+            expected = encoder.tokenize(side.texts, kind)
+            assert not expected.pop("token_type_ids", torch.zeros(1)).any()
+            assert got.keys() == expected.keys()
+            for key, value in expected.items():
+                assert (got[key] == value).all() if hasattr(value, "shape") else got[key] == value, key
 
 
 @pytest.mark.parametrize("model", ["encoder", "decoder"])
@@ -89,7 +93,7 @@ def test_stored_ids_equal_tokenize_on_every_text_in_many_scripts(tmp_path: Path,
     tokens = tokenize_texts(texts, "query", encoder, "multilingual", tmp_path)
     for i in range(len(texts)):
         expected = encoder.tokenize([texts.text(i)], "query")
-        got = tokens.pad([i])
+        got = padded(tokens, [i], encoder.padding_side, encoder.pad_token_id)
         assert got["input_ids"].tolist() == expected["input_ids"].tolist(), texts.text(i)
 
 
@@ -111,7 +115,7 @@ def test_an_encoder_whose_ids_differ_from_its_rust_tokenizer_is_tokenized_by_its
     assert FastTokenIds.verified(encoder, "document", texts) is None
     tokens = tokenize_texts(texts, "document", encoder, "texts-key", tmp_path)
     expected = encoder.tokenize(texts.texts(range(40)), "document")
-    assert (tokens.pad(range(40))["input_ids"] == expected["input_ids"]).all()
+    assert (padded(tokens, range(40), "right", encoder.pad_token_id)["input_ids"] == expected["input_ids"]).all()
 
 
 def test_token_ids_are_stored_compactly(tmp_path: Path, tiny_encoder) -> None:
@@ -122,7 +126,7 @@ def test_token_ids_are_stored_compactly(tmp_path: Path, tiny_encoder) -> None:
     assert sorted(p.name for p in directory.iterdir()) == stored
     assert tokens.features["input_ids"].values.dtype == np.uint16  # BERT's 30,522 ids: 2 bytes a token
     assert isinstance(tokens.features["input_ids"].values, np.memmap)
-    assert tokens.zeros == ["token_type_ids"]
+    assert list(tokens.features) == ["input_ids"]  # one-segment type ids, all 0: not stored
 
 
 def test_a_second_tokenization_reuses_the_store_and_each_setting_has_its_own(
@@ -154,15 +158,15 @@ def test_an_adapters_table_rows_are_not_kept_across_runs(tmp_path: Path, tiny_en
     class TableLookup:
         """As AdaptedEncoder: rows of a table that grows with each text it is asked for."""
 
-        pad_token_id, max_seq_length, tokenizer = 0, 8, tiny_encoder.tokenizer
+        pad_token_id, max_seq_length, tokenizer, packing_unsupported = 0, 8, tiny_encoder.tokenizer, None
 
         def tokenize(self, texts, kind):
             ids = torch.arange(len(texts))[:, None]
-            return {"text_ids": ids, "attention_mask": torch.ones_like(ids)}
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     tokens = tokenize_texts(Ragged.from_texts(["a", "b"]), "query", TableLookup(), "k", tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
-    assert tokens.pad([1, 0])["text_ids"].tolist() == [[1], [0]]
+    assert tokens.packed([1, 0]).input_ids.tolist() == [[1, 0]]
 
 
 def test_two_ddp_ranks_tokenize_once_between_them(tmp_path: Path) -> None:
@@ -198,12 +202,12 @@ def test_type_ids_that_turn_non_zero_late_are_stored_from_the_start(tmp_path: Pa
 
     texts = [f"early text {i}" for i in range(10)] + ["late text"]
     tokens = tokenize_texts(Ragged.from_texts(texts), "query", SecondSegmentLate(), "k", chunk_size=4)
-    assert tokens.zeros == [] and "token_type_ids" in tokens.features
+    assert "token_type_ids" in tokens.features
     indices = [10, 0, 9]
     expected = SecondSegmentLate().tokenize([texts[i] for i in indices], "query")
-    padded = tokens.pad(indices)
+    got = padded(tokens, indices, "right", tiny_encoder.pad_token_id)
     for key in ("input_ids", "attention_mask", "token_type_ids"):
-        assert (padded[key] == expected[key]).all(), key
+        assert (got[key] == expected[key]).all(), key
 
 
 def test_a_mapped_store_travels_to_worker_processes_as_file_names(tmp_path: Path, tiny_encoder) -> None:

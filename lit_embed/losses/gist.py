@@ -282,7 +282,7 @@ class GISTLoss(EmbeddingLoss):
             elif isinstance(encoder, Encoder):
                 # Loaded again from where the student came from, not copied from it: after a resume the student
                 # holds trained weights, and the guide must be the base model as it was at step 0.
-                guide = Encoder(**{**encoder.config, "compile": False})
+                guide = Encoder(**encoder.config)
             elif encoder is None:
                 raise LitEmbedError(
                     "loss=gist's default guide is the student's base model, which it loads in prepare(encoder, "

@@ -53,13 +53,6 @@ class Encoder(nn.Module):
             classes its ``modules.json`` names, custom activations, Hugging Face custom models. Off unless you
             trust it; a directory that needs it is refused with a message naming the file and the class.
         model_kwargs: passed to ``transformers``' ``from_pretrained`` (e.g. ``{"attn_implementation": "sdpa"}``).
-        compile: ``torch.compile`` the Hugging Face model (dynamic shapes, so length groups and packed rows of any
-            length do not recompile): fewer, fused kernels for launch-bound small encoders on a GPU; the first
-            steps pay the compilation. Packed rows are padded to a multiple of :data:`PACKED_BUCKET` tokens, and
-            their attention runs outside the compiled graph (one varlen call a layer).
-        gradient_checkpointing: keep only each layer's inputs in the forward pass and recompute its activations in
-            backward: activation memory of about one layer instead of all of them, for about a third more compute.
-            The loss and gradients are unchanged.
         dtype: load the transformer's weights in ``bfloat16``, ``float16`` or ``float32`` (``bf16``, ``fp16``,
             ``fp32``); None keeps ``transformers``' default (the dtype the weights were saved in). Half-precision
             weights halve their memory; they suit a frozen base (``method=lora``) or inference, while full
@@ -77,8 +70,6 @@ class Encoder(nn.Module):
         document_prompt: str | None = None,
         trust_remote_code: bool = False,
         model_kwargs: dict[str, Any] | None = None,
-        compile: bool = False,
-        gradient_checkpointing: bool = False,
         dtype: str | None = None,
         load_in_4bit: bool = False,
     ) -> None:
@@ -91,8 +82,6 @@ class Encoder(nn.Module):
         )
         switches = {
             "trust_remote_code": trust_remote_code,
-            "compile": compile,
-            "gradient_checkpointing": gradient_checkpointing,
             "load_in_4bit": load_in_4bit,
         }
         for key, value in switches.items():
@@ -108,8 +97,6 @@ class Encoder(nn.Module):
             "document_prompt": document_prompt,
             "trust_remote_code": trust_remote_code,
             "model_kwargs": dict(model_kwargs or {}),
-            "compile": compile,
-            "gradient_checkpointing": gradient_checkpointing,
             "dtype": dtype,
             "load_in_4bit": load_in_4bit,
         }
@@ -145,16 +132,23 @@ class Encoder(nn.Module):
             self.model.prompts["query"] = query_prompt
         if document_prompt is not None:
             self.model.prompts["document"] = document_prompt
-        if gradient_checkpointing:
-            self._enable_gradient_checkpointing()
         # A compiled transformer gets packed rows padded to a bucket of lengths (None: rows as they are).
-        self.packed_bucket: int | None = PACKED_BUCKET if compile else None
-        if compile:  # in place, so the weights keep their names in checkpoints and exports
-            getattr(self.model[0], "auto_model", self.model[0]).compile(dynamic=True)
+        self.packed_bucket: int | None = None
         # sentence-transformers loads models in eval mode; training needs dropout on (encode() switches it off).
         self.train()
 
-    def _enable_gradient_checkpointing(self) -> None:
+    def compile_transformer(self) -> None:
+        """``torch.compile`` the Hugging Face model, in place so the weights keep their names in checkpoints and
+        exports (dynamic shapes: length groups and packed rows of any length do not recompile). Fewer, fused kernels
+        for launch-bound small encoders on a GPU; the first steps pay the compilation. Packed rows are then padded to
+        a multiple of :data:`PACKED_BUCKET` tokens, and their attention runs outside the compiled graph."""
+        self.packed_bucket = PACKED_BUCKET
+        getattr(self.model[0], "auto_model", self.model[0]).compile(dynamic=True)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Keep only each layer's inputs in the forward pass and recompute its activations in backward: activation
+        memory of about one layer instead of all of them, for about a third more compute; the loss and gradients are
+        unchanged, packed or padded."""
         transformer = getattr(self.model[0], "auto_model", None)
         check(
             bool(getattr(transformer, "supports_gradient_checkpointing", False)),

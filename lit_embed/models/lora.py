@@ -222,7 +222,7 @@ def merged_encoder(encoder: Encoder) -> Encoder:
     loaded unquantized), then each LoRA update is added to its layer, as PEFT's merge does. ``encoder`` is left as
     it was.
     """
-    config = {**encoder.config, "compile": False}
+    config = dict(encoder.config)
     if config.get("load_in_4bit"):  # 4-bit weights cannot take the updates: merge into the full-precision ones
         config["load_in_4bit"] = False
     plain = Encoder(**config)

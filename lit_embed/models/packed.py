@@ -79,12 +79,11 @@ def varlen_attention(
         offsets = packed.cu_seqlens.long()
 
         def jagged(x: Tensor) -> Tensor:  # [T, H, d] -> [n, H, j, d]
-            with warnings.catch_warnings():  # nested jagged tensors are used as intended: not a "prototype" warning
-                warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
-                nested = torch.nested.nested_tensor_from_jagged(x, offsets, max_seqlen=packed.max_length)
-            return nested.transpose(1, 2)
+            return torch.nested.nested_tensor_from_jagged(x, offsets, max_seqlen=packed.max_length).transpose(1, 2)
 
-        attended = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v), dropout_p=dropout, scale=scaling)
+        with warnings.catch_warnings():  # nested jagged tensors are used as intended: not a "prototype" warning
+            warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+            attended = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v), dropout_p=dropout, scale=scaling)
         out = attended.transpose(1, 2).values()  # [T, H, d]
     else:  # nested tensors have no causal attention, and on the CPU their attention is slower: one call per text
         texts = zip(q.split(packed.lengths), k.split(packed.lengths), v.split(packed.lengths), strict=True)

@@ -54,7 +54,7 @@ UNTRAINED_KEYS = {
     "trainer.check_val_every_n_epoch",
     "trainer.limit_val_batches",
     "trainer.profiler",
-    "model.compile",
+    "method.compile",
     "method.encoder.cache_dir",
     "method.encoder.batch_size",
     "loss.cache_dir",

@@ -21,6 +21,7 @@ from lit_embed.batch import PairBatch, pair_batches
 from lit_embed.errors import LitEmbedError, NonFiniteLossError, check, is_bool
 from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
+from lit_embed.models.encoder import Encoder
 from lit_embed.models.lora import lora_config, lora_weight_names
 from lit_embed.training.nonfinite import (
     MAX_UNREAD_STEPS,
@@ -56,6 +57,11 @@ class EmbeddingFinetuneModule(L.LightningModule):
             default AdamW) skips such a step on the device and the error comes at the next log step or checkpoint,
             with no host sync in the step (:mod:`lit_embed.training.nonfinite`); any other is checked on the host
             after the loss, one sync a step.
+        compile: ``torch.compile`` the encoder's transformer (:meth:`~lit_embed.models.encoder.Encoder.
+            compile_transformer`): fewer, fused kernels for launch-bound small encoders on a GPU.
+        gradient_checkpointing: recompute each layer's activations in backward instead of keeping them (less
+            memory, about a third more compute, the same loss and gradients). Both are training switches, as in
+            Hugging Face's ``TrainingArguments``: the exported model is the same either way.
     """
 
     def __init__(
@@ -65,10 +71,23 @@ class EmbeddingFinetuneModule(L.LightningModule):
         optimizer: OptimizerFactory = DEFAULT_OPTIMIZER,
         scheduler: SchedulerFactory | None = LinearWarmupDecay,
         skip_nonfinite: bool = False,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        check(is_bool(skip_nonfinite), "skip_nonfinite", skip_nonfinite, "true or false")
+        switches = {"skip_nonfinite": skip_nonfinite, "compile": compile, "gradient_checkpointing": gradient_checkpointing}
+        for key, value in switches.items():
+            check(is_bool(value), key, value, "true or false")
         check_optimization(optimizer, scheduler)
+        if (compile or gradient_checkpointing) and not isinstance(encoder, Encoder):
+            raise LitEmbedError(
+                f"method.compile and method.gradient_checkpointing act on a transformer, and a {type(encoder).__name__} "
+                "trains none (an adapter's head runs on cached embeddings): set both to false."
+            )
+        if gradient_checkpointing:
+            encoder.enable_gradient_checkpointing()
+        if compile:
+            encoder.compile_transformer()
         self.encoder = encoder
         loss = loss if loss is not None else MultipleNegativesRankingLoss()
         losses = dict(loss) if isinstance(loss, Mapping) else {"": loss}
