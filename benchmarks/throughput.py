@@ -164,6 +164,13 @@ def _inside_aten(event) -> bool:
     return False
 
 
+def padded_tokens(features: dict) -> tuple[int, torch.Tensor]:
+    """(computed, real) tokens of sentence-transformers' padded features. The real count stays a device value
+    (summed, read after the run), so counting adds no host read to the step."""
+    mask = features["attention_mask"]
+    return int(mask.numel()), mask.sum()
+
+
 def side_tokens(side: PackedTexts, packs: bool) -> tuple[int, int]:
     """(computed, real) tokens of one side of a batch, from the host lengths (no device read): its tokens where the
     encoder packs them, else the padded groups the encoder cuts (rows x each group's longest)."""
@@ -407,7 +414,7 @@ def run_sentence_transformers(args, model_path: str, queries: list[str], documen
 
     def counted(sentence_features, *rest, **kwargs):
         for features in sentence_features:
-            stats.tokens(*side_tokens(features))
+            stats.tokens(*padded_tokens(features))
         return count_tokens(sentence_features, *rest, **kwargs)
 
     trainer.loss.forward = counted

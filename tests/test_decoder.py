@@ -16,10 +16,11 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
 from test_cached_loss import assert_same, cached_gradients, collated_batch, plain_gradients
 
-from lit_embed.losses.cached import mini_batches
+from lit_embed.batch import padding_groups
 from lit_embed.models.encoder import Encoder
 from lit_embed.models.tiny import DECODER_EOS, build_tiny_decoder
 from lit_embed.train import run
+from lit_embed.training.steps import mini_batches
 
 INSTRUCTION = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
 QUERIES = ["sort", "how do I sort a list of tuples by the second item?", "open a file", "x", "parse json " * 20]
@@ -55,11 +56,13 @@ def test_tiny_decoder_is_shaped_like_qwen3_embedding(model_paths: dict[str, str]
 
 
 def training_embeddings(encoder: Encoder, texts: list[str], kind: str, length_groups: int) -> torch.Tensor:
-    """What a training step embeds: texts tokenized once, stored unpadded, collated in length groups."""
-    store = token_store(texts, kind, encoder)
-    batch = store.collate(list(range(len(texts))), max_groups=length_groups)
-    assert (len(batch.groups) > 1) == (length_groups > 1), "texts this varied in length should be split"
-    return batch.embed(encoder)
+    """What a training step embeds: texts tokenized once, stored unpadded, packed (``length_groups`` 0) or padded by
+    the encoder in length groups."""
+    side = token_store(texts, kind, encoder).packed(range(len(texts)), length_groups)
+    if length_groups:
+        groups = padding_groups(sorted(side.lengths), length_groups)
+        assert (len(groups) > 1) == (length_groups > 1), "texts this varied in length should be split"
+    return encoder(side)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -82,7 +85,10 @@ def test_training_embeddings_equal_encode_query_and_encode_document(
     # batch adds, in sentence-transformers as well, so only equal padding (one group) can equal it. Models that
     # pool from the mask with causal or position-free padding (the decoder, or BERT padded right) are independent
     # of the batch, and the length groups must not change them.
-    groups = (1,) if (kind, side) == ("encoder", "left") else (1, 3)
+    # Packed too (0): BERT padded left cannot pack (its probe finds the positions shifted) and so pads in groups.
+    left_bert = (kind, side) == ("encoder", "left")
+    assert bool(encoder.packing_unsupported) is left_bert
+    groups = (1,) if left_bert else (0, 1, 3)
     with torch.no_grad():
         for texts, text_kind in ((QUERIES, "query"), (DOCUMENTS, "document")):
             for length_groups in groups:
@@ -102,8 +108,7 @@ def test_truncation_keeps_the_eos_as_sentence_transformers_does(model_paths: dic
     inference = encoder.model.preprocess([QUERIES[-1]], prompt=INSTRUCTION)["input_ids"][0]
     assert ids[-1].tolist() == inference.tolist()
     for side in ("left", "right"):  # the padded batch still ends each row in its EOS, whichever side pads
-        store.padding_side = side
-        batch = store.pad(list(range(len(QUERIES))))
+        batch = store.packed(range(len(QUERIES))).padded(range(len(QUERIES)), side, encoder.pad_token_id)
         rows = zip(batch["input_ids"], batch["attention_mask"].bool(), strict=True)
         last = [int(ids[mask][-1]) for ids, mask in rows]
         assert last == [eos] * len(QUERIES), side
@@ -113,18 +118,19 @@ def test_left_padded_batches_are_padded_on_the_left(model_paths: dict[str, str])
     encoder = Encoder(model_paths["decoder"])
     assert encoder.padding_side == "left"
     store = token_store(QUERIES[:3], "query", encoder)
-    batch = store.pad([0, 1, 2])
+    batch = store.packed([0, 1, 2]).padded(range(3), encoder.padding_side, encoder.pad_token_id)
     assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][:, 0].all()
     assert (batch["input_ids"][batch["attention_mask"] == 0] == encoder.pad_token_id).all()
 
 
 def test_cached_loss_trims_left_padded_mini_batches(model_paths: dict[str, str]) -> None:
-    """GradCache cuts each length group into mini-batches trimmed to their longest text: with left padding the
-    unused columns are the first ones, and the loss and gradients still equal the plain loss's."""
+    """GradCache cuts a padded side into mini-batches that the encoder pads to their own longest text: with left
+    padding the unused columns are the first ones, and the loss and gradients still equal the plain loss's."""
     encoder = Encoder(model_paths["decoder"]).eval()
     batch = collated_batch(encoder, size=12, negatives=1, length_groups=1)
-    for chunk in mini_batches(batch.documents, 4):
-        mask = chunk["attention_mask"]
+    assert not encoder.packs(batch.documents)
+    for chunk in mini_batches(batch.documents, 4, None, packs=False):
+        mask = chunk.padded(range(len(chunk)), encoder.padding_side, encoder.pad_token_id)["attention_mask"]
         assert mask[:, 0].any() and mask[:, -1].all(), "a column of padding only was kept, or a token was cut"
     assert_same(cached_gradients(encoder, batch, 4), plain_gradients(encoder, batch))
 

@@ -19,20 +19,20 @@ from lightning.pytorch.strategies import FSDPStrategy
 from safetensors.torch import load_file
 from torch import nn
 
-from lit_embed.batch import PairBatch, TokenGroups
+from lit_embed.batch import Embedded, PackedTexts, PairBatch
 from lit_embed.data.datamodule import distributed_position
 from lit_embed.data.sampler import NoDuplicatesBatchSampler
 from lit_embed.errors import LitEmbedError
-from lit_embed.losses.cached import CachedLoss
 from lit_embed.losses.gist import GISTLoss, gist
 from lit_embed.losses.mnrl import DIRECTIONS, MultipleNegativesRankingLoss, mnrl
 from lit_embed.training.checkpoint_io import load_checkpoint
+from lit_embed.training.steps import GradCache
 
 WORLD = 2
 
 
 class ToyEncoder(nn.Module):
-    """Token embeddings, masked mean, a projection: enough to check gradients through a real encoder call."""
+    """Token embeddings, mean over each text, a projection: enough to check gradients through a real encoder call."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -40,18 +40,20 @@ class ToyEncoder(nn.Module):
         self.embedding = nn.Embedding(40, 8)
         self.projection = nn.Linear(8, 8)
 
-    def forward(self, features: dict) -> torch.Tensor:
-        mask = features["attention_mask"].unsqueeze(-1).float()  # [n, L, 1]
-        tokens = self.embedding(features["input_ids"]) * mask  # [n, L, 8]
-        return self.projection(tokens.sum(1) / mask.sum(1))  # [n, 8]
+    def forward(self, texts: PackedTexts) -> torch.Tensor:
+        lengths = torch.tensor(texts.lengths)  # [n]
+        owners = torch.repeat_interleave(torch.arange(len(texts)), lengths)  # [T]: the text each token is of
+        tokens = self.embedding(texts.input_ids[0])  # [T, 8]
+        sums = torch.zeros(len(texts), 8).index_add(0, owners, tokens)  # [n, 8]
+        return self.projection(sums / lengths[:, None])  # [n, 8]
+
+    def packs(self, texts: PackedTexts) -> bool:
+        return True
 
 
-def side(texts: list[list[int]]) -> TokenGroups:
-    """Token-id lists as one right-padded group, as the collator builds a side of a batch."""
-    length = max(map(len, texts))
-    ids = torch.tensor([t + [0] * (length - len(t)) for t in texts])
-    mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in texts])
-    return TokenGroups([{"input_ids": ids, "attention_mask": mask}], torch.arange(len(texts)))
+def side(texts: list[list[int]]) -> PackedTexts:
+    """Token-id lists packed into one row, as the collator builds a side of a batch."""
+    return PackedTexts.from_tokens(torch.tensor([token for text in texts for token in text]), list(map(len, texts)))
 
 
 def random_texts(count: int, seed: int) -> list[list[int]]:
@@ -71,7 +73,7 @@ def check_against_one_process(rank: int, queries_per_rank: list[int], num_negati
     negatives = random_texts(total * num_negatives, 3)  # query i's negatives: rows i*k .. i*k + k - 1
 
     encoder = ToyEncoder()
-    reference = mnrl(side(queries).embed(encoder), side(positives + negatives).embed(encoder))
+    reference = mnrl(Embedded(encoder(side(queries)), encoder(side(positives + negatives))))
     reference.backward()
     expected = gradients(encoder)
 
@@ -83,9 +85,9 @@ def check_against_one_process(rank: int, queries_per_rank: list[int], num_negati
     )
     gathered = MultipleNegativesRankingLoss(gather_across_devices=True)
     if cached:
-        loss = CachedLoss(gathered, mini_batch_size=2).batch_loss(encoder, local)
+        loss = GradCache(gathered, mini_batch_size=2)(encoder, local, gathered)
     else:
-        loss = gathered(local.queries.embed(encoder), local.documents.embed(encoder))
+        loss = gathered(local.embed(encoder))
     loss.backward()
     actual = gradients(encoder)
     for value in [*actual, loss := loss.detach()]:
@@ -192,9 +194,8 @@ def check_gathered_directions_and_positives(rank: int, queries_per_rank: list[in
     owners = torch.tensor(list(range(total)) + negative_of + second_of)
     marks = torch.tensor([True] * total + [False] * len(negative_of) + [True] * len(second_of))
     options = {"directions": ("query_to_doc",)} if multi_positive else {"directions": DIRECTIONS}
-    reference = mnrl(
-        whole[0], torch.cat(whole[1:]), document_rows=owners, positives=marks if multi_positive else None, **options
-    )
+    everything = Embedded(whole[0], torch.cat(whole[1:]), owners, marks if multi_positive else None)
+    reference = mnrl(everything, **options)
     reference.backward()
     # This rank's rows, laid out as the collator does: its positives, its negatives, its further positives.
     mine = [[q for q in of if start <= q < start + size] for of in (negative_of, second_of)]
@@ -205,7 +206,7 @@ def check_gathered_directions_and_positives(rank: int, queries_per_rank: list[in
     local_owners = torch.tensor([q - start for q in [*range(start, start + size), *mine[0], *mine[1]]])
     local_marks = torch.tensor([True] * size + [False] * len(mine[0]) + [True] * len(mine[1]))
     loss = MultipleNegativesRankingLoss(gather_across_devices=True, **options)
-    local_loss = loss(local[0], torch.cat(local[1:]), local_owners, local_marks if multi_positive else None)
+    local_loss = loss(Embedded(local[0], torch.cat(local[1:]), local_owners, local_marks if multi_positive else None))
     assert_rank_share_of_global(rank, local_loss, local, reference, list(zip(whole, rows, strict=True)))
 
 
@@ -228,7 +229,7 @@ def test_gathered_gist_directions_and_several_positives_equal_one_process(tmp_pa
 
 def test_without_a_process_group_gathering_is_the_plain_loss() -> None:
     q, d = torch.randn(4, 8), torch.randn(6, 8)
-    assert MultipleNegativesRankingLoss(gather_across_devices=True)(q, d) == mnrl(q, d)
+    assert MultipleNegativesRankingLoss(gather_across_devices=True)(Embedded(q, d)) == mnrl(Embedded(q, d))
 
 
 def test_global_batches_hold_no_text_twice_and_every_rank_gets_a_slice() -> None:
@@ -291,14 +292,14 @@ def sharded_worker(rank: int, rendezvous: str) -> None:
         encoder = ToyEncoder()
         texts = side(random_texts(6, 4))
         with torch.no_grad():
-            expected = texts.embed(encoder)
+            expected = encoder(texts)
         sharded = FullyShardedDataParallel(encoder, use_orig_params=True, device_id=torch.device("cpu"))
         with torch.no_grad():
-            sharded(texts.groups[0])  # FSDP shards lazily, at its first forward pass
+            sharded(texts)  # FSDP shards lazily, at its first forward pass
         trainer = SimpleNamespace(strategy=SimpleNamespace(model=sharded))
         assert encoder.embedding.weight.dim() == 1, "FSDP should leave each rank only a flat shard"
         with full_parameters(trainer), torch.no_grad():
-            torch.testing.assert_close(texts.embed(encoder), expected)
+            torch.testing.assert_close(encoder(texts), expected)
     finally:
         dist.destroy_process_group()
     exit_passed_worker()

@@ -14,6 +14,7 @@ from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
 from safetensors.torch import load_file
 from test_cached_loss import collated_batch, gradients
 
+from lit_embed.batch import Embedded, padding_groups
 from lit_embed.config import build
 from lit_embed.data.datamodule import QAPairDataModule
 from lit_embed.losses.mnrl import mnrl
@@ -24,7 +25,7 @@ from lit_embed.training.optim import DEFAULT_OPTIMIZER
 
 def loss_and_gradients(encoder: Encoder, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     encoder.zero_grad()
-    loss = mnrl(batch.queries.embed(encoder), batch.documents.embed(encoder))
+    loss = mnrl(Embedded(encoder(batch.queries), encoder(batch.documents)))
     loss.backward()
     return loss.detach().float(), gradients(encoder)
 
@@ -107,11 +108,11 @@ def test_pinned_batches_are_the_same_batches(tiny_encoder: Encoder, tmp_path: Pa
     train, _ = write_toy_data(tmp_path)
     batches = {}
     for pin in (False, True):
-        data = QAPairDataModule(str(train), batch_size=8, pin_memory=pin, packing=False)
+        data = QAPairDataModule(str(train), batch_size=8, pin_memory=pin)
         data.tokenize(tiny_encoder)
         loader = data.train_dataloader()
         assert loader.pin_memory == (pin and torch.cuda.is_available())
-        batches[pin] = [batch.queries.groups[0]["input_ids"] for batch in loader]
+        batches[pin] = [batch.queries.input_ids for batch in loader]
         if loader.pin_memory:  # on a GPU machine: the batches really are page-locked
             assert all(ids.is_pinned() for ids in batches[pin])
     assert all(torch.equal(a, b) for a, b in zip(batches[False], batches[True], strict=True))
@@ -146,39 +147,36 @@ def test_compile_setting_reaches_the_transformer(tiny_model_path: str, tmp_path:
         assert "compile" not in compiled.config  # a training switch: the encoder rebuilt for export is plain
 
 
-def padded_tokens(groups: list[dict]) -> tuple[int, int]:
-    """(tokens fed to the encoder, real tokens) of one side of a batch."""
-    return sum(g["input_ids"].numel() for g in groups), sum(int(g["attention_mask"].sum()) for g in groups)
+def padded_tokens(side) -> tuple[int, int]:
+    """(tokens fed to the encoder, real tokens) of one side of a batch, padded by the encoder in its length groups."""
+    lengths = sorted(side.lengths)
+    groups = padding_groups(lengths, side.length_groups)
+    return sum((end - start) * lengths[end - 1] for start, end in groups), sum(lengths)
 
 
-def unpadded_rows(side) -> list[tuple[int, ...]]:
-    """Each row's real token ids, in the batch's row order."""
-    rows = [
-        tuple(r[m.bool()].tolist())
-        for g in side.groups
-        for r, m in zip(g["input_ids"], g["attention_mask"], strict=True)
-    ]
-    return [rows[i] for i in side.order.tolist()]
-
-
-def test_length_groups_pad_less_and_keep_the_loss_and_gradients(tiny_encoder: Encoder) -> None:
+def test_length_groups_pad_less_and_keep_the_loss_and_gradients(tiny_encoder: Encoder, monkeypatch) -> None:
     tiny_encoder.eval()  # no dropout: the passes must be comparable
     one = collated_batch(tiny_encoder, size=16, negatives=1, length_groups=1)
     grouped = collated_batch(tiny_encoder, size=16, negatives=1, length_groups=4)
-    assert len(one.documents.groups) == 1 and len(grouped.documents.groups) > 1
+    fed_widths: list[tuple[int, int]] = []  # what the encoder's padded forward gets
+    embed_features = Encoder.embed_features
+    monkeypatch.setattr(
+        Encoder, "embed_features", lambda self, f: fed_widths.append(f["input_ids"].shape) or embed_features(self, f)
+    )
     for side in ("queries", "documents"):
         a, b = getattr(one, side), getattr(grouped, side)
-        assert unpadded_rows(b) == unpadded_rows(a), f"{side}: the same texts in the same row order"
-        (fed_one, real_one), (fed_grouped, real_grouped) = padded_tokens(a.groups), padded_tokens(b.groups)
+        assert torch.equal(a.input_ids, b.input_ids) and a.lengths == b.lengths, f"{side}: the same texts, same order"
+        (fed_one, real_one), (fed_grouped, real_grouped) = padded_tokens(a), padded_tokens(b)
         assert real_grouped == real_one and fed_grouped <= fed_one
-    fed = {
-        n: sum(padded_tokens(getattr(b, s).groups)[0] for s in ("queries", "documents"))
-        for n, b in (("1", one), ("4", grouped))
-    }
-    real = sum(padded_tokens(getattr(one, s).groups)[1] for s in ("queries", "documents"))
+    fed = {n: sum(padded_tokens(getattr(b, s))[0] for s in ("queries", "documents")) for n, b in (("1", one), ("4", grouped))}
+    real = sum(padded_tokens(getattr(one, s))[1] for s in ("queries", "documents"))
     assert fed["4"] < fed["1"], "length groups feed fewer padded tokens"
     assert fed["4"] - real < 0.8 * (fed["1"] - real), fed  # and save a real share of the padding
-    expected, got = loss_and_gradients(tiny_encoder, one), loss_and_gradients(tiny_encoder, grouped)
+    expected = loss_and_gradients(tiny_encoder, one)
+    assert sum(rows * width for rows, width in fed_widths) == fed["1"]  # the encoder pads as counted
+    fed_widths.clear()
+    got = loss_and_gradients(tiny_encoder, grouped)
+    assert sum(rows * width for rows, width in fed_widths) == fed["4"] and len(fed_widths) > 2
     torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=0)
     assert set(got[1]) == set(expected[1])
     for name, grad in expected[1].items():

@@ -18,7 +18,7 @@ from lit_embed.batch import Features, PackedTexts, padding_groups
 from lit_embed.errors import check, is_bool, is_int
 from lit_embed.internals import attention_implementation, dynamo_recompile_limit, set_attention_implementation
 from lit_embed.models.model_folder import check_model_folder, loading_errors
-from lit_embed.models.packed import PACKED_BUCKET, POOLING_MODES, install_packed_attention, pool
+from lit_embed.models.packed import PACKED_BUCKET, POOLING_MODES, attend_all, install_packed_attention, pool
 from lit_embed.models.prompts import prompt_for
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,10 @@ class Encoder(nn.Module):
         attended = packed.padded_to_multiple(bucket, self.pad_token_id) if bucket else packed
         with self._compiled_calls():
             tokens = transformer.auto_model(
-                input_ids=attended.input_ids, position_ids=attended.position_ids, packed=attended
+                input_ids=attended.input_ids,
+                position_ids=attended.position_ids,
+                attention_mask=attend_all(attended.input_ids.device),
+                packed=attended,
             )
         tokens = tokens.last_hidden_state[0, : packed.input_ids.size(1)]  # [T, H], without the padding text
         skip = 0 if pooling.include_prompt else packed.extras.get("prompt_length") or 0
@@ -371,8 +374,10 @@ def _loading_kwargs(model_kwargs: dict[str, Any], dtype: str | None, load_in_4bi
 
 
 def close(a: Tensor, b: Tensor) -> bool:
-    """Equal embeddings up to the order in which packed and padded attention add up."""
-    return torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-3)
+    """Equal embeddings up to the order in which packed and padded attention add up (in fp32, far below what a
+    shifted position or a leaked token changes; in half precision, its rounding)."""
+    tolerance = 1e-5 if a.dtype == torch.float32 else 2e-2
+    return torch.allclose(a.float(), b.float(), atol=tolerance, rtol=10 * tolerance)
 
 
 def weights_are_finite(module: nn.Module) -> bool:

@@ -108,8 +108,8 @@ def install_packed_attention(transformer: nn.Module) -> str | None:
     attention for any other; returns why it cannot (None: installed, or already there).
 
     Registered with transformers' attention and mask registries under one name per own attention, so every layer
-    finds it through the config, in the forward pass and when recomputed. A call without ``attention_mask`` (packed)
-    gets no mask; a padded call gets the mask its own attention would.
+    finds it through the config, in the forward pass and when recomputed; a padded call gets the mask its own
+    attention would. A packed call passes :func:`attend_all` as its mask, which transformers takes as made already.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -123,20 +123,24 @@ def install_packed_attention(transformer: nn.Module) -> str | None:
         return f"its attention ({own}) is not one of transformers' shared ones (model.model_kwargs.attn_implementation=sdpa is)"
     name = f"{ATTENTION}+{own}"
     if name not in ALL_ATTENTION_FUNCTIONS:
-        padded_attention, padded_mask = ALL_ATTENTION_FUNCTIONS[own], ALL_MASK_ATTENTION_FUNCTIONS[own]
+        padded_attention = ALL_ATTENTION_FUNCTIONS[own]
 
         def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
             if "packed" in kwargs:
                 return varlen_attention(module, query, key, value, *args, **kwargs)
             return padded_attention(module, query, key, value, *args, **kwargs)
 
-        def mask(*args: Any, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
-            return None if attention_mask is None else padded_mask(*args, attention_mask=attention_mask, **kwargs)
-
         AttentionInterface.register(name, attention)
-        AttentionMaskInterface.register(name, mask)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[own])
     set_attention_implementation(transformer.config, name)
     return None
+
+
+def attend_all(device: torch.device) -> Tensor:
+    """The attention mask of a packed call: ``[1, 1, 1, 1]``, every position may attend (``varlen_attention`` keeps
+    each text to itself). Already 4-D, so transformers builds no mask of its own: no ``[T, T]`` mask for a causal
+    model, and no host read to look for packed position ids."""
+    return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
 
 
 def pool(tokens: Tensor, packed: PackedTexts, mode: str, skip: int = 0) -> Tensor:
