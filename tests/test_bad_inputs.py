@@ -148,8 +148,8 @@ def nan_on_call(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
     original = MultipleNegativesRankingLoss.forward
     calls = {"n": 0}
 
-    def forward(self, queries, documents, *batch_layout):
-        loss = original(self, queries, documents, *batch_layout)
+    def forward(self, embedded):
+        loss = original(self, embedded)
         calls["n"] += 1
         return loss * float("nan") if calls["n"] - 1 == call else loss
 

@@ -93,8 +93,9 @@ def mnrl(
         scores = [q @ documents.T]  # query_to_doc: [b, C]
         own_documents = documents[label]  # [b, D]: each query's positive
         if "query_to_query" in directions:  # every other query; itself left out
+            to_queries = q @ all_queries.T  # [b, Q]
             itself = (torch.arange(q.size(0), device=device), mine)
-            scores.append((q @ all_queries.T).index_put(itself, torch.tensor(float("-inf"), device=device)))  # [b, Q]
+            scores.append(to_queries.index_put(itself, to_queries.new_tensor(float("-inf"))))
         if "doc_to_query" in directions:
             scores.append(own_documents @ all_queries.T)  # [b, Q]
         if "doc_to_doc" in directions:  # every document not given with this query
