@@ -4,7 +4,6 @@ app, configured by ``class_path``/``init_args``, and exports the model and ``met
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,7 +14,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_embed.config import bf16_if_gpu, check_moved_targets
+from lit_embed.config import bf16_if_gpu
 from lit_embed.console import quiet_third_party_output
 from lit_embed.data.datamodule import QAPairDataModule
 from lit_embed.errors import LitEmbedError, StoppedError, reported, user_error_behind
@@ -150,10 +149,6 @@ class LitEmbedCLI(LightningCLI):
 def main(args: ArgsType = None) -> None:
     """``lit-embed fit --config conf/cli/full.yaml [--key=value ...]``; ``args`` replaces ``sys.argv[1:]``."""
     with reported("lit-embed"):
-        for arg in sys.argv[1:] if args is None else args:
-            value = str(arg).split("=", 1)[-1]  # --config=FILE or a class path given on the command line
-            is_file = value.endswith((".yaml", ".yml")) and Path(value).is_file()
-            check_moved_targets(Path(value).read_text(encoding="utf-8") if is_file else str(arg), value)
         try:
             with ctrl_c_saves() as signals:
                 LitEmbedCLI(args=args)

@@ -28,7 +28,6 @@ from lit_embed.config import (
     build,
     check_added_keys,
     check_output_dir,
-    check_overrides,
     check_run_settings,
     compose_config,
     register_resolvers,
@@ -355,7 +354,6 @@ def hydra_app(cfg: DictConfig) -> float | None:
 def main() -> None:
     """``python train.py`` / ``lit-embed-train``: every user mistake exits 2 with one message."""
     with reported("lit-embed-train"):
-        check_overrides(sys.argv[1:])
         for override in sys.argv[1:]:
             key, _, value = override.partition("=")
             if key.lstrip("+") == "output_dir":  # before Hydra makes the folder (or fails to, on a file)
