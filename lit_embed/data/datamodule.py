@@ -20,6 +20,7 @@ from lit_embed.data.schema import QADataset, SkipPolicy
 from lit_embed.data.stdlib import build_stdlib_dataset, check_split_sizes
 from lit_embed.data.tokens import TextTokenizer, TokenizedTexts, tokenize_texts
 from lit_embed.errors import DataFormatError, LitEmbedError, check, is_bool, is_int, is_number
+from lit_embed.internals import fit_position, uses_distributed_sampler
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def distributed_position(trainer: L.Trainer | None) -> tuple[int, int]:
     """``(rank, world size)`` for sharding the training batches; checks Lightning will not re-shard them."""
     if trainer is None or trainer.world_size == 1:
         return 0, 1
-    if getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+    if uses_distributed_sampler(trainer):
         raise LitEmbedError(
             "under a distributed strategy lit_embed shards each global no-duplicates batch itself: set "
             "trainer.use_distributed_sampler=false (trainer=ddp, ddp_cpu and fsdp do)."
@@ -162,15 +163,14 @@ class ResumableDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         if self.trainer is None:
             return {}
-        epochs = self.trainer.fit_loop.epoch_progress.current
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress
-        if epochs.started > epochs.processed or epochs.started == 0:  # within an epoch, or before the first
-            return {"epoch": self.trainer.current_epoch, "batches_done": batches.current.processed}
+        at = fit_position(self.trainer)
+        if at.epochs_started > at.epochs_processed or at.epochs_started == 0:  # within an epoch, or before the first
+            return {"epoch": self.trainer.current_epoch, "batches_done": at.batches}
         # Training has stopped (max_epochs, max_steps, a signal) and Lightning has closed the epoch it stopped in,
         # whether or not its batches ran out: a longer run continues that epoch, or starts the next one.
-        if batches.is_last_batch:
-            return {"epoch": epochs.processed, "batches_done": 0}
-        return {"epoch": epochs.processed - 1, "batches_done": batches.current.processed}
+        if at.last_batch:
+            return {"epoch": at.epochs_processed, "batches_done": 0}
+        return {"epoch": at.epochs_processed - 1, "batches_done": at.batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:

@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lit_embed.data.datamodule import ResumableDataModule
 from lit_embed.errors import LitEmbedError
 from lit_embed.files import FolderLock, check_folder_owner, mark_folder, write_text_atomic
+from lit_embed.internals import saved_fit_loop, saved_position
 from lit_embed.training.callbacks.checkpointing import continue_after_stop
 from lit_embed.training.module import EmbeddingFinetuneModule
 
@@ -340,16 +341,17 @@ def check_resume_length(path: str, checkpoint: dict[str, Any], max_steps: int | 
     ``max_steps`` / ``max_epochs`` as the trainer takes them (-1 or None: no limit). A run resumed with the length
     it already trained finishes without training (and exports what it trained); a longer one trains the rest.
     """
-    if "loops" not in checkpoint:  # not a training checkpoint: Lightning says what is wrong with it
+    fit_loop = saved_fit_loop(checkpoint)
+    if fit_loop is None:  # not a training checkpoint: Lightning says what is wrong with it
         return
-    loops = copy.deepcopy(checkpoint["loops"]["fit_loop"])
+    fit_loop = copy.deepcopy(fit_loop)
     # True for a checkpoint that Lightning's counts were saved into as training stopped, not rewritten as
     # StepCheckpoint now does (an earlier lit_embed's last.ckpt): read as rewritten, but its data position cannot
     # tell where a longer run goes on.
-    not_rewritten = continue_after_stop(loops)
+    not_rewritten = continue_after_stop(fit_loop)
     steps = checkpoint.get("global_step", 0)
-    epochs = loops["epoch_progress"]["current"]["completed"]
-    batches = loops["epoch_loop.batch_progress"]["current"]["processed"]  # of the epoch in progress
+    at = saved_position(fit_loop)
+    epochs, batches = at.epochs_completed, at.batches  # batches of the epoch in progress
     # For each limit: how the checkpoint stands to it (-1 before it, 0 at it, 1 past it).
     standing = {}
     if max_steps is not None and max_steps >= 0:
