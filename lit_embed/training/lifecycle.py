@@ -16,11 +16,12 @@ from typing import Any
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lit_embed.data.datamodule import ResumableDataModule
-from lit_embed.errors import LitEmbedError
+from lit_embed.errors import LitEmbedError, StoppedError
 from lit_embed.files import FolderLock, check_folder_owner, mark_folder, write_text_atomic
 from lit_embed.internals import saved_fit_loop, saved_position
 from lit_embed.training.callbacks.checkpointing import continue_after_stop
@@ -437,3 +438,78 @@ def ctrl_c_saves() -> Iterator[list[int]]:
         yield received
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def stopped_by_signal(continue_with: str) -> Iterator[None]:
+    """Around ``trainer.fit``: Ctrl-C saves as SIGTERM does (:func:`ctrl_c_saves`), and either signal then ends the
+    run with a :class:`StoppedError` that says how to continue (``continue_with``, e.g. ``resume=true``) and exits
+    130 (Ctrl-C) or 143 (SIGTERM)."""
+    with ctrl_c_saves() as signals:
+        try:
+            yield
+        except SIGTERMException:
+            signum = signals[0] if signals else signal.SIGTERM
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            raise StoppedError(
+                f"stopped by {name}; the checkpoint is saved. Continue with {continue_with}.", signum
+            ) from None
+
+
+class RunFolder:
+    """A run's hold on its output_dir, from its first check to its last file: ``with RunFolder(output_dir) as folder``.
+
+    Entering refuses a folder the run may not write into (:func:`check_run_folder`) before anything is written there,
+    and locks one that exists (always, under Hydra) at once. Only the launching process locks: the other ranks of a
+    distributed run share the folder, and find it marked. A new folder is locked by :meth:`training`, once the data
+    and model are known to be good, since nothing may be written before that.
+
+    The ``.hydra/`` record (``hydra_record``, see :func:`hydra_record`) goes into a new folder at once, where it is
+    kept even if a check fails (a sweep's summary finds the job); into a folder that holds a run already only at
+    :meth:`checks_passed`, so that a refused run leaves that folder as it was. A run refused before that writes
+    nothing into a folder that is not its own, its ``train.log`` included. Leaving releases the lock.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, hydra_record: dict[str, str] | None = None) -> None:
+        self.path = Path(output_dir)
+        self.record = hydra_record or {}
+        self.lock = OutputDirLock(self.path) if is_launching_process() else None
+        self.ours = False  # whether the run may write into the folder before its checks pass: a new one
+        self.checked = False
+
+    def __enter__(self) -> RunFolder:
+        new = not (self.path / RUN_MARKER).exists()
+        try:
+            if self.lock is None:
+                check_output_path(self.path)
+            else:
+                check_run_folder(self.path)
+                if self.path.is_dir():
+                    self.lock.acquire()
+        except BaseException as err:
+            self.__exit__(type(err), err, err.__traceback__)
+            raise
+        self.ours = new
+        if self.lock is not None and self.record and new:
+            write_hydra_record(self.path, self.record)
+        return self
+
+    def checks_passed(self) -> None:
+        """Everything a user can get wrong was checked: the record goes in now."""
+        self.checked = True
+        if self.lock is not None and self.record:
+            write_hydra_record(self.path, self.record)
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """Around ``trainer.fit``: locks a new folder, and a signal stops the run as :func:`stopped_by_signal` says."""
+        if self.lock is not None and not self.lock.held:
+            self.lock.acquire()
+        with stopped_by_signal("resume=true"):
+            yield
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, traceback: Any) -> None:
+        if isinstance(err, LitEmbedError) and not self.checked and not self.ours:
+            keep_log_files_out_of(self.path)  # another run's folder: its train.log must not get this run's message
+        if self.lock is not None:
+            self.lock.release()
