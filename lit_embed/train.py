@@ -32,6 +32,7 @@ from lit_embed.config import (
     register_resolvers,
 )
 from lit_embed.console import quiet_third_party_output
+from lit_embed.data.datamodule import PairDataModule, check_pair_data
 from lit_embed.errors import FinishedRunError, LitEmbedError, reported
 from lit_embed.evaluation import METRIC_NAMES
 from lit_embed.losses.base import EmbeddingLoss, check_several_positives
@@ -56,7 +57,6 @@ from lit_embed.training.lifecycle import (
     check_resume_length,
     check_weights_fit,
     composed_record,
-    data_identity,
     hydra_record,
     is_launching_process,
     keep_log_files_out_of,
@@ -92,7 +92,7 @@ class CheckedJob:
     """What the checks before a run found: its resolved config, its loaded data and the checkpoint it resumes."""
 
     config: dict[str, Any]  # kept in every checkpoint, so that a resume can see what changed
-    datamodule: L.LightningDataModule
+    datamodule: PairDataModule
     resume_from: str | None = None
     resumed: dict | None = None  # resume_from, loaded (memory-mapped) for the checks before fit
 
@@ -134,9 +134,10 @@ def check_job(cfg: DictConfig, output_dir: Path) -> CheckedJob:
         check_resume_length(resume_from, resumed, cfg.trainer.get("max_steps"), epochs)
     # The data module with its data loaded and checked; a resume must find the data its checkpoint trained on.
     datamodule = build(cfg.data, "data")
+    check_pair_data(datamodule, "data")
     datamodule.prepare_data()
     if resumed is not None:
-        check_resume_data(resume_from, resumed, data_identity(datamodule), cfg.get("resume_changed", False))
+        check_resume_data(resume_from, resumed, datamodule.data_identity(), cfg.get("resume_changed", False))
     return CheckedJob(config, datamodule, resume_from, resumed)
 
 
@@ -145,14 +146,14 @@ def build_job(cfg: DictConfig, checked: CheckedJob, output_dir: Path) -> Job:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = checked.datamodule
     module = build_module(cfg, datamodule)
-    if getattr(datamodule, "mine", False):
+    if datamodule.mine:
         mine_for_training(datamodule, module.encoder)
     config = checked.config
     if "recipe" in cfg:  # what the default recipe chose, for a resume's length check
         config = {**config, "recipe": OmegaConf.to_container(cfg.recipe)}
     if isinstance(module.loss, EmbeddingLoss):  # a multi-task loss meets its data at the first batch
-        check_distillation_data(module.loss, getattr(datamodule, "has_teacher_scores", False))
-        check_several_positives(module.loss, getattr(datamodule, "multi_positive", False))
+        check_distillation_data(module.loss, datamodule.has_teacher_scores)
+        check_several_positives(module.loss, datamodule.multi_positive)
     evaluation = build(cfg.eval, "eval")
     checkpointing = build(cfg.checkpoint, "checkpoint", dirpath=str(output_dir / "checkpoints"))
     merging = build(cfg.merge, "merge") if cfg.get("merge") else None
@@ -191,7 +192,7 @@ def finish_job(job: Job, load_best_model_at_end: bool, started: float) -> dict[s
     return finish(trainer, module, evaluation, checkpointing, output_dir, load_best_model_at_end, started, merging)
 
 
-def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
+def build_module(cfg: DictConfig, datamodule: PairDataModule) -> L.LightningModule:
     """The configured LightningModule: encoder (wrapped by ``method``), loss, optimizer and schedule."""
     # method=adapter and method=lora wrap the encoder; their settings are checked before the model loads.
     wrap = build(cfg.method.encoder, "method.encoder") if "encoder" in cfg.method else None
@@ -208,7 +209,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.Lightn
         "method",
         encoder=encoder,
         # Multi-task data brings a loss for each of its tasks.
-        loss=getattr(datamodule, "losses", None) or build(cfg.loss, "loss"),
+        loss=datamodule.losses or build(cfg.loss, "loss"),
         optimizer=build(cfg.optimizer, "optimizer"),
         scheduler=build(cfg.scheduler, "scheduler"),
     )
@@ -217,19 +218,18 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.Lightn
 RECIPE_KEYS = ("trainer.max_epochs", "optimizer.lr", "data.batch_size")
 
 
-def apply_recipe(cfg: DictConfig, datamodule: L.LightningDataModule, encoder: nn.Module) -> Recipe | None:
+def apply_recipe(cfg: DictConfig, datamodule: PairDataModule, encoder: nn.Module) -> Recipe | None:
     """Fills the config's ``auto`` values with the default recipe's (lit_embed.training.recipe) and logs why.
 
     The values go into the config as ``recipe``, which checkpoints keep: a resume with ``auto`` knows its length,
     and ``lit-embed-export`` the hyper-parameters. None when nothing is ``auto``.
     """
     auto = {key for key in RECIPE_KEYS if OmegaConf.select(cfg, key) == AUTO}
-    tasks = list(getattr(datamodule, "tasks", {}).values()) or [datamodule]
-    auto_batches = [data for data in tasks if getattr(data, "batch_size", None) == AUTO]
+    auto_batches = [data for data in datamodule.task_modules() if data.batch_size == AUTO]
     auto |= {"data.batch_size"} if auto_batches else set()
     if not auto:
         return None
-    num_pairs = getattr(datamodule, "num_training_pairs", None)
+    num_pairs = datamodule.num_training_pairs
     if num_pairs is None:
         raise LitEmbedError(
             f"{', '.join(sorted(auto))}=auto: the default recipe sizes a run by its number of training pairs, and "

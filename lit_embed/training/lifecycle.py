@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lit_embed.data.datamodule import ResumableDataModule
+from lit_embed.data.datamodule import trainer_data
 from lit_embed.errors import LitEmbedError, StoppedError
 from lit_embed.files import FolderLock, check_folder_owner, mark_folder, write_text_atomic
 from lit_embed.internals import saved_fit_loop, saved_position
@@ -34,7 +34,7 @@ RUN_MARKER = ".lit_embed_run"
 RUN_NOTE = "This folder is a lit_embed run's: later runs may write into it (output_dir, resume, overwrite)."
 HYDRA_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging, for train.log
 CONFIG_KEY = "lit_embed_config"  # the run's resolved config, in every checkpoint
-DATA_KEY = "lit_embed_data"  # what its training rows were made from (ResumableDataModule.data_identity)
+DATA_KEY = "lit_embed_data"  # what its training rows were made from (PairDataModule.data_identity)
 
 # Top-level keys whose values decide what is trained. The others (output_dir, resume, resume_changed, overwrite,
 # logger, callbacks, eval, checkpoint, merge, optimized_metric, load_best_model_at_end) may differ on a resume.
@@ -209,11 +209,6 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
         ) from None
 
 
-def data_identity(datamodule: L.LightningDataModule) -> dict[str, dict[str, Any]]:
-    """What ``datamodule``'s training rows were made from (empty for a data module that does not say)."""
-    return datamodule.data_identity() if isinstance(datamodule, ResumableDataModule) else {}
-
-
 class RecordConfig(L.Callback):
     """Stores the run's resolved config (where it has one) and what its data was in every checkpoint, so that a
     resume can see what changed."""
@@ -224,7 +219,8 @@ class RecordConfig(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self.config is not None:
             checkpoint[CONFIG_KEY] = self.config
-        checkpoint[DATA_KEY] = data_identity(trainer.datamodule)
+        data = trainer_data(trainer)
+        checkpoint[DATA_KEY] = data.data_identity() if data is not None else {}
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -304,7 +300,7 @@ def check_resume_data(
     """Refuses to resume a checkpoint on training data other than its run's: a replaced or edited file under the
     same name would otherwise be trained on from the old data position, and the export would mix the two.
 
-    ``data`` is :func:`data_identity` of this run's data module; ``resume_changed=true`` continues anyway.
+    ``data``: ``PairDataModule.data_identity()`` of this run's data module; ``resume_changed=true`` continues anyway.
     """
     old = checkpoint.get(DATA_KEY)
     if old is None:

@@ -52,7 +52,7 @@ def continue_after_stop(fit_loop: dict[str, Any]) -> bool:
 
     Lightning closes the epoch training stopped in: it counts it as done even when max_steps stopped it mid-epoch,
     and, resuming a step-limited run, takes an epoch whose batches all ran for the next one with none left. The
-    data module saves the same position (``ResumableDataModule.state_dict``). Returns whether anything changed
+    data module saves the same position (``PairDataModule.state_dict``). Returns whether anything changed
     (a rewritten state is left as it is).
     """
     at = saved_position(fit_loop)
