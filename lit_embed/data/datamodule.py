@@ -157,9 +157,9 @@ class PairCollator:
 
 
 class PairDataModule(L.LightningDataModule):
-    """The base of every lit_embed data module: what a run may ask of its data, declared once, with the answer of a
-    data module that has none. The training app, LightningCLI, the LightningModule, the callbacks and the model card
-    read the data only through these; a data module of your own (``data._target_``, ``--data``) derives from this
+    """The base of every lit_embed data module: what a run may ask of its data, declared once, each with a default for
+    a data module that cannot say. The training app, LightningCLI, the LightningModule, the callbacks and the model
+    card read the data only through these; a data module of your own (``data._target_``, ``--data``) derives from this
     class, serves :class:`PairBatch` batches, and overrides what it knows.
 
     What it knows of its data is known after :meth:`prepare_data`, which the apps call before anything trains. It also
@@ -171,7 +171,7 @@ class PairDataModule(L.LightningDataModule):
         train_path: the training file, for the model card (None: the data is not read from one file).
         val_path: the validation file, for the model card (None: none, or a slice held out of the training data).
         batch_size: pairs per batch; ``"auto"``: the default recipe sets it before training (None: not one size).
-        mine: the training app mines hard negatives for it before training (``use_hard_negatives``).
+        mine: the training app mines hard negatives for its rows before training (a QAPairDataModule's ``mine``).
         multi_positive: its rows hold every positive of their query (``data.multi_positive``).
         losses: a loss for each of its tasks (multi-task data); None: the run's ``loss``.
     """
