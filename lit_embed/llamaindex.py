@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lit_embed.internals import llamaindex_adds_residual, llamaindex_prompts
+
 __all__ = ["EmbeddingAdapterFinetuneEngine", "EmbeddingQAFinetuneDataset", "SentenceTransformersFinetuneEngine"]
 
 # train_model's keywords that LlamaIndex's adapter engine passes through **train_kwargs (the rest it sets itself).
@@ -497,7 +499,7 @@ def _embed_model_values(embed_model: Any) -> dict[str, Any]:
     if isinstance(embed_model, (str, os.PathLike)):
         return {"model.model_name_or_path": str(embed_model), "model.max_seq_length": None}
     # HuggingFaceEmbedding encodes with these prompts (its instructions, or its defaults for known models).
-    prompts = getattr(getattr(embed_model, "_model", None), "prompts", None) or {}
+    prompts = llamaindex_prompts(embed_model)
     return {
         "model.model_name_or_path": embed_model.model_name,
         "model.max_seq_length": embed_model.max_length,
@@ -521,7 +523,7 @@ def _adapter_overrides(adapter_model: Any, bias: bool) -> tuple[list[str], str]:
         _check_adapter(adapter_model, started)
         return ["adapter=linear", *_values({"adapter.bias": bool(adapter_model.bias)})], name
     if name == "TwoLayerNN":
-        residual = bool(adapter_model._add_residual)
+        residual = llamaindex_adds_residual(adapter_model)
         _check_adapter(adapter_model, not residual or not adapter_model.residual_weight.any())
         values = {
             "adapter.hidden_dim": adapter_model.hidden_features,

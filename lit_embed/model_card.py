@@ -23,6 +23,7 @@ import lightning as L
 import torch
 import yaml
 
+from lit_embed.data.datamodule import PairDataModule, trainer_data
 from lit_embed.evaluation import METRIC_NAMES
 from lit_embed.evaluation.retrieval import format_metrics_table
 from lit_embed.files import write_text_atomic
@@ -389,22 +390,23 @@ def _losses(loss: torch.nn.Module) -> list[str]:
     return [type(loss).__name__]
 
 
-def _data_facts(datamodule: Any, metrics: Mapping[str, Any]) -> dict[str, Any]:
+def _data_facts(datamodule: PairDataModule | None, metrics: Mapping[str, Any]) -> dict[str, Any]:
     if datamodule is None:
         return {}
-    tasks = list(getattr(datamodule, "tasks", {}).values()) or [datamodule]
+    tasks = datamodule.task_modules()
     facts: dict[str, Any] = {}
-    if all(getattr(data, "tokenized", False) for data in tasks):
-        facts["training_pairs"] = sum(data.num_training_pairs for data in tasks)
-    val_path, source = getattr(datamodule, "val_path", None), getattr(datamodule, "source", None)
-    names = [Path(data.train_path).name for data in tasks if getattr(data, "train_path", None)]
+    counts = [data.num_training_pairs for data in tasks]
+    if None not in counts:
+        facts["training_pairs"] = sum(counts)
+    val_path, source = datamodule.val_path, datamodule.source
+    names = [Path(data.train_path).name for data in tasks if data.train_path]
     if names:
         facts["train_data"] = names
     elif source:
         facts["train_data"] = [source]
     if metrics and (val_path or source):
         facts["validation_data"] = Path(val_path).name if val_path else f"{source} (validation split)"
-    batch_sizes = {data.batch_size for data in tasks if hasattr(data, "batch_size")}
+    batch_sizes = {data.batch_size for data in tasks if data.batch_size is not None}
     if len(batch_sizes) == 1:
         facts["batch_size"] = batch_sizes.pop()
     return facts
@@ -427,7 +429,7 @@ def run_facts(
     encoder = module.encoder
     facts: dict[str, Any] = _encoder_facts(encoder.config, lora_config(encoder))
     facts["losses"] = _losses(module.loss)
-    data = _data_facts(trainer.datamodule, metrics)
+    data = _data_facts(trainer_data(trainer), metrics)
     hp = facts.setdefault("hyperparameters", {})
     if "batch_size" in data:
         hp["batch_size"] = data.pop("batch_size")

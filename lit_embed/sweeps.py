@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from lit_embed.errors import FinishedRunError, LitEmbedError, StoppedError, reported
 from lit_embed.evaluation import DEFAULT_METRIC, METRIC_TABLE_KEYS
 from lit_embed.files import write_text_atomic
+from lit_embed.internals import failed_job_error
 
 NOT_FINISHED = "no metrics.json: failed or still running"
 FAILURE_FILE = "failure.txt"  # in a job's folder: why the job failed, one message
@@ -238,9 +239,8 @@ class SweepSummary(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         if job_return.status == JobStatus.FAILED:
-            # An exception that is not a user error (sweep_job records those): Hydra caught it and runs the next
-            # job. return_value would re-raise it; _return_value is the exception itself.
-            err = job_return._return_value
+            # An exception that is not a user error (sweep_job records those): Hydra caught it and runs the next job.
+            err = failed_job_error(job_return)
             record_failure(config.hydra.runtime.output_dir, f"{type(err).__name__}: {err}")
         # The files are refreshed after each job: a sweep that crashes or is killed still leaves its table.
         rows = write_summary(config.hydra.sweep.dir, config.get("optimized_metric"), self.swept)

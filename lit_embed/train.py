@@ -7,10 +7,10 @@ job from Python.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,6 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -28,13 +27,13 @@ from lit_embed.config import (
     build,
     check_added_keys,
     check_output_dir,
-    check_overrides,
     check_run_settings,
     compose_config,
     register_resolvers,
 )
 from lit_embed.console import quiet_third_party_output
-from lit_embed.errors import FinishedRunError, LitEmbedError, StoppedError, reported
+from lit_embed.data.datamodule import PairDataModule, check_pair_data
+from lit_embed.errors import FinishedRunError, LitEmbedError, reported
 from lit_embed.evaluation import METRIC_NAMES
 from lit_embed.losses.base import EmbeddingLoss, check_several_positives
 from lit_embed.losses.distill import check_distillation_data
@@ -43,30 +42,28 @@ from lit_embed.models.lora import lora_config, lora_summary
 from lit_embed.models.model_folder import check_model_folder
 from lit_embed.models.precomputed import PrecomputedEmbeddings
 from lit_embed.sweeps import sweep_job
+from lit_embed.training.callbacks.checkpointing import StepCheckpoint
+from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 from lit_embed.training.callbacks.progress import default_progress_bar
 from lit_embed.training.checkpoint_io import AtomicCheckpointIO, load_checkpoint
 from lit_embed.training.finish import finish
 from lit_embed.training.lifecycle import (
     CONFIG_KEY,
-    RUN_MARKER,
-    OutputDirLock,
     RecordConfig,
+    RunFolder,
     check_output_path,
     check_resume_config,
     check_resume_data,
     check_resume_length,
-    check_run_folder,
     check_weights_fit,
     composed_record,
-    ctrl_c_saves,
-    data_identity,
     hydra_record,
     is_launching_process,
     keep_log_files_out_of,
     resolved_config,
     run_log,
-    write_hydra_record,
 )
+from lit_embed.training.merging import WeightMerging
 from lit_embed.training.recipe import AUTO, Recipe, default_recipe, explain
 
 log = logging.getLogger(__name__)
@@ -75,50 +72,47 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, hydra_record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Runs one finetuning job as configured and returns ``metrics.json``'s content.
 
-    ``hydra_record``: a Hydra job's ``.hydra/`` files, written once this run owns its output_dir.
+    ``hydra_record``: a Hydra job's ``.hydra/`` files, written as the run takes its output_dir (:class:`RunFolder`).
     """
     started = time.time()  # the model card's wall time: the whole run, loading and evaluation included
     register_resolvers()
     quiet_third_party_output()
     check_output_dir(cfg.output_dir)
-    output_dir = Path(cfg.output_dir)
-    # One run per output_dir. Only the launching process locks: the other ranks of a distributed run share the
-    # folder. A folder that exists (always, under Hydra) is locked at once; a new one once the input is known to be
-    # good, since nothing may be written before that.
-    lock = OutputDirLock(output_dir) if is_launching_process() else None
-    new_folder = not (output_dir / RUN_MARKER).exists()
-    ours = False  # whether this run may write into the folder before its checks pass
-    try:
-        # A folder of the user's is refused before anything is written into it; the other ranks find it marked.
-        if lock is not None:
-            check_run_folder(output_dir)
-        else:
-            check_output_path(output_dir)
-        if lock is not None and output_dir.is_dir():
-            lock.acquire()
-        ours = new_folder
-        if lock is not None and hydra_record and new_folder:
-            write_hydra_record(output_dir, hydra_record)  # a new job's folder: kept even if a check below fails
-        # Everything a user can get wrong is checked before training starts or anything is written.
-        config, resume_from, resumed = _checked_settings(cfg, output_dir)
-        datamodule = _checked_data(cfg, resume_from, resumed)
-    except LitEmbedError:
-        if not ours:  # another run's folder: its train.log must not get this run's message either
-            keep_log_files_out_of(output_dir)
-        if lock is not None:
-            lock.release()
-        raise
-    try:
-        if lock is not None and hydra_record:
-            write_hydra_record(output_dir, hydra_record)  # only now: a refused run leaves the folder as it was
-        return _train(cfg, datamodule, output_dir, lock, config, resume_from, resumed, started)
-    finally:
-        if lock is not None:
-            lock.release()
+    with RunFolder(cfg.output_dir, hydra_record) as folder:
+        checked = check_job(cfg, folder.path)
+        folder.checks_passed()
+        job = build_job(cfg, checked, folder.path)
+        with folder.training():
+            fit_job(job)
+        return finish_job(job, cfg.load_best_model_at_end, started)
 
 
-def _checked_settings(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any], str | None, dict | None]:
-    """The checks that refuse a run before it changes anything; returns the resolved config and the resume."""
+@dataclass
+class CheckedJob:
+    """What the checks before a run found: its resolved config, its loaded data and the checkpoint it resumes."""
+
+    config: dict[str, Any]  # kept in every checkpoint, so that a resume can see what changed
+    datamodule: PairDataModule
+    resume_from: str | None = None
+    resumed: dict | None = None  # resume_from, loaded (memory-mapped) for the checks before fit
+
+
+@dataclass
+class Job:
+    """A checked run, built: what ``fit`` runs, and what :func:`finish` reads afterwards."""
+
+    checked: CheckedJob
+    output_dir: Path
+    trainer: L.Trainer
+    module: L.LightningModule
+    evaluation: IREvaluationCallback
+    checkpointing: StepCheckpoint
+    merging: WeightMerging | None
+
+
+def check_job(cfg: DictConfig, output_dir: Path) -> CheckedJob:
+    """Everything a user can get wrong in the settings, the resume and the data, checked before anything trains or
+    is written."""
     check_run_settings(cfg)
     check_optimized_metric(cfg.optimized_metric)
     if (output_dir / "model").exists() and not cfg.overwrite:
@@ -138,37 +132,28 @@ def _checked_settings(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any]
         if epochs == AUTO:  # the same data gets the same recipe: the epochs the checkpoint's run chose
             epochs = (resumed.get(CONFIG_KEY) or {}).get("recipe", {}).get("epochs")
         check_resume_length(resume_from, resumed, cfg.trainer.get("max_steps"), epochs)
-    return config, resume_from, resumed
-
-
-def _checked_data(cfg: DictConfig, resume_from: str | None, resumed: dict | None) -> L.LightningDataModule:
-    """The data module with its data loaded and checked; a resume must find the data its checkpoint trained on."""
+    # The data module with its data loaded and checked; a resume must find the data its checkpoint trained on.
     datamodule = build(cfg.data, "data")
+    check_pair_data(datamodule, "data")
     datamodule.prepare_data()
     if resumed is not None:
-        check_resume_data(resume_from, resumed, data_identity(datamodule), cfg.get("resume_changed", False))
-    return datamodule
+        check_resume_data(resume_from, resumed, datamodule.data_identity(), cfg.get("resume_changed", False))
+    return CheckedJob(config, datamodule, resume_from, resumed)
 
 
-def _train(
-    cfg: DictConfig,
-    datamodule: L.LightningDataModule,
-    output_dir: Path,
-    lock: OutputDirLock | None,
-    config: dict[str, Any],
-    resume_from: str | None,
-    resumed: dict | None,
-    started: float,
-) -> dict[str, Any]:
+def build_job(cfg: DictConfig, checked: CheckedJob, output_dir: Path) -> Job:
+    """The module (mining hard negatives first where ``data.mine`` asks), the callbacks and the trainer."""
     L.seed_everything(cfg.seed, workers=True)
+    datamodule = checked.datamodule
     module = build_module(cfg, datamodule)
-    if getattr(datamodule, "mine", False):
+    if datamodule.mine:
         mine_for_training(datamodule, module.encoder)
+    config = checked.config
     if "recipe" in cfg:  # what the default recipe chose, for a resume's length check
         config = {**config, "recipe": OmegaConf.to_container(cfg.recipe)}
     if isinstance(module.loss, EmbeddingLoss):  # a multi-task loss meets its data at the first batch
-        check_distillation_data(module.loss, getattr(datamodule, "has_teacher_scores", False))
-        check_several_positives(module.loss, getattr(datamodule, "multi_positive", False))
+        check_distillation_data(module.loss, datamodule.has_teacher_scores)
+        check_several_positives(module.loss, datamodule.multi_positive)
     evaluation = build(cfg.eval, "eval")
     checkpointing = build(cfg.checkpoint, "checkpoint", dirpath=str(output_dir / "checkpoints"))
     merging = build(cfg.merge, "merge") if cfg.get("merge") else None
@@ -188,24 +173,26 @@ def _train(
         ],
         plugins=[AtomicCheckpointIO()],
     )
-    if lock is not None and not lock.held:
-        lock.acquire()  # a new folder, once data and model are known to be good
-    if resumed is not None:
-        check_weights_fit(resume_from, resumed, module)
-        del resumed
-    with ctrl_c_saves() as signals:
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-        except SIGTERMException:
-            signum = signals[0] if signals else signal.SIGTERM
-            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            raise StoppedError(
-                f"stopped by {name}; the checkpoint is saved. Continue with resume=true.", signum
-            ) from None
-    return finish(trainer, module, evaluation, checkpointing, output_dir, cfg.load_best_model_at_end, started, merging)
+    return Job(checked, output_dir, trainer, module, evaluation, checkpointing, merging)
 
 
-def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
+def fit_job(job: Job) -> None:
+    """Trains: from the start, or from the checkpoint it resumes once its weights are known to fit the model."""
+    checked = job.checked
+    if checked.resumed is not None:
+        check_weights_fit(checked.resume_from, checked.resumed, job.module)
+        checked.resumed = None  # Lightning loads it again, as it needs it
+    job.trainer.fit(job.module, datamodule=checked.datamodule, ckpt_path=checked.resume_from)
+
+
+def finish_job(job: Job, load_best_model_at_end: bool, started: float) -> dict[str, Any]:
+    """After fit: the model to keep, its metrics and its export (:func:`finish`); returns ``metrics.json``'s content."""
+    evaluation, checkpointing, merging = job.evaluation, job.checkpointing, job.merging
+    output_dir, trainer, module = job.output_dir, job.trainer, job.module
+    return finish(trainer, module, evaluation, checkpointing, output_dir, load_best_model_at_end, started, merging)
+
+
+def build_module(cfg: DictConfig, datamodule: PairDataModule) -> L.LightningModule:
     """The configured LightningModule: encoder (wrapped by ``method``), loss, optimizer and schedule."""
     # method=adapter and method=lora wrap the encoder; their settings are checked before the model loads.
     wrap = build(cfg.method.encoder, "method.encoder") if "encoder" in cfg.method else None
@@ -222,7 +209,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.Lightn
         "method",
         encoder=encoder,
         # Multi-task data brings a loss for each of its tasks.
-        loss=getattr(datamodule, "losses", None) or build(cfg.loss, "loss"),
+        loss=datamodule.losses or build(cfg.loss, "loss"),
         optimizer=build(cfg.optimizer, "optimizer"),
         scheduler=build(cfg.scheduler, "scheduler"),
     )
@@ -231,19 +218,18 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.Lightn
 RECIPE_KEYS = ("trainer.max_epochs", "optimizer.lr", "data.batch_size")
 
 
-def apply_recipe(cfg: DictConfig, datamodule: L.LightningDataModule, encoder: nn.Module) -> Recipe | None:
+def apply_recipe(cfg: DictConfig, datamodule: PairDataModule, encoder: nn.Module) -> Recipe | None:
     """Fills the config's ``auto`` values with the default recipe's (lit_embed.training.recipe) and logs why.
 
     The values go into the config as ``recipe``, which checkpoints keep: a resume with ``auto`` knows its length,
     and ``lit-embed-export`` the hyper-parameters. None when nothing is ``auto``.
     """
     auto = {key for key in RECIPE_KEYS if OmegaConf.select(cfg, key) == AUTO}
-    tasks = list(getattr(datamodule, "tasks", {}).values()) or [datamodule]
-    auto_batches = [data for data in tasks if getattr(data, "batch_size", None) == AUTO]
+    auto_batches = [data for data in datamodule.task_modules() if data.batch_size == AUTO]
     auto |= {"data.batch_size"} if auto_batches else set()
     if not auto:
         return None
-    num_pairs = getattr(datamodule, "num_training_pairs", None)
+    num_pairs = datamodule.num_training_pairs
     if num_pairs is None:
         raise LitEmbedError(
             f"{', '.join(sorted(auto))}=auto: the default recipe sizes a run by its number of training pairs, and "
@@ -355,7 +341,6 @@ def hydra_app(cfg: DictConfig) -> float | None:
 def main() -> None:
     """``python train.py`` / ``lit-embed-train``: every user mistake exits 2 with one message."""
     with reported("lit-embed-train"):
-        check_overrides(sys.argv[1:])
         for override in sys.argv[1:]:
             key, _, value = override.partition("=")
             if key.lstrip("+") == "output_dir":  # before Hydra makes the folder (or fails to, on a file)

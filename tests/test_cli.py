@@ -146,6 +146,20 @@ def test_a_folder_of_the_users_is_refused_before_anything_loads(tmp_path: Path, 
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 
+def test_a_data_module_that_is_not_lit_embeds_is_one_message_before_anything_loads(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(
+            ["fit", f"--config={FULL}", "--data=lightning.pytorch.demos.boring_classes.BoringDataModule"]
+            + [f"--trainer.default_root_dir={out}"]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--data: lightning.pytorch.demos.boring_classes.BoringDataModule is not a lit_embed data module" in err
+    assert "Derive it from lit_embed.data.datamodule.PairDataModule" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_evaluate_json_equals_evaluate_encoder(
     tmp_path: Path, tiny_model_path: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

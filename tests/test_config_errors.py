@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
 
-from lit_embed.config import MOVED_TARGETS, build, check_added_keys
+from lit_embed.config import build, check_added_keys
 from lit_embed.errors import LitEmbedError
 from lit_embed.train import run
 from lit_embed.training.checkpoint_io import load_checkpoint
@@ -113,20 +113,6 @@ def test_multitask_mode_is_checked(tmp_path: Path) -> None:
         build(cfg.data, "data")
 
 
-def test_renamed_key_names_the_new_one() -> None:
-    with pytest.raises(LitEmbedError, match="trainer.skip_nonfinite was renamed to method.skip_nonfinite"):
-        compose_train(["trainer.skip_nonfinite=true"])
-
-
-def test_moved_class_path_names_the_new_one() -> None:
-    cfg = compose_train(["eval._target_=lit_embed.callbacks.ir_eval.IREvaluationCallback"])
-    with pytest.raises(LitEmbedError, match=r"moved to lit_embed\.training\.callbacks\.ir_eval\.IREvaluationCallback"):
-        build(cfg.eval, "eval")
-    for new in MOVED_TARGETS.values():  # every new path exists
-        module, name = new.rsplit(".", 1)
-        assert hasattr(__import__(module, fromlist=[name]), name), new
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -194,7 +180,6 @@ def test_an_added_typo_exits_2_before_anything_is_written(tmp_path: Path) -> Non
         pytest.param(["checkpoint.mode=best"], "checkpoint.mode='best' is not allowed", marks=pytest.mark.slow),
         (["data.batchsize=3"], "Could not override 'data.batchsize'"),  # Hydra's own message for an unknown key
         pytest.param(["model=nonexistent"], "Could not find 'model/nonexistent'", marks=pytest.mark.slow),
-        pytest.param(["trainer.skip_nonfinite=true"], "renamed to method.skip_nonfinite", marks=pytest.mark.slow),
         pytest.param(
             ["data=qa_json"],
             "data.train_path has no value: set it on the command line (data.train_path=...).",
@@ -215,21 +200,6 @@ def test_command_line_exits_2_with_one_message(tmp_path: Path, args: list[str], 
     assert message in output
     for noise in ("Traceback", "Error executing job", "Error in call to target"):
         assert noise not in output, output
-
-
-def test_lightning_cli_names_a_moved_class_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lit_embed import cli
-
-    old_config = tmp_path / "old.yaml"
-    old_config.write_text(
-        (REPO / "conf" / "cli" / "full.yaml")
-        .read_text()
-        .replace("lit_embed.training.module.EmbeddingFinetuneModule", "lit_embed.models.module.EmbeddingFinetuneModule")
-    )
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["fit", f"--config={old_config}"])
-    assert exit_info.value.code == 2
-    assert "moved to lit_embed.training.module.EmbeddingFinetuneModule" in capsys.readouterr().err
 
 
 def test_lightning_cli_reports_an_invalid_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -223,3 +223,29 @@ def test_a_training_run_with_a_token_budget_takes_more_smaller_steps(tmp_path: P
     settings["load_best_model_at_end"] = "false"  # metrics.json's step is then the last one
     metrics = run(compose_train(tiny_run_overrides(train, val, tmp_path / "run", **settings)))
     assert metrics["final"]["step"] > 6
+
+
+def test_every_lit_embed_data_module_declares_the_pair_data_interface() -> None:
+    from lit_embed.data.datamodule import PairDataModule, StdlibDataModule, check_pair_data
+    from lit_embed.data.multitask import MultiTaskDataModule
+
+    for kind in (QAPairDataModule, StdlibDataModule, MultiTaskDataModule):
+        check_pair_data(kind, "data")
+    bare = PairDataModule()  # a data module of a user's own: every answer has a default
+    assert (bare.val_dataset, bare.num_training_pairs, bare.source, bare.losses, bare.batch_size) == (None,) * 5
+    assert not bare.mine and not bare.multi_positive and not bare.has_teacher_scores
+    assert bare.task_modules() == [bare]
+    assert bare.training_texts() == bare.skipped_records() == bare.data_identity() == {}
+
+
+def test_a_data_module_that_is_not_lit_embeds_is_refused_naming_the_fix() -> None:
+    from lightning.pytorch.demos.boring_classes import BoringDataModule
+
+    from lit_embed.data.datamodule import check_pair_data
+
+    with pytest.raises(LitEmbedError) as refused:
+        check_pair_data(BoringDataModule(), "data")
+    assert str(refused.value).startswith(
+        "data: lightning.pytorch.demos.boring_classes.BoringDataModule is not a lit_embed data module. Derive it "
+        "from lit_embed.data.datamodule.PairDataModule"
+    )

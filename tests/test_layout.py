@@ -13,7 +13,14 @@ PACKAGE = REPO / "lit_embed"
 FLOORS = [
     (
         "foundations",
-        ["lit_embed.errors", "lit_embed.files", "lit_embed.distributed", "lit_embed.batch", "lit_embed.console"],
+        [
+            "lit_embed.errors",
+            "lit_embed.files",
+            "lit_embed.distributed",
+            "lit_embed.batch",
+            "lit_embed.console",
+            "lit_embed.internals",
+        ],
     ),
     ("data", ["lit_embed.data"]),
     ("models and losses", ["lit_embed.models", "lit_embed.losses"]),

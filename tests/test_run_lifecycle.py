@@ -4,6 +4,7 @@ checkpoint trained, Ctrl-C saves, and only what resuming and the best model need
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from lit_embed.training.lifecycle import (
     DATA_KEY,
     RUN_MARKER,
     OutputDirLock,
+    RunFolder,
     changed_settings,
     check_resume_length,
     check_run_folder,
@@ -149,6 +151,48 @@ def test_a_refused_rerun_leaves_the_finished_run_as_it_was(tmp_path: Path) -> No
     bad_setting = train_py(out, "data.batch_size=0")
     assert bad_setting.returncode == 2
     assert snapshot(out) == before
+
+
+RECORD = {"config.yaml": "seed: 1\n", "overrides.yaml": "- seed=1\n"}
+
+
+def test_a_run_folder_refused_inside_is_released_and_left_as_it_was(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with RunFolder(out, RECORD) as finished, finished.training():  # a finished run's folder
+        pass
+    (out / "train.log").write_text("the finished run's log\n")
+    before = snapshot(out)
+    root, log_file = logging.getLogger(), logging.FileHandler(out / "train.log", delay=True)  # as a Hydra job's
+    root.addHandler(log_file)
+    try:
+        with pytest.raises(LitEmbedError, match="a setting is wrong"), RunFolder(out, {"config.yaml": "seed: 2\n"}):
+            assert (out / LOCK_NAME).is_file()  # an existing folder is locked at once
+            raise LitEmbedError("a setting is wrong")
+        assert log_file not in root.handlers  # the message is not logged into the finished run's train.log
+    finally:
+        root.removeHandler(log_file)
+    assert snapshot(out) == before  # no record of the refused run, no lock file left
+    OutputDirLock(out).acquire().release()
+
+
+def test_a_run_folder_of_the_users_is_refused_on_entering(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    with pytest.raises(LitEmbedError, match="already holds files that a lit_embed run did not make"), RunFolder(out):
+        raise AssertionError("never entered")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_new_run_folder_gets_its_record_at_once_and_its_lock_for_training(tmp_path: Path) -> None:
+    out = tmp_path / "new"
+    with pytest.raises(LitEmbedError), RunFolder(out, RECORD) as folder:
+        assert (out / ".hydra" / "config.yaml").read_text() == "seed: 1\n"  # kept even if a check fails
+        assert not (out / LOCK_NAME).exists() and not (out / RUN_MARKER).exists()
+        with folder.training():
+            assert (out / LOCK_NAME).is_file() and (out / RUN_MARKER).is_file()
+            raise LitEmbedError("training failed")
+    assert not (out / LOCK_NAME).exists()
 
 
 def test_a_new_folder_keeps_its_record_when_a_setting_is_wrong(tmp_path: Path) -> None:
@@ -444,6 +488,19 @@ def test_ctrl_c_outside_training_is_a_plain_keyboard_interrupt() -> None:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)
     assert received == []
+
+
+def test_a_signal_during_fit_ends_in_the_message_that_says_how_to_continue() -> None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lit_embed.errors import StoppedError
+    from lit_embed.training.lifecycle import stopped_by_signal
+
+    cli_hint = "--ckpt_path=<default_root_dir>/checkpoints/last.ckpt"
+    with pytest.raises(StoppedError) as stopped, stopped_by_signal(cli_hint):
+        raise SIGTERMException  # what Lightning raises in fit after its SIGTERM handler ran
+    assert str(stopped.value) == f"stopped by SIGTERM; the checkpoint is saved. Continue with {cli_hint}."
+    assert stopped.value.exit_code == 143
 
 
 # --- what is kept on disk ---------------------------------------------------------------------------------------

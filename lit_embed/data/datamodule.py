@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from lit_embed.batch import PackedTexts, PairBatch
@@ -20,6 +21,7 @@ from lit_embed.data.schema import QADataset, SkipPolicy
 from lit_embed.data.stdlib import build_stdlib_dataset, check_split_sizes
 from lit_embed.data.tokens import TextTokenizer, TokenizedTexts, tokenize_texts
 from lit_embed.errors import DataFormatError, LitEmbedError, check, is_bool, is_int, is_number
+from lit_embed.internals import fit_position, uses_distributed_sampler
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 class ResumableDataLoader(DataLoader):
     """A DataLoader that tells Lightning it resumes mid-epoch exactly, so Lightning does not warn that it cannot.
 
-    The position is the data module's state (:class:`ResumableDataModule`), restored before the loader is built
+    The position is the data module's state (:class:`PairDataModule`), restored before the loader is built
     and applied by its batch sampler; the loader has nothing of its own to save.
     """
 
@@ -64,7 +66,7 @@ def distributed_position(trainer: L.Trainer | None) -> tuple[int, int]:
     """``(rank, world size)`` for sharding the training batches; checks Lightning will not re-shard them."""
     if trainer is None or trainer.world_size == 1:
         return 0, 1
-    if getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+    if uses_distributed_sampler(trainer):
         raise LitEmbedError(
             "under a distributed strategy lit_embed shards each global no-duplicates batch itself: set "
             "trainer.use_distributed_sampler=false (trainer=ddp, ddp_cpu and fsdp do)."
@@ -152,27 +154,59 @@ class PairCollator:
         return {"scores": scores, "candidates": candidates}  # both [B, 1 + k]
 
 
-class ResumableDataModule(L.LightningDataModule):
-    """Saves where in the epoch training is in checkpoints, so a resumed run skips what was trained on."""
+class PairDataModule(L.LightningDataModule):
+    """The base of every lit_embed data module: what a run may ask of its data, declared once, each with a default for
+    a data module that cannot say. The training app, LightningCLI, the LightningModule, the callbacks and the model
+    card read the data only through these; a data module of your own (``data._target_``, ``--data``) derives from this
+    class, serves :class:`PairBatch` batches, and overrides what it knows.
 
+    What it knows of its data is known after :meth:`prepare_data`, which the apps call before anything trains. It also
+    saves where in the epoch training is in checkpoints, so that a resumed run skips what was trained on (its batch
+    sampler applies :attr:`_resume_at`).
+
+    Attributes:
+        val_dataset: the validation set the IR evaluation scores (None: no validation).
+        train_path: the training file, for the model card (None: the data is not read from one file).
+        val_path: the validation file, for the model card (None: none, or a slice held out of the training data).
+        batch_size: pairs per batch; ``"auto"``: the default recipe sets it before training (None: not one size).
+        mine: the training app mines hard negatives for its rows before training (a QAPairDataModule's ``mine``).
+        multi_positive: its rows hold every positive of their query (``data.multi_positive``).
+        losses: a loss for each of its tasks (multi-task data); None: the run's ``loss``.
+    """
+
+    val_dataset: QADataset | None = None
+    train_path: str | None = None
+    val_path: str | None = None
+    batch_size: int | str | None = None
+    mine: bool = False
+    multi_positive: bool = False
+    losses: Mapping[str, nn.Module] | None = None
     _resume_at: tuple[int, int] | None = None  # (epoch, batches done), set by load_state_dict
 
-    def state_dict(self) -> dict[str, Any]:
-        if self.trainer is None:
-            return {}
-        epochs = self.trainer.fit_loop.epoch_progress.current
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress
-        if epochs.started > epochs.processed or epochs.started == 0:  # within an epoch, or before the first
-            return {"epoch": self.trainer.current_epoch, "batches_done": batches.current.processed}
-        # Training has stopped (max_epochs, max_steps, a signal) and Lightning has closed the epoch it stopped in,
-        # whether or not its batches ran out: a longer run continues that epoch, or starts the next one.
-        if batches.is_last_batch:
-            return {"epoch": epochs.processed, "batches_done": 0}
-        return {"epoch": epochs.processed - 1, "batches_done": batches.current.processed}
+    @property
+    def source(self) -> str | None:
+        """The training data, as messages and the model card name it (None: nothing to name)."""
+        return None
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            self._resume_at = (state_dict["epoch"], state_dict["batches_done"])
+    @property
+    def num_training_pairs(self) -> int | None:
+        """Training rows (pairs, or pairs with their negatives): what the default recipe sizes the run by (None: the
+        module does not count them, and ``auto`` settings are refused)."""
+        return None
+
+    @property
+    def has_teacher_scores(self) -> bool:
+        """Whether the training rows carry a teacher's scores to distill."""
+        return False
+
+    def task_modules(self) -> list[PairDataModule]:
+        """The data modules that batch the training rows, one per task: this one, for data of one task."""
+        return [self]
+
+    def training_texts(self) -> dict[str, dict[str, list[str]]]:
+        """``{task: {"query": texts, "document": texts}}``: every distinct training text, for losses that work on
+        them ahead of training (GIST's guide); empty: such a loss takes them batch by batch."""
+        return {}
 
     def skipped_records(self) -> dict[str, dict[str, Any]]:
         """File -> what was left out of it as wrong on its own (for metrics.json); empty when nothing was."""
@@ -181,11 +215,47 @@ class ResumableDataModule(L.LightningDataModule):
     def data_identity(self) -> dict[str, dict[str, Any]]:
         """What the training rows were made from, by config path (``data``, ``data.tasks.NAME``): the source, the
         rows store's key (the file's bytes and the settings that shape the rows) and the number of pairs. Checkpoints
-        keep it, so that a resume on other data is refused. Known after :meth:`prepare_data`."""
+        keep it, so that a resume on other data is refused; empty: nothing to compare."""
         return {}
 
+    def state_dict(self) -> dict[str, Any]:
+        if self.trainer is None:
+            return {}
+        at = fit_position(self.trainer)
+        if at.epochs_started > at.epochs_processed or at.epochs_started == 0:  # within an epoch, or before the first
+            return {"epoch": self.trainer.current_epoch, "batches_done": at.batches}
+        # Training has stopped (max_epochs, max_steps, a signal) and Lightning has closed the epoch it stopped in,
+        # whether or not its batches ran out: a longer run continues that epoch, or starts the next one.
+        if at.last_batch:
+            return {"epoch": at.epochs_processed, "batches_done": 0}
+        return {"epoch": at.epochs_processed - 1, "batches_done": at.batches}
 
-class QAPairDataModule(ResumableDataModule):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume_at = (state_dict["epoch"], state_dict["batches_done"])
+
+
+def check_pair_data(data: Any, where: str) -> None:
+    """Refuses a data module (or data module class) that is not a :class:`PairDataModule`, naming the fix."""
+    kind = data if isinstance(data, type) else type(data)
+    if not issubclass(kind, PairDataModule):
+        raise LitEmbedError(
+            f"{where}: {kind.__module__}.{kind.__qualname__} is not a lit_embed data module. Derive it from "
+            "lit_embed.data.datamodule.PairDataModule, the LightningDataModule that declares what a run asks of its "
+            "data (the validation set, the number of training pairs, what was skipped ...) with defaults, or train "
+            "on your files with lit_embed.data.datamodule.QAPairDataModule."
+        )
+
+
+def trainer_data(trainer: L.Trainer) -> PairDataModule | None:
+    """The data module ``trainer`` fits on (None: it fits on loaders of its own); any other is refused."""
+    data = trainer.datamodule
+    if data is not None:
+        check_pair_data(data, "trainer.datamodule")
+    return data
+
+
+class QAPairDataModule(PairDataModule):
     """Serves query/positive(/negatives) batches from a LlamaIndex ``.json`` or a ``.jsonl`` file.
 
     Texts are tokenized once, with the prompts and truncation of the LightningModule's encoder. Every epoch is

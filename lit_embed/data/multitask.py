@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from lit_embed.batch import PairBatch
 from lit_embed.data.datamodule import (
     PairCollator,
+    PairDataModule,
     QAPairDataModule,
-    ResumableDataModule,
     distributed_position,
     index_dataloader,
 )
@@ -41,7 +41,7 @@ class TaskCollator:
         return self.collators[task]([i - self.offsets[task] for i in indices])
 
 
-class MultiTaskDataModule(ResumableDataModule):
+class MultiTaskDataModule(PairDataModule):
     """Trains one encoder on several datasets at once, each with its own loss and batch size.
 
     For example QA pairs with in-batch negatives and triplets with hard negatives (see ``conf/data/multitask.yaml``).
@@ -96,6 +96,9 @@ class MultiTaskDataModule(ResumableDataModule):
     def num_training_pairs(self) -> int:
         """Training rows of every task, known after :meth:`prepare_data`."""
         return sum(data.num_training_pairs for data in self.tasks.values())
+
+    def task_modules(self) -> list[PairDataModule]:
+        return list(self.tasks.values())
 
     def skipped_records(self) -> dict[str, dict[str, Any]]:
         records = {path: report for data in self.tasks.values() for path, report in data.skipped_records().items()}

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
@@ -24,7 +23,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     A crash or a full disk mid-write leaves the previous checkpoints as they were.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         path = Path(path)
         try:
             with open_atomic(path, binary=True) as f:
@@ -33,7 +34,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise _unwritable(path, err) from err
 
     def load_checkpoint(
-        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None, mmap: bool = False
+        self,
+        path: str | os.PathLike,
+        map_location: Any | None = None,
+        weights_only: bool | None = None,
+        mmap: bool = False,
     ) -> dict:
         if not Path(path).is_file():
             raise LitEmbedError(

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 
+from lit_embed.data.datamodule import trainer_data
 from lit_embed.distributed import full_parameters
 from lit_embed.evaluation.retrieval import format_metrics_table
 from lit_embed.files import write_text_atomic
@@ -71,8 +72,8 @@ def finish(
                     "final": {**chosen, "step": step, "alpha": merge["chosen"]},
                     "merge": merge,
                 }
-        # Any LightningDataModule can train (LightningCLI); ours say which records they skipped.
-        skipped = getattr(trainer.datamodule, "skipped_records", dict)()
+        data = trainer_data(trainer)
+        skipped = data.skipped_records() if data is not None else {}
         report = {**metrics, "skipped": skipped} if skipped else metrics
         if trainer.is_global_zero:
             if lora_config(encoder) is not None:  # model/: the updates merged in; lora/: the updates alone

@@ -16,12 +16,14 @@ from typing import Any
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lit_embed.data.datamodule import ResumableDataModule
-from lit_embed.errors import LitEmbedError
+from lit_embed.data.datamodule import trainer_data
+from lit_embed.errors import LitEmbedError, StoppedError
 from lit_embed.files import FolderLock, check_folder_owner, mark_folder, write_text_atomic
+from lit_embed.internals import saved_fit_loop, saved_position
 from lit_embed.training.callbacks.checkpointing import continue_after_stop
 from lit_embed.training.module import EmbeddingFinetuneModule
 
@@ -32,7 +34,7 @@ RUN_MARKER = ".lit_embed_run"
 RUN_NOTE = "This folder is a lit_embed run's: later runs may write into it (output_dir, resume, overwrite)."
 HYDRA_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging, for train.log
 CONFIG_KEY = "lit_embed_config"  # the run's resolved config, in every checkpoint
-DATA_KEY = "lit_embed_data"  # what its training rows were made from (ResumableDataModule.data_identity)
+DATA_KEY = "lit_embed_data"  # what its training rows were made from (PairDataModule.data_identity)
 
 # Top-level keys whose values decide what is trained. The others (output_dir, resume, resume_changed, overwrite,
 # logger, callbacks, eval, checkpoint, merge, optimized_metric, load_best_model_at_end) may differ on a resume.
@@ -207,11 +209,6 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
         ) from None
 
 
-def data_identity(datamodule: L.LightningDataModule) -> dict[str, dict[str, Any]]:
-    """What ``datamodule``'s training rows were made from (empty for a data module that does not say)."""
-    return datamodule.data_identity() if isinstance(datamodule, ResumableDataModule) else {}
-
-
 class RecordConfig(L.Callback):
     """Stores the run's resolved config (where it has one) and what its data was in every checkpoint, so that a
     resume can see what changed."""
@@ -222,7 +219,8 @@ class RecordConfig(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self.config is not None:
             checkpoint[CONFIG_KEY] = self.config
-        checkpoint[DATA_KEY] = data_identity(trainer.datamodule)
+        data = trainer_data(trainer)
+        checkpoint[DATA_KEY] = data.data_identity() if data is not None else {}
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -302,7 +300,7 @@ def check_resume_data(
     """Refuses to resume a checkpoint on training data other than its run's: a replaced or edited file under the
     same name would otherwise be trained on from the old data position, and the export would mix the two.
 
-    ``data`` is :func:`data_identity` of this run's data module; ``resume_changed=true`` continues anyway.
+    ``data``: ``PairDataModule.data_identity()`` of this run's data module; ``resume_changed=true`` continues anyway.
     """
     old = checkpoint.get(DATA_KEY)
     if old is None:
@@ -340,16 +338,17 @@ def check_resume_length(path: str, checkpoint: dict[str, Any], max_steps: int | 
     ``max_steps`` / ``max_epochs`` as the trainer takes them (-1 or None: no limit). A run resumed with the length
     it already trained finishes without training (and exports what it trained); a longer one trains the rest.
     """
-    if "loops" not in checkpoint:  # not a training checkpoint: Lightning says what is wrong with it
+    fit_loop = saved_fit_loop(checkpoint)
+    if fit_loop is None:  # not a training checkpoint: Lightning says what is wrong with it
         return
-    loops = copy.deepcopy(checkpoint["loops"]["fit_loop"])
+    fit_loop = copy.deepcopy(fit_loop)
     # True for a checkpoint that Lightning's counts were saved into as training stopped, not rewritten as
     # StepCheckpoint now does (an earlier lit_embed's last.ckpt): read as rewritten, but its data position cannot
     # tell where a longer run goes on.
-    not_rewritten = continue_after_stop(loops)
+    not_rewritten = continue_after_stop(fit_loop)
     steps = checkpoint.get("global_step", 0)
-    epochs = loops["epoch_progress"]["current"]["completed"]
-    batches = loops["epoch_loop.batch_progress"]["current"]["processed"]  # of the epoch in progress
+    at = saved_position(fit_loop)
+    epochs, batches = at.epochs_completed, at.batches  # batches of the epoch in progress
     # For each limit: how the checkpoint stands to it (-1 before it, 0 at it, 1 past it).
     standing = {}
     if max_steps is not None and max_steps >= 0:
@@ -435,3 +434,78 @@ def ctrl_c_saves() -> Iterator[list[int]]:
         yield received
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def stopped_by_signal(continue_with: str) -> Iterator[None]:
+    """Around ``trainer.fit``: Ctrl-C saves as SIGTERM does (:func:`ctrl_c_saves`), and either signal then ends the
+    run with a :class:`StoppedError` that says how to continue (``continue_with``, e.g. ``resume=true``) and exits
+    130 (Ctrl-C) or 143 (SIGTERM)."""
+    with ctrl_c_saves() as signals:
+        try:
+            yield
+        except SIGTERMException:
+            signum = signals[0] if signals else signal.SIGTERM
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            raise StoppedError(
+                f"stopped by {name}; the checkpoint is saved. Continue with {continue_with}.", signum
+            ) from None
+
+
+class RunFolder:
+    """A run's hold on its output_dir, from its first check to its last file: ``with RunFolder(output_dir) as folder``.
+
+    Entering refuses a folder the run may not write into (:func:`check_run_folder`) before anything is written there,
+    and locks one that exists (always, under Hydra) at once. Only the launching process locks: the other ranks of a
+    distributed run share the folder, and find it marked. A new folder is locked by :meth:`training`, once the data
+    and model are known to be good, since nothing may be written before that.
+
+    The ``.hydra/`` record (``hydra_record``, see :func:`hydra_record`) goes into a new folder at once, where it is
+    kept even if a check fails (a sweep's summary finds the job); into a folder that holds a run already only at
+    :meth:`checks_passed`, so that a refused run leaves that folder as it was. A run refused before that writes
+    nothing into a folder that is not its own, its ``train.log`` included. Leaving releases the lock.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, hydra_record: dict[str, str] | None = None) -> None:
+        self.path = Path(output_dir)
+        self.record = hydra_record or {}
+        self.lock = OutputDirLock(self.path) if is_launching_process() else None
+        self.ours = False  # whether the run may write into the folder before its checks pass: a new one
+        self.checked = False
+
+    def __enter__(self) -> RunFolder:
+        new = not (self.path / RUN_MARKER).exists()
+        try:
+            if self.lock is None:
+                check_output_path(self.path)
+            else:
+                check_run_folder(self.path)
+                if self.path.is_dir():
+                    self.lock.acquire()
+        except BaseException as err:
+            self.__exit__(type(err), err, err.__traceback__)
+            raise
+        self.ours = new
+        if self.lock is not None and self.record and new:
+            write_hydra_record(self.path, self.record)
+        return self
+
+    def checks_passed(self) -> None:
+        """Everything a user can get wrong was checked: the record goes in now."""
+        self.checked = True
+        if self.lock is not None and self.record:
+            write_hydra_record(self.path, self.record)
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """Around ``trainer.fit``: locks a new folder, and a signal stops the run as :func:`stopped_by_signal` says."""
+        if self.lock is not None and not self.lock.held:
+            self.lock.acquire()
+        with stopped_by_signal("resume=true"):
+            yield
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, traceback: Any) -> None:
+        if isinstance(err, LitEmbedError) and not self.checked and not self.ours:
+            keep_log_files_out_of(self.path)  # another run's folder: its train.log must not get this run's message
+        if self.lock is not None:
+            self.lock.release()

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lit_embed.batch import PairBatch, pair_batches
+from lit_embed.data.datamodule import trainer_data
 from lit_embed.errors import LitEmbedError, NonFiniteLossError, check, is_bool
 from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
@@ -127,11 +128,10 @@ class EmbeddingFinetuneModule(L.LightningModule):
         scaled = isinstance(plugin, MixedPrecision) and plugin.scaler is not None
         self.nonfinite = NonFiniteSteps() if skips_on_device(self.trainer.optimizers[0], scaled) else None
         # Losses that work on the training texts ahead (GIST's guide embeds each once) get them here, where the
-        # encoder is on its device. A data module without the texts leaves such a loss to take them per batch.
-        texts_by_task = getattr(self.trainer.datamodule, "training_texts", None)
-        if texts_by_task is None:
-            return
-        for task, texts in texts_by_task().items():
+        # encoder is on its device. A data module that does not list them leaves such a loss to take them per batch.
+        data = trainer_data(self.trainer)
+        texts_by_task = (data.training_texts() if data is not None else {}) or {task: {} for task in self.steps}
+        for task, texts in texts_by_task.items():
             for loss in self.loss_for(task).modules():
                 if isinstance(loss, EmbeddingLoss):
                     loss.prepare(self.encoder, texts)

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lit_embed.internals import steps_check_nonfinite
+
 # Steps kept on the host between reads at most (a read comes sooner with the default logging).
 MAX_UNREAD_STEPS = 1000
 
@@ -57,7 +59,7 @@ def nonfinite_on_host(loss: Tensor, step: int, batch_idx: int, epoch: int, query
 def skips_on_device(optimizer: Optimizer, loss_scaled: bool) -> bool:
     """Whether ``optimizer`` can skip a step on the device: a fused torch optimizer, with no loss scaler of its own
     (fp16's scaler sets the same flag, and skips non-finite steps its own way)."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and not loss_scaled
+    return steps_check_nonfinite(optimizer) and not loss_scaled
 
 
 class NonFiniteSteps:

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lit_embed.errors import check, is_int
 from lit_embed.evaluation import DEFAULT_METRIC
 from lit_embed.files import link_atomic
+from lit_embed.internals import clear_saved_batches, fit_position, reopen_saved_epoch, saved_fit_loop, saved_position
 from lit_embed.models.encoder import weights_are_finite
 from lit_embed.training.checkpoint_io import keep_weights_only
 
@@ -51,20 +52,16 @@ def continue_after_stop(fit_loop: dict[str, Any]) -> bool:
 
     Lightning closes the epoch training stopped in: it counts it as done even when max_steps stopped it mid-epoch,
     and, resuming a step-limited run, takes an epoch whose batches all ran for the next one with none left. The
-    data module saves the same position (``ResumableDataModule.state_dict``). Returns whether anything changed
+    data module saves the same position (``PairDataModule.state_dict``). Returns whether anything changed
     (a rewritten state is left as it is).
     """
-    epochs = fit_loop["epoch_progress"]["current"]
-    batches = fit_loop["epoch_loop.batch_progress"]
-    if epochs["started"] == 0 or epochs["started"] > epochs["processed"] or batches["current"]["processed"] == 0:
+    at = saved_position(fit_loop)
+    if at.epochs_started == 0 or at.epochs_started > at.epochs_processed or at.batches == 0:
         return False  # before the first epoch, within one, or between two: Lightning resumes these as they are
-    if batches["is_last_batch"]:  # the epoch ran out: the next one starts at its first batch
-        batches["current"] = dict.fromkeys(batches["current"], 0)
-        batches["is_last_batch"] = False
+    if at.last_batch:  # the epoch ran out: the next one starts at its first batch
+        clear_saved_batches(fit_loop)
     else:  # stopped mid-epoch: that epoch goes on
-        for count in fit_loop["epoch_progress"].values():
-            count["processed"] -= 1
-            count["completed"] -= 1
+        reopen_saved_epoch(fit_loop)
     return True
 
 
@@ -151,7 +148,7 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
             return
         improved = self._improved(trainer, pl_module)
         if improved or (self.save_steps > 0 and step % self.save_steps == 0):
-            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            if fit_position(trainer).last_batch:
                 # Lightning miscounts epochs when resuming from a checkpoint taken at an epoch's last batch, so
                 # that one is taken at the next batch's start instead: a plain mid-epoch checkpoint, same weights.
                 self._deferred = (step, improved)
@@ -246,7 +243,9 @@ class StepCheckpoint(L.pytorch.callbacks.Checkpoint):
         return f"checkpoints: kept {' and '.join(kept)}, {size} in {self.dirpath}"
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        continue_after_stop(checkpoint["loops"]["fit_loop"])
+        fit_loop = saved_fit_loop(checkpoint)
+        if fit_loop is not None:
+            continue_after_stop(fit_loop)
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": self.saved, "best": self.best, "rng": _rng_states()}

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lit_embed.data.datamodule import trainer_data
 from lit_embed.data.formats import load_dataset
 from lit_embed.data.schema import QADataset
 from lit_embed.distributed import full_parameters
@@ -93,7 +94,10 @@ class IREvaluationCallback(L.Callback):
 
     def validation_set(self, trainer: L.Trainer) -> QADataset | None:
         """The dataset evaluated: ``dataset``, else the datamodule's ``val_dataset`` (None: no validation)."""
-        return self.dataset if self.dataset is not None else getattr(trainer.datamodule, "val_dataset", None)
+        if self.dataset is not None:
+            return self.dataset
+        data = trainer_data(trainer)
+        return data.val_dataset if data is not None else None
 
     def evaluate(
         self, trainer: L.Trainer, pl_module: L.LightningModule, step: int | None = None

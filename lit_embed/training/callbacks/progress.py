@@ -10,11 +10,11 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as LightningProgressBar
-from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 from lit_embed.batch import pair_batches
 from lit_embed.errors import check, is_number
 from lit_embed.evaluation import METRIC_NAMES
+from lit_embed.internals import rich_progress_available
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 
 
@@ -24,7 +24,7 @@ def epoch_description(trainer: L.Trainer, epoch: int) -> str:
     return f"Epoch {epoch + 1}/{total}" if total is not None and total > 0 else f"Epoch {epoch + 1}"
 
 
-class ProgressBar(RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar):
+class ProgressBar(RichProgressBar if rich_progress_available() else TQDMProgressBar):
     """Lightning's progress bar (rich where installed, else tqdm) without the logger's version number (``v_num``),
     which says nothing about training, and with epochs counted from 1."""
 
