@@ -69,6 +69,7 @@ def train_py(out: Path, *extra: str, **kwargs) -> subprocess.CompletedProcess:
 # --- one run per output_dir ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # subprocess runs; the in-process refusals below run by default
 def test_a_second_run_into_a_held_output_dir_is_refused_at_once(tmp_path: Path) -> None:
     out = tmp_path / "run"
     holder = hold_lock(out)
@@ -134,6 +135,7 @@ def test_distributed_ranks_after_the_first_do_not_take_the_lock(tmp_path: Path, 
 # --- a refused run changes nothing ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # subprocess runs; the in-process refusals below run by default
 def test_a_refused_rerun_leaves_the_finished_run_as_it_was(tmp_path: Path) -> None:
     out = tmp_path / "run"
     first = train_py(out, "optimizer.lr=1e-3")
