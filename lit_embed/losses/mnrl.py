@@ -91,7 +91,7 @@ def mnrl(
         """The loss summed over the queries of ``block`` (``b`` of them)."""
         q, mine, label = queries[block], query_rows[block], labels[block]  # [b, D], [b], [b]
         scores = [q @ documents.T]  # query_to_doc: [b, C]
-        own_documents = documents[label]  # [b, D]: each query's positive
+        own_documents = documents[label] if len(directions) > 1 else None  # [b, D]: each query's positive
         if "query_to_query" in directions:  # every other query; itself left out
             to_queries = q @ all_queries.T  # [b, Q]
             itself = (torch.arange(q.size(0), device=device), mine)
