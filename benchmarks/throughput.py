@@ -33,8 +33,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lit_embed.batch import PackedTexts
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -60,7 +60,13 @@ class PackedTexts:
         positions = torch.arange(len(values)) - starts
         token_features = {key: value.long()[None] for key, value in fields.pop("token_features", {}).items()}
         return cls(
-            values.long()[None], positions[None], cu_seqlens, list(lengths), dict(extras or {}), token_features, **fields
+            values.long()[None],
+            positions[None],
+            cu_seqlens,
+            list(lengths),
+            dict(extras or {}),
+            token_features,
+            **fields,
         )
 
     @classmethod
@@ -74,7 +80,9 @@ class PackedTexts:
             for key, value in features.items()
             if isinstance(value, Tensor) and key not in ("input_ids", "attention_mask") and value.any()
         }
-        return cls.from_tokens(features["input_ids"][mask], mask.sum(1).tolist(), extras, token_features=others, **fields)
+        return cls.from_tokens(
+            features["input_ids"][mask], mask.sum(1).tolist(), extras, token_features=others, **fields
+        )
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -88,7 +96,11 @@ class PackedTexts:
         (the query and the document side of a batch, when their prompts have the same length or there are none)."""
 
         def per_call(packed: PackedTexts) -> tuple:
-            return {k: v for k, v in packed.extras.items() if k != "task"}, set(packed.token_features), packed.length_groups
+            return (
+                {k: v for k, v in packed.extras.items() if k != "task"},
+                set(packed.token_features),
+                packed.length_groups,
+            )
 
         return per_call(self) == per_call(other)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_embed.data.datamodule import QAPairDataModule
 from lit_embed.batch import padding_groups
+from lit_embed.data.datamodule import QAPairDataModule
 from lit_embed.errors import DataFormatError, LitEmbedError
 
 
@@ -66,9 +66,8 @@ def test_tokenizes_each_distinct_text_once_and_packs_per_batch(tmp_path: Path, t
             rows = sorted(range(len(side)), key=side.lengths.__getitem__)[: len(side) // 2]
             padded = side.padded(rows, "right", tiny_encoder.pad_token_id)  # what an encoder that cannot pack does
             assert padded["attention_mask"].sum(1).max() == padded["input_ids"].shape[1]  # padded to its longest
-            assert [tuple(r[m.bool()].tolist()) for r, m in zip(padded["input_ids"], padded["attention_mask"])] == [
-                texts[i] for i in rows
-            ]
+            pairs = zip(padded["input_ids"], padded["attention_mask"], strict=True)
+            assert [tuple(ids[mask.bool()].tolist()) for ids, mask in pairs] == [texts[i] for i in rows]
             widths.add(padded["input_ids"].shape[1])
     assert tokenizer.texts_seen == 60  # iterating epochs does not tokenize again
     assert len(widths) > 1

@@ -46,13 +46,17 @@ def test_the_gpus_nested_tensor_attention_gives_the_padded_embeddings_too(model_
 
     monkeypatch.setattr(packed, "attention_kind", lambda query, causal: "nested")  # as on a GPU without flash-attn
     encoder = Encoder(model_paths["encoder"])
-    torch.testing.assert_close(encoder(packed_of(encoder, TEXTS)), encoder.embed_features(encoder.tokenize(TEXTS, "document")))
+    torch.testing.assert_close(
+        encoder(packed_of(encoder, TEXTS)), encoder.embed_features(encoder.tokenize(TEXTS, "document"))
+    )
 
 
 def test_a_causal_decoder_packs_with_its_padded_embeddings(model_paths) -> None:
     encoder = Encoder(model_paths["decoder"])
     assert encoder.padding_side == "left"
-    torch.testing.assert_close(encoder(packed_of(encoder, TEXTS)), encoder.embed_features(encoder.tokenize(TEXTS, "document")))
+    torch.testing.assert_close(
+        encoder(packed_of(encoder, TEXTS)), encoder.embed_features(encoder.tokenize(TEXTS, "document"))
+    )
     assert encoder.packing_unsupported is None
 
 
@@ -119,7 +123,9 @@ def test_rows_padded_to_a_bucket_give_the_padded_embeddings(model_paths, monkeyp
     embeddings.register_forward_pre_hook(lambda module, args: rows.append(args[0].size(1)))
     packed = packed_of(encoder, TEXTS)
     assert packed.input_ids.size(1) % 64
-    torch.testing.assert_close(encoder(packed), encoder.embed_features(encoder.tokenize(TEXTS, "document")), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        encoder(packed), encoder.embed_features(encoder.tokenize(TEXTS, "document")), atol=1e-5, rtol=1e-5
+    )
     assert rows[0] % 64 == 0 and rows[0] - packed.input_ids.size(1) < 64
     bucketed = packed.padded_to_multiple(64, 0)
     assert len(bucketed) == len(packed) + 1 and bucketed.position_ids[0, -1] == bucketed.lengths[-1] - 1

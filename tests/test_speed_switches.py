@@ -139,7 +139,9 @@ def test_compile_setting_reaches_the_transformer(tiny_model_path: str, tmp_path:
     the one that padded and packed batches both run."""
     assert Encoder(tiny_model_path).model[0].auto_model._compiled_call_impl is None
     for value in (True, False):
-        cfg = compose_train(tiny_run_overrides(tmp_path / "t.json", None, tmp_path / "run", **{"method.compile": value}))
+        cfg = compose_train(
+            tiny_run_overrides(tmp_path / "t.json", None, tmp_path / "run", **{"method.compile": value})
+        )
         module = build(cfg.method, "method", encoder=build(cfg.model, "model"))
         compiled = module.encoder
         assert (compiled.model[0].auto_model._compiled_call_impl is not None) is value
@@ -168,7 +170,10 @@ def test_length_groups_pad_less_and_keep_the_loss_and_gradients(tiny_encoder: En
         assert torch.equal(a.input_ids, b.input_ids) and a.lengths == b.lengths, f"{side}: the same texts, same order"
         (fed_one, real_one), (fed_grouped, real_grouped) = padded_tokens(a), padded_tokens(b)
         assert real_grouped == real_one and fed_grouped <= fed_one
-    fed = {n: sum(padded_tokens(getattr(b, s))[0] for s in ("queries", "documents")) for n, b in (("1", one), ("4", grouped))}
+    fed = {
+        n: sum(padded_tokens(getattr(b, s))[0] for s in ("queries", "documents"))
+        for n, b in (("1", one), ("4", grouped))
+    }
     real = sum(padded_tokens(getattr(one, s))[1] for s in ("queries", "documents"))
     assert fed["4"] < fed["1"], "length groups feed fewer padded tokens"
     assert fed["4"] - real < 0.8 * (fed["1"] - real), fed  # and save a real share of the padding

@@ -120,7 +120,10 @@ def install_packed_attention(transformer: nn.Module) -> str | None:
         return None
     if own not in ALL_ATTENTION_FUNCTIONS or own not in ALL_MASK_ATTENTION_FUNCTIONS:
         # "eager" is each architecture's own function, which a shared wrapper cannot call.
-        return f"its attention ({own}) is not one of transformers' shared ones (model.model_kwargs.attn_implementation=sdpa is)"
+        return (
+            f"its attention ({own}) is not one of transformers' shared ones "
+            "(model.model_kwargs.attn_implementation=sdpa is)"
+        )
     name = f"{ATTENTION}+{own}"
     if name not in ALL_ATTENTION_FUNCTIONS:
         padded_attention = ALL_ATTENTION_FUNCTIONS[own]
@@ -168,5 +171,3 @@ def pool(tokens: Tensor, packed: PackedTexts, mode: str, skip: int = 0) -> Tenso
         out = torch.full((len(packed), tokens.size(1)), torch.finfo(tokens.dtype).min, dtype=tokens.dtype)
         return out.to(tokens.device).scatter_reduce(0, text[:, None].expand_as(values), values, "amax")
     raise ValueError(f"no packed pooling for mode {mode!r}")
-
-

@@ -76,14 +76,19 @@ class EmbeddingFinetuneModule(L.LightningModule):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        switches = {"skip_nonfinite": skip_nonfinite, "compile": compile, "gradient_checkpointing": gradient_checkpointing}
+        switches = {
+            "skip_nonfinite": skip_nonfinite,
+            "compile": compile,
+            "gradient_checkpointing": gradient_checkpointing,
+        }
         for key, value in switches.items():
             check(is_bool(value), key, value, "true or false")
         check_optimization(optimizer, scheduler)
         if (compile or gradient_checkpointing) and not isinstance(encoder, Encoder):
             raise LitEmbedError(
-                f"method.compile and method.gradient_checkpointing act on a transformer, and a {type(encoder).__name__} "
-                "trains none (an adapter's head runs on cached embeddings): set both to false."
+                "method.compile and method.gradient_checkpointing act on a transformer, and a "
+                f"{type(encoder).__name__} trains none (an adapter's head runs on cached embeddings): set both to "
+                "false."
             )
         if gradient_checkpointing:
             encoder.enable_gradient_checkpointing()

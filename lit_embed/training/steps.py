@@ -129,7 +129,9 @@ class GradCache(nn.Module):
         backward of an unscaled loss would, so their half-precision gradients do not underflow.
         """
         sides = [batch.queries, batch.documents]
-        chunks = [mini_batches(side, self.mini_batch_size, self.mini_batch_tokens, encoder.packs(side)) for side in sides]
+        chunks = [
+            mini_batches(side, self.mini_batch_size, self.mini_batch_tokens, encoder.packs(side)) for side in sides
+        ]
         states: list[list[tuple[Tensor, Tensor | None]]] = [[], []]
         embedded = []
         with torch.no_grad():
