@@ -142,12 +142,11 @@ def _tokenize_into(directory: Path, texts: Ragged, kind: str, tokenizer: TextTok
     zeros: list[str] = []  # features seen, all 0 so far
     lengths = array("q", [0])  # every row's offset so far: the zeros a late feature writes first
     shared: dict[str, Any] = {}
-    has_mask, truncated = False, 0
+    truncated = 0
     for start in range(0, len(texts), chunk_size):
         chunk = texts.texts(range(start, min(start + chunk_size, len(texts))))
-        counts, columns, chunk_shared, chunk_mask = fast(chunk) if fast else _unpadded(tokenizer.tokenize(chunk, kind))
+        counts, columns, chunk_shared, _ = fast(chunk) if fast else _unpadded(tokenizer.tokenize(chunk, kind))
         shared.update(chunk_shared)
-        has_mask |= chunk_mask
         truncated += int((counts >= tokenizer.max_seq_length).sum())
         offsets = np.concatenate([[0], np.cumsum(counts)])
         for key, values in columns.items():
@@ -167,11 +166,7 @@ def _tokenize_into(directory: Path, texts: Ragged, kind: str, tokenizer: TextTok
     meta = {
         "kind": kind,
         "stored": list(writers),
-        "zeros": zeros,
-        "has_mask": has_mask,
         "shared": shared,
-        "pad_token_id": tokenizer.pad_token_id,
-        "padding_side": getattr(tokenizer, "padding_side", "right"),
         "truncated": truncated,
         "max_seq_length": tokenizer.max_seq_length,
     }

@@ -19,7 +19,7 @@ from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 
 
-def plain_step(encoder: nn.Module, batch: PairBatch, loss: EmbeddingLoss, loss_scale: float = 1.0) -> Tensor:
+def plain_step(encoder: nn.Module, batch: PairBatch, loss: EmbeddingLoss) -> Tensor:
     """The loss of the batch embedded in one pass, with its graph: Lightning's backward does the rest."""
     return loss(batch.embed(encoder))
 
