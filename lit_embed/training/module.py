@@ -86,8 +86,8 @@ class EmbeddingFinetuneModule(L.LightningModule):
         check_optimization(optimizer, scheduler)
         if (compile or gradient_checkpointing) and not isinstance(encoder, Encoder):
             raise LitEmbedError(
-                "method.compile and method.gradient_checkpointing act on a transformer, and a "
-                f"{type(encoder).__name__} trains none (an adapter's head runs on cached embeddings): set both to "
+                "method.compile and method.gradient_checkpointing act on a transformer, and this encoder "
+                f"({type(encoder).__name__}) trains none (an adapter's head runs on cached embeddings): set both to "
                 "false."
             )
         if gradient_checkpointing:
