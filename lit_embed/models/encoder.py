@@ -374,10 +374,9 @@ def _loading_kwargs(model_kwargs: dict[str, Any], dtype: str | None, load_in_4bi
 
 
 def close(a: Tensor, b: Tensor) -> bool:
-    """Equal embeddings up to the order in which packed and padded attention add up (in fp32, far below what a
-    shifted position or a leaked token changes; in half precision, its rounding)."""
-    tolerance = 1e-5 if a.dtype == torch.float32 else 2e-2
-    return torch.allclose(a.float(), b.float(), atol=tolerance, rtol=10 * tolerance)
+    """Equal embeddings up to the order in which packed and padded attention add up: far below what a shifted
+    position or a leaked token changes (0.2 on BERT padded left)."""
+    return torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-3)
 
 
 def weights_are_finite(module: nn.Module) -> bool:
