@@ -10,6 +10,7 @@ import difflib
 import inspect
 import os
 import re
+import typing
 from collections.abc import Iterable, Iterator, Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -22,6 +23,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from typing_extensions import Unpack
 
 from lit_embed.errors import InvalidValueError, LitEmbedError, check, is_bool, is_int, is_number, user_error_behind
 from lit_embed.evaluation import DEFAULT_METRIC
@@ -119,8 +121,23 @@ def _arguments(target: str) -> set[str] | None:
         except (ValueError, TypeError):
             return None
         names |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+        declared = _declared_keywords(function)
+        if declared is not None:
+            return names | declared
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
             return names
+    return None
+
+
+def _declared_keywords(function: Any) -> set[str] | None:
+    """The names ``**kwargs: Unpack[SomeTypedDict]`` declares (None: no such ``**kwargs``)."""
+    try:
+        hints = typing.get_type_hints(function, include_extras=True)
+    except (NameError, TypeError, AttributeError):  # an annotation that does not resolve here declares nothing
+        return None
+    for hint in hints.values():
+        if typing.get_origin(hint) is Unpack:
+            return set(typing.get_type_hints(typing.get_args(hint)[0]))
     return None
 
 

@@ -237,6 +237,32 @@ def test_every_lit_embed_data_module_declares_the_pair_data_interface() -> None:
     assert bare.training_texts() == bare.skipped_records() == bare.data_identity() == {}
 
 
+def test_the_flat_data_keys_are_the_three_settings_records(tmp_path: Path) -> None:
+    """Every key of conf/data/qa_json.yaml belongs to exactly one record (which rows, how to batch, how to read), each
+    record checks its own keys, and a key no record owns is refused naming the nearest."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from lit_embed.config import CONFIG_DIR
+    from lit_embed.data.settings import RECORDS, DataSettings, grouped
+
+    owned = [field.name for record in RECORDS for field in dataclasses.fields(record)]
+    assert len(owned) == len(set(owned)) and all(len(dataclasses.fields(record)) <= 8 for record in RECORDS)
+    yaml_keys = set(OmegaConf.load(Path(CONFIG_DIR) / "data" / "qa_json.yaml")) - {"_target_"}
+    assert yaml_keys == set(owned) == set(DataSettings.__annotations__)
+
+    rows, batching, reading = grouped({"train_path": "t.jsonl", "batch_size": 8, "strict": True})
+    assert (rows.train_path, batching.batch_size, reading.skip_policy.strict) == ("t.jsonl", 8, True)
+    dm = QAPairDataModule(train_path="t.jsonl", batch_size="auto", mine=True)
+    dm.batch_size = 32  # the default recipe's, set before training: checked as any batch size
+    assert (dm.batch_size, dm.mine, dm.train_path, dm.row_settings.val_fraction) == (32, True, "t.jsonl", 0.0)
+    with pytest.raises(ValueError, match="batch_size=0 is not allowed"):
+        dm.batch_size = 0
+    with pytest.raises(TypeError, match="'batch_sise' .*did you mean 'batch_size'"):
+        QAPairDataModule(train_path="t.jsonl", batch_sise=8)
+
+
 def test_a_data_module_that_is_not_lit_embeds_is_refused_naming_the_fix() -> None:
     from lightning.pytorch.demos.boring_classes import BoringDataModule
 

@@ -230,7 +230,9 @@ def write_jsonl(path, rows: list[dict]):
 def test_scores_travel_from_the_file_to_the_batch(tmp_path, tiny_encoder) -> None:
     rows = scored_rows(6, k=3)
     rows[0]["negatives"][1] = " "  # an empty negative is skipped, and its score with it
-    data = QAPairDataModule(str(write_jsonl(tmp_path / "s.jsonl", rows)), batch_size=3, max_negatives=2, max_skipped=1)
+    data = QAPairDataModule(
+        train_path=str(write_jsonl(tmp_path / "s.jsonl", rows)), batch_size=3, max_negatives=2, max_skipped=1
+    )
     data.prepare_data()
     assert data.has_teacher_scores
     assert data.rows.examples()[0].scores == (5.0, 0.0, 2.0)  # negatives 0 and 2 of row 0, trimmed to 2
@@ -255,7 +257,7 @@ def uneven_rows(n: int) -> list[dict]:
 
 def test_rows_with_different_numbers_of_negatives_are_padded_in_the_batch(tmp_path, tiny_encoder, caplog) -> None:
     path = write_jsonl(tmp_path / "s.jsonl", uneven_rows(6))
-    data = QAPairDataModule(str(path), batch_size=3)
+    data = QAPairDataModule(train_path=str(path), batch_size=3)
     with caplog.at_level("INFO", logger="lit_embed.data.datamodule"):
         data.prepare_data()
     assert f"{path}: 2 of 6 training rows have no hard negatives" in caplog.text
@@ -273,7 +275,7 @@ def test_rows_with_different_numbers_of_negatives_are_padded_in_the_batch(tmp_pa
     ]
     no_negatives = data.collator([0, 3])
     assert no_negatives.candidates.tolist() == [[0], [1]] and no_negatives.scores.tolist() == [[5.0], [8.0]]
-    trimmed = QAPairDataModule(str(path), batch_size=2, max_negatives=1)
+    trimmed = QAPairDataModule(train_path=str(path), batch_size=2, max_negatives=1)
     trimmed.prepare_data()
     assert [len(e.scores) for e in trimmed.rows.examples()] == [1, 2, 2, 1, 2, 2]
 
@@ -364,6 +366,6 @@ def test_scores_without_a_single_negative_are_refused_before_training(tmp_path, 
     assert f"{path}: none of the 8 training rows has a hard negative" in caplog.text
     assert not (tmp_path / "run" / "checkpoints").exists()
     # The same data is fine for a loss that reads no scores: it is the distillation loss that refuses it.
-    data = QAPairDataModule(str(path), batch_size=4)
+    data = QAPairDataModule(train_path=str(path), batch_size=4)
     data.prepare_data()
     assert not data.has_teacher_scores

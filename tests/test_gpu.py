@@ -68,7 +68,7 @@ def test_packed_loss_and_gradients_equal_padded_ones_on_cuda(tmp_path: Path, mod
     path = write_pairs(tmp_path / "train.jsonl")
     results = []
     for packing in (False, True):
-        data = QAPairDataModule(str(path), batch_size=8, packing=packing)
+        data = QAPairDataModule(train_path=str(path), batch_size=8, packing=packing)
         data.tokenize(encoder)
         batch = data.collator(next(iter(data.batch_sampler())))
         encoder.zero_grad()
@@ -89,7 +89,7 @@ def test_the_cached_loss_holds_memory_to_its_mini_batches(tmp_path: Path, model_
     path = write_pairs(tmp_path / "train.jsonl", n=128)
     peaks = {}
     for name, size, step in (("plain-8", 8, plain_step), ("cached-64", 64, GradCache(mini_batch_size=8))):
-        data = QAPairDataModule(str(path), batch_size=size)
+        data = QAPairDataModule(train_path=str(path), batch_size=size)
         data.tokenize(encoder)
         batch = _to_cuda(data.collator(next(iter(data.batch_sampler()))))
         torch.cuda.synchronize()

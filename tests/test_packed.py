@@ -95,7 +95,7 @@ def test_packed_batches_give_the_padded_loss_and_gradients(
     path = write_pairs(tmp_path / "train.jsonl")
     results = []
     for packing in (False, True):
-        data = QAPairDataModule(str(path), batch_size=8, packing=packing, multi_positive=multi_positive)
+        data = QAPairDataModule(train_path=str(path), batch_size=8, packing=packing, multi_positive=multi_positive)
         data.tokenize(encoder)
         indices = next(iter(data.batch_sampler()))
         batch = data.collator(indices)
@@ -138,7 +138,7 @@ def test_a_compiled_encoder_packs_with_the_eager_loss_and_gradients_and_no_recom
     eager, compiled = Encoder(model_paths["encoder"]), Encoder(model_paths["encoder"])
     compiled.compile_transformer()
     eager.eval(), compiled.eval()
-    data = QAPairDataModule(str(write_pairs(tmp_path / "train.jsonl", n=48)), batch_size=8)
+    data = QAPairDataModule(train_path=str(write_pairs(tmp_path / "train.jsonl", n=48)), batch_size=8)
     data.tokenize(eager)
     batches = [indices for indices, _ in zip(data.batch_sampler(), range(3), strict=False)]
     graphs = []
@@ -168,22 +168,22 @@ def test_packing_auto_packs_where_the_encoder_can_and_true_says_why_it_cannot(
 ) -> None:
     encoder = Encoder(model_paths["encoder"])
     path = write_pairs(tmp_path / "train.jsonl")
-    auto = QAPairDataModule(str(path), batch_size=8)
+    auto = QAPairDataModule(train_path=str(path), batch_size=8)
     auto.tokenize(encoder)
     assert auto.collator.length_groups == 0
-    off = QAPairDataModule(str(path), batch_size=8, packing=False)
+    off = QAPairDataModule(train_path=str(path), batch_size=8, packing=False)
     off.tokenize(encoder)
     assert off.collator.length_groups == 4
 
     encoder.model[1].pooling_mode = "weightedmean"
     del encoder.packing_unsupported  # asked again for the new pooling
-    asked = QAPairDataModule(str(path), batch_size=8, packing=True)
+    asked = QAPairDataModule(train_path=str(path), batch_size=8, packing=True)
     with caplog.at_level(logging.WARNING):
         asked.tokenize(encoder)
     assert asked.collator.length_groups == 4
     assert "data.packing=true: this encoder cannot embed packed texts: its pooling" in caplog.text
 
-    compiled = QAPairDataModule(str(path), batch_size=8)
+    compiled = QAPairDataModule(train_path=str(path), batch_size=8)
     encoder = Encoder(model_paths["encoder"])
     encoder.compile_transformer()
     compiled.tokenize(encoder)  # the compiled model runs packed rows too
@@ -204,7 +204,7 @@ def test_queries_and_documents_share_one_forward_pass_when_their_prompts_allow(
     tmp_path: Path, model_paths, prompt: str | None, calls: int
 ) -> None:
     encoder = Encoder(model_paths["encoder"], query_prompt=prompt)
-    data = QAPairDataModule(str(write_pairs(tmp_path / "train.jsonl")), batch_size=8, packing=True)
+    data = QAPairDataModule(train_path=str(write_pairs(tmp_path / "train.jsonl")), batch_size=8, packing=True)
     data.tokenize(encoder)
     batch = data.collator(next(iter(data.batch_sampler())))
     seen = []

@@ -108,7 +108,7 @@ def test_pinned_batches_are_the_same_batches(tiny_encoder: Encoder, tmp_path: Pa
     train, _ = write_toy_data(tmp_path)
     batches = {}
     for pin in (False, True):
-        data = QAPairDataModule(str(train), batch_size=8, pin_memory=pin)
+        data = QAPairDataModule(train_path=str(train), batch_size=8, pin_memory=pin)
         data.tokenize(tiny_encoder)
         loader = data.train_dataloader()
         assert loader.pin_memory == (pin and torch.cuda.is_available())
@@ -127,11 +127,14 @@ def test_pin_memory_setting_reaches_the_dataloader(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the loader is only built, never iterated
     for extra, expected in (([], True), (["data.pin_memory=false"], False)):
         data = build(compose_train(tiny_run_overrides(train, None, tmp_path / "run") + extra).data, "data")
-        assert data.pin_memory is expected
+        assert data.batch_settings.pin_memory is expected
         data.tokenize(tiny_encoder)
         assert data.train_dataloader().pin_memory is expected
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert data.train_dataloader().pin_memory is False and QAPairDataModule(str(train)).pin_memory is True
+    assert (
+        data.train_dataloader().pin_memory is False
+        and QAPairDataModule(train_path=str(train)).batch_settings.pin_memory is True
+    )
 
 
 def test_compile_setting_reaches_the_transformer(tiny_model_path: str, tmp_path: Path) -> None:

@@ -44,7 +44,10 @@ def test_batches_are_what_the_tokenizer_gives_the_same_texts(tmp_path: Path, mod
     per-call values, padding side (type ids that are all 0 are the model's default and not carried)."""
     encoder = Encoder(model_paths[model], query_prompt="query: ", max_seq_length=12)
     data = QAPairDataModule(
-        str(write_jsonl(tmp_path / "t.jsonl", 40)), batch_size=8, cache_dir=str(tmp_path / "c"), packing=False
+        train_path=str(write_jsonl(tmp_path / "t.jsonl", 40)),
+        batch_size=8,
+        cache_dir=str(tmp_path / "c"),
+        packing=False,
     )
     data.tokenize(encoder)
     for indices in data.batch_sampler():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -11,16 +12,18 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
+from typing_extensions import Unpack
 
 from lit_embed.batch import PackedTexts, PairBatch
 from lit_embed.data.formats import dataset_rows, load_dataset, training_rows
 from lit_embed.data.ragged import Ragged
 from lit_embed.data.rows import TrainingRows
 from lit_embed.data.sampler import NoDuplicatesBatchSampler
-from lit_embed.data.schema import QADataset, SkipPolicy
+from lit_embed.data.schema import QADataset
+from lit_embed.data.settings import DataSettings, grouped
 from lit_embed.data.stdlib import build_stdlib_dataset, check_split_sizes
 from lit_embed.data.tokens import TextTokenizer, TokenizedTexts, tokenize_texts
-from lit_embed.errors import DataFormatError, LitEmbedError, check, is_bool, is_int, is_number
+from lit_embed.errors import DataFormatError, LitEmbedError
 from lit_embed.internals import fit_position, uses_distributed_sampler
 
 log = logging.getLogger(__name__)
@@ -262,136 +265,49 @@ class QAPairDataModule(PairDataModule):
     reshuffled from the seed, and no batch holds the same query or document text twice.
 
     Args:
-        train_path: training data (``.json`` = LlamaIndex EmbeddingQAFinetuneDataset, ``.jsonl`` = pairs, or a
-            ``.csv`` / ``.parquet`` / ``datasets`` directory with one pair per row).
-        val_path: validation data for IR evaluation (optional).
-        mine: train on one hard negative per query mined with the base model from the training corpus (in place of
-            the file's), as ``lit-embed-mine --num-negatives 1 --relative-margin 0.05``; done by the training app.
-        val_fraction: without ``val_path``, hold out this fraction of the training queries (at most 1000; none
-            below 200 queries) as the validation set (0 = train on all, without validation).
-        batch_size: pairs per batch; each query sees ``batch_size - 1`` in-batch negatives. ``"auto"``: set by the
-            default recipe (:mod:`lit_embed.training.recipe`) before training.
-        max_tokens_per_batch: the most tokens (queries, positives and negatives, as tokenized) a batch holds, per
-            process: a batch of ``batch_size`` pairs over it is cut into parts of similar token counts, so memory is
-            bounded by tokens when lengths are very uneven. None: every batch has ``batch_size`` pairs.
-        use_all_docs: False = one pair per query (its first relevant doc, as LlamaIndex); True = one per
-            (query, relevant doc).
-        multi_positive: one row per query with all its relevant documents, each a positive that is never another
-            positive's negative (the loss must be MNRL, cached or Matryoshka around it); overrides ``use_all_docs``.
-        max_negatives: cap on hard negatives per pair (None = all the data has).
-        length_groups: pad each batch's texts in up to this many groups of similar length, so one long text
-            does not pad the rest (1 = pad the whole batch to its longest text). Same texts, same loss.
-        packing: ``"auto"``: each side of a batch is one packed row of tokens, attended to one text at a time, so
-            no padding is computed at all (:mod:`lit_embed.models.packed`), where the encoder can pack; length
-            groups where it cannot. ``True``: the same, and an encoder that cannot pack is a warning saying why.
-            ``False``: length groups. Same texts, same loss.
-        num_workers: DataLoader worker processes for collation.
-        pin_memory: collate into page-locked memory, so copies to the GPU overlap compute (ignored on the CPU).
-        seed: shuffling seed.
-        drop_last: drop a final incomplete batch.
-        columns: for .csv/.parquet/datasets-directory data, which column holds what, e.g.
-            ``{"query": "question", "positive": "answer"}`` (unset roles: columns named query, positive, negatives).
-        max_skipped: records wrong on their own (an empty text, an unknown id, a query without a relevant
-            document, a hard negative equal to a positive) that a file may hold; they are skipped with a warning.
-            A fraction of the file's records below 1 (0.01 = 1%), or a whole number of records.
-        strict: refuse a file with any such record instead.
-        cache_dir: where the training rows and their token ids are stored, converted and tokenized once for every
-            later run and every process of a job (keyed by the data, the tokenizer, the prompts and the length);
-            None: into a temporary directory of this process.
+        **settings: the config's flat keys, each checked by the record of :mod:`lit_embed.data.settings` that owns
+            it: which rows the files give (``RowSettings``: ``train_path``, ``val_path``, ``val_fraction``,
+            ``use_all_docs``, ``multi_positive``, ``max_negatives``, ``mine``), how they become batches
+            (``BatchSettings``: ``batch_size``, ``max_tokens_per_batch``, ``length_groups``, ``packing``, ``seed``,
+            ``drop_last``, ``num_workers``, ``pin_memory``) and how the files are read (``ReadSettings``:
+            ``columns``, ``max_skipped``, ``strict``, ``cache_dir``).
     """
 
-    def __init__(
-        self,
-        train_path: str | None = None,
-        val_path: str | None = None,
-        batch_size: int | str = 16,
-        max_tokens_per_batch: int | None = None,
-        use_all_docs: bool = False,
-        max_negatives: int | None = None,
-        length_groups: int = 4,
-        packing: bool | str = "auto",
-        num_workers: int = 0,
-        pin_memory: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        columns: dict[str, str] | None = None,
-        max_skipped: float = 0.01,
-        strict: bool = False,
-        multi_positive: bool = False,
-        cache_dir: str | None = None,
-        val_fraction: float = 0.0,
-        mine: bool = False,
-    ) -> None:
+    def __init__(self, **settings: Unpack[DataSettings]) -> None:
         super().__init__()
-        check(
-            is_int(batch_size) and batch_size >= 1 or batch_size == "auto",
-            "batch_size",
-            batch_size,
-            "a whole number of pairs >= 1, or auto (the default recipe's)",
-        )
-        check(
-            max_tokens_per_batch is None or is_int(max_tokens_per_batch) and max_tokens_per_batch >= 1,
-            "max_tokens_per_batch",
-            max_tokens_per_batch,
-            "a whole number of tokens per batch >= 1, or null for batches of batch_size pairs",
-        )
-        check(
-            max_negatives is None or is_int(max_negatives) and max_negatives >= 0,
-            "max_negatives",
-            max_negatives,
-            "a whole number >= 0, or null for every hard negative the data has",
-        )
-        check(is_int(length_groups) and length_groups >= 1, "length_groups", length_groups, "a whole number >= 1")
-        check(packing in (True, False, "auto"), "packing", packing, "true, false or auto (packed where the model can)")
-        check(is_int(num_workers) and num_workers >= 0, "num_workers", num_workers, "a whole number >= 0")
-        check(is_int(seed), "seed", seed, "a whole number")
-        check(
-            is_number(val_fraction) and 0 <= val_fraction < 1,
-            "val_fraction",
-            val_fraction,
-            "a fraction of the training queries from 0 to below 1 (0.1 = 10%), or 0 for no validation slice",
-        )
-        check(
-            is_number(max_skipped) and 0 <= max_skipped < 1 or is_int(max_skipped) and max_skipped >= 1,
-            "max_skipped",
-            max_skipped,
-            "a fraction of the records from 0 to below 1 (0.01 = 1%), or a whole number of records >= 1",
-        )
-        check(
-            columns is None or isinstance(columns, Mapping),
-            "columns",
-            columns,
-            "which column holds what, e.g. ++data.columns.query=question, or null",
-        )
-        bools = {"use_all_docs": use_all_docs, "pin_memory": pin_memory, "drop_last": drop_last, "strict": strict}
-        bools["multi_positive"] = multi_positive
-        bools["mine"] = mine
-        for key, value in bools.items():
-            check(is_bool(value), key, value, "true or false")
-        self.train_path = train_path
-        self.val_path = val_path
-        self.val_fraction = val_fraction
-        self.mine = mine
-        self.batch_size = batch_size
-        self.max_tokens_per_batch = max_tokens_per_batch
-        self.use_all_docs = use_all_docs
-        self.multi_positive = multi_positive
-        self.max_negatives = max_negatives
-        self.length_groups = length_groups
-        self.packing = packing
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.seed = seed
-        self.drop_last = drop_last
-        self.columns = columns
-        self.skip_policy = SkipPolicy(max_skipped, strict)
-        self.cache_dir = cache_dir
+        self.row_settings, self.batch_settings, self.read_settings = grouped(settings)
         self.task = ""  # set by a multi-task data module: the name its batches carry
         self.train_rows: TrainingRows | None = None
         self.val_dataset: QADataset | None = None
         self._collator: PairCollator | None = None
         self._row_texts: Ragged | None = None
         self._row_tokens: np.ndarray | None = None
+
+    # What every data module declares (PairDataModule), read from the records.
+    @property
+    def train_path(self) -> str | None:
+        return self.row_settings.train_path
+
+    @property
+    def val_path(self) -> str | None:
+        return self.row_settings.val_path
+
+    @property
+    def mine(self) -> bool:
+        return self.row_settings.mine
+
+    @property
+    def multi_positive(self) -> bool:
+        return self.row_settings.multi_positive
+
+    @property
+    def batch_size(self) -> int | str:
+        return self.batch_settings.batch_size
+
+    @batch_size.setter
+    def batch_size(self, size: int) -> None:
+        """The default recipe's batch size, for ``batch_size="auto"``."""
+        self.batch_settings = dataclasses.replace(self.batch_settings, batch_size=size)
 
     def load_rows(self) -> TrainingRows:
         """The training rows, converted from the training file once (see :func:`training_rows`)."""
@@ -400,14 +316,16 @@ class QAPairDataModule(PairDataModule):
                 "data.train_path is not set. Pass data.train_path=PATH (.json, .jsonl, .csv, .parquet or a "
                 "datasets directory)."
             )
-        policy, args = self.skip_policy, (self.use_all_docs, self.multi_positive, self.cache_dir)
-        return training_rows(self.train_path, self.columns, policy, *args)
+        read, all_docs = self.read_settings, self.row_settings.use_all_docs
+        return training_rows(
+            self.train_path, read.columns, read.skip_policy, all_docs, self.multi_positive, read.cache_dir
+        )
 
     def load_validation(self) -> QADataset | None:
         """The validation set, read whole (evaluation embeds its corpus in chunks)."""
         if not self.val_path:
             return None
-        val = load_dataset(self.val_path, self.columns, self.skip_policy)
+        val = load_dataset(self.val_path, self.read_settings.columns, self.read_settings.skip_policy)
         if not val.queries:
             raise DataFormatError(
                 f"{self.val_path}: no validation queries. Add queries with their relevant documents, or leave "
@@ -420,8 +338,10 @@ class QAPairDataModule(PairDataModule):
         if self.train_rows is None:
             rows = self.load_rows()
             self.val_dataset = self.load_validation()
-            if self.val_dataset is None and self.val_fraction > 0:
-                rows, self.val_dataset = rows.hold_out(self.val_fraction, self.seed, self.source)
+            if self.val_dataset is None and self.row_settings.val_fraction > 0:
+                rows, self.val_dataset = rows.hold_out(
+                    self.row_settings.val_fraction, self.batch_settings.seed, self.source
+                )
             if not len(rows):
                 raise DataFormatError(
                     f"{self.source}: no training pairs: no record has a query with a relevant document. Add pairs "
@@ -432,7 +352,7 @@ class QAPairDataModule(PairDataModule):
                     f"{self.source}: only {len(rows)} training pairs, fewer than one batch "
                     f"(data.batch_size={self.batch_size}). Add data or lower data.batch_size."
                 )
-            self.train_rows = rows.trimmed(self.max_negatives)
+            self.train_rows = rows.trimmed(self.row_settings.max_negatives)
             self._log_rows_without_negatives()
 
     @property
@@ -446,7 +366,7 @@ class QAPairDataModule(PairDataModule):
         assert not self.tokenized, "hard negatives change the rows: set them before tokenize()"
         self.prepare_data()
         rows = self.rows.with_query_negatives(negatives)
-        self.train_rows = rows.trimmed(self.max_negatives)
+        self.train_rows = rows.trimmed(self.row_settings.max_negatives)
 
     @property
     def has_teacher_scores(self) -> bool:
@@ -471,7 +391,7 @@ class QAPairDataModule(PairDataModule):
         without = int((self.rows.negatives.lengths == 0).sum())
         if without == len(self.rows):
             fix = "raise data.max_negatives from 0"
-            if self.max_negatives != 0:
+            if self.row_settings.max_negatives != 0:
                 fix = "mine them with lit-embed-mine, then score them with lit-embed-score"
             log.info(
                 "%s: none of the %d training rows has a hard negative, so their teacher scores are not used "
@@ -519,13 +439,15 @@ class QAPairDataModule(PairDataModule):
         """Tokenizes each distinct text of the training rows once (or opens the token store of an earlier run)."""
         self.prepare_data()
         rows = self.rows
-        queries = tokenize_texts(rows.queries, "query", tokenizer, rows.key, self.cache_dir)
-        documents = tokenize_texts(rows.documents, "document", tokenizer, rows.key, self.cache_dir)
+        queries = tokenize_texts(rows.queries, "query", tokenizer, rows.key, self.read_settings.cache_dir)
+        documents = tokenize_texts(rows.documents, "document", tokenizer, rows.key, self.read_settings.cache_dir)
         packed = self._packs(tokenizer, queries, documents)
-        length_groups = 0 if packed else self.length_groups
+        length_groups = 0 if packed else self.batch_settings.length_groups
         self._collator = PairCollator(rows, queries, documents, length_groups, self.task, self.multi_positive)
         self._row_texts = rows.row_texts()
-        self._row_tokens = self._tokens_per_row(queries, documents) if self.max_tokens_per_batch else None
+        self._row_tokens = (
+            self._tokens_per_row(queries, documents) if self.batch_settings.max_tokens_per_batch else None
+        )
         log.info(
             "%s: %d training pairs from %d queries and %d documents (tokenized once; batches %s).",
             self.source,
@@ -541,12 +463,13 @@ class QAPairDataModule(PairDataModule):
         texts = self._row_texts
         tokens = np.add.reduceat(lengths[np.asarray(texts.values)], texts.offsets[:-1])
         longest = int(np.argmax(tokens))
-        if tokens[longest] > self.max_tokens_per_batch:
+        budget = self.batch_settings.max_tokens_per_batch
+        if tokens[longest] > budget:
             count = int(texts.lengths[longest]) - 1
             raise LitEmbedError(
                 f"{self.source}, {self.rows.query_ids.text(longest)}: this training row holds {tokens[longest]} "
                 f"tokens (its query and {count} document{'s' * (count != 1)}), more than "
-                f"data.max_tokens_per_batch={self.max_tokens_per_batch}. Raise data.max_tokens_per_batch to at "
+                f"data.max_tokens_per_batch={budget}. Raise data.max_tokens_per_batch to at "
                 f"least {tokens[longest]} (a few rows' worth, for in-batch negatives), or lower data.max_negatives "
                 "or model.max_seq_length."
             )
@@ -554,15 +477,15 @@ class QAPairDataModule(PairDataModule):
 
     def _packs(self, tokenizer: TextTokenizer, *sides: TokenizedTexts) -> bool:
         """Whether batches are packed (see ``packing``); says why not when the encoder cannot pack."""
-        if self.packing is False:
+        if self.batch_settings.packing is False:
             return False
         reason = tokenizer.packing_unsupported
         if reason is None and any(set(side.features) != {"input_ids"} for side in sides):
             reason = "its token store holds more than token ids"
         if reason is not None:
-            (log.warning if self.packing is True else log.info)(
+            (log.warning if self.batch_settings.packing is True else log.info)(
                 "data.packing=%s: this encoder cannot embed packed texts: %s. Batches are padded in length groups.",
-                str(self.packing).lower(),
+                str(self.batch_settings.packing).lower(),
                 reason,
             )
         return reason is None
@@ -574,9 +497,13 @@ class QAPairDataModule(PairDataModule):
         return {self.task: {kind: texts.texts(range(len(texts))) for kind, texts in sides.items()}}
 
     def train_dataloader(self) -> DataLoader:
-        sampler = self.batch_sampler(*distributed_position(self.trainer))
+        return self.loader(self.batch_sampler(*distributed_position(self.trainer)))
+
+    def loader(self, batch_sampler: Sampler[list[int]]) -> DataLoader:
+        """The loader of the batches ``batch_sampler`` draws from the training rows."""
+        batching = self.batch_settings
         return index_dataloader(
-            self.num_training_pairs, sampler, self.collator, self.num_workers, self.seed, self.pin_memory
+            len(self.rows), batch_sampler, self.collator, batching.num_workers, batching.seed, batching.pin_memory
         )
 
     @property
@@ -590,12 +517,12 @@ class QAPairDataModule(PairDataModule):
         sampler = NoDuplicatesBatchSampler(
             self._row_texts,
             self.batch_size,
-            self.seed,
-            self.drop_last,
+            self.batch_settings.seed,
+            self.batch_settings.drop_last,
             num_replicas=world,
             rank=rank,
             row_tokens=self._row_tokens,
-            max_tokens=self.max_tokens_per_batch,
+            max_tokens=self.batch_settings.max_tokens_per_batch,
         )
         if self._resume_at is not None:
             sampler.resume_at(*self._resume_at)
@@ -608,11 +535,13 @@ class StdlibDataModule(QAPairDataModule):
     Args:
         num_train: training pairs (None = all that remain after validation).
         num_val: validation queries.
-        **kwargs: the :class:`QAPairDataModule` arguments (batch size, workers, seed, ...).
+        **settings: the :class:`QAPairDataModule` settings (batch size, workers, seed, ...).
     """
 
-    def __init__(self, num_train: int | None = 1500, num_val: int | None = 300, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self, num_train: int | None = 1500, num_val: int | None = 300, **settings: Unpack[DataSettings]
+    ) -> None:
+        super().__init__(**settings)
         for key in ("train_path", "val_path"):
             if getattr(self, key) is not None:
                 raise LitEmbedError(
@@ -629,9 +558,9 @@ class StdlibDataModule(QAPairDataModule):
         return "stdlib dataset"
 
     def load_rows(self) -> TrainingRows:
-        train, val = build_stdlib_dataset(seed=self.seed, num_train=self.num_train, num_val=self.num_val)
+        train, val = build_stdlib_dataset(seed=self.batch_settings.seed, num_train=self.num_train, num_val=self.num_val)
         self._val = val if val.queries else None  # num_val=0: no validation
-        return dataset_rows(train, self.use_all_docs, self.multi_positive, self.cache_dir)
+        return dataset_rows(train, self.row_settings.use_all_docs, self.multi_positive, self.read_settings.cache_dir)
 
     def load_validation(self) -> QADataset | None:
         return self._val

@@ -129,12 +129,7 @@ class MultiTaskDataModule(PairDataModule):
                 epoch, done = self._resume_at
                 for sampler in samplers:
                     sampler.resume_at(epoch, done % max(1, len(sampler)))
-            loaders = {
-                name: index_dataloader(
-                    data.num_training_pairs, s, data.collator, data.num_workers, data.seed, data.pin_memory
-                )
-                for (name, data), s in zip(self.tasks.items(), samplers, strict=True)
-            }
+            loaders = {name: data.loader(s) for (name, data), s in zip(self.tasks.items(), samplers, strict=True)}
             return CombinedLoader(loaders, mode=self.mode)
         sizes = [data.num_training_pairs for data in self.tasks.values()]
         offsets = [sum(sizes[:t]) for t in range(len(sizes))]
@@ -142,6 +137,6 @@ class MultiTaskDataModule(PairDataModule):
         if self._resume_at is not None:
             schedule.resume_at(*self._resume_at)
         collator = TaskCollator([data.collator for data in self.tasks.values()], offsets)
-        workers = max(data.num_workers for data in self.tasks.values())
-        pin_memory = any(data.pin_memory for data in self.tasks.values())
+        workers = max(data.batch_settings.num_workers for data in self.tasks.values())
+        pin_memory = any(data.batch_settings.pin_memory for data in self.tasks.values())
         return index_dataloader(sum(sizes), schedule, collator, workers, self.seed, pin_memory)
