@@ -154,7 +154,13 @@ def test_a_second_tokenization_reuses_the_store_and_each_setting_has_its_own(
         store(Encoder(bert), key="texts-b"),
         store(Encoder(bert), kind="document"),
     ]
-    assert len({first, *others}) == 6
+    cut_left = Encoder(bert, max_seq_length=4)
+    cut_left.tokenizer.truncation_side = "left"  # other ids for a long text
+    padded_left = Encoder(bert)
+    padded_left.tokenizer.padding_side = "left"  # the same ids: padding is the encoder's, per batch
+    assert len({first, *others, store(cut_left)}) == 7
+    store(padded_left)
+    assert len(list(cache.glob("tokens-*"))) == 7  # none built for it
 
 
 def test_an_adapters_table_rows_are_not_kept_across_runs(tmp_path: Path, tiny_encoder) -> None:

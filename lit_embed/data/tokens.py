@@ -249,7 +249,8 @@ def tokenizer_fingerprint(tokenizer: TextTokenizer, kind: str) -> str | None:
     """What decides the token ids of a text of ``kind``; None when they cannot be stored across runs.
 
     The Hugging Face tokenizer's full description (vocabulary, normalizer, pre-tokenizer, post-processor, without
-    the truncation and padding that each call sets), its class and padding side, the prompt, the length limit, and
+    the truncation and padding that each call sets), its class and the side it truncates from (padding, added by the
+    encoder to a batch, changes no stored id), the prompt, the length limit, and
     the ids it gives a few probe texts (settings outside the tokenizer, such as sentence-transformers'
     lower-casing). An encoder whose features are not token ids (an adapter's rows of an embedding table, which
     change with the table) has none.
@@ -259,8 +260,8 @@ def tokenizer_fingerprint(tokenizer: TextTokenizer, kind: str) -> str | None:
     prompt = getattr(tokenizer, "prompt", None)
     if backend is None or prompt is None or getattr(tokenizer, "vocab_size", None) is None:
         return None  # not an encoder of token ids: probing it could change it (an adapter's table)
-    probe = tokenizer.tokenize(PROBES, kind)
-    if "input_ids" not in probe:
+    probes = [tokenizer.tokenize([text], kind) for text in PROBES]  # one at a time: no padding in what is kept
+    if "input_ids" not in probes[0]:
         return None
     description = json.loads(backend.to_str())
     description.pop("truncation", None)
@@ -268,8 +269,8 @@ def tokenizer_fingerprint(tokenizer: TextTokenizer, kind: str) -> str | None:
     return content_key(
         type(hf).__name__,
         description,
-        getattr(tokenizer, "padding_side", "right"),
+        getattr(hf, "truncation_side", "right"),
         prompt(kind),
         tokenizer.max_seq_length,
-        {key: value.tolist() for key, value in probe.items() if isinstance(value, Tensor)},
+        [{key: value.tolist() for key, value in probe.items() if isinstance(value, Tensor)} for probe in probes],
     )
