@@ -172,6 +172,10 @@ DataSettings = TypedDict(  # type: ignore[misc]
     {name: kind for record in RECORDS for name, kind in typing.get_type_hints(record).items()},
     total=False,
 )
+# Their descriptions too, for LightningCLI's --help (each record's Attributes, as arguments).
+DataSettings.__doc__ = "The data settings, by name.\n\nArgs:\n" + "".join(
+    record.__doc__.split("Attributes:\n", 1)[1].rstrip() + "\n" for record in RECORDS
+)
 
 
 def grouped(settings: Mapping[str, Any]) -> tuple[RowSettings, BatchSettings, ReadSettings]:
