@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 from lit_embed import cli, evaluate
 from lit_embed.data.formats import load_dataset
+from lit_embed.data.settings import RECORDS
 from lit_embed.evaluation.retrieval import evaluate_encoder
 from lit_embed.models.encoder import Encoder
 from lit_embed.train import run
@@ -122,6 +124,10 @@ def test_print_config_shows_every_class(capsys: pytest.CaptureFixture[str]) -> N
         "TrainingPlot",
     ]
     assert config["trainer"]["plugins"][0]["class_path"].endswith("AtomicCheckpointIO")
+    # Every data setting, at the settings records' defaults but for the recipe's batch and the job's seed.
+    data = config["data"]["init_args"]
+    defaults = {field.name: field.default for record in RECORDS for field in dataclasses.fields(record)}
+    assert {key: data[key] for key in defaults} == {**defaults, "batch_size": recipe.batch_size, "seed": 42}
 
 
 def test_finished_model_is_not_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
