@@ -6,6 +6,10 @@ output directory, and DATA a file that ``data=qa_json`` reads (LlamaIndex ``.jso
 numbers are the ones training logs as ``val/...``: same search, same prompts. With ``--index DIR`` the corpus is
 embedded once into a Qdrant database in DIR and the queries are searched there
 (:mod:`lit_embed.evaluation.vector_index`): the same metrics, from a vector database.
+
+``lit-embed-eval RETRIEVER DATA --rerank RERANKER [--top-k K] [--json]`` scores the two-stage pipeline: the
+retriever's top K for each query, reordered by a ``CrossEncoder`` (:mod:`lit_embed.evaluation.rerank`), beside the
+first stage alone.
 """
 
 from __future__ import annotations
@@ -20,21 +24,27 @@ import torch
 from lit_embed.console import quiet_third_party_output
 from lit_embed.data.formats import load_dataset
 from lit_embed.errors import LitEmbedError, reported
+from lit_embed.evaluation.rerank import AT_K, evaluate_pipeline, first_stage
 from lit_embed.evaluation.retrieval import evaluate_encoder, format_metrics_table
 from lit_embed.evaluation.vector_index import evaluate_with_index, import_qdrant
 from lit_embed.models.encoder import Encoder
-from lit_embed.models.model_folder import check_model_folder
+from lit_embed.models.model_folder import check_model_folder, loading_errors
+
+# Candidates a reranker reads per query by default: what a CPU reranks in seconds for a few hundred queries.
+DEFAULT_TOP_K = 20
+RERANK_TABLE_KEYS = (f"mrr@{AT_K}", f"ndcg@{AT_K}", "map", f"recall@{AT_K}")
 
 
-def model_directory(path: str | os.PathLike) -> Path:
-    """The model directory that ``path`` names: ``path`` itself, or the ``model/`` of a run's output directory.
+def model_directory(path: str | os.PathLike, what: str = "model") -> Path:
+    """The model directory that ``path`` (``what`` the user set, for messages) names: ``path`` itself, or the
+    ``model/`` of a run's output directory.
 
     What is there is checked as every tool checks a model (:func:`~lit_embed.models.model_folder.check_model_folder`).
     """
     path = Path(path)
     if not path.exists():  # local models only: a hub id would be a missing folder of the user's
         raise LitEmbedError(
-            f"model {path} does not exist. Pass a sentence-transformers directory, a run's model/ or the run's output "
+            f"{what} {path} does not exist. Pass a sentence-transformers directory, a run's model/ or the run's output "
             "directory."
         )
     is_model = any((path / name).is_file() for name in ("modules.json", "config.json"))
@@ -88,6 +98,43 @@ def evaluate(
     return evaluate_encoder(encoder, dataset, batch_size, truncate_dim=truncate_dim)
 
 
+def evaluate_reranking(
+    retriever: str | os.PathLike,
+    reranker: str | os.PathLike,
+    data: str | os.PathLike,
+    top_k: int = DEFAULT_TOP_K,
+    batch_size: int = 64,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Scores the two-stage pipeline on ``data``: ``retriever``'s top ``top_k`` for each query, reordered by
+    ``reranker`` (a sentence-transformers ``CrossEncoder`` directory, or a run's output directory).
+
+    Returns:
+        ``{"retriever": metrics, "reranked": metrics}`` (:func:`~lit_embed.evaluation.rerank.ranking_metrics`),
+        equal to sentence-transformers' ``CrossEncoderRerankingEvaluator`` on the same candidates with
+        ``always_rerank_positives=False``: a relevant document the retriever did not fetch stays missed.
+    """
+    dataset = load_dataset(data)  # before the models, so a bad file fails fast
+    retriever_path, reranker_path = model_directory(retriever), model_directory(reranker, "--rerank")
+    fix = "pass --trust-remote-code (trust_remote_code=True)"
+    check_model_folder(retriever_path, trust_remote_code, what="model", fix=fix)
+    check_model_folder(reranker_path, trust_remote_code, what="--rerank", fix=fix)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = Encoder(retriever_path, trust_remote_code=trust_remote_code).to(device)
+    candidates = first_stage(encoder, dataset, top_k, batch_size)
+    del encoder
+    from sentence_transformers import CrossEncoder
+
+    with loading_errors(str(reranker_path), fix):
+        model = CrossEncoder(str(reranker_path), device=device, trust_remote_code=trust_remote_code)
+
+    def scorer(pairs: list[tuple[str, str]]) -> list[float]:
+        return model.predict(pairs, batch_size=batch_size, show_progress_bar=False).tolist()
+
+    return evaluate_pipeline(candidates, dataset, scorer)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="lit-embed-eval", description="Retrieval metrics (MRR, NDCG, MAP, accuracy/precision/recall@k) of a model."
@@ -119,7 +166,25 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="with --index: replace an index built from another model or corpus, or an unfinished one",
     )
+    parser.add_argument(
+        "--rerank",
+        metavar="RERANKER",
+        help="score the two-stage pipeline: MODEL's top --top-k documents for each query, reordered by this "
+        "sentence-transformers CrossEncoder directory (or a run's output directory); prints the first stage's "
+        "metrics beside the reranked ones",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help=f"with --rerank: documents fetched by MODEL and read by the reranker for each query (default: "
+        f"{DEFAULT_TOP_K}; each query costs that many reranker passes)",
+    )
     args = parser.parse_args(argv)
+    if args.rerank is not None and (args.index is not None or args.truncate_dim is not None):
+        parser.error("--rerank searches exactly with the whole embedding: leave out --index and --truncate-dim")
+    if args.top_k < 1:
+        parser.error(f"--top-k must be at least 1, got {args.top_k}")
     if args.rebuild_index and args.index is None:
         parser.error("--rebuild-index needs --index DIR")
     if args.batch_size < 1:
@@ -127,6 +192,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.truncate_dim is not None and args.truncate_dim < 1:
         parser.error(f"--truncate-dim must be at least 1, got {args.truncate_dim}")
     quiet_third_party_output()
+    if args.rerank is not None:
+        with reported("lit-embed-eval"):
+            stages = evaluate_reranking(
+                args.model, args.rerank, args.data, args.top_k, args.batch_size, args.device, args.trust_remote_code
+            )
+        print(json.dumps(stages, indent=2) if args.json else format_metrics_table(stages, RERANK_TABLE_KEYS))
+        return
     with reported("lit-embed-eval"):
         metrics = evaluate(
             args.model,

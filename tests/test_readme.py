@@ -83,6 +83,7 @@ NOT_RUN = {
 FAST = {
     "python train.py data=qa_json data.train_path=train.json data.val_path=val.json output_dir=runs/mine",
     "lit-embed-eval runs/mine val.json --truncate-dim 128",
+    "lit-embed-eval runs/mine val.json --rerank my-reranker --top-k 20",
     "python -m lit_embed.export runs/mine/checkpoints/step=500.ckpt runs/step500-model",
     "from sentence_transformers import SentenceTransformer",
     "lit-embed-generate docs/ qa/ --llm http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct",
@@ -163,7 +164,7 @@ def tiny_command(command: str, tiny_model: str) -> list[str]:
 @pytest.fixture()
 def workspace(tmp_path: Path) -> Path:
     """A user's folder as the README assumes it: the repository's entry points and the data files it names."""
-    from lit_embed.models.tiny import build_tiny_bert
+    from lit_embed.models.tiny import build_tiny_bert, build_tiny_cross_encoder
 
     root = tmp_path
     for name in ("train.py", "conf", "benchmarks"):
@@ -183,6 +184,7 @@ def workspace(tmp_path: Path) -> Path:
         np.save(root / f"{name}.npy", rng.standard_normal((len(ids), 32)).astype(np.float32))
         (root / f"{name}.json").write_text(json.dumps(ids))
     build_tiny_bert(root / "tiny_model", seed=0, hidden_size=384)
+    build_tiny_cross_encoder(root / "my-reranker", seed=0)  # a reranker of the user's
     # Documents for lit-embed-generate: a few guides of paragraphs, each with words of its own to ask about.
     (root / "docs").mkdir()
     letters = np.random.default_rng(0)

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, write_toy_data
 
+from lit_embed.models.tiny import build_tiny_bert
+
 # modeling_custom.py / configuration_custom.py of a model folder: importing them leaves IMPORTED behind.
 SENTINEL = 'import pathlib\npathlib.Path(__file__).with_name("IMPORTED").touch()\n'
 CUSTOM_POOLING = SENTINEL + "from sentence_transformers.sentence_transformer.modules import Pooling\n"
@@ -85,11 +87,16 @@ class Inputs:
         self.rows = root / "rows.jsonl"
         rows = [{"query": f"how do I do task {i}?", "positive": f"def task_{i}(): pass"} for i in range(4)]
         self.rows.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.retriever = build_tiny_bert(root / "retriever", seed=0)  # for a reranker's first stage
 
 
 # tool -> (module whose main the console script calls, its arguments for MODEL, writing under WORK).
 TOOLS: dict[str, tuple[str, Callable[[str, Path, Inputs], list[str]]]] = {
     "lit-embed-eval": ("lit_embed.evaluate", lambda m, w, i: [m, str(i.qa), "--device=cpu"]),
+    "lit-embed-eval --rerank": (
+        "lit_embed.evaluate",
+        lambda m, w, i: [i.retriever, str(i.qa), "--rerank", m, "--device=cpu"],
+    ),
     "lit-embed-export": ("lit_embed.export", lambda m, w, i: [m, str(w / "exported")]),
     "lit-embed-mine --model": (
         "lit_embed.mine",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -151,15 +151,15 @@ def check_truncate_dim(truncate_dim: int | None, embedding_dim: int) -> None:
         )
 
 
-def format_metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    """A small table of the headline retrieval metrics, one column per entry, and the last one's change over the
-    first when there are several."""
+def format_metrics_table(metrics: dict[str, dict[str, float]], keys: Sequence[str] = METRIC_TABLE_KEYS) -> str:
+    """A small table of the headline retrieval metrics (``keys``), one column per entry, and the last one's change
+    over the first when there are several."""
     # metrics.json's other entries ("merge", "skipped") are not columns.
-    columns = [name for name, values in metrics.items() if isinstance(values, dict) and METRIC_TABLE_KEYS[0] in values]
+    columns = [name for name, values in metrics.items() if isinstance(values, dict) and keys[0] in values]
     if not columns:
         return "No validation set: nothing to compare."
     lines = [f"{'metric':<14}" + "".join(f"{c:>10}" for c in columns) + (f"{'change':>10}" if len(columns) > 1 else "")]
-    for key in METRIC_TABLE_KEYS:
+    for key in keys:
         values = [metrics[c][key] for c in columns]
         change = f"{values[-1] - values[0]:>+10.4f}" if len(values) > 1 else ""
         lines.append(f"{key:<14}" + "".join(f"{v:>10.4f}" for v in values) + change)
