@@ -5,6 +5,7 @@ HuggingFaceEmbedding alone, a model's prompts), the test pins down what it does 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -118,6 +119,36 @@ def llamaindex_top_k(embed_model, val: Path) -> dict[str, list[str]]:
 def test_llamaindex_retrieves_as_the_exact_search(runs: dict[str, Path]) -> None:
     embed_model = HuggingFaceEmbedding(model_name=str(runs["full"] / "model"), device="cpu")
     assert_same_top_k(llamaindex_top_k(embed_model, runs["val"]), runs["full"] / "model", runs["val"])
+
+
+def test_llamaindex_reranks_as_the_pipeline_evaluation(runs: dict[str, Path], tmp_path: Path) -> None:
+    """LlamaIndex's SentenceTransformerRerank over a VectorStoreIndex of the finetuned retriever orders each query's
+    top-K as lit_embed's two-stage evaluation does (``lit-embed-eval --rerank``): the same candidates, and the same
+    order up to swaps of near-equal scores (1e-6)."""
+    from llama_index.core.postprocessor import SentenceTransformerRerank
+    from sentence_transformers import CrossEncoder
+
+    from lit_embed.evaluation.rerank import first_stage
+    from lit_embed.models.tiny import build_tiny_cross_encoder
+
+    reranker = Path(build_tiny_cross_encoder(tmp_path / "reranker", seed=1))
+    settings = json.loads((reranker / "config_sentence_transformers.json").read_text())
+    settings["activation_fn"] = "torch.nn.modules.linear.Identity"  # raw scores: a random model's sigmoids tie
+    (reranker / "config_sentence_transformers.json").write_text(json.dumps(settings))
+    model_dir, data = runs["full"] / "model", load_dataset(runs["val"])
+    candidates = first_stage(Encoder(model_dir), data, K)
+    scores = CrossEncoder(str(reranker), device="cpu").predict(candidates.pairs(data)).reshape(-1, K)
+
+    nodes = [TextNode(id_=doc_id, text=text) for doc_id, text in data.corpus.items()]
+    embed_model = HuggingFaceEmbedding(model_name=str(model_dir), device="cpu")
+    retriever = VectorStoreIndex(nodes, embed_model=embed_model).as_retriever(similarity_top_k=K)
+    rerank = SentenceTransformerRerank(model=str(reranker), top_n=K, device="cpu")
+    for row, (query_id, ids) in enumerate(zip(candidates.query_ids, candidates.documents.tolist(), strict=True)):
+        ours = {candidates.corpus_ids[d]: float(score) for d, score in zip(ids, scores[row], strict=True)}
+        text = data.queries[query_id]
+        got = [hit.node.node_id for hit in rerank.postprocess_nodes(retriever.retrieve(text), query_str=text)]
+        assert set(got) == set(ours), query_id
+        assert all(ours[a] >= ours[b] - 1e-6 for a, b in itertools.pairwise(got)), (query_id, got, ours)
 
 
 def test_llamaindex_adapter_retrieves_as_the_exact_search(runs: dict[str, Path]) -> None:
