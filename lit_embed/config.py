@@ -236,7 +236,8 @@ def check_run_settings(cfg: DictConfig) -> None:
         cfg.resume is None or isinstance(cfg.resume, bool | str),
         "resume",
         cfg.resume,
-        "true (this output_dir's last.ckpt), the path of a .ckpt file, or null",
+        "true (this output_dir's last.ckpt), auto (that checkpoint where there is one, else a new start), the "
+        "path of a .ckpt file, or null",
     )
     trainer = cfg.trainer
     epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)

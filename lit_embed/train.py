@@ -6,6 +6,7 @@ job from Python.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -78,6 +79,14 @@ def run(cfg: DictConfig, hydra_record: dict[str, Any] | None = None) -> dict[str
     register_resolvers()
     quiet_third_party_output()
     check_output_dir(cfg.output_dir)
+    finished = Path(cfg.output_dir) / "metrics.json"
+    if cfg.resume == AUTO and finished.is_file() and not cfg.overwrite:  # a requeue of a job that finished
+        log.info(
+            "resume=auto: %s holds this run's finished model; nothing to do (to train further, set overwrite=true "
+            "and a larger trainer.max_steps or max_epochs).",
+            cfg.output_dir,
+        )
+        return json.loads(finished.read_text(encoding="utf-8"))
     with RunFolder(cfg.output_dir, hydra_record) as folder:
         checked = check_job(cfg, folder.path)
         folder.checks_passed()
@@ -252,9 +261,14 @@ def apply_recipe(cfg: DictConfig, datamodule: PairDataModule, encoder: nn.Module
 
 
 def resume_checkpoint(resume: bool | str | None, checkpoint_dir: Path) -> str | None:
-    """``resume=true`` -> ``last.ckpt`` of this output_dir; ``resume=PATH`` -> that file; else None."""
+    """``resume=true`` -> ``last.ckpt`` of this output_dir; ``resume=auto`` -> the same where there is one (a
+    requeued job), else None (its first start); ``resume=PATH`` -> that file; else None."""
     if resume is None or resume is False:
         return None
+    if resume == AUTO:
+        last = checkpoint_dir / "last.ckpt"
+        log.info("resume=auto: %s", f"continuing from {last}" if last.is_file() else "no checkpoint yet, starting")
+        return str(last) if last.is_file() else None
     path = checkpoint_dir / "last.ckpt" if resume is True else Path(resume)
     if not path.is_file():
         raise LitEmbedError(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 
 from lit_embed.config import compose_config
@@ -16,6 +19,20 @@ from lit_embed.data.store import content_key
 from lit_embed.data.tokens import TokenizedTexts, tokenize_texts
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class SignalAt(L.Callback):
+    """Sends this process ``signum`` once training step ``step`` is done, as a cluster that preempts the job does
+    (``+callbacks.preempt._target_=helpers.SignalAt +callbacks.preempt.step=3``)."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
 TOPICS = ["sort a list", "open a file", "parse json", "join paths", "read csv", "format dates", "hash bytes"]
 
 

@@ -296,6 +296,34 @@ def interrupted_run(tmp_path: Path, **settings: object) -> tuple[Path, Path, Pat
     return train, val, out
 
 
+def test_resume_auto_starts_continues_a_preempted_run_exactly_and_leaves_a_finished_one(tmp_path: Path) -> None:
+    """One command for the first start and every requeue: a new folder starts, a run stopped by SIGTERM (as a cluster
+    preempts) continues to the weights of an uninterrupted run, and a finished one is left as it is."""
+    from lit_embed.errors import StoppedError
+
+    train, val = write_toy_data(tmp_path)
+    steps = {"trainer.max_steps": 6, "load_best_model_at_end": "false"}
+    run(compose_train(tiny_run_overrides(train, val, tmp_path / "straight", **steps)))
+    out = tmp_path / "run"
+    auto = tiny_run_overrides(train, val, out, resume="auto", **steps)
+    preempt = ["+callbacks.preempt._target_=helpers.SignalAt", "+callbacks.preempt.step=3"]
+    with pytest.raises(StoppedError, match="stopped by SIGTERM; the checkpoint is saved"):
+        run(compose_train(auto + preempt))  # the first start: no checkpoint yet
+    assert 3 <= load_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] < 6
+    assert not (out / "model").exists()
+
+    metrics = run(compose_train(auto))  # the requeued job, the same command
+    expected = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
+    actual = load_checkpoint(out / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+    finished = snapshot(out)
+    assert run(compose_train(auto)) == metrics  # requeued once more: nothing to do
+    assert snapshot(out) == finished
+    with pytest.raises(InvalidValueError, match=r"resume=3 is not allowed: true .*, auto \(that checkpoint where"):
+        run(compose_train(tiny_run_overrides(train, val, tmp_path / "bad", resume=3)))
+
+
 def test_resume_with_another_batch_size_or_model_is_refused_listing_the_changes(tmp_path: Path) -> None:
     train, val, out = interrupted_run(tmp_path)
     hydra_before = snapshot(out)
