@@ -470,6 +470,10 @@ class RunFolder:
         self.path = Path(output_dir)
         self.record = hydra_record or {}
         self.lock = OutputDirLock(self.path) if is_launching_process() else None
+        if self.lock is None:
+            # One process writes train.log: another node's rank, started first, would make the file in a folder
+            # the launching process has not marked yet (and which it then refuses). Its messages go to its console.
+            keep_log_files_out_of(self.path)
         self.ours = False  # whether the run may write into the folder before its checks pass: a new one
         self.checked = False
 
