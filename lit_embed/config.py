@@ -75,7 +75,7 @@ def check_added_keys(cfg: DictConfig, overrides: Iterable[str]) -> None:
             candidates = [k for k in _dotted_keys(cfg) if k != key and not k.startswith(key + ".")]
         else:
             accepted = _arguments(_target_at(cfg, parts[:built]))
-            if accepted is None or parts[built] in accepted:
+            if accepted is None or parts[built] in accepted or parts[built] in HYDRA_KEYS:
                 continue
             where = ".".join(parts[:built])
             candidates = [f"{where}.{name}" for name in accepted]
@@ -94,6 +94,8 @@ def check_added_keys(cfg: DictConfig, overrides: Iterable[str]) -> None:
 
 
 _ABSENT = object()
+# What Hydra reads at a node it builds, beside the constructor's arguments.
+HYDRA_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
 
 
 def _is_group(key: str) -> bool:

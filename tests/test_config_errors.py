@@ -149,6 +149,7 @@ def test_an_added_key_that_nothing_reads_is_refused_naming_the_nearest(args: lis
         ["++data.num_train=3"],  # ++ on an existing key changes it
         ["++seed=3"],
         ["+callbacks.timer={_target_:lightning.pytorch.callbacks.Timer}"],  # a new extra callback is built
+        ["+callbacks.timer._target_=lightning.pytorch.callbacks.Timer", "+callbacks.timer.duration=00:01:00:00"],
         ["+adapter=mlp"],  # a config group, not a key
         ["data=multitask", "+data.tasks.more.data.train_path=x.jsonl"],  # an argument's own dict
         ["+hydra.job.env_set.X=1"],  # Hydra checks its own

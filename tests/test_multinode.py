@@ -71,7 +71,12 @@ def launch(commands: list[tuple[list[str], dict[str, str]]]) -> list[str]:
         )
         for command, env in commands
     ]
-    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    try:
+        outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    finally:  # a node that hangs waiting for the other must not outlive the test
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
     for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-4000:]
     return outputs
