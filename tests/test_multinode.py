@@ -42,6 +42,7 @@ def settings(job: dict[str, Path], output_dir: Path, batch_size: int) -> list[st
         "trainer.max_steps=3",
         "eval.evaluation_steps=2",  # sharded evaluation during training too
         "load_best_model_at_end=false",  # the trained weights, whatever the toy metrics say
+        "merge.alphas=[1.0]",  # ... and not merged back toward the base model
         # SGD: AdamW divides by the root of each weight's squared gradients, so a weight whose gradient is near 0
         # turns the reduction order of the nodes' gradients (1e-9) into differences of 1e-6; plain steps show the
         # nodes' gradients equal the one process's.
