@@ -67,7 +67,7 @@ def test_the_rust_tokenizer_is_used_where_it_gives_the_encoders_ids(model_paths,
     texts = Ragged.from_texts([f"question {i}: " + "many words " * (i % 9) for i in range(300)])
     fast = FastTokenIds.verified(encoder, "query", texts)
     assert fast is not None  # the equality test above then checks its batches against tokenize()
-    counts, columns, _, _ = fast(texts.texts(range(300)))
+    counts, columns, _ = fast(texts.texts(range(300)))
     expected = encoder.tokenize(texts.texts(range(300)), "query")
     mask = expected["attention_mask"].bool()
     assert counts.tolist() == mask.sum(1).tolist() and max(counts) == 12  # truncated as tokenize truncates

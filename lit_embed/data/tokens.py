@@ -145,7 +145,7 @@ def _tokenize_into(directory: Path, texts: Ragged, kind: str, tokenizer: TextTok
     truncated = 0
     for start in range(0, len(texts), chunk_size):
         chunk = texts.texts(range(start, min(start + chunk_size, len(texts))))
-        counts, columns, chunk_shared, _ = fast(chunk) if fast else _unpadded(tokenizer.tokenize(chunk, kind))
+        counts, columns, chunk_shared = fast(chunk) if fast else _unpadded(tokenizer.tokenize(chunk, kind))
         shared.update(chunk_shared)
         truncated += int((counts >= tokenizer.max_seq_length).sum())
         offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -173,11 +173,11 @@ def _tokenize_into(directory: Path, texts: Ragged, kind: str, tokenizer: TextTok
     (directory / "meta.json").write_text(json.dumps(meta))
 
 
-Columns = tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any], bool]
+Columns = tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]
 
 
 def _unpadded(features: dict[str, Any]) -> Columns:
-    """Padded features -> ``(lengths [n], {feature: real positions, row after row}, per-call values, has mask)``."""
+    """Padded features -> ``(lengths [n], {feature: real positions, row after row}, per-call values)``."""
     mask = features["attention_mask"].bool().numpy()
     columns, shared = {}, {}
     for key, value in features.items():
@@ -186,7 +186,7 @@ def _unpadded(features: dict[str, Any]) -> Columns:
                 columns[key] = value.numpy()[mask]
         else:
             shared[key] = value.tolist() if isinstance(value, Tensor) else value
-    return mask.sum(1), columns, shared, "attention_mask" in features
+    return mask.sum(1), columns, shared
 
 
 class FastTokenIds:
@@ -217,12 +217,12 @@ class FastTokenIds:
         spread = np.linspace(0, len(texts) - 1, cls.SAMPLE).astype(np.int64)
         longest = np.argsort(texts.lengths, kind="stable")[-cls.SAMPLE // 8 :]
         sample = texts.texts(np.unique(np.concatenate([spread, longest])))
-        counts, columns, shared, has_mask = _unpadded(tokenizer.tokenize(sample, kind))
+        counts, columns, shared = _unpadded(tokenizer.tokenize(sample, kind))
         others = [key for key in columns if key != "input_ids"]
-        if not has_mask or "input_ids" not in columns or any(columns[key].any() for key in others):
+        if "input_ids" not in columns or any(columns[key].any() for key in others):
             return None
         fast = cls(backend, prompt(kind) or "", others, shared)
-        fast_counts, fast_columns, _, _ = fast(sample)
+        fast_counts, fast_columns, _ = fast(sample)
         if not (
             np.array_equal(fast_counts, counts) and np.array_equal(fast_columns["input_ids"], columns["input_ids"])
         ):
@@ -235,7 +235,7 @@ class FastTokenIds:
         counts = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
         ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64, count=int(counts.sum()))
         columns = {"input_ids": ids} | {key: np.zeros(len(ids), dtype=np.int64) for key in self.zero_keys}
-        return counts, columns, self.shared, True
+        return counts, columns, self.shared
 
 
 def _smallest_dtype(vocab_size: int | None, key: str) -> np.dtype:
