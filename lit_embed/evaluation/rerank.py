@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lit_embed.data.schema import QADataset
-from lit_embed.evaluation.ir import exact_search
+from lit_embed.evaluation.ir import exact_search, retrieval_metrics
 from lit_embed.evaluation.retrieval import TextEncoder, encode_corpus, encode_texts
 
 # (query, document) pairs -> one relevance score each, higher = more relevant (a CrossEncoder's predict).
@@ -78,26 +78,19 @@ def first_stage(encoder: TextEncoder, dataset: QADataset, top_k: int, batch_size
 def ranking_metrics(relevant: Tensor, num_relevant: Tensor, at_k: int = AT_K) -> dict[str, float]:
     """``map``, ``mrr@k``, ``ndcg@k`` and ``recall@k`` of ranked candidates, averaged over queries.
 
+    MRR, NDCG and recall are :func:`~lit_embed.evaluation.ir.retrieval_metrics`'. MAP is the reranking evaluator's:
+    over all K candidates, the precision at each relevant one, summed and divided by every relevant document.
+
     Args:
         relevant: bool ``[Q, K]``, each query's candidates in the order ranked.
-        num_relevant: ``[Q]`` each query's relevant documents, fetched or not (a query without any scores 0).
+        num_relevant: ``[Q]`` each query's relevant documents (at least 1), fetched or not.
         at_k: the cut-off of MRR, NDCG and recall.
     """
-    relevant = relevant.double()  # [Q, K]
     ranks = torch.arange(1, relevant.size(1) + 1, dtype=torch.float64)  # [K]
-    hits = relevant.cumsum(dim=1)  # [Q, K] relevant candidates up to each rank
-    wanted = torch.maximum(num_relevant.double(), hits[:, -1]).clamp(min=1)  # [Q]
-    top = relevant[:, :at_k]  # [Q, k]
-    discounts = 1.0 / torch.log2(ranks[: top.size(1)] + 1)  # [k]
-    ideal = torch.cumsum(1.0 / torch.log2(torch.arange(2, at_k + 2, dtype=torch.float64)), dim=0)  # [at_k]
-    first = top * (top.cumsum(dim=1) == 1)  # [Q, k] one-hot at the first relevant rank
-    per_query = {
-        "map": (relevant * hits / ranks).sum(dim=1) / wanted,
-        f"mrr@{at_k}": (first / ranks[: top.size(1)]).sum(dim=1),
-        f"ndcg@{at_k}": (top * discounts).sum(dim=1) / ideal[wanted.clamp(max=at_k).long() - 1],
-        f"recall@{at_k}": top.sum(dim=1) / wanted,
-    }
-    return {name: values.mean().item() for name, values in per_query.items()}
+    precision_at_hits = relevant.double() * relevant.double().cumsum(dim=1) / ranks  # [Q, K]
+    average_precision = precision_at_hits.sum(dim=1) / num_relevant.double()  # [Q]
+    cut = retrieval_metrics(relevant, num_relevant, {"mrr": (at_k,), "ndcg": (at_k,), "recall": (at_k,)})
+    return {"map": average_precision.mean().item(), **cut}
 
 
 def reranked(candidates: Candidates, scores: Tensor) -> Tensor:
