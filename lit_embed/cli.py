@@ -17,9 +17,11 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lit_embed.config import bf16_if_gpu
 from lit_embed.console import quiet_third_party_output
 from lit_embed.data.datamodule import check_pair_data
+from lit_embed.distributed import is_launching_process
 from lit_embed.errors import LitEmbedError, reported, user_error_behind
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
+from lit_embed.training.callbacks.preemption import StopTogether
 from lit_embed.training.callbacks.progress import default_progress_bar
 from lit_embed.training.checkpoint_io import load_checkpoint
 from lit_embed.training.finish import finish
@@ -30,7 +32,6 @@ from lit_embed.training.lifecycle import (
     check_resume_length,
     check_run_folder,
     check_weights_fit,
-    is_launching_process,
     mark_run_folder,
     stopped_by_signal,
 )
@@ -118,6 +119,7 @@ class LitEmbedCLI(LightningCLI):
         kwargs["callbacks"] = [
             *callbacks,
             RecordConfig(),  # what the data was, for a resume's check
+            StopTogether(),  # a signal stops every rank after the same step
             *default_progress_bar(config.get("enable_progress_bar"), callbacks),
         ]
         return super().instantiate_trainer(**kwargs)

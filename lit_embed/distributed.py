@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -16,6 +17,20 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_launching_process() -> bool:
+    """Whether this process is its job's global rank 0, known before the job's process group exists: False in the
+    ranks > 0 of a distributed run, which share the launching process's output_dir and stores.
+
+    Lightning's DDP launcher starts them as copies of this command with ``LOCAL_RANK`` / ``NODE_RANK`` set;
+    torchrun and SLURM give every process ``RANK`` / ``SLURM_PROCID``.
+    """
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        value = os.environ.get(name, "0").strip() or "0"
+        if not value.isdigit() or int(value) != 0:
+            return False
+    return True
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

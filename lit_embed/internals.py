@@ -86,6 +86,14 @@ def clear_saved_batches(fit_loop: dict[str, Any]) -> None:
     batches["is_last_batch"] = False
 
 
+def stop_after_this_step(trainer: Any) -> None:
+    """Makes ``fit`` stop after the step in progress as it does after SIGTERM: Lightning raises its
+    ``SIGTERMException`` where its loops' counts and the schedulers are up to date, so the saved checkpoint resumes
+    exactly."""
+    # The flag its SIGTERM handler sets; lit_embed decides when to set it (on every rank at the same step).
+    trainer._signal_connector.received_sigterm = True
+
+
 def rich_progress_available() -> bool:
     """Whether Lightning's RichProgressBar can run (``rich`` is installed, in a version Lightning takes)."""
     # Lightning's own check of the rich version it needs; a RichProgressBar without it fails at construction.

@@ -34,6 +34,7 @@ from lit_embed.config import (
 )
 from lit_embed.console import quiet_third_party_output
 from lit_embed.data.datamodule import PairDataModule, check_pair_data
+from lit_embed.distributed import is_launching_process
 from lit_embed.errors import FinishedRunError, LitEmbedError, reported
 from lit_embed.evaluation import METRIC_NAMES
 from lit_embed.losses.base import EmbeddingLoss, check_several_positives
@@ -45,6 +46,7 @@ from lit_embed.models.precomputed import PrecomputedEmbeddings
 from lit_embed.sweeps import sweep_job
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
+from lit_embed.training.callbacks.preemption import StopTogether
 from lit_embed.training.callbacks.progress import default_progress_bar
 from lit_embed.training.checkpoint_io import AtomicCheckpointIO, load_checkpoint
 from lit_embed.training.finish import finish
@@ -59,7 +61,6 @@ from lit_embed.training.lifecycle import (
     check_weights_fit,
     composed_record,
     hydra_record,
-    is_launching_process,
     keep_log_files_out_of,
     resolved_config,
     run_log,
@@ -91,7 +92,7 @@ def run(cfg: DictConfig, hydra_record: dict[str, Any] | None = None) -> dict[str
         checked = check_job(cfg, folder.path)
         folder.checks_passed()
         job = build_job(cfg, checked, folder.path)
-        with folder.training():
+        with folder.training("the same command" if cfg.resume == AUTO else "resume=true"):
             fit_job(job)
         return finish_job(job, cfg.load_best_model_at_end, started)
 
@@ -177,6 +178,7 @@ def build_job(cfg: DictConfig, checked: CheckedJob, output_dir: Path) -> Job:
             checkpointing,
             *([merging] if merging is not None else []),
             RecordConfig(config),
+            StopTogether(),
             *extras,
             *default_progress_bar(cfg.trainer.get("enable_progress_bar"), extras),
         ],

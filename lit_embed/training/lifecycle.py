@@ -21,10 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lit_embed.data.datamodule import trainer_data
+from lit_embed.distributed import is_launching_process
 from lit_embed.errors import LitEmbedError, StoppedError
 from lit_embed.files import FolderLock, check_folder_owner, mark_folder, write_text_atomic
 from lit_embed.internals import saved_fit_loop, saved_position
 from lit_embed.training.callbacks.checkpointing import continue_after_stop
+from lit_embed.training.callbacks.preemption import requeue_slurm_job
 from lit_embed.training.module import EmbeddingFinetuneModule
 
 log = logging.getLogger(__name__)
@@ -64,20 +66,7 @@ UNTRAINED_KEYS = {
     "loss.guide_batch_size",
     "loss.loss.guide_batch_size",
 }
-UNTRAINED_DATA_LEAVES = {"val_path", "num_workers", "pin_memory", "persistent_workers"}
-
-
-def is_launching_process() -> bool:
-    """False in the ranks > 0 of a distributed run, which share the launching process's output_dir.
-
-    Lightning's DDP launcher starts them as copies of this command with ``LOCAL_RANK`` / ``NODE_RANK`` set;
-    torchrun and SLURM give every process ``RANK`` / ``SLURM_PROCID``.
-    """
-    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
-        value = os.environ.get(name, "0").strip() or "0"
-        if not value.isdigit() or int(value) != 0:
-            return False
-    return True
+UNTRAINED_DATA_LEAVES = {"val_path", "num_workers", "pin_memory", "persistent_workers", "cache_dir"}
 
 
 def check_output_path(output_dir: str | os.PathLike) -> None:
@@ -438,18 +427,23 @@ def ctrl_c_saves() -> Iterator[list[int]]:
 
 @contextmanager
 def stopped_by_signal(continue_with: str) -> Iterator[None]:
-    """Around ``trainer.fit``: Ctrl-C saves as SIGTERM does (:func:`ctrl_c_saves`), and either signal then ends the
-    run with a :class:`StoppedError` that says how to continue (``continue_with``, e.g. ``resume=true``) and exits
-    130 (Ctrl-C) or 143 (SIGTERM)."""
+    """Around ``trainer.fit``: Ctrl-C saves as SIGTERM does (:func:`ctrl_c_saves`), and a signal that stopped the
+    run (:class:`~lit_embed.training.callbacks.preemption.StopTogether`) ends it with a :class:`StoppedError` that says
+    how to continue (``continue_with``, e.g. ``resume=true``) and exits 128 + its number: 130 (Ctrl-C), 143
+    (SIGTERM), 138 (SIGUSR1, SLURM's signal before the time limit, after which the job is requeued)."""
     with ctrl_c_saves() as signals:
         try:
             yield
-        except SIGTERMException:
-            signum = signals[0] if signals else signal.SIGTERM
-            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            raise StoppedError(
-                f"stopped by {name}; the checkpoint is saved. Continue with {continue_with}.", signum
-            ) from None
+        except SIGTERMException as stop:
+            # The signal that stopped the job, on every rank (StopTogether), whichever rank received it.
+            signum = signals[0] if signals else getattr(stop, "signum", signal.SIGTERM)
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            message = f"stopped by {name}; the checkpoint is saved. Continue with {continue_with}."
+            if signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID"):  # SLURM's signal before the time limit
+                if is_launching_process():
+                    requeue_slurm_job()
+                message = f"stopped by {name} before SLURM's time limit; the checkpoint is saved and the job requeued."
+            raise StoppedError(message, signum) from None
 
 
 class RunFolder:
@@ -501,11 +495,11 @@ class RunFolder:
             write_hydra_record(self.path, self.record)
 
     @contextmanager
-    def training(self) -> Iterator[None]:
+    def training(self, continue_with: str = "resume=true") -> Iterator[None]:
         """Around ``trainer.fit``: locks a new folder, and a signal stops the run as :func:`stopped_by_signal` says."""
         if self.lock is not None and not self.lock.held:
             self.lock.acquire()
-        with stopped_by_signal("resume=true"):
+        with stopped_by_signal(continue_with):
             yield
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, traceback: Any) -> None:
