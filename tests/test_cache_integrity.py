@@ -5,10 +5,12 @@ what is not the cache's (a user's files beside an --index database) is never del
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -208,6 +210,46 @@ def test_two_threads_rebuild_a_damaged_store_once(tmp_path: Path, caplog, monkey
     assert opened == [store, store] and len(calls) == 1
     assert len(store_warnings(caplog)) == 1
     assert check(store) is None
+
+
+def test_without_cross_node_locks_rank_zero_builds_and_the_other_ranks_wait_for_the_whole_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.cache_lock=rank0, on a file system that cannot lock: one build, by rank 0, opened by a rank that asked
+    first; data.cache_lock=file there says what to set; a rank left waiting says why after its deadline."""
+
+    def no_locks(*_: object) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(store_module.fcntl, "flock", no_locks)
+    calls = []
+
+    def build(directory: Path) -> None:
+        calls.append(directory)
+        time.sleep(0.5)  # the other rank polls meanwhile
+        np.save(directory / "values.npy", np.arange(1000))
+
+    with pytest.raises(LitEmbedError, match=r"cannot lock files .*Set data.cache_lock=rank0"):
+        store_module.built_once(tmp_path, "store", build, "the store", lock="file")
+    assert not calls
+
+    rank = threading.local()
+    monkeypatch.setattr(store_module, "is_launching_process", lambda: getattr(rank, "zero", False))
+    opened = []
+    waiter = threading.Thread(
+        target=lambda: opened.append(store_module.built_once(tmp_path, "store", build, "x", "rank0"))
+    )
+    waiter.start()  # rank 1, before rank 0 has begun
+    time.sleep(0.2)
+    rank.zero = True
+    built = store_module.built_once(tmp_path, "store", build, "the store", lock="rank0")
+    waiter.join(timeout=30)
+    assert opened == [built] and len(calls) == 1 and store_module.damage(built) is None
+
+    monkeypatch.setattr(store_module, "RANK0_WAIT_S", 0.3)
+    rank.zero = False
+    with pytest.raises(LitEmbedError, match=r"waited 0 min for rank 0 to build x in .*use data.cache_lock=file"):
+        store_module.built_once(tmp_path, "never-built", build, "x", lock="rank0")
 
 
 TEXTS = [f"text number {i}: " + "word " * (i % 5) for i in range(12)]

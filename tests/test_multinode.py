@@ -6,6 +6,7 @@ with node-local caches each node builds its own stores, with a shared cache the 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from lit_embed.models.tiny import build_tiny_bert
 
+TESTS = {"PYTHONPATH": str(REPO / "tests")}  # helpers.SignalAt, for the preemption tests
 pytestmark = pytest.mark.slow  # two launchers and a reference run: about a minute on 2 cores
 NODES = 2
 PER_NODE_BATCH = 8
@@ -63,8 +65,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(commands: list[tuple[list[str], dict[str, str]]]) -> list[str]:
-    """Starts every (command, environment) side by side and returns their output once all have ended."""
+def launch(commands: list[tuple[list[str], dict[str, str]]], ok: bool = True) -> list[str]:
+    """Starts every (command, environment) side by side and returns their output once all have ended, each of which
+    must have succeeded (``ok``) or failed."""
     base = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     procs = [
         subprocess.Popen(
@@ -79,31 +82,35 @@ def launch(commands: list[tuple[list[str], dict[str, str]]]) -> list[str]:
             if proc.poll() is None:
                 proc.kill()
     for proc, output in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, output[-4000:]
+        assert ok is None or (proc.returncode == 0) == ok, output[-4000:]
     return outputs
 
 
-def torchrun_nodes(args: list[str], caches: list[Path]) -> list[str]:
+def torchrun_nodes(args: list[str], caches: list[Path], signal_node: list[str] = (), ok: bool = True) -> list[str]:
     """``torchrun --nnodes=2 --nproc_per_node=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:PORT train.py ...``,
-    one launcher a node, each with its own ``data.cache_dir`` (or the same)."""
+    one launcher a node, each with its own ``data.cache_dir`` (or the same); node 1 also gets ``signal_node``."""
     endpoint = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={NODES}", "--nproc_per_node=1"]
     launcher += ["--rdzv-backend=c10d", endpoint, "train.py"]
-    return launch([([*launcher, *args, f"data.cache_dir={cache}"], {}) for cache in caches])
+    extra = [[], list(signal_node)]
+    return launch([([*launcher, *args, f"data.cache_dir={c}", *extra[n]], TESTS) for n, c in enumerate(caches)], ok)
 
 
-def srun_nodes(args: list[str], caches: list[Path]) -> list[str]:
-    """``srun --nodes=2 --ntasks-per-node=1 python train.py ...`` as the tasks see it: SLURM's variables."""
+def srun_nodes(args: list[str], caches: list[Path], signal_node: list[str] = (), ok: bool = True) -> list[str]:
+    """``srun --nodes=2 --ntasks-per-node=1 python train.py ...`` as the tasks see it: SLURM's variables; node 1 also
+    gets ``signal_node``."""
     slurm = {"SLURM_NTASKS": str(NODES), "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "train"}
     slurm |= {"SLURM_JOB_ID": "4242", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    extra = [[], list(signal_node)]
     return launch(
         [
             (
-                [sys.executable, "train.py", *args, f"data.cache_dir={cache}"],
-                {**slurm, "SLURM_PROCID": str(node), "SLURM_NODEID": str(node), "SLURM_LOCALID": "0"},
+                [sys.executable, "train.py", *args, f"data.cache_dir={cache}", *extra[node]],
+                {**TESTS, **slurm, "SLURM_PROCID": str(node), "SLURM_NODEID": str(node), "SLURM_LOCALID": "0"},
             )
             for node, cache in enumerate(caches)
-        ]
+        ],
+        ok,
     )
 
 
@@ -143,10 +150,99 @@ def test_two_nodes_train_as_one_process_with_node_local_caches(job, one_process,
     assert "Traceback" not in "".join(outputs)
 
 
-@pytest.mark.parametrize("launcher", [torchrun_nodes, srun_nodes], ids=["torchrun", "srun"])
-def test_two_nodes_sharing_a_cache_build_each_store_once(job, one_process, launcher, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("launcher", "lock"),
+    [(torchrun_nodes, "file"), (srun_nodes, "file"), (srun_nodes, "rank0")],
+    ids=["torchrun", "srun", "srun-rank0"],
+)
+def test_two_nodes_sharing_a_cache_build_each_store_once(job, one_process, launcher, lock, tmp_path: Path) -> None:
+    """Under an OS lock (shared storage that locks across nodes), or with rank 0 building while the other ranks wait
+    (``data.cache_lock=rank0``, for storage that does not)."""
     shared = tmp_path / "shared"
-    outputs = launcher(node_settings(job, tmp_path / "run"), [shared] * NODES)
+    outputs = launcher([*node_settings(job, tmp_path / "run"), f"data.cache_lock={lock}"], [shared] * NODES)
     assert_same_model(tmp_path / "run", one_process)
     assert stores(shared) == ["rows", "tokens", "tokens"]
     assert builds(outputs) == 3  # one build of each store for the whole job
+    if lock == "rank0":  # SLURM_PROCID=0 is node 0
+        assert builds(outputs[:1]) == 3
+
+
+@pytest.mark.parametrize(
+    ("launcher", "signum"), [(torchrun_nodes, signal.SIGTERM), (srun_nodes, signal.SIGUSR1)], ids=["torchrun", "srun"]
+)
+def test_a_signal_on_one_node_stops_both_and_the_requeued_job_resumes_exactly(
+    job, one_process, launcher, signum, tmp_path: Path
+) -> None:
+    """A preemption (SIGTERM) or SLURM's signal before the time limit (SIGUSR1) reaching only node 1: both nodes save
+    after the same step and exit; the same command again (``resume=auto``) finishes the weights of one process."""
+    scontrol = tmp_path / "bin" / "scontrol"  # SLURM's requeue, recorded
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "requeued"}\n')
+    scontrol.chmod(0o755)
+    os.environ["PATH"] = f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}"
+    args, caches = [*node_settings(job, tmp_path / "run"), "resume=auto"], [tmp_path / "n0", tmp_path / "n1"]
+    try:
+        signal_node = ["+callbacks.preempt._target_=helpers.SignalAt", "+callbacks.preempt.step=1"]
+        stopped = launcher(args, caches, [*signal_node, f"+callbacks.preempt.signum={int(signum)}"], ok=False)
+    finally:
+        os.environ["PATH"] = os.environ["PATH"].split(os.pathsep, 1)[1]
+    assert all(f"stopped by {signum.name}" in output for output in stopped), stopped[0][-3000:]
+    assert load_file_step(tmp_path / "run") == 2  # signalled during step 1: both nodes stop after step 2
+    assert not (tmp_path / "run" / "model").exists()
+    requeued = tmp_path / "requeued"
+    assert (requeued.read_text() if requeued.exists() else "") == ("requeue 4242\n" if signum == signal.SIGUSR1 else "")
+
+    launcher(args, caches)  # the requeued job: the same command
+    assert_same_model(tmp_path / "run", one_process)
+
+
+def load_file_step(output_dir: Path) -> int:
+    """The step of the run's last.ckpt."""
+    return int(torch.load(output_dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["global_step"])
+
+
+FAKE_SRUN = """#!{python}
+# srun as its tasks see it: one copy of the command a node (SLURM_JOB_NUM_NODES), each with its SLURM_PROCID.
+import os, subprocess, sys
+command = [a for a in sys.argv[1:] if not a.startswith("--")]
+nodes = int(os.environ["SLURM_JOB_NUM_NODES"])
+tasks = [
+    subprocess.Popen(command, env=dict(os.environ, SLURM_NTASKS=str(nodes), SLURM_PROCID=str(n), SLURM_NODEID=str(n),
+                                       SLURM_LOCALID="0"))
+    for n in range(nodes)
+]
+sys.exit(max(task.wait() for task in tasks))
+"""
+
+
+def script_settings(job: dict[str, Path]) -> list[str]:
+    """The tiny job's settings for an example script, which sets trainer, nodes, devices and output_dir itself."""
+    tiny = settings(job, Path("unused"), PER_NODE_BATCH) + ["loss.gather_across_devices=true"]
+    return [arg for arg in tiny if not arg.startswith("output_dir=")]
+
+
+def test_the_example_job_scripts_train_two_simulated_nodes(job, one_process, tmp_path: Path) -> None:
+    """examples/slurm.sbatch (under a stand-in for srun) and examples/torchrun_nodes.sh (started once a node), adapted
+    to localhost only by their variables, each train the model one process trains."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
+    (bin_dir / "srun").chmod(0o755)
+    path = f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    local = {"PATH": path, "TRAINER": "ddp_cpu", "MASTER_PORT": str(free_port())}
+
+    sbatch = {"SLURM_JOB_NUM_NODES": str(NODES), "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "lit-embed"}
+    sbatch |= {"SLURM_JOB_ID": "4243", "SLURM_NODELIST": "127.0.0.1", "OUTPUT_DIR": str(tmp_path / "slurm")}
+    sbatch |= {"CACHE_DIR": str(tmp_path / "cache")}
+    launch([(["bash", "examples/slurm.sbatch", *script_settings(job)], {**local, **sbatch})])
+    assert_same_model(tmp_path / "slurm", one_process)
+
+    nodes = {"MASTER_ADDR": "127.0.0.1", "NNODES": str(NODES), "GPUS_PER_NODE": "1", "RUN_ID": "test"}
+    nodes |= {"OUTPUT_DIR": str(tmp_path / "torchrun"), "MASTER_PORT": str(free_port())}
+    launch(
+        [
+            (["bash", "examples/torchrun_nodes.sh", *script_settings(job)], {**local, **nodes, "CACHE_DIR": str(cache)})
+            for cache in (tmp_path / "node0", tmp_path / "node1")
+        ]
+    )
+    assert_same_model(tmp_path / "torchrun", one_process)

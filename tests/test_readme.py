@@ -61,9 +61,11 @@ NOT_RUN = {
     "python -m pytest": "the test suite itself",
     "python train.py trainer=ddp ...": "needs GPUs",
     "python train.py trainer=ddp loss.gather_across_devices=true ...": "needs GPUs",
-    "torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR --master_port=29500 "
-    "train.py trainer=ddp trainer.num_nodes=2 trainer.devices=8 output_dir=runs/big": "needs 2 nodes of 8 GPUs",
-    "srun python train.py trainer=ddp trainer.num_nodes=2 trainer.devices=8 output_dir=runs/big": "needs SLURM",
+    "sbatch examples/slurm.sbatch data=qa_json data.train_path=/shared/train.json data.val_path=/shared/val.json": (
+        "needs SLURM; tests/test_multinode.py runs the script under a stand-in srun"
+    ),
+    "MASTER_ADDR=node01 NNODES=2 GPUS_PER_NODE=8 bash examples/torchrun_nodes.sh data=qa_json "
+    "data.train_path=/shared/train.json": "needs 2 nodes of 8 GPUs; tests/test_multinode.py runs it as 2 local nodes",
     "pip install 'lit_embed[clients]'": "installs from the network",
     "# sentence-transformers 5.x with optimum-onnx (transformers<4.58), not this environment": "needs optimum-onnx, "
     "which cannot be installed next to transformers 5",

@@ -270,7 +270,7 @@ class QAPairDataModule(PairDataModule):
             ``use_all_docs``, ``multi_positive``, ``max_negatives``, ``mine``), how they become batches
             (``BatchSettings``: ``batch_size``, ``max_tokens_per_batch``, ``length_groups``, ``packing``, ``seed``,
             ``drop_last``, ``num_workers``, ``pin_memory``) and how the files are read (``ReadSettings``:
-            ``columns``, ``max_skipped``, ``strict``, ``cache_dir``).
+            ``columns``, ``max_skipped``, ``strict``, ``cache_dir``, ``cache_lock``).
     """
 
     def __init__(self, **settings: Unpack[DataSettings]) -> None:
@@ -318,7 +318,13 @@ class QAPairDataModule(PairDataModule):
             )
         read, all_docs = self.read_settings, self.row_settings.use_all_docs
         return training_rows(
-            self.train_path, read.columns, read.skip_policy, all_docs, self.multi_positive, read.cache_dir
+            self.train_path,
+            read.columns,
+            read.skip_policy,
+            all_docs,
+            self.multi_positive,
+            read.cache_dir,
+            read.cache_lock,
         )
 
     def load_validation(self) -> QADataset | None:
@@ -439,8 +445,9 @@ class QAPairDataModule(PairDataModule):
         """Tokenizes each distinct text of the training rows once (or opens the token store of an earlier run)."""
         self.prepare_data()
         rows = self.rows
-        queries = tokenize_texts(rows.queries, "query", tokenizer, rows.key, self.read_settings.cache_dir)
-        documents = tokenize_texts(rows.documents, "document", tokenizer, rows.key, self.read_settings.cache_dir)
+        cache, lock = self.read_settings.cache_dir, self.read_settings.cache_lock
+        queries = tokenize_texts(rows.queries, "query", tokenizer, rows.key, cache, cache_lock=lock)
+        documents = tokenize_texts(rows.documents, "document", tokenizer, rows.key, cache, cache_lock=lock)
         packed = self._packs(tokenizer, queries, documents)
         length_groups = 0 if packed else self.batch_settings.length_groups
         self._collator = PairCollator(rows, queries, documents, length_groups, self.task, self.multi_positive)
@@ -560,7 +567,8 @@ class StdlibDataModule(QAPairDataModule):
     def load_rows(self) -> TrainingRows:
         train, val = build_stdlib_dataset(seed=self.batch_settings.seed, num_train=self.num_train, num_val=self.num_val)
         self._val = val if val.queries else None  # num_val=0: no validation
-        return dataset_rows(train, self.row_settings.use_all_docs, self.multi_positive, self.read_settings.cache_dir)
+        read = self.read_settings
+        return dataset_rows(train, self.row_settings.use_all_docs, self.multi_positive, read.cache_dir, read.cache_lock)
 
     def load_validation(self) -> QADataset | None:
         return self._val

@@ -60,8 +60,10 @@ def training_rows(
     use_all_docs: bool = False,
     multi_positive: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    cache_lock: str = "file",
 ) -> TrainingRows:
-    """The training rows of a data file, converted once into a store in ``cache_dir`` and memory-mapped.
+    """The training rows of a data file, converted once into a store in ``cache_dir`` (built once per job as
+    ``cache_lock`` says, see :func:`~lit_embed.data.store.built_once`) and memory-mapped.
 
     The store is keyed by the file's bytes and the settings that shape the rows, so later runs (and the other
     processes of a job) open it without reading the file again; its skipped records are reported on every run, and
@@ -85,7 +87,7 @@ def training_rows(
         records = jsonl_records(path, skipped) if suffix == ".jsonl" else table_records(path, columns, skipped)
         write_records(records, directory, key, str(path), skipped, policy, use_all_docs, multi_positive)
 
-    rows = TrainingRows.load(built_once(cache_dir, f"rows-{key}", build, f"the training rows of {path}"))
+    rows = TrainingRows.load(built_once(cache_dir, f"rows-{key}", build, f"the training rows of {path}", cache_lock))
     if not fresh and rows.skipped is not None:  # converted by an earlier run: report its skipped records again
         allow_or_refuse(rows.skipped, str(path), policy)
     return rows
@@ -96,6 +98,7 @@ def dataset_rows(
     use_all_docs: bool = False,
     multi_positive: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    cache_lock: str = "file",
 ) -> TrainingRows:
     """The training rows of a dataset built in memory (the stdlib data), stored as :func:`training_rows` stores a
     file's, keyed by their texts."""
@@ -105,7 +108,7 @@ def dataset_rows(
     def build(directory: Path) -> None:
         write_examples(dataset, directory, key, use_all_docs, multi_positive)
 
-    return TrainingRows.load(built_once(cache_dir, f"rows-{key}", build, "the training rows"))
+    return TrainingRows.load(built_once(cache_dir, f"rows-{key}", build, "the training rows", cache_lock))
 
 
 def _existing(path: str | os.PathLike) -> Path:

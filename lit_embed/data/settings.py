@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from lit_embed.data.schema import SkipPolicy
+from lit_embed.data.store import CACHE_LOCKS
 from lit_embed.errors import check, is_bool, is_int, is_number
 
 
@@ -136,12 +137,17 @@ class ReadSettings:
         cache_dir: where the training rows and their token ids are stored, converted and tokenized once for every
             later run and every process of a job (keyed by the data, the tokenizer, the prompts and the length);
             None: into a temporary directory of this process.
+        cache_lock: how the processes of a job build each store once. ``file``: an OS file lock, for one machine
+            and for shared storage whose locks hold across machines (NFSv4, GPFS, Lustre mounted ``-o flock``).
+            ``rank0``: the job's rank 0 builds and the other processes wait for the finished store, for shared
+            storage whose locks do not (Lustre ``-o localflock``, BeeGFS); every node must see the same cache_dir.
     """
 
     columns: Mapping[str, str] | None = None
     max_skipped: float = 0.01
     strict: bool = False
     cache_dir: str | None = None
+    cache_lock: str = "file"
 
     def __post_init__(self) -> None:
         skipped = self.max_skipped
@@ -158,6 +164,13 @@ class ReadSettings:
             "which column holds what, e.g. ++data.columns.query=question, or null",
         )
         _check_flags(self, "strict")
+        check(
+            self.cache_lock in CACHE_LOCKS,
+            "cache_lock",
+            self.cache_lock,
+            "file (an OS lock: one machine, or shared storage that locks across machines) or rank0 (rank 0 builds, "
+            "the others wait: shared storage that does not)",
+        )
 
     @property
     def skip_policy(self) -> SkipPolicy:

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lit_embed.distributed import is_launching_process
 from lit_embed.errors import LitEmbedError
 from lit_embed.files import write_directory_atomic
 
@@ -53,13 +54,21 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def built_once(cache_dir: str | os.PathLike | None, name: str, build: Callable[[Path], None], what: str) -> Path:
+CACHE_LOCKS = ("file", "rank0")
+RANK0_WAIT_S = 2 * 3600  # how long the other processes wait for rank 0's build under cache_lock=rank0
+
+
+def built_once(
+    cache_dir: str | os.PathLike | None, name: str, build: Callable[[Path], None], what: str, lock: str = "file"
+) -> Path:
     """The directory ``cache_dir/name``, filled by ``build(directory)`` unless an earlier build left it there, whole.
 
-    Processes that ask for the same name at once (the ranks of a DDP job, two runs on one machine) take an OS lock:
-    one builds, the others wait and then open its result. A store that does not match its manifest is built again,
-    under the same lock and with one warning naming it. ``cache_dir=None`` builds into a temporary directory of this
-    process, removed when it exits (nothing is shared or kept).
+    Processes that ask for the same name at once (the ranks of a job, two runs on one machine) build it once:
+    ``lock="file"`` takes an OS lock, so one builds and the others wait and then open its result, on one machine or
+    on shared storage whose locks hold across machines. ``lock="rank0"`` is for shared storage whose locks do not:
+    the job's global rank 0 builds, and every other process waits until the store is there, whole. A store that
+    does not match its manifest is built again, with one warning naming it. ``cache_dir=None`` builds into a
+    temporary directory of this process, removed when it exits (nothing is shared or kept).
     """
     if cache_dir is None:
         path = Path(tempfile.mkdtemp(prefix=f"lit_embed-{name[:40]}-"))
@@ -70,9 +79,11 @@ def built_once(cache_dir: str | os.PathLike | None, name: str, build: Callable[[
     path = root / name
     if path.is_dir() and damage(path) is None:
         return path
+    if lock == "rank0" and not is_launching_process():  # a rank > 0 of the job
+        return _built_by_rank_zero(path, what)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with _locked(root / f".{name}.lock"):
+        with _locked(root / f".{name}.lock", required=lock == "file"):
             # Checked again under the lock: another process may have (re)built it while this one waited, and
             # must not have its fresh store replaced (nor warned about) again.
             problem = damage(path) if path.exists() else None
@@ -82,6 +93,12 @@ def built_once(cache_dir: str | os.PathLike | None, name: str, build: Callable[[
                 write_directory_atomic(path, lambda staging: _build_with_manifest(build, staging, what))
                 log.info("Stored in %s; later runs on the same data reuse it.", path)
     except OSError as err:
+        if err.errno in LOCKS_UNSUPPORTED and lock == "file":
+            raise LitEmbedError(
+                f"data.cache_dir={cache_dir}: the file system of {root} cannot lock files ({err.strerror}). Set "
+                "data.cache_lock=rank0 (rank 0 builds each store, the other processes wait for it), or use a "
+                "cache_dir on a disk that can."
+            ) from None
         full = err.errno in (errno.ENOSPC, errno.EDQUOT)
         if not full and not str(err.filename or "").startswith(str(root)):
             raise  # not the store's own files (reading the input reports its own errors)
@@ -89,6 +106,22 @@ def built_once(cache_dir: str | os.PathLike | None, name: str, build: Callable[[
             f"data.cache_dir={cache_dir}: cannot store {what} in {root} ({err.strerror}). Set data.cache_dir to a "
             "writable folder with space for the data, or data.cache_dir=null for a temporary one per process."
         ) from None
+    return path
+
+
+def _built_by_rank_zero(path: Path, what: str) -> Path:
+    """Waits for rank 0 to finish ``path`` (``cache_lock=rank0``): it appears only whole, renamed into place."""
+    started = time.monotonic()
+    log.info("Waiting for rank 0 to build %s in %s (data.cache_lock=rank0).", what, path)
+    while not (path.is_dir() and damage(path) is None):
+        waited = time.monotonic() - started
+        if waited > RANK0_WAIT_S:
+            raise LitEmbedError(
+                f"data.cache_lock=rank0: waited {waited / 60:.0f} min for rank 0 to build {what} in {path}, and it "
+                "is not there. Every node must see the same data.cache_dir with cache_lock=rank0: for a disk of each "
+                "node's own, use data.cache_lock=file. Otherwise see rank 0's log for why its build stopped."
+            )
+        time.sleep(1.0)
     return path
 
 
@@ -142,11 +175,23 @@ def _timed_build(build: Callable[[Path], None], directory: Path, what: str) -> N
     log.info("Built %s in %.1f s.", what, time.perf_counter() - started)
 
 
+# What flock raises on a file system that cannot lock (Lustre mounted without -o flock, some FUSE mounts).
+LOCKS_UNSUPPORTED = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
+
+
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, required: bool = True) -> Iterator[None]:
+    """An exclusive OS lock on ``path``; where the file system has none and the lock is not ``required`` (rank 0
+    alone builds), the block runs without it."""
     # flock dies with its process (kill -9 included), so a crashed build never blocks the next one.
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as err:
+            if required or err.errno not in LOCKS_UNSUPPORTED:
+                raise
+            yield
+            return
         try:
             yield
         finally:

@@ -106,6 +106,7 @@ def tokenize_texts(
     texts_key: str,
     cache_dir: str | os.PathLike | None = None,
     chunk_size: int = CHUNK_SIZE,
+    cache_lock: str = "file",
 ) -> TokenizedTexts:
     """The texts tokenized with the encoder's prompts and truncation, from ``cache_dir`` when they were before.
 
@@ -117,6 +118,7 @@ def tokenize_texts(
         cache_dir: where token stores are kept; None, or a tokenizer without a fingerprint (an adapter's table
             lookup), tokenizes into a temporary directory of this process.
         chunk_size: texts per tokenizer call.
+        cache_lock: how the processes of a job build the store once (:func:`~lit_embed.data.store.built_once`).
     """
     fingerprint = tokenizer_fingerprint(tokenizer, kind)
     if fingerprint is None:
@@ -127,7 +129,7 @@ def tokenize_texts(
         _tokenize_into(directory, texts, kind, tokenizer, chunk_size)
 
     what = f"the {kind} token store ({len(texts):,} texts)"
-    return TokenizedTexts(built_once(cache_dir, name, build, what), texts)
+    return TokenizedTexts(built_once(cache_dir, name, build, what, cache_lock), texts)
 
 
 def _tokenize_into(directory: Path, texts: Ragged, kind: str, tokenizer: TextTokenizer, chunk_size: int) -> None:
