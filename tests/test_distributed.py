@@ -317,6 +317,40 @@ def test_full_parameters_gives_evaluation_and_export_the_whole_weights_under_fsd
     mp.spawn(sharded_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD)
 
 
+def clipping_worker(rank: int, rendezvous: str) -> None:
+    from lightning.pytorch.plugins import Precision
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lit_embed.training.module import EmbeddingFinetuneModule
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    try:
+        texts = side(random_texts(6, 4))
+        reference = ToyEncoder()  # one process: the same loss, clipped by the whole gradient's norm
+        (reference(texts) ** 2).sum().mul(100).backward()
+        assert torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5) > 0.5  # so that clipping changes it
+        torch.optim.SGD(reference.parameters(), lr=1.0).step()
+
+        sharded = FullyShardedDataParallel(ToyEncoder(), use_orig_params=True, device_id=torch.device("cpu"))
+        (sharded(texts) ** 2).sum().mul(100).backward()  # every rank the same loss: FSDP's mean is the reference's
+        optimizer = torch.optim.SGD(sharded.parameters(), lr=1.0)
+        trainer = SimpleNamespace(precision_plugin=Precision(), strategy=SimpleNamespace(model=sharded))
+        EmbeddingFinetuneModule.configure_gradient_clipping(SimpleNamespace(trainer=trainer), optimizer, 0.5, "norm")
+        optimizer.step()
+        with FullyShardedDataParallel.summon_full_params(sharded):
+            for (name, expected), actual in zip(reference.named_parameters(), sharded.module.parameters(), strict=True):
+                torch.testing.assert_close(actual, expected, msg=name)
+    finally:
+        dist.destroy_process_group()
+    exit_passed_worker()
+
+
+def test_gradient_norm_clipping_under_fsdp_takes_the_norm_of_the_whole_model(tmp_path: Path) -> None:
+    """trainer=fsdp with the default trainer.gradient_clip_val: each rank holds a shard of every gradient, and the
+    step must equal one process clipping the whole gradient (Lightning's FSDP plugin refuses norm clipping)."""
+    mp.spawn(clipping_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD)
+
+
 @pytest.mark.parametrize("trainer", ["ddp", "ddp_cpu", "fsdp"])
 def test_distributed_trainer_configs_leave_the_batch_sharding_to_lit_embed(trainer: str) -> None:
     cfg = compose_train([f"trainer={trainer}"])

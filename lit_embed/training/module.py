@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.optim import Optimizer
 
 from lit_embed.batch import PairBatch, pair_batches
@@ -253,6 +254,12 @@ class EmbeddingFinetuneModule(L.LightningModule):
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer (which unscales fp16 gradients
         # itself). bf16 has no loss scaler: the gradients are the true ones, so clip them directly.
         plugin = self.trainer.precision_plugin
+        sharded = self.trainer.strategy.model
+        if gradient_clip_val and gradient_clip_algorithm != "value" and isinstance(sharded, FullyShardedDataParallel):
+            # Under FSDP each rank holds a shard of every gradient: the norm is the whole model's, which only FSDP's
+            # own clip_grad_norm_ computes (Lightning's FSDP plugin refuses norm clipping).
+            sharded.clip_grad_norm_(gradient_clip_val)
+            return
         if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if gradient_clip_algorithm == "value":
