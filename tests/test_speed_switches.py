@@ -345,7 +345,9 @@ def test_bf16_gradients_are_clipped_directly(tiny_encoder: Encoder) -> None:
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     module = EmbeddingFinetuneModule(tiny_encoder)
-    module._trainer = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"))
+    module._trainer = SimpleNamespace(
+        precision_plugin=MixedPrecision("bf16-mixed", "cpu"), strategy=SimpleNamespace(model=module)
+    )
     loss_and_gradients(tiny_encoder, collated_batch(tiny_encoder, negatives=1))
     optimizer = torch.optim.AdamW(module._param_groups(), fused=True)
     module.configure_gradient_clipping(optimizer, gradient_clip_val=1e-3, gradient_clip_algorithm="norm")
