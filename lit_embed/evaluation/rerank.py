@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lit_embed.data.schema import QADataset
 from lit_embed.evaluation.ir import exact_search, retrieval_metrics
-from lit_embed.evaluation.retrieval import TextEncoder, encode_corpus, encode_texts
+from lit_embed.evaluation.retrieval import TextEncoder, embed_for_search
 
 # (query, document) pairs -> one relevance score each, higher = more relevant (a CrossEncoder's predict).
 PairScorer = Callable[[list[tuple[str, str]]], Sequence[float]]
@@ -59,11 +59,8 @@ class Candidates:
 def first_stage(encoder: TextEncoder, dataset: QADataset, top_k: int, batch_size: int = 64) -> Candidates:
     """The retriever's top ``top_k`` of the whole corpus for each query (exact cosine search, as training
     evaluates; equal scores in corpus id order)."""
-    corpus_ids = sorted(dataset.corpus)
-    documents = (dataset.corpus[d] for d in corpus_ids)
-    corpus = encode_corpus(encoder, documents, len(corpus_ids), "document", batch_size)
     query_ids = list(dataset.queries)
-    queries = encode_texts(encoder, [dataset.queries[q] for q in query_ids], "query", batch_size)
+    queries, corpus, corpus_ids = embed_for_search(encoder, dataset, query_ids, batch_size)
     _, hits = exact_search(queries, corpus, min(top_k, len(corpus_ids)))  # [Q, K]
     hits = hits.cpu()
     relevant_sets = [set(dataset.relevant_docs.get(q, ())) for q in query_ids]

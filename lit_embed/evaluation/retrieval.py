@@ -115,11 +115,7 @@ def evaluate_encoder_and_rank(
     check_truncate_dim(truncate_dim, encoder.embedding_dim)
     rank, world = rank_and_world()
     query_ids = list(dataset.queries)[rank::world]
-    # Embedded in id order, the order in which equal scores rank, so the search needs no reordered copy of it.
-    corpus_ids = sorted(dataset.corpus)
-    documents = (dataset.corpus[d] for d in corpus_ids)
-    corpus = encode_corpus(encoder, documents, len(corpus_ids), "document", batch_size, truncate_dim)
-    queries = encode_texts(encoder, [dataset.queries[q] for q in query_ids], "query", batch_size, truncate_dim)
+    queries, corpus, corpus_ids = embed_for_search(encoder, dataset, query_ids, batch_size, truncate_dim)
     metrics, rankings = evaluate_and_rank(
         queries, corpus, query_ids, corpus_ids, dataset.relevant_docs, DEFAULT_K, corpus_chunk_size=corpus_chunk_size
     )
@@ -139,6 +135,22 @@ def evaluate_encoder_and_rank(
     in_order = torch.empty_like(gathered)
     in_order[order] = gathered
     return {key: (sums[i] / sums[-1]).item() for i, key in enumerate(metrics)}, in_order
+
+
+def embed_for_search(
+    encoder: TextEncoder,
+    dataset: QADataset,
+    query_ids: list[str],
+    batch_size: int = 64,
+    truncate_dim: int | None = None,
+) -> tuple[Tensor, Tensor, list[str]]:
+    """``(queries, corpus, corpus_ids)``: the embeddings of ``query_ids`` and of the whole corpus, the corpus in id
+    order, the order in which equal scores rank, so an exact search needs no reordered copy of it."""
+    corpus_ids = sorted(dataset.corpus)
+    documents = (dataset.corpus[d] for d in corpus_ids)
+    corpus = encode_corpus(encoder, documents, len(corpus_ids), "document", batch_size, truncate_dim)
+    queries = encode_texts(encoder, [dataset.queries[q] for q in query_ids], "query", batch_size, truncate_dim)
+    return queries, corpus, corpus_ids
 
 
 def check_truncate_dim(truncate_dim: int | None, embedding_dim: int) -> None:
