@@ -23,13 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 class SignalAt(L.Callback):
     """Sends this process ``signum`` once training step ``step`` is done, as a cluster that preempts the job does
-    (``+callbacks.preempt._target_=helpers.SignalAt +callbacks.preempt.step=3``)."""
+    (``+callbacks.preempt._target_=helpers.SignalAt +callbacks.preempt.step=3``); in one rank only with ``rank``."""
 
-    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
-        self.step, self.signum = step, signum
+    def __init__(self, step: int, signum: int = signal.SIGTERM, rank: int | None = None) -> None:
+        self.step, self.signum, self.rank = step, signum, rank
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: object) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
 
 

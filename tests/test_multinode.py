@@ -196,6 +196,21 @@ def test_a_signal_on_one_node_stops_both_and_the_requeued_job_resumes_exactly(
     assert_same_model(tmp_path / "run", one_process)
 
 
+def test_a_signal_to_one_rank_of_lightnings_own_ddp_launcher_stops_both(job, one_process, tmp_path: Path) -> None:
+    """One node, two ranks that Lightning's launcher started (``trainer=ddp_cpu``): SIGTERM to rank 1 alone, which
+    Lightning's own handling leaves stopping while rank 0 waits in the next step, stops both after the same step."""
+    args = settings(job, tmp_path / "run", PER_NODE_BATCH) + ["trainer=ddp_cpu", "loss.gather_across_devices=true"]
+    args += ["resume=auto", f"data.cache_dir={tmp_path / 'cache'}"]
+    signal_rank_1 = ["+callbacks.preempt._target_=helpers.SignalAt", "+callbacks.preempt.step=1"]
+    (stopped,) = launch(
+        [([sys.executable, "train.py", *args, *signal_rank_1, "+callbacks.preempt.rank=1"], TESTS)], False
+    )
+    assert "stopped by SIGTERM; the checkpoint is saved. Continue with the same command." in stopped
+    assert load_file_step(tmp_path / "run") == 2
+    launch([([sys.executable, "train.py", *args], TESTS)])
+    assert_same_model(tmp_path / "run", one_process)
+
+
 def load_file_step(output_dir: Path) -> int:
     """The step of the run's last.ckpt."""
     return int(torch.load(output_dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["global_step"])

@@ -187,12 +187,13 @@ def _locked(path: Path, required: bool = True) -> Iterator[None]:
     with open(path, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX)
+            locked = True
         except OSError as err:
             if required or err.errno not in LOCKS_UNSUPPORTED:
                 raise
-            yield
-            return
+            locked = False
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
