@@ -46,6 +46,7 @@ TINY_FLAGS = {
     "lit-embed-score": ["--teacher", "{tiny}"],  # the tiny bi-encoder stands in for the cross-encoder
     "benchmarks/throughput.py": ["--model", "tiny", "--steps", "5", "--warmup", "1", "--rounds", "1"],
     "benchmarks/onnx_latency.py": ["--model", "{tiny}", "--repeats", "2", "--num-val", "50"],
+    "benchmarks/multinode.py": ["--rounds", "1", "--steps", "2"],
     "lit-embed": [
         "--trainer.accelerator=cpu",
         "--trainer.max_steps=2",
