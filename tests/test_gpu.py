@@ -1,14 +1,18 @@
 """GPU checks (``-m gpu``, run by benchmarks/gpu_check.sh): a bf16 training step, a compiled packed one that skips a
-NaN step on the device, packed against padded on CUDA, and the cached loss's memory bound. Skipped without a CUDA
-device."""
+NaN step on the device, packed against padded on CUDA, the cached loss's memory bound, and FSDP (clipping, a stopped
+run resumed by another strategy). Skipped without a CUDA device."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_train, tiny_run_overrides, write_toy_data
+from helpers import REPO, compose_train, tiny_run_overrides, write_toy_data
+from safetensors.torch import load_file
 from test_packed import TEXTS, packed_of, write_pairs
 
 from lit_embed.data.datamodule import QAPairDataModule
@@ -100,6 +104,31 @@ def test_the_cached_loss_holds_memory_to_its_mini_batches(tmp_path: Path, model_
         peaks[name] = torch.cuda.max_memory_allocated() - before
         encoder.zero_grad(set_to_none=True)
     assert peaks["cached-64"] < 2 * peaks["plain-8"], peaks
+
+
+def test_fsdp_clips_trains_and_a_stopped_run_resumes_on_a_plain_gpu(tmp_path: Path) -> None:
+    """trainer=fsdp with the default gradient clipping (FSDP's own norm), SIGTERM after a step (whole weights and
+    optimizer state saved), and that checkpoint resumed by a single-GPU run without FSDP (another number of shards):
+    the weights of an uninterrupted FSDP run. Each run in a process of its own (FSDP's process group)."""
+    train, val = write_toy_data(tmp_path)
+    settings = {"trainer.precision": "32-true", "load_best_model_at_end": "false", "resume": "auto"}
+
+    def train_py(out: Path, trainer: list[str], *extra: str, ok: bool = True) -> None:
+        command = [sys.executable, "train.py", *tiny_run_overrides(train, val, out, **settings), *trainer, *extra]
+        env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}  # helpers.SignalAt
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert (proc.returncode == 0) == ok, (proc.stdout + proc.stderr)[-4000:]
+
+    fsdp = ["trainer=fsdp", "trainer.devices=1"]
+    train_py(tmp_path / "straight", fsdp)
+    stopped = tmp_path / "stopped"
+    train_py(stopped, fsdp, "+callbacks.preempt._target_=helpers.SignalAt", "+callbacks.preempt.step=2", ok=False)
+    assert load_checkpoint(stopped / "checkpoints" / "last.ckpt")["global_step"] == 3
+    train_py(stopped, ["trainer=gpu", "trainer.devices=1"], "resume_changed=true")  # the strategy is the change
+    expected = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(stopped / "model" / "model.safetensors")
+    for key, weights in expected.items():
+        torch.testing.assert_close(resumed[key], weights, atol=1e-5, rtol=1e-4, msg=key)
 
 
 def _to_cuda(batch):
