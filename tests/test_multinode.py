@@ -82,7 +82,7 @@ def launch(commands: list[tuple[list[str], dict[str, str]]], ok: bool = True) ->
             if proc.poll() is None:
                 proc.kill()
     for proc, output in zip(procs, outputs, strict=True):
-        assert ok is None or (proc.returncode == 0) == ok, output[-4000:]
+        assert (proc.returncode == 0) == ok, output[-4000:]
     return outputs
 
 
@@ -187,7 +187,7 @@ def test_a_signal_on_one_node_stops_both_and_the_requeued_job_resumes_exactly(
     finally:
         os.environ["PATH"] = os.environ["PATH"].split(os.pathsep, 1)[1]
     assert all(f"stopped by {signum.name}" in output for output in stopped), stopped[0][-3000:]
-    assert load_file_step(tmp_path / "run") == 2  # signalled during step 1: both nodes stop after step 2
+    assert checkpoint_step(tmp_path / "run") == 2  # signalled during step 1: both nodes stop after step 2
     assert not (tmp_path / "run" / "model").exists()
     requeued = tmp_path / "requeued"
     assert (requeued.read_text() if requeued.exists() else "") == ("requeue 4242\n" if signum == signal.SIGUSR1 else "")
@@ -206,12 +206,12 @@ def test_a_signal_to_one_rank_of_lightnings_own_ddp_launcher_stops_both(job, one
         [([sys.executable, "train.py", *args, *signal_rank_1, "+callbacks.preempt.rank=1"], TESTS)], False
     )
     assert "stopped by SIGTERM; the checkpoint is saved. Continue with the same command." in stopped
-    assert load_file_step(tmp_path / "run") == 2
+    assert checkpoint_step(tmp_path / "run") == 2
     launch([([sys.executable, "train.py", *args], TESTS)])
     assert_same_model(tmp_path / "run", one_process)
 
 
-def load_file_step(output_dir: Path) -> int:
+def checkpoint_step(output_dir: Path) -> int:
     """The step of the run's last.ckpt."""
     return int(torch.load(output_dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["global_step"])
 
