@@ -439,7 +439,7 @@ def stopped_by_signal(continue_with: str) -> Iterator[None]:
             signum = signals[0] if signals else getattr(stop, "signum", signal.SIGTERM)
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             message = f"stopped by {name}; the checkpoint is saved. Continue with {continue_with}."
-            if signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID"):  # SLURM's signal before the time limit
+            if getattr(stop, "requeue", False):  # SLURM's signal before the time limit (StopTogether knows it)
                 if is_launching_process():
                     requeue_slurm_job()
                 message = f"stopped by {name} before SLURM's time limit; the checkpoint is saved and the job requeued."

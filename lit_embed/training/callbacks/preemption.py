@@ -38,18 +38,20 @@ def requeue_signal(trainer: L.Trainer) -> int | None:
 class StopTogether(L.Callback):
     """Stops all ranks after the first step at whose end any of them has received SIGTERM, SIGINT (handed on by
     :func:`~lit_embed.training.lifecycle.ctrl_c_saves`) or SLURM's requeue signal; the checkpoint callback then
-    saves, and the signal's number rides on Lightning's ``SIGTERMException`` as ``signum`` for the exit status."""
+    saves. Lightning's ``SIGTERMException`` carries the signal's number as ``signum`` (the exit status) and whether
+    it was SLURM's requeue signal as ``requeue``."""
 
     def __init__(self) -> None:
         self.received = 0  # the signal's number, 0 for none
+        self._requeue: int | None = None  # SLURM's requeue signal, under SLURM with auto-requeue
         self._previous: dict[int, Any] = {}
         self._trainer: L.Trainer | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signals reach the main thread only (a notebook's training thread keeps Lightning's handling)
-        self.received, self._trainer = 0, trainer
-        for signum in (signal.SIGTERM, requeue_signal(trainer)):
+        self.received, self._trainer, self._requeue = 0, trainer, requeue_signal(trainer)
+        for signum in (signal.SIGTERM, self._requeue):
             if signum is not None:
                 self._previous[signum] = signal.signal(signum, self._handler)
 
@@ -78,6 +80,7 @@ class StopTogether(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self.received:
             exception.signum = self.received  # type: ignore[attr-defined]
+            exception.requeue = self.received == self._requeue  # type: ignore[attr-defined]
         self._restore()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
