@@ -244,6 +244,8 @@ class PairBatch:
         positives: ``[B + N]`` bool, set when rows hold several positives (``data.multi_positive``): which documents
             are positives of their ``document_rows`` query. Row ``i < B`` is always one; the other positives come
             after the hard negatives, so the first ``B + N`` rows keep their layout. None: one positive per query.
+        pairs: for a reranker, each query joined with each of its ``candidates`` as one sequence (the real entries
+            of ``candidates``, row by row; :mod:`lit_embed.data.pairs`). None: the batch is for an encoder.
     """
 
     queries: PackedTexts
@@ -254,9 +256,23 @@ class PairBatch:
     candidates: Tensor | None = None
     document_rows: Tensor | None = None
     positives: Tensor | None = None
+    pairs: PackedTexts | None = None
 
     def __len__(self) -> int:
         return len(self.queries)
+
+    def outputs(self, model: Callable[[PackedTexts], Tensor]) -> Embedded | Scored:
+        """What ``model`` makes of the batch, which its loss takes: a reranker (a model that ``reads_pairs``)
+        scores each query's candidates, an encoder embeds both sides."""
+        return self.score(model) if getattr(model, "reads_pairs", False) else self.embed(model)
+
+    def score(self, reranker: Callable[[PackedTexts], Tensor]) -> Scored:
+        """Each query's candidates scored by a reranker: its logits of :attr:`pairs` laid out as ``candidates``."""
+        assert self.pairs is not None and self.candidates is not None, "a reranker's batch carries pairs"
+        mask = self.candidates >= 0  # [B, C]
+        flat = reranker(self.pairs)  # [P], row by row
+        logits = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+        return Scored(logits, mask, self.scores)
 
     def embed(self, encoder: Callable[[PackedTexts], Tensor]) -> Embedded:
         """The batch's embeddings; both sides go through the encoder in one call where they can."""
@@ -271,7 +287,8 @@ class PairBatch:
         return Embedded(queries, documents, self.document_rows, self.positives, self.scores, self.candidates, sides)
 
     def pin_memory(self) -> PairBatch:
-        return replace(self, queries=self.queries.pin_memory(), documents=self.documents.pin_memory())
+        pairs = self.pairs.pin_memory() if self.pairs is not None else None
+        return replace(self, queries=self.queries.pin_memory(), documents=self.documents.pin_memory(), pairs=pairs)
 
 
 @dataclass
@@ -300,3 +317,20 @@ class Embedded:
 def pair_batches(batch: PairBatch | Mapping[str, PairBatch]) -> list[PairBatch]:
     """The pairs of every task in a batch (one for single-task and one-task-per-step multi-task data)."""
     return [batch] if isinstance(batch, PairBatch) else list(batch.values())
+
+
+@dataclass
+class Scored:
+    """A reranker's scores of each query's candidates: what a reranker's loss takes, as an encoder's takes
+    :class:`Embedded`.
+
+    Attributes:
+        logits: ``[B, C]`` query ``i``'s candidates' logits: column 0 its positive, then its negatives (hard, mined,
+            other queries' documents); 0 where the row has fewer.
+        mask: ``[B, C]`` the real candidates (column 0 always).
+        teacher: ``[B, C]`` a teacher's scores of the same candidates, NaN where it has none (None: no teacher).
+    """
+
+    logits: Tensor
+    mask: Tensor
+    teacher: Tensor | None = None

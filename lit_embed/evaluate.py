@@ -24,7 +24,7 @@ import torch
 from lit_embed.console import quiet_third_party_output
 from lit_embed.data.formats import load_dataset
 from lit_embed.errors import LitEmbedError, reported
-from lit_embed.evaluation.rerank import AT_K, evaluate_pipeline, first_stage
+from lit_embed.evaluation.rerank import AT_K, FUSION_FILE, evaluate_pipeline, first_stage, read_fusion
 from lit_embed.evaluation.retrieval import evaluate_encoder, format_metrics_table
 from lit_embed.evaluation.vector_index import evaluate_with_index, import_qdrant
 from lit_embed.models.encoder import Encoder
@@ -111,9 +111,12 @@ def evaluate_reranking(
     ``reranker`` (a sentence-transformers ``CrossEncoder`` directory, or a run's output directory).
 
     Returns:
-        ``{"retriever": metrics, "reranked": metrics}`` (:func:`~lit_embed.evaluation.rerank.ranking_metrics`),
-        equal to sentence-transformers' ``CrossEncoderRerankingEvaluator`` on the same candidates with
-        ``always_rerank_positives=False``: a relevant document the retriever did not fetch stays missed.
+        ``{"retriever": metrics, "reranked": metrics, "pipeline": metrics}``
+        (:func:`~lit_embed.evaluation.rerank.ranking_metrics`): the first stage alone; its candidates in the
+        reranker's order, equal to sentence-transformers' ``CrossEncoderRerankingEvaluator`` on the same candidates
+        with ``always_rerank_positives=False`` (a relevant document the retriever did not fetch stays missed); and
+        the shipped pipeline, the order of the fused scores with the weight the reranker's run recorded in its
+        ``fusion.json`` (the reranker's order when there is none), its ``weight`` among the metrics.
     """
     dataset = load_dataset(data)  # before the models, so a bad file fails fast
     retriever_path, reranker_path = model_directory(retriever), model_directory(reranker, "--rerank")
@@ -129,10 +132,13 @@ def evaluate_reranking(
     with loading_errors(str(reranker_path), fix):
         model = CrossEncoder(str(reranker_path), device=device, trust_remote_code=trust_remote_code)
 
-    def scorer(pairs: list[tuple[str, str]]) -> list[float]:
-        return model.predict(pairs, batch_size=batch_size, show_progress_bar=False).tolist()
+    def scorer(pairs: list[tuple[str, str]]) -> list[float]:  # logits: the fusion takes their sigmoid itself
+        return model.predict(
+            pairs, batch_size=batch_size, show_progress_bar=False, activation_fn=torch.nn.Identity()
+        ).tolist()
 
-    return evaluate_pipeline(candidates, dataset, scorer)
+    weight = read_fusion(reranker_path)
+    return evaluate_pipeline(candidates, dataset, scorer, fusion_weight=1.0 if weight is None else weight)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,7 +203,15 @@ def main(argv: list[str] | None = None) -> None:
             stages = evaluate_reranking(
                 args.model, args.rerank, args.data, args.top_k, args.batch_size, args.device, args.trust_remote_code
             )
-        print(json.dumps(stages, indent=2) if args.json else format_metrics_table(stages, RERANK_TABLE_KEYS))
+        if args.json:
+            print(json.dumps(stages, indent=2))
+            return
+        print(format_metrics_table(stages, RERANK_TABLE_KEYS))
+        weight = stages["pipeline"]["weight"]
+        print(
+            f"pipeline: {weight:g} * sigmoid(reranker) + {1 - weight:.2g} * retriever cosine (the weight of the "
+            f"reranker's {FUSION_FILE}, else 1)"
+        )
         return
     with reported("lit-embed-eval"):
         metrics = evaluate(

@@ -341,9 +341,24 @@ class _CachedEncoder:
         return cached_embeddings(self.encoder, texts, kind, batch_size, self.cache_dir).to(self.device)
 
 
-def mine_for_training(datamodule: Any, encoder: Encoder, cache_dir: str | None = DEFAULT_CACHE_DIR) -> None:
+def mine_for_training(
+    datamodule: Any,
+    encoder: Encoder,
+    cache_dir: str | None = DEFAULT_CACHE_DIR,
+    num_negatives: int = TRAINING_NEGATIVES,
+    relative_margin: float = TRAINING_RELATIVE_MARGIN,
+    random_negatives: int = 0,
+    seed: int = 0,
+    keep_given: bool = False,
+) -> None:
     """``data.mine=true``: the data module trains on hard negatives mined with ``encoder`` (the base model, before
-    training) from its own training corpus, in place of any the file has. Embeddings are cached in ``cache_dir``."""
+    training) from its own training corpus, in place of any the file has. Embeddings are cached in ``cache_dir``.
+
+    ``random_negatives``: that many documents drawn at random (from ``seed``) from the rest of the corpus follow
+    each query's hard ones (a reranker's training: hard negatives alone teach it a narrow slice of what a first
+    stage fetches). ``keep_given``: a query whose rows have negatives in the file keeps those; only the others get
+    mined ones.
+    """
     device = encoder.device
     encoder.to("cuda" if torch.cuda.is_available() else device)
     rows = datamodule.rows
@@ -355,14 +370,30 @@ def mine_for_training(datamodule: Any, encoder: Encoder, cache_dir: str | None =
             mined = mine_hard_negatives(
                 dataset,
                 _CachedEncoder(encoder, cache_dir) if isinstance(encoder, Encoder) else encoder,
-                num_negatives=TRAINING_NEGATIVES,
-                relative_margin=TRAINING_RELATIVE_MARGIN,
+                num_negatives=num_negatives,
+                relative_margin=relative_margin,
             )
     finally:
         encoder.to(device)
+    random = np.random.default_rng(seed)
+    num_documents = len(rows.documents)
     negatives: list[list[int]] = [[] for _ in range(len(rows.queries))]  # a row for every query number
+    if keep_given:
+        for row in np.flatnonzero(rows.negatives.lengths).tolist():
+            negatives[int(rows.query[row])] = rows.negatives.row(row).tolist()
     for query in trained.tolist():
-        negatives[query] = [int(doc) for doc in mined.hard_negatives.get(str(query), [])]
+        if negatives[query]:
+            continue
+        hard = [int(doc) for doc in mined.hard_negatives.get(str(query), [])]
+        taken = set(hard) | {int(doc) for doc in dataset.relevant_docs.get(str(query), ())}
+        wanted = min(random_negatives, num_documents - len(taken))
+        drawn: list[int] = []
+        while len(drawn) < wanted:  # few draws: the taken documents are a sliver of the corpus
+            doc = int(random.integers(num_documents))
+            if doc not in taken:
+                taken.add(doc)
+                drawn.append(doc)
+        negatives[query] = hard + drawn
     datamodule.use_hard_negatives(Ragged.from_rows(negatives))
 
 

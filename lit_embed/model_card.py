@@ -48,27 +48,34 @@ def model_card(facts: Mapping[str, Any]) -> str:
 def front_matter(facts: Mapping[str, Any]) -> dict[str, Any]:
     """The hub's metadata: library, pipeline, base model, tags, datasets (when known), ``model-index``."""
     meta: dict[str, Any] = {}
+    reranker = facts.get("reranker", False)
     if facts.get("text_model", True):  # a head alone (over precomputed vectors) is no sentence-transformers model
-        meta = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity"}
+        pipeline = "text-ranking" if reranker else "sentence-similarity"
+        meta = {"library_name": "sentence-transformers", "pipeline_tag": pipeline}
     if facts.get("base_model"):
         meta["base_model"] = facts["base_model"]
     tags = ["sentence-transformers", "feature-extraction", "sentence-similarity", "lit_embed"]
+    if reranker:
+        tags = ["sentence-transformers", "cross-encoder", "reranker", "text-ranking", "lit_embed"]
     tags += [METHOD_TAGS.get(facts["method"], facts["method"])]
     tags += [f"loss:{loss}" for loss in facts.get("losses", ())]
     meta["tags"] = list(dict.fromkeys(tags))
     if facts.get("datasets"):
         meta["datasets"] = list(facts["datasets"])
     final = (facts.get("metrics") or {}).get("final")
+    kind = "reranked" if reranker else "cosine"
     if final and facts.get("validation_data"):  # the hub's schema names the data the metrics were measured on
         meta["model-index"] = [
             {
                 "name": _title(facts),
                 "results": [
                     {
-                        "task": {"type": "information-retrieval", "name": "Information Retrieval"},
+                        "task": {"type": "reranking", "name": "Reranking"}
+                        if reranker
+                        else {"type": "information-retrieval", "name": "Information Retrieval"},
                         "dataset": {"name": facts["validation_data"], "type": facts["validation_data"]},
                         "metrics": [
-                            {"type": name, "value": float(final[name]), "name": f"cosine {name}"}
+                            {"type": name, "value": float(final[name]), "name": f"{kind} {name}"}
                             for name in METRIC_NAMES
                             if name in final
                         ],
@@ -80,6 +87,8 @@ def front_matter(facts: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _title(facts: Mapping[str, Any]) -> str:
+    if facts.get("reranker"):
+        return f"{facts.get('base_model') or 'A cross-encoder'} reranker finetuned with lit_embed ({facts['method']})"
     base = facts.get("base_model") or "An embedding model"
     return f"{base} finetuned with lit_embed ({facts['method']})"
 
@@ -96,6 +105,14 @@ def _body(facts: Mapping[str, Any]) -> str:
         shape = f" It maps queries and documents to {facts['embedding_dim']}-dimensional vectors"
         shape += f", compared by {facts['similarity']} similarity." if facts.get("similarity") else "."
     kind = "A [sentence-transformers](https://www.sbert.net) model" if text_model else "An adapter head"
+    if facts.get("reranker"):
+        kind, shape = (
+            "A [sentence-transformers](https://www.sbert.net) `CrossEncoder`",
+            (
+                " It reads a query and a document together and gives one relevance score: the second stage of "
+                "retrieval, reordering a first stage's top candidates."
+            ),
+        )
     parts.append(f"{kind} finetuned{origin} for retrieval with lit_embed.{shape}\n")
     if facts.get("exported_from"):
         source = facts["exported_from"]
@@ -122,9 +139,11 @@ def _body(facts: Mapping[str, Any]) -> str:
         rows = "\n".join(f"| {name} | {final[name]:.4f} |" for name in METRIC_NAMES if name in final)
         table = f"| metric | value |\n| --- | --- |\n{rows}"
         parts.append(f"## Results\n\nRetrieval on {_validation(facts)}:\n\n{table}\n")
+    if facts.get("fusion"):
+        parts.append("## The pipeline's fusion weight\n\n" + _fusion(facts["fusion"]) + "\n")
     if "prompts" in facts:
         parts.append("## Prompts\n\n" + _prompts(facts["prompts"]) + "\n")
-    parts.append("## Usage\n\n" + _usage(facts))
+    parts.append("## Usage\n\n" + (_reranker_usage(facts) if facts.get("reranker") else _usage(facts)))
     return "\n".join(parts)
 
 
@@ -204,6 +223,38 @@ def _prompts(prompts: Mapping[str, str]) -> str:
         return "None: queries and documents are embedded as they are."
     lines = [f"- {kind}: `{json.dumps(text)}`" for kind, text in used.items()]
     return "\n".join(lines) + "\n\n`encode_query` and `encode_document` put them before each text."
+
+
+def _fusion(fusion: Mapping[str, Any]) -> str:
+    """Which weight of the reranker's score against the retriever's the run chose, and why."""
+    weight, metric = fusion["weight"], fusion["metric"]
+    by_weight = fusion["by_weight"]
+    retriever, reranker = by_weight["0.0"][metric], by_weight["1.0"][metric]
+    chosen = by_weight[str(weight)][metric]
+    why = {
+        0.0: "the reranker did not improve on the retriever's order there, so the pipeline keeps that order",
+        1.0: "the reranker's order alone scored best there",
+    }.get(weight, "the blend scored better there than either order alone")
+    return (
+        f"Each candidate is scored `{weight:g} * sigmoid(reranker logit) + {1 - weight:.2g} * retriever cosine`, the "
+        f"weight chosen on the validation set by {metric} over the retriever's top {fusion['top_k']} "
+        f"(`{fusion['retriever']}`): {metric} {chosen:.4f}, against {retriever:.4f} for the retriever's order and "
+        f"{reranker:.4f} for the reranker's alone; {why}. `model/fusion.json` records it, and "
+        "`lit-embed-eval RETRIEVER DATA --rerank MODEL` applies it."
+    )
+
+
+def _reranker_usage(facts: Mapping[str, Any]) -> str:
+    path = json.dumps(facts.get("model_path", "."))
+    return (
+        "sentence-transformers (lit_embed not needed):\n\n```python\nfrom sentence_transformers import CrossEncoder\n\n"
+        f"model = CrossEncoder({path})\n"
+        'scores = model.predict([("How do I reset my password?", "To reset your password, open Settings ...")])\n'
+        'ranked = model.rank("How do I reset my password?", ["To reset ...", "Billing ..."])\n```\n\n'
+        "LlamaIndex, reordering a retriever's nodes:\n\n```python\n"
+        "from llama_index.core.postprocessor import SentenceTransformerRerank\n\n"
+        f"reranker = SentenceTransformerRerank(model={path}, top_n=5)\n```\n"
+    )
 
 
 def _usage(facts: Mapping[str, Any]) -> str:
@@ -336,6 +387,8 @@ def saved_model_facts(model_dir: str | os.PathLike) -> dict[str, Any]:
 def _encoder_facts(encoder_config: Mapping[str, Any], lora: Mapping[str, Any] | None) -> dict[str, Any]:
     """Base model, method and head from an encoder's config (``Encoder.config`` / ``AdaptedEncoder.config``)."""
     facts: dict[str, Any] = {}
+    if encoder_config.get("reranker"):
+        facts["reranker"] = True
     if "adapter" in encoder_config:
         facts["method"] = "adapter"
         head = dict(encoder_config["adapter"])
@@ -460,6 +513,8 @@ def run_facts(
     facts["versions"] = versions()
     if metrics.get("final"):
         facts["metrics"] = {key: dict(metrics[key]) for key in ("base", "final") if metrics.get(key)}
+    if metrics.get("fusion"):
+        facts["fusion"] = dict(metrics["fusion"])
     if getattr(encoder, "embedding_dim", None):
         facts["embedding_dim"] = encoder.embedding_dim
     facts.update(saved_model_facts(model_dir))

@@ -48,6 +48,7 @@ from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
 from lit_embed.training.callbacks.preemption import StopTogether
 from lit_embed.training.callbacks.progress import default_progress_bar
+from lit_embed.training.callbacks.rerank_eval import RerankEvaluationCallback, load_retriever
 from lit_embed.training.checkpoint_io import AtomicCheckpointIO, load_checkpoint
 from lit_embed.training.finish import finish
 from lit_embed.training.lifecycle import (
@@ -156,7 +157,22 @@ def build_job(cfg: DictConfig, checked: CheckedJob, output_dir: Path) -> Job:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = checked.datamodule
     module = build_module(cfg, datamodule)
-    if datamodule.mine:
+    evaluation = build(cfg.eval, "eval")
+    if isinstance(evaluation, RerankEvaluationCallback):
+        # The first stage: it mines the reranker's negatives and fetches the candidates the evaluation reranks.
+        evaluation.retriever = load_retriever(evaluation.retriever_path or module.encoder.config["model_name_or_path"])
+        if datamodule.mine:
+            rerank = cfg.rerank
+            mine_for_training(
+                datamodule,
+                evaluation.retriever,
+                num_negatives=rerank.hard_negatives,
+                relative_margin=rerank.relative_margin,
+                random_negatives=rerank.random_negatives,
+                seed=cfg.seed,
+                keep_given=True,
+            )
+    elif datamodule.mine:
         mine_for_training(datamodule, module.encoder)
     config = checked.config
     if "recipe" in cfg:  # what the default recipe chose, for a resume's length check
@@ -164,7 +180,6 @@ def build_job(cfg: DictConfig, checked: CheckedJob, output_dir: Path) -> Job:
     if isinstance(module.loss, EmbeddingLoss):  # a multi-task loss meets its data at the first batch
         check_distillation_data(module.loss, datamodule.has_teacher_scores)
         check_several_positives(module.loss, datamodule.multi_positive)
-    evaluation = build(cfg.eval, "eval")
     checkpointing = build(cfg.checkpoint, "checkpoint", dirpath=str(output_dir / "checkpoints"))
     merging = build(cfg.merge, "merge") if cfg.get("merge") else None
     extras = [build(c, "callbacks") for c in (cfg.callbacks or {}).values()]

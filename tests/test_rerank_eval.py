@@ -98,7 +98,9 @@ def test_lit_embed_eval_rerank_prints_both_stages(
     shutil.copytree(reranker_path, run_dir / "model")
     evaluate.main([tiny_model_path, str(val), "--rerank", str(run_dir), "--top-k=12", "--json", "--device=cpu"])
     stages = json.loads(capsys.readouterr().out)
-    assert set(stages) == {"retriever", "reranked"}
+    assert set(stages) == {"retriever", "reranked", "pipeline"}
+    # No fusion.json next to the reranker: the shipped pipeline is the reranker's order.
+    assert stages["pipeline"] == {**stages["reranked"], "weight": 1.0}
     # Every relevant document of the whole corpus within the first 10 is in the top 12: the first stage's numbers
     # are the retriever's own.
     for name in ("mrr@10", "ndcg@10", "recall@10"):
@@ -108,8 +110,9 @@ def test_lit_embed_eval_rerank_prints_both_stages(
 
     evaluate.main([tiny_model_path, str(val), "--rerank", reranker_path, "--top-k=12", "--device=cpu"])
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["metric", "retriever", "reranked", "change"]
-    assert [line.split()[0] for line in table[1:]] == ["mrr@10", "ndcg@10", "map", "recall@10"]
+    assert table[0].split() == ["metric", "retriever", "reranked", "pipeline", "change"]
+    assert [line.split()[0] for line in table[1:5]] == ["mrr@10", "ndcg@10", "map", "recall@10"]
+    assert table[5].startswith("pipeline: 1 * sigmoid(reranker) + 0 * retriever cosine")
     assert load_dataset(val).queries  # the data file is read, never written
 
 

@@ -16,6 +16,7 @@ from typing_extensions import Unpack
 
 from lit_embed.batch import PackedTexts, PairBatch
 from lit_embed.data.formats import dataset_rows, load_dataset, training_rows
+from lit_embed.data.pairs import PairFormat
 from lit_embed.data.ragged import Ragged
 from lit_embed.data.rows import TrainingRows
 from lit_embed.data.sampler import NoDuplicatesBatchSampler
@@ -88,6 +89,10 @@ class PairCollator:
             (see :class:`~lit_embed.batch.PackedTexts`).
         task: the name the batches carry.
         multi_positive: rows hold all their query's positives (``data.multi_positive``).
+        pair_format: for a reranker, how it joins a query and a document (each batch then carries every query
+            joined with each of its candidates, :attr:`PairBatch.pairs`); None: the batches are for an encoder.
+        in_batch_negatives: for a reranker, the other queries' positives each query is also scored against (the
+            next ones in the batch), after its own negatives.
     """
 
     def __init__(
@@ -98,6 +103,8 @@ class PairCollator:
         length_groups: int = 0,
         task: str = "",
         multi_positive: bool = False,
+        pair_format: PairFormat | None = None,
+        in_batch_negatives: int = 0,
     ):
         self.rows = rows
         self.queries = queries
@@ -105,6 +112,8 @@ class PairCollator:
         self.length_groups = length_groups
         self.task = task
         self.multi_positive = multi_positive
+        self.pair_format = pair_format
+        self.in_batch_negatives = in_batch_negatives
         # A teacher's scores of each row's positive, then of each of its negatives (None: not every row has them).
         self.scores = rows.scores if rows.scores is not None and len(rows.negatives.values) else None
 
@@ -124,13 +133,16 @@ class PairCollator:
             positives[size : len(owners)] = False  # the hard negatives
             owners = np.concatenate([owners, np.repeat(np.arange(size), others.lengths)])
             extra["positives"] = positives
+        if self.pair_format is not None:
+            extra |= self._pairs(rows, negatives, doc_ids)
+        else:
+            extra |= self._scored(rows, negatives)
         return PairBatch(
             queries=self._side(self.queries, self.rows.query[rows]),
             documents=self._side(self.documents, doc_ids),
             query_ids=self.rows.query_ids.texts(rows),
             task=self.task,
             document_rows=torch.from_numpy(owners),  # [B + N (+ M)]
-            **self._scored(rows, negatives),
             **extra,
         )
 
@@ -155,6 +167,37 @@ class PairCollator:
         scores = torch.full(real.shape, torch.nan)
         scores[real] = torch.from_numpy(self.scores.take(rows).values).float()
         return {"scores": scores, "candidates": candidates}  # both [B, 1 + k]
+
+    def _pairs(self, rows: np.ndarray, negatives: Ragged, doc_ids: np.ndarray) -> dict[str, Any]:
+        """A reranker's batch: each query's candidates (its positive, its negatives, then the next
+        ``in_batch_negatives`` queries' positives) and every (query, candidate) pair joined as one sequence; the
+        teacher's scores of its own candidates where the rows have them (NaN for the others)."""
+        assert self.pair_format is not None
+        size = len(rows)
+        counts = torch.from_numpy(negatives.lengths)  # [B]
+        own = torch.arange(1 + int(negatives.lengths.max(initial=0))) <= counts[:, None]  # [B, 1 + k]
+        candidates = torch.full(own.shape, -1)
+        candidates[:, 0] = torch.arange(size)
+        candidates[:, 1:][own[:, 1:]] = torch.arange(size, size + int(counts.sum()))
+        others = min(self.in_batch_negatives, size - 1)
+        if others:  # the next queries' positives: distinct texts, since no batch holds a text twice
+            shifted = (torch.arange(size)[:, None] + torch.arange(1, others + 1)) % size  # [B, others]
+            candidates = torch.cat([candidates, shifted], dim=1)
+        query_tokens = self.queries.features["input_ids"].take(self.rows.query[rows])
+        document_tokens = self.documents.features["input_ids"].take(doc_ids)
+        pairs = self.pair_format.pack(
+            np.split(query_tokens.values, np.cumsum(query_tokens.lengths)[:-1]),
+            np.split(document_tokens.values, np.cumsum(document_tokens.lengths)[:-1]),
+            candidates.numpy(),
+            self.queries.shared,
+            self.length_groups,
+        )
+        batch: dict[str, Any] = {"pairs": pairs, "candidates": candidates}
+        if self.scores is not None:
+            scores = torch.full(candidates.shape, torch.nan)
+            scores[:, : own.size(1)][own] = torch.from_numpy(self.scores.take(rows).values).float()
+            batch["scores"] = scores
+        return batch
 
 
 class PairDataModule(L.LightningDataModule):
@@ -421,7 +464,9 @@ class QAPairDataModule(PairDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
         if not self.tokenized:
-            self.tokenize(self.trainer.lightning_module.encoder)
+            module = self.trainer.lightning_module
+            loss = module.loss_for(self.task) if hasattr(module, "loss_for") else None
+            self.tokenize(module.encoder, getattr(loss, "in_batch_negatives", 0))
 
     @property
     def tokenized(self) -> bool:
@@ -441,8 +486,12 @@ class QAPairDataModule(PairDataModule):
         where = f"data.tasks.{self.task}" if self.task else "data"
         return {where: {"source": self.source, "rows": self.rows.key, "pairs": len(self.rows)}}
 
-    def tokenize(self, tokenizer: TextTokenizer) -> None:
-        """Tokenizes each distinct text of the training rows once (or opens the token store of an earlier run)."""
+    def tokenize(self, tokenizer: TextTokenizer, in_batch_negatives: int = 0) -> None:
+        """Tokenizes each distinct text of the training rows once (or opens the token store of an earlier run).
+
+        A reranker (a tokenizer with a ``pair_format``) gets batches of (query, candidate) pairs, each query scored
+        against ``in_batch_negatives`` other queries' positives besides its own candidates.
+        """
         self.prepare_data()
         rows = self.rows
         cache, lock = self.read_settings.cache_dir, self.read_settings.cache_lock
@@ -450,10 +499,13 @@ class QAPairDataModule(PairDataModule):
         documents = tokenize_texts(rows.documents, "document", tokenizer, rows.key, cache, cache_lock=lock)
         packed = self._packs(tokenizer, queries, documents)
         length_groups = 0 if packed else self.batch_settings.length_groups
-        self._collator = PairCollator(rows, queries, documents, length_groups, self.task, self.multi_positive)
+        pair_format: PairFormat | None = getattr(tokenizer, "pair_format", None)
+        self._collator = PairCollator(
+            rows, queries, documents, length_groups, self.task, self.multi_positive, pair_format, in_batch_negatives
+        )
         self._row_texts = rows.row_texts()
         self._row_tokens = (
-            self._tokens_per_row(queries, documents) if self.batch_settings.max_tokens_per_batch else None
+            self._tokens_per_row(queries, documents, pair_format) if self.batch_settings.max_tokens_per_batch else None
         )
         log.info(
             "%s: %d training pairs from %d queries and %d documents (tokenized once; batches %s).",
@@ -464,11 +516,22 @@ class QAPairDataModule(PairDataModule):
             "packed, no padding" if packed else "padded in length groups",
         )
 
-    def _tokens_per_row(self, queries: TokenizedTexts, documents: TokenizedTexts) -> np.ndarray:
-        """Each training row's tokens (query, positives and negatives); refuses a row over the token budget."""
+    def _tokens_per_row(
+        self, queries: TokenizedTexts, documents: TokenizedTexts, pair_format: PairFormat | None = None
+    ) -> np.ndarray:
+        """Each training row's tokens (query, positives and negatives; for a reranker, its query joined with each of
+        its documents); refuses a row over the token budget."""
         lengths = np.concatenate([queries.lengths, documents.lengths])  # the id space of row_texts
         texts = self._row_texts
-        tokens = np.add.reduceat(lengths[np.asarray(texts.values)], texts.offsets[:-1])
+        counts = lengths[np.asarray(texts.values)]  # each row's texts: its query first, then its documents
+        tokens = np.add.reduceat(counts, texts.offsets[:-1])
+        if pair_format is not None:  # each document joined with the query and the template, cut to max_length
+            row = np.repeat(np.arange(len(texts)), texts.lengths)
+            document = np.ones(len(counts), dtype=bool)
+            document[texts.offsets[:-1]] = False
+            query = counts[texts.offsets[:-1]][row[document]]
+            joined = np.minimum(query + counts[document] + pair_format.special_tokens, pair_format.max_length)
+            tokens = np.bincount(row[document], weights=joined, minlength=len(texts)).astype(np.int64)
         longest = int(np.argmax(tokens))
         budget = self.batch_settings.max_tokens_per_batch
         if tokens[longest] > budget:

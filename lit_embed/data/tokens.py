@@ -68,12 +68,11 @@ class TokenizedTexts:
         self.lengths = next(iter(self.features.values())).lengths if self.features else np.zeros(0, np.int64)
         if meta["truncated"]:
             log.warning(
-                "%d of %d %s texts reach model.max_seq_length=%d tokens and are cut there; raise "
-                "model.max_seq_length to keep more of them.",
+                "%d of %d %s texts reach %s and are cut there; raise model.max_seq_length to keep more of them.",
                 meta["truncated"],
                 len(self),
                 meta["kind"],
-                meta["max_seq_length"],
+                meta.get("limit") or f"model.max_seq_length={meta['max_seq_length']} tokens",
             )
 
     def __len__(self) -> int:
@@ -171,6 +170,8 @@ def _tokenize_into(directory: Path, texts: Ragged, kind: str, tokenizer: TextTok
         "shared": shared,
         "truncated": truncated,
         "max_seq_length": tokenizer.max_seq_length,
+        # How the limit is named to the user (a reranker's is its pair length less the pair's template).
+        "limit": getattr(tokenizer, "text_limit", None),
     }
     (directory / "meta.json").write_text(json.dumps(meta))
 
@@ -202,8 +203,11 @@ class FastTokenIds:
 
     SAMPLE = 512  # texts compared with the encoder's own tokenize before it is trusted
 
-    def __init__(self, backend: Any, prompt: str, zero_keys: list[str], shared: dict[str, Any]) -> None:
+    def __init__(
+        self, backend: Any, prompt: str, zero_keys: list[str], shared: dict[str, Any], special_tokens: bool = True
+    ) -> None:
         self.backend, self.prompt, self.zero_keys, self.shared = backend, prompt, zero_keys, shared
+        self.special_tokens = special_tokens  # a reranker's store keeps texts without them (lit_embed.data.pairs)
 
     @classmethod
     def verified(cls, tokenizer: TextTokenizer, kind: str, texts: Ragged) -> FastTokenIds | None:
@@ -223,7 +227,8 @@ class FastTokenIds:
         others = [key for key in columns if key != "input_ids"]
         if "input_ids" not in columns or any(columns[key].any() for key in others):
             return None
-        fast = cls(backend, prompt(kind) or "", others, shared)
+        special_tokens = getattr(tokenizer, "adds_special_tokens", True)
+        fast = cls(backend, prompt(kind) or "", others, shared, special_tokens)
         fast_counts, fast_columns, _ = fast(sample)
         if not (
             np.array_equal(fast_counts, counts) and np.array_equal(fast_columns["input_ids"], columns["input_ids"])
@@ -233,7 +238,9 @@ class FastTokenIds:
         return fast
 
     def __call__(self, texts: list[str]) -> Columns:
-        encodings = self.backend.encode_batch_fast([self.prompt + text for text in texts])
+        encodings = self.backend.encode_batch_fast(
+            [self.prompt + text for text in texts], add_special_tokens=self.special_tokens
+        )
         counts = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
         ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64, count=int(counts.sum()))
         columns = {"input_ids": ids} | {key: np.zeros(len(ids), dtype=np.int64) for key in self.zero_keys}

@@ -5,24 +5,38 @@ They equal sentence-transformers' ``CrossEncoderRerankingEvaluator`` given each 
 ``always_rerank_positives=False``: MRR@10, NDCG@10 and MAP over the K candidates, normalised by every relevant
 document of the query (also those not fetched), for the first stage's order and for the reranked one. Equal
 reranker scores keep the first stage's order.
+
+A fused pipeline orders the candidates by ``w * sigmoid(reranker logit) + (1 - w) * retriever cosine``: ``w = 0`` is
+the first stage's order, ``w = 1`` the reranker's. A reranker's run chooses ``w`` on its validation set
+(:func:`choose_fusion`), so a weak reranker cannot make the pipeline worse there than the retriever alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lit_embed.data.schema import QADataset
+from lit_embed.errors import LitEmbedError
 from lit_embed.evaluation.ir import exact_search, retrieval_metrics
 from lit_embed.evaluation.retrieval import TextEncoder, embed_for_search
+from lit_embed.files import write_text_atomic
 
 # (query, document) pairs -> one relevance score each, higher = more relevant (a CrossEncoder's predict).
 PairScorer = Callable[[list[tuple[str, str]]], Sequence[float]]
 
 AT_K = 10
+# The fusion weights a run tries on validation: 0 (the retriever's order) to 1 (the reranker's).
+FUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# A reranker's run records its fusion weight here, in the exported model's directory (CrossEncoder ignores it).
+FUSION_FILE = "fusion.json"
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,7 @@ class Candidates:
         corpus_ids: the corpus ids the positions index.
         relevant: ``[Q, K]`` whether each candidate is relevant to its query.
         num_relevant: ``[Q]`` the query's relevant documents, fetched or not.
+        scores: ``[Q, K]`` the retriever's cosine similarity of each candidate to its query.
     """
 
     query_ids: list[str]
@@ -42,6 +57,7 @@ class Candidates:
     corpus_ids: list[str]
     relevant: Tensor
     num_relevant: Tensor
+    scores: Tensor
 
     @property
     def top_k(self) -> int:
@@ -61,7 +77,7 @@ def first_stage(encoder: TextEncoder, dataset: QADataset, top_k: int, batch_size
     evaluates; equal scores in corpus id order)."""
     query_ids = list(dataset.queries)
     queries, corpus, corpus_ids = embed_for_search(encoder, dataset, query_ids, batch_size)
-    _, hits = exact_search(queries, corpus, min(top_k, len(corpus_ids)))  # [Q, K]
+    scores, hits = exact_search(queries, corpus, min(top_k, len(corpus_ids)))  # [Q, K]
     hits = hits.cpu()
     relevant_sets = [set(dataset.relevant_docs.get(q, ())) for q in query_ids]
     relevant = torch.tensor(
@@ -69,7 +85,7 @@ def first_stage(encoder: TextEncoder, dataset: QADataset, top_k: int, batch_size
         dtype=torch.bool,
     )
     num_relevant = torch.tensor([len(wanted) for wanted in relevant_sets], dtype=torch.float64)
-    return Candidates(query_ids, hits, corpus_ids, relevant, num_relevant)
+    return Candidates(query_ids, hits, corpus_ids, relevant, num_relevant, scores.cpu().double())
 
 
 def ranking_metrics(relevant: Tensor, num_relevant: Tensor, at_k: int = AT_K) -> dict[str, float]:
@@ -93,18 +109,91 @@ def ranking_metrics(relevant: Tensor, num_relevant: Tensor, at_k: int = AT_K) ->
 def reranked(candidates: Candidates, scores: Tensor) -> Tensor:
     """``[Q, K]`` the candidates' relevance in the order of ``scores`` ``[Q, K]`` (best first; equal scores keep
     the first stage's order)."""
-    order = scores.double().argsort(dim=1, descending=True, stable=True)
-    return candidates.relevant.gather(1, order)
+    return candidates.relevant.gather(1, order_of(scores))
+
+
+def order_of(scores: Tensor) -> Tensor:
+    """``[Q, K]`` candidate positions, best first (equal scores keep the first stage's order)."""
+    return scores.double().argsort(dim=1, descending=True, stable=True)
+
+
+def fused(candidates: Candidates, logits: Tensor, weight: float) -> Tensor:
+    """``[Q, K]`` the pipeline's scores: ``weight * sigmoid(logits) + (1 - weight) * the retriever's cosine``."""
+    return weight * torch.sigmoid(logits.double()) + (1.0 - weight) * candidates.scores
+
+
+def reranker_scores(candidates: Candidates, dataset: QADataset, scorer: PairScorer) -> Tensor:
+    """``[Q, K]`` the reranker's scores of every candidate (one call of ``scorer`` for all the pairs)."""
+    scores = torch.as_tensor(scorer(candidates.pairs(dataset)), dtype=torch.float64)
+    return scores.view(len(candidates.query_ids), candidates.top_k)
+
+
+def choose_fusion(
+    candidates: Candidates, logits: Tensor, metric: str = "mrr@10", at_k: int = AT_K
+) -> tuple[float, dict[str, dict[str, float]]]:
+    """The fusion weight of :data:`FUSION_WEIGHTS` whose pipeline scores the highest ``metric`` on these candidates
+    (the smallest such weight: nearest the retriever's order on a tie), and every weight's metrics."""
+    by_weight = {
+        str(weight): ranking_metrics(
+            reranked(candidates, fused(candidates, logits, weight)), candidates.num_relevant, at_k
+        )
+        for weight in FUSION_WEIGHTS
+    }
+    best = max(FUSION_WEIGHTS, key=lambda weight: (by_weight[str(weight)][metric], -weight))
+    return best, by_weight
+
+
+def brief_rankings(candidates: Candidates, scores: Tensor, dataset: QADataset) -> Tensor:
+    """``[Q, 2]`` int32, as the embedding job's evaluation keeps them for the run's report: each query's top
+    candidate (its position in ``dataset.corpus``) and the rank (from 1) of its first relevant candidate in the
+    order of ``scores`` (0: none fetched)."""
+    order = order_of(scores)
+    position = {doc_id: i for i, doc_id in enumerate(dataset.corpus)}
+    top = candidates.documents.gather(1, order[:, :1])[:, 0]
+    top = torch.tensor([position[candidates.corpus_ids[d]] for d in top.tolist()], dtype=torch.int32)
+    relevant = candidates.relevant.gather(1, order)
+    first = torch.where(relevant.any(dim=1), relevant.int().argmax(dim=1) + 1, 0).to(torch.int32)
+    return torch.stack([top, first], dim=1)
 
 
 def evaluate_pipeline(
-    candidates: Candidates, dataset: QADataset, scorer: PairScorer, at_k: int = AT_K
+    candidates: Candidates,
+    dataset: QADataset,
+    scorer: PairScorer,
+    at_k: int = AT_K,
+    fusion_weight: float | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{"retriever": metrics, "reranked": metrics}``: the first stage's order, and its candidates reordered by
-    ``scorer``'s scores (see :func:`ranking_metrics`)."""
-    scores = torch.as_tensor(scorer(candidates.pairs(dataset)), dtype=torch.float64)
-    scores = scores.view(len(candidates.query_ids), candidates.top_k)
-    return {
+    ``scorer``'s scores (see :func:`ranking_metrics`); with a ``fusion_weight`` also ``"pipeline"``, the order of
+    the fused scores."""
+    scores = reranker_scores(candidates, dataset, scorer)
+    stages = {
         "retriever": ranking_metrics(candidates.relevant, candidates.num_relevant, at_k),
         "reranked": ranking_metrics(reranked(candidates, scores), candidates.num_relevant, at_k),
     }
+    if fusion_weight is not None:
+        pipeline = reranked(candidates, fused(candidates, scores, fusion_weight))
+        stages["pipeline"] = {**ranking_metrics(pipeline, candidates.num_relevant, at_k), "weight": fusion_weight}
+    return stages
+
+
+def write_fusion(model_dir: str | os.PathLike, fusion: Mapping[str, Any]) -> None:
+    """Records a run's fusion weight (and what chose it) in its exported reranker's directory."""
+    write_text_atomic(Path(model_dir) / FUSION_FILE, json.dumps(dict(fusion), indent=2) + "\n")
+
+
+def read_fusion(model_dir: str | os.PathLike) -> float | None:
+    """The fusion weight a reranker's run recorded in ``model_dir`` (None: none recorded)."""
+    path = Path(model_dir) / FUSION_FILE
+    if not path.is_file():
+        return None
+    try:
+        weight = json.loads(path.read_text(encoding="utf-8"))["weight"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise LitEmbedError(
+            f'{path} is not a fusion record ({type(err).__name__}): it should hold {{"weight": w}} with 0 <= w <= 1. '
+            "Delete it to rerank with the reranker's order alone, or export the run again."
+        ) from None
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise LitEmbedError(f"{path}: its weight {weight!r} is not a number from 0 to 1. Delete the file or fix it.")
+    return float(weight)

@@ -1,9 +1,11 @@
-"""The reranker's losses: functions of a cross-encoder's logits for each query's candidates.
+"""The reranker's losses: functions of a cross-encoder's logits for each query's candidates, and their modules.
 
 Every function takes ``logits [B, C]``: row ``i`` holds query ``i``'s candidates, column 0 its positive and the
 other columns documents to rank below it (hard negatives, mined ones, other queries' documents), with ``mask
 [B, C]`` marking the real ones where rows have fewer (column 0 is always real). Each equals sentence-transformers'
 CrossEncoder loss of the same name on the same logits, in value and gradient (``tests/test_rerank_losses.py``).
+The modules keep the one loss contract: a function of what the model made of the batch, here a reranker's
+:class:`~lit_embed.batch.Scored` (``loss=rerank_bce`` ... with ``task=rerank``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lit_embed.batch import Scored
+from lit_embed.errors import check, is_int, is_number
+from lit_embed.losses.base import EmbeddingLoss
+from lit_embed.losses.distill import DistillationLoss
 
 
 def candidate_labels(mask: Tensor) -> Tensor:
@@ -98,3 +105,98 @@ def lambda_loss(
     losses = weights * F.logsigmoid(sigma * score_diffs) / math.log(2)
     kept = losses[pairs & in_top_k]
     return -kept.sum() / max(kept.numel(), 1)
+
+
+class RerankLoss(EmbeddingLoss):
+    """A reranker's loss: ``loss(Scored) -> scalar`` (:class:`~lit_embed.batch.Scored`: each query's candidates'
+    logits, column 0 its positive).
+
+    Attributes:
+        in_batch_negatives: how many other queries' positives each query's candidates include besides its own
+            negatives (the data module lays the batch out for it).
+    """
+
+    in_batch_negatives = 0
+
+    def forward(self, scored: Scored) -> Tensor:  # type: ignore[override]
+        raise NotImplementedError
+
+
+class RerankBCELoss(RerankLoss):
+    """``BinaryCrossEntropyLoss``: see :func:`binary_cross_entropy`.
+
+    Args:
+        pos_weight: the weight of a positive's term (sentence-transformers' recipe: its number of negatives); None
+            weighs every candidate alike.
+    """
+
+    def __init__(self, pos_weight: float | None = None) -> None:
+        super().__init__()
+        check(
+            pos_weight is None or is_number(pos_weight) and pos_weight > 0,
+            "pos_weight",
+            pos_weight,
+            "a number > 0, or null",
+        )
+        self.pos_weight = pos_weight
+
+    def forward(self, scored: Scored) -> Tensor:  # type: ignore[override]
+        return binary_cross_entropy(scored.logits, scored.mask, pos_weight=self.pos_weight)
+
+
+class RerankCrossEntropyLoss(RerankLoss):
+    """``CrossEntropyLoss`` over a query's candidates (positive + its negatives), or with ``in_batch_negatives``
+    other queries' positives among them ``MultipleNegativesRankingLoss``: see :func:`listwise_cross_entropy`.
+
+    Args:
+        scale: multiplies the sigmoid of each logit before the softmax (sentence-transformers' default 10).
+        in_batch_negatives: other queries' positives added to each query's candidates (its ``num_negatives``).
+    """
+
+    def __init__(self, scale: float = 10.0, in_batch_negatives: int = 0) -> None:
+        super().__init__()
+        check(is_number(scale) and scale > 0, "scale", scale, "a number > 0")
+        check(
+            is_int(in_batch_negatives) and in_batch_negatives >= 0,
+            "in_batch_negatives",
+            in_batch_negatives,
+            "a whole number >= 0",
+        )
+        self.scale = scale
+        self.in_batch_negatives = in_batch_negatives
+
+    def forward(self, scored: Scored) -> Tensor:  # type: ignore[override]
+        return listwise_cross_entropy(scored.logits, scored.mask, self.scale)
+
+
+class RerankLambdaLoss(RerankLoss):
+    """``LambdaLoss`` (NDCGLoss2++ weights) over each query's candidates: see :func:`lambda_loss`.
+
+    Args:
+        k: only pairs with a candidate in the top ``k`` count (None: all).
+    """
+
+    def __init__(self, k: int | None = None, in_batch_negatives: int = 0) -> None:
+        super().__init__()
+        check(k is None or is_int(k) and k >= 1, "k", k, "a whole number >= 1, or null for all candidates")
+        check(
+            is_int(in_batch_negatives) and in_batch_negatives >= 0,
+            "in_batch_negatives",
+            in_batch_negatives,
+            "a whole number >= 0",
+        )
+        self.k = k
+        self.in_batch_negatives = in_batch_negatives
+
+    def forward(self, scored: Scored) -> Tensor:  # type: ignore[override]
+        return lambda_loss(scored.logits, candidate_labels(scored.mask), scored.mask, self.k)
+
+
+class RerankMarginMSELoss(RerankLoss, DistillationLoss):
+    """``MarginMSELoss`` against a teacher's scores of each query's candidates (``lit-embed-score`` output): see
+    :func:`margin_mse`."""
+
+    def forward(self, scored: Scored) -> Tensor:  # type: ignore[override]
+        assert scored.teacher is not None, "check_distillation_data refuses data without scores"
+        mask = scored.mask & torch.isfinite(scored.teacher)
+        return margin_mse(scored.logits, scored.teacher.nan_to_num(), mask)

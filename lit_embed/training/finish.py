@@ -10,6 +10,7 @@ import lightning as L
 
 from lit_embed.data.datamodule import trainer_data
 from lit_embed.distributed import full_parameters
+from lit_embed.evaluation.rerank import write_fusion
 from lit_embed.evaluation.retrieval import format_metrics_table
 from lit_embed.files import write_text_atomic
 from lit_embed.model_card import run_facts, write_model_card
@@ -18,6 +19,7 @@ from lit_embed.models.lora import lora_config, save_lora
 from lit_embed.models.saving import to_sentence_transformers
 from lit_embed.training.callbacks.checkpointing import StepCheckpoint
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback
+from lit_embed.training.callbacks.rerank_eval import RerankEvaluationCallback, fusion_summary
 from lit_embed.training.checkpoint_io import load_checkpoint, load_encoder_weights
 from lit_embed.training.merging import WeightMerging, merge_summary
 from lit_embed.training.report import write_run_report
@@ -72,6 +74,12 @@ def finish(
                     "final": {**chosen, "step": step, "alpha": merge["chosen"]},
                     "merge": merge,
                 }
+        if isinstance(evaluation, RerankEvaluationCallback) and metrics:
+            # The shipped pipeline's weight of the reranker against the retriever, chosen for the model kept.
+            fusion = evaluation.choose_fusion(trainer, module)
+            if fusion is not None:
+                metrics["fusion"] = fusion
+                metrics["pipeline"] = {**fusion["by_weight"][str(fusion["weight"])], "weight": fusion["weight"]}
         data = trainer_data(trainer)
         skipped = data.skipped_records() if data is not None else {}
         report = {**metrics, "skipped": skipped} if skipped else metrics
@@ -85,6 +93,8 @@ def finish(
             if isinstance(encoder, AdaptedEncoder) and encoder.save_llamaindex_adapter(adapter_dir):
                 print(f"LlamaIndex adapter saved to {adapter_dir} (AdapterEmbeddingModel).")
                 warn_query_route(encoder, model_dir, adapter_dir)
+            if "fusion" in metrics:
+                write_fusion(model_dir, metrics["fusion"])
             write_text_atomic(output_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
             facts = run_facts(trainer, module, report, step, model_dir, output_dir, started)
             write_model_card(model_dir, facts)
@@ -93,7 +103,10 @@ def finish(
             print(format_metrics_table({name: m for name, m in table.items() if m}))
             if "merge" in metrics:
                 print(merge_summary(metrics["merge"], metrics["finetuned"]))
-            print(f"Model (step {step}) saved to {model_dir}; load it with SentenceTransformer({str(model_dir)!r}).")
+            if "fusion" in metrics:
+                print(fusion_summary(metrics["fusion"]))
+            loader = "CrossEncoder" if getattr(encoder, "reads_pairs", False) else "SentenceTransformer"
+            print(f"Model (step {step}) saved to {model_dir}; load it with {loader}({str(model_dir)!r}).")
             if checkpointing is not None:
                 print(checkpointing.kept_summary())
     return report

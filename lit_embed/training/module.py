@@ -23,8 +23,10 @@ from lit_embed.data.datamodule import trainer_data
 from lit_embed.errors import LitEmbedError, NonFiniteLossError, check, is_bool
 from lit_embed.losses.base import EmbeddingLoss
 from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
+from lit_embed.losses.rerank import RerankLoss
 from lit_embed.models.encoder import Encoder
 from lit_embed.models.lora import lora_config, lora_weight_names
+from lit_embed.models.reranker import Reranker
 from lit_embed.training.nonfinite import (
     MAX_UNREAD_STEPS,
     NonFiniteSteps,
@@ -85,7 +87,11 @@ class EmbeddingFinetuneModule(L.LightningModule):
         for key, value in switches.items():
             check(is_bool(value), key, value, "true or false")
         check_optimization(optimizer, scheduler)
-        if (compile or gradient_checkpointing) and not isinstance(encoder, Encoder):
+        if compile and isinstance(encoder, Reranker):
+            raise LitEmbedError(
+                "method.compile is for encoders; a reranker trains uncompiled: set method.compile=false"
+            )
+        if (compile or gradient_checkpointing) and not isinstance(encoder, (Encoder, Reranker)):
             raise LitEmbedError(
                 "method.compile and method.gradient_checkpointing act on a transformer, and this encoder "
                 f"({type(encoder).__name__}) trains none (an adapter's head runs on cached embeddings): set both to "
@@ -102,6 +108,7 @@ class EmbeddingFinetuneModule(L.LightningModule):
         self.steps: dict[str, GradCache | None] = {}
         for task, task_loss in losses.items():
             self.steps[task], losses[task] = split_step(task_loss)
+            check_loss_fits(encoder, losses[task], task)
         self.loss = nn.ModuleDict(losses) if isinstance(loss, Mapping) else losses[""]
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -323,6 +330,23 @@ class EmbeddingFinetuneModule(L.LightningModule):
             if param.requires_grad:
                 (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def check_loss_fits(encoder: nn.Module, loss: nn.Module, task: str = "") -> None:
+    """Refuses a reranker's loss on an encoder, or an embedding loss on a reranker, before anything trains."""
+    reads_pairs = bool(getattr(encoder, "reads_pairs", False))
+    if isinstance(loss, RerankLoss) == reads_pairs:
+        return
+    where = f" (data.tasks.{task})" if task else ""
+    if reads_pairs:
+        raise LitEmbedError(
+            f"task=rerank trains a reranker, and {type(loss).__name__}{where} is an embedding loss: use "
+            "loss=rerank_bce, rerank_ce, rerank_mnrl, rerank_lambda or rerank_margin_mse."
+        )
+    raise LitEmbedError(
+        f"{type(loss).__name__}{where} is a reranker's loss, and the model is an encoder: add task=rerank, or use an "
+        "embedding loss (loss=mnrl ...)."
+    )
 
 
 def loss_scale_of(plugin: Any) -> float:

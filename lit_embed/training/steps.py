@@ -20,8 +20,9 @@ from lit_embed.losses.mnrl import MultipleNegativesRankingLoss
 
 
 def plain_step(encoder: nn.Module, batch: PairBatch, loss: EmbeddingLoss) -> Tensor:
-    """The loss of the batch embedded in one pass, with its graph: Lightning's backward does the rest."""
-    return loss(batch.embed(encoder))
+    """The loss of the batch embedded (or, by a reranker, scored) in one pass, with its graph: Lightning's backward
+    does the rest."""
+    return loss(batch.outputs(encoder))
 
 
 def mini_batches(side: PackedTexts, size: int, tokens: int | None, packs: bool) -> list[PackedTexts]:

@@ -140,7 +140,10 @@ class IREvaluationCallback(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=step)
         if trainer.is_global_zero:
-            log.info("step %d: val/mrr@10 %.4f, val/ndcg@10 %.4f", step, metrics["mrr@10"], metrics["ndcg@10"])
+            self._log_evaluation(step, metrics)
+
+    def _log_evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        log.info("step %d: val/mrr@10 %.4f, val/ndcg@10 %.4f", step, metrics["mrr@10"], metrics["ndcg@10"])
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.history:  # a resumed run already has its base numbers
