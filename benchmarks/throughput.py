@@ -18,6 +18,19 @@ fit otherwise:
 
 ``--lit KEY=VALUE`` passes a Hydra override to lit_embed's side only (to measure a switch,
 e.g. ``--lit data.length_groups=1``).
+
+``--task rerank`` compares the rerankers instead: lit_embed's ``task=rerank loss=rerank_bce`` against
+sentence-transformers' ``CrossEncoderTrainer`` with ``BinaryCrossEntropyLoss``, both a fresh one-score head on the
+same base weights (seeded alike), lr 2e-5 with the same schedule. The training rows are written with their
+``--negatives`` (k, default 3: other rows' positives, drawn with the seed), so lit_embed mines nothing; each query
+brings its positive (label 1) and its k negatives (label 0), and ``--batch-size`` counts queries: both train on
+batches of ``batch_size x (1 + k)`` (query, document) pairs, whole queries per batch (each side shuffles the queries
+with its own sampler, so which queries share a batch differs). ``--max-seq-length`` is a pair's length. pairs/s
+counts pairs read; computed / real tokens compares lit_embed's packed pairs with sentence-transformers' batches
+padded to their longest pair. val MRR@10 is the base model's top 20 of each validation query (as an embedding model)
+reordered by each trained reranker:
+
+    python benchmarks/throughput.py --task rerank --device cpu --model minilm --batch-size 32 --steps 12
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ class Run:
 # Operators that read a device value on the host: each is a device-to-host sync on a GPU (item(), data-dependent
 # shapes). Counted on any device, so the CPU shows what a GPU would wait for.
 PROFILED = 2  # the last steps of each run, profiled and not timed
+RERANK_TOP_K = 20  # --task rerank: the first stage's candidates per validation query that each reranker reorders
 HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim"}
 
 
@@ -430,6 +444,214 @@ def run_sentence_transformers(args, model_path: str, queries: list[str], documen
     return Run("sentence-transformers", rate, memory.gb, mrr, stats.summary())
 
 
+def rerank_rows(queries: list[str], documents: list[str], negatives: int, seed: int) -> list[dict]:
+    """The reranker's training rows, each with its ``negatives`` already (so lit_embed mines none): other rows'
+    positives drawn with ``random.Random(seed)``, distinct and none equal to the row's own positive."""
+    import random
+
+    if len(set(documents)) <= negatives:
+        raise SystemExit(f"--negatives {negatives} needs more than {negatives} distinct training documents")
+    rng = random.Random(seed)
+    rows = []
+    for query, positive in zip(queries, documents, strict=True):
+        chosen: list[str] = []
+        while len(chosen) < negatives:
+            other = documents[rng.randrange(len(documents))]
+            if other != positive and other not in chosen:
+                chosen.append(other)
+        rows.append({"query": query, "positive": positive, "negatives": chosen})
+    return rows
+
+
+def group_batch_sampler(group: int):
+    """sentence-transformers' batch sampler for rows laid out in groups of ``group`` (a query's positive, then its
+    negatives): whole groups, shuffled every epoch from ``seed + epoch``, so that a batch holds the pairs of
+    ``batch_size / group`` queries, as lit_embed's does."""
+    from sentence_transformers.base.sampler import DefaultBatchSampler
+
+    class GroupBatchSampler(DefaultBatchSampler):
+        def _groups(self) -> tuple[int, int]:
+            return len(self.sampler) // group, self.batch_size // group  # groups there are, groups a batch
+
+        def __iter__(self):
+            total, per_batch = self._groups()
+            order = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            end = total - per_batch + 1 if self.drop_last else total
+            for start in range(0, end, per_batch):
+                yield [g * group + i for g in order[start : start + per_batch] for i in range(group)]
+
+        def __len__(self) -> int:
+            total, per_batch = self._groups()
+            return total // per_batch if self.drop_last else -(-total // per_batch)
+
+    return GroupBatchSampler
+
+
+def rerank_mrr(scorer, candidates, val) -> float:
+    """Validation MRR@10 of the first stage's candidates reordered by ``scorer`` (lit_embed's pipeline metrics)."""
+    from lit_embed.evaluation.rerank import evaluate_pipeline
+
+    return evaluate_pipeline(candidates, val, scorer)["reranked"]["mrr@10"]
+
+
+def run_lit_rerank(args, model_path: str, train_file: Path, candidates, val, workdir: Path) -> Run:
+    """lit_embed's reranker (``task=rerank loss=rerank_bce``) through the same config and module path as
+    :func:`run_lit_embed`, on the file's rows and their negatives (nothing mined)."""
+    import lightning as L
+
+    from lit_embed.config import build, compose_config
+    from lit_embed.console import quiet_third_party_output
+    from lit_embed.train import build_module
+
+    quiet_third_party_output()
+    overrides = [
+        "task=rerank",
+        "loss=rerank_bce",
+        f"model.model_name_or_path={model_path}",
+        f"model.max_seq_length={args.max_seq_length}",  # a pair's tokens, as CrossEncoder's max_length
+        "data=qa_json",
+        f"data.train_path={train_file}",
+        f"data.batch_size={args.batch_size}",  # queries; each brings 1 + k pairs
+        "data.drop_last=true",
+        "data.val_fraction=0",  # train on the same rows as the other side
+        "data.mine=false",  # every row has its negatives in the file
+        "rerank.hard_negatives=0",
+        "rerank.random_negatives=0",
+        "eval.evaluation_steps=0",
+        "merge.alphas=[1.0]",
+        "optimizer.lr=2e-5",  # the other side's learning rate (the embedding comparison leaves lit_embed's recipe)
+        f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}",
+        f"trainer.precision={'bf16-mixed' if args.precision == 'bf16' else '32-true'}",
+        f"trainer.max_steps={args.steps}",
+        "trainer.log_every_n_steps=1000000",
+        "trainer.max_epochs=-1",
+        f"seed={args.seed}",
+        f"output_dir={workdir}",
+        *args.lit,
+    ]
+    cfg = compose_config(overrides)
+    L.seed_everything(args.seed, verbose=False)
+    datamodule = build(cfg.data, "data")
+    datamodule.prepare_data()
+    torch.manual_seed(args.seed)  # the fresh score head drawn as the other side draws it (seed, then the model)
+    module = build_module(cfg, datamodule)
+    reranker = module.encoder
+    clock = StepClock(args.device)
+    # The input embeddings run once a transformer pass, packed or padded (each length group is a pass).
+    stats = StepStats(args.device, reranker.hf_model.get_input_embeddings(), args.steps)
+    sizes: list[int] = []
+
+    class Tick(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, *_: object) -> None:
+            stats.step_start()
+            pairs = batch.pairs
+            sizes.append(len(pairs.lengths))
+            packs = pairs.length_groups == 0 and reranker.packing_unsupported is None  # as Reranker.forward
+            stats.tokens(*side_tokens(pairs, packs))
+
+        def on_train_batch_end(self, *_: object) -> None:
+            clock.tick()
+            stats.step_end()
+
+    trainer = build(
+        cfg.trainer,
+        "trainer",
+        default_root_dir=str(workdir),
+        logger=False,
+        callbacks=[Tick()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with PeakMemory(args.device) as memory:
+        trainer.fit(module, datamodule=datamodule)
+    mrr = rerank_mrr(reranker.predict, candidates, val) if candidates is not None else None
+    pairs_per_batch = args.batch_size * (1 + args.negatives)
+    rate = clock.pairs_per_second(pairs_per_batch, args.warmup, PROFILED)
+    return Run("lit_embed", rate, memory.gb, mrr, {**stats.summary(), "pairs_per_batch": statistics.mean(sizes)})
+
+
+def run_sentence_transformers_rerank(args, model_path: str, rows: list[dict], candidates, val, workdir) -> Run:
+    """sentence-transformers' CrossEncoderTrainer with BinaryCrossEntropyLoss on the same rows: each query's
+    positive (label 1) then its negatives (label 0), whole queries per batch."""
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    group = 1 + args.negatives
+    torch.manual_seed(args.seed)
+    model = CrossEncoder(model_path, num_labels=1, max_length=args.max_seq_length, device=args.device)
+    clock = StepClock(args.device)
+    stats = StepStats(args.device, model[0].model.get_input_embeddings(), args.steps)
+    sizes: list[int] = []
+
+    class Tick(TrainerCallback):
+        def on_step_begin(self, *_: object, **__: object) -> None:
+            stats.step_start()
+
+        def on_step_end(self, *_: object, **__: object) -> None:
+            clock.tick()
+            stats.step_end()
+
+    columns: dict[str, list] = {"query": [], "document": [], "label": []}
+    for row in rows:
+        for document, label in ((row["positive"], 1.0), *((n, 0.0) for n in row["negatives"])):
+            columns["query"].append(row["query"])
+            columns["document"].append(document)
+            columns["label"].append(label)
+    training_args = CrossEncoderTrainingArguments(
+        output_dir=str(workdir),
+        per_device_train_batch_size=args.batch_size * group,
+        max_steps=args.steps,
+        learning_rate=2e-5,
+        warmup_ratio=0.1,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        bf16=args.precision == "bf16",
+        use_cpu=args.device == "cpu",
+        batch_sampler=group_batch_sampler(group),
+        dataloader_drop_last=True,
+        save_strategy="no",
+        logging_steps=10**9,
+        report_to=[],
+        disable_tqdm=True,
+        seed=args.seed,
+    )
+    trainer = CrossEncoderTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_dict(columns),
+        loss=BinaryCrossEntropyLoss(model),
+        callbacks=[Tick()],
+    )
+    preprocess = model.preprocess
+
+    def counted(*args: object, **kwargs: object) -> dict:  # the padded batch the loss tokenizes
+        features = preprocess(*args, **kwargs)
+        if model.training and torch.is_grad_enabled():
+            sizes.append(len(features["attention_mask"]))
+            stats.tokens(*padded_tokens(features))
+        return features
+
+    model.preprocess = counted
+    trainer.remove_callback(PrinterCallback)
+    try:
+        with PeakMemory(args.device) as memory:
+            trainer.train()
+    finally:
+        del model.preprocess
+    scorer = lambda pairs: model.predict(  # noqa: E731
+        pairs, batch_size=64, activation_fn=torch.nn.Identity(), convert_to_tensor=True, show_progress_bar=False
+    )
+    mrr = rerank_mrr(scorer, candidates, val) if candidates is not None else None
+    rate = clock.pairs_per_second(args.batch_size * group, args.warmup, PROFILED)
+    return Run(
+        "sentence-transformers", rate, memory.gb, mrr, {**stats.summary(), "pairs_per_batch": statistics.mean(sizes)}
+    )
+
+
 def matmul_peak_flops(device: str, precision: str) -> float:
     """FLOP/s of a large square matmul in the run's precision: what this device reaches, for the MFU estimate."""
     size = 8192 if device == "cuda" else 2048
@@ -461,11 +683,30 @@ def flops_per_pair(model_path: str, queries: list[str], documents: list[str], ma
     return 6 * body * tokens
 
 
+def flops_per_rerank_pair(model_path: str, rows: list[dict], max_seq_length: int) -> float:
+    """6 x non-embedding parameters x real tokens of a (query, document) pair, over the rows' first pairs."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    model = CrossEncoder(model_path, num_labels=1, max_length=max_seq_length, device="cpu")
+    body = sum(p.numel() for name, p in model.named_parameters() if "embeddings" not in name)
+    pairs = [(row["query"], document) for row in rows[:100] for document in (row["positive"], *row["negatives"])]
+    return 6 * body * int(model.preprocess(pairs)["attention_mask"].sum()) / len(pairs)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--task",
+        choices=["embed", "rerank"],
+        default="embed",
+        help="embed: embedding models with MNRL; rerank: cross-encoder rerankers with binary cross-entropy",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=["tiny", "minilm", "bge-arch"], default="minilm")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="pairs (--task rerank: queries) per batch")
+    parser.add_argument(
+        "--negatives", type=int, default=3, help="--task rerank: negatives per query (each query: 1 + k pairs)"
+    )
     parser.add_argument(
         "--steps", type=int, default=12, help="optimizer steps per run (the last 2 profiled, not timed)"
     )
@@ -485,6 +726,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.task == "rerank" and args.cached:
+        parser.error("--cached is for --task embed")
+    if args.task == "rerank" and args.negatives < 1:
+        parser.error("--negatives must be at least 1")
 
     from lit_embed.data.formats import save_llamaindex_json
     from lit_embed.data.schema import training_examples
@@ -496,16 +741,34 @@ def main(argv: list[str] | None = None) -> None:
     train, val = build_stdlib_dataset(seed=args.seed, num_train=args.num_pairs, num_val=200, stdlib_dir=args.source_dir)
     examples = training_examples(train, use_all_docs=False)
     queries, documents = [e.query for e in examples], [e.positive for e in examples]
-    save_llamaindex_json(train, workdir / "train.json")
     if args.batch_size > len(examples):
         raise SystemExit(f"--batch-size exceeds the {len(examples)} training pairs: point --source-dir at more code")
+    if args.task == "rerank":
+        rows = rerank_rows(queries, documents, args.negatives, args.seed)
+        train_file = workdir / "train.jsonl"
+        train_file.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        candidates = None
+        if args.evaluate:  # the first stage: the base model as an encoder, its top 20 for each validation query
+            from lit_embed.evaluation.rerank import first_stage, ranking_metrics
+            from lit_embed.models.encoder import Encoder
+
+            retriever = Encoder(model_path).to(args.device).requires_grad_(False).eval()
+            candidates = first_stage(retriever, val, top_k=RERANK_TOP_K)
+            first_stage_mrr = ranking_metrics(candidates.relevant, candidates.num_relevant)["mrr@10"]
+            del retriever
+    else:
+        save_llamaindex_json(train, workdir / "train.json")
 
     runs: list[Run] = []
     for round_number in range(args.rounds):
         systems = ["sentence-transformers", "lit_embed"][:: 1 if round_number % 2 == 0 else -1]
         for system in systems:
             run_dir = workdir / f"{system}-{round_number}"
-            if system == "lit_embed":
+            if args.task == "rerank" and system == "lit_embed":
+                result = run_lit_rerank(args, model_path, train_file, candidates, val, run_dir)
+            elif args.task == "rerank":
+                result = run_sentence_transformers_rerank(args, model_path, rows, candidates, val, run_dir)
+            elif system == "lit_embed":
                 result = run_lit_embed(args, model_path, workdir / "train.json", val, run_dir)
             else:
                 result = run_sentence_transformers(args, model_path, queries, documents, val, run_dir)
@@ -516,13 +779,22 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.empty_cache()
 
     peak_flops = matmul_peak_flops(args.device, args.precision)
-    pair_flops = flops_per_pair(model_path, queries, documents, args.max_seq_length)
+    if args.task == "rerank":
+        pair_flops = flops_per_rerank_pair(model_path, rows, args.max_seq_length)
+    else:
+        pair_flops = flops_per_pair(model_path, queries, documents, args.max_seq_length)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    group = 1 + args.negatives
+    batch = (
+        f"rerank (binary cross-entropy), batch {args.batch_size} queries x {group} = {args.batch_size * group} pairs"
+        if args.task == "rerank"
+        else f"batch {args.batch_size}"
+    )
     print(
-        f"\n{args.model}, batch {args.batch_size}, {args.steps} steps ({args.warmup} warm-up and {PROFILED} profiled "
+        f"\n{args.model}, {batch}, {args.steps} steps ({args.warmup} warm-up and {PROFILED} profiled "
         "untimed), max "
-        f"{args.max_seq_length} tokens, {args.precision}, {device_name}; median of {args.rounds} rounds"
-        + (f"; cached losses, mini-batches of {args.cached}" if args.cached else "")
+        f"{args.max_seq_length} tokens{' a pair' if args.task == 'rerank' else ''}, {args.precision}, {device_name}; "
+        f"median of {args.rounds} rounds" + (f"; cached losses, mini-batches of {args.cached}" if args.cached else "")
     )
     memory = "peak GPU memory" if args.device == "cuda" else "peak process RSS"
     launches = "kernels" if args.device == "cuda" else "aten ops"
@@ -548,6 +820,17 @@ def main(argv: list[str] | None = None) -> None:
     ratio = summary["lit_embed"]["pairs_per_second"] / summary["sentence-transformers"]["pairs_per_second"]
     print(f"\nlit_embed / sentence-transformers: {ratio:.2f}x pairs/s")
     print(f"(MFU: {pair_flops / 1e9:.2f} GFLOP per pair over a {peak_flops / 1e12:.2f} TFLOP/s measured matmul)")
+    if args.task == "rerank":
+        print(
+            "(pairs: (query, document) pairs read; computed / real tokens: each pair's tokens computed over its real "
+            "ones"
+            + (
+                f"; val MRR@10: the base model's top {RERANK_TOP_K} of each validation query reordered by the "
+                f"reranker, {first_stage_mrr:.4f} in the base model's own order)"
+                if args.evaluate
+                else ")"
+            )
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "ratio": ratio, **summary}, indent=2) + "\n")
 

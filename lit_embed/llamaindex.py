@@ -1,8 +1,10 @@
-"""Drop-in replacements for LlamaIndex's embedding finetuning engines, with lit_embed underneath.
+"""Drop-in replacements for LlamaIndex's finetuning engines (embeddings, adapters, cross-encoders), with lit_embed
+underneath.
 
 A notebook written for ``llama_index.finetuning`` runs after one changed import line::
 
     from lit_embed.llamaindex import EmbeddingQAFinetuneDataset, SentenceTransformersFinetuneEngine
+    from lit_embed.llamaindex import CrossEncoderFinetuneEngine, CrossEncoderFinetuningDatasetSample
 
 The engines take LlamaIndex's constructor arguments, ``finetune()`` and ``get_finetuned_model()``, write the data
 as LlamaIndex JSON and run lit_embed's Hydra job with overrides mapped from the arguments (README, "Coming from
@@ -26,7 +28,13 @@ from typing import Any
 
 from lit_embed.internals import llamaindex_adds_residual, llamaindex_prompts
 
-__all__ = ["EmbeddingAdapterFinetuneEngine", "EmbeddingQAFinetuneDataset", "SentenceTransformersFinetuneEngine"]
+__all__ = [
+    "CrossEncoderFinetuneEngine",
+    "CrossEncoderFinetuningDatasetSample",
+    "EmbeddingAdapterFinetuneEngine",
+    "EmbeddingQAFinetuneDataset",
+    "SentenceTransformersFinetuneEngine",
+]
 
 # train_model's keywords that LlamaIndex's adapter engine passes through **train_kwargs (the rest it sets itself).
 ADAPTER_TRAIN_KWARGS = ("steps_per_epoch", "optimizer_class", "optimizer_params", "max_grad_norm", "show_progress_bar")
@@ -77,6 +85,7 @@ class _Run:
     run_dir: Path
     overrides: list[str]
     data: dict[str, Any] = field(default_factory=dict)  # file name in run_dir -> dataset to write there
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # file name -> JSONL rows to write there
 
     def claim(self) -> None:
         """Takes the run folder (new, empty or a run's, and marked as one) before any file goes into it."""
@@ -88,12 +97,15 @@ class _Run:
     def __call__(self, extra: Sequence[str] = ()) -> dict[str, Any]:
         from lit_embed.config import compose_config
         from lit_embed.data.formats import save_llamaindex_json
+        from lit_embed.files import write_text_atomic
         from lit_embed.train import run
         from lit_embed.training.lifecycle import composed_record
 
         self.claim()  # the data files go in first
         for name, dataset in self.data.items():
             save_llamaindex_json(dataset, self.run_dir / name)
+        for name, rows in self.rows.items():
+            write_text_atomic(self.run_dir / name, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         overrides = [*self.overrides, *extra]
         cfg = compose_config(overrides)
         return run(cfg, hydra_record=composed_record(cfg, overrides))
@@ -354,6 +366,155 @@ class EmbeddingAdapterFinetuneEngine:
         return AdapterEmbeddingModel(
             embed_model, str(self.model_output_path), **({"adapter_cls": adapter_cls} | model_kwargs)
         )
+
+
+@dataclass
+class CrossEncoderFinetuningDatasetSample:
+    """LlamaIndex's ``CrossEncoderFinetuningDatasetSample``: a question, a context, and whether the context answers
+    it (``score`` 1) or not (0), as ``generate_ce_fine_tuning_dataset`` writes them."""
+
+    query: str
+    context: str
+    score: int
+
+
+class CrossEncoderFinetuneEngine:
+    """LlamaIndex's ``CrossEncoderFinetuneEngine``: a reranker finetuned on (query, context, score) samples.
+
+    The samples become lit_embed's rows (each query with the contexts scored 1 as positives and those scored 0 as
+    its negatives; a query without a positive has nothing to rank and is left out), trained with ``task=rerank``:
+    a query's own negatives first, mined ones where it has none, the pipeline evaluated on ``val_dataset``.
+
+    Args:
+        dataset: the training samples (LlamaIndex's ``CrossEncoderFinetuningDatasetSample`` or this module's, or
+            any objects with ``query``, ``context`` and ``score``).
+        model_id: the model to finetune, a cross-encoder (its score head kept) or any encoder (a fresh head).
+        model_output_path: where the finetuned ``CrossEncoder`` is written; the run folder is
+            ``<model_output_path>-run``.
+        batch_size: ``data.batch_size`` (queries per batch, each with its candidates).
+        val_dataset: validation samples, as ``dataset``: the reranked pipeline is scored on them before, during and
+            after training and the best step is kept.
+        loss: None (lit_embed's reranker default) or the name of a reranker loss config (``"rerank_bce"``,
+            ``"rerank_ce"``, ``"rerank_mnrl"``, ``"rerank_lambda"``).
+        epochs: ``trainer.max_epochs``.
+        show_progress_bar: ``trainer.enable_progress_bar``.
+        evaluation_steps: ``eval.evaluation_steps``.
+        retriever: the first stage that fetches the candidates the evaluation reranks and mines negatives for
+            queries without any (``rerank.retriever``; not a LlamaIndex argument). None: the model itself where it
+            is an encoder, else all-MiniLM-L6-v2.
+        device, run_dir, overrides: as for :class:`SentenceTransformersFinetuneEngine`.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[Any],
+        model_id: str = "cross-encoder/ms-marco-MiniLM-L-12-v2",
+        model_output_path: str = "exp_finetune",
+        batch_size: int = 10,
+        val_dataset: Sequence[Any] | None = None,
+        loss: str | None = None,
+        epochs: int = 2,
+        show_progress_bar: bool = True,
+        evaluation_steps: int = 50,
+        *,
+        retriever: str | os.PathLike | None = None,
+        device: Any | None = None,
+        run_dir: str | os.PathLike | None = None,
+        overrides: Sequence[str] = (),
+    ) -> None:
+        if loss is not None and not (isinstance(loss, str) and loss.startswith("rerank_")):
+            raise TypeError(
+                f"loss={loss!r}: give None or the name of a lit_embed reranker loss config (rerank_bce, rerank_ce, "
+                "rerank_mnrl, rerank_lambda)"
+            )
+        self.model_output_path = model_output_path
+        self.run_dir = _run_dir(model_output_path, run_dir)
+        train_rows = _cross_encoder_rows(dataset, "dataset")
+        args = ["task=rerank", "model=minilm", "data=qa_json", *_device_overrides(device)]
+        args += [f"loss={loss}"] if loss is not None else []
+        args += _values(
+            {
+                "model.model_name_or_path": str(model_id),
+                "model.max_seq_length": None,  # the model's own, as CrossEncoder(model_id) has it
+                "rerank.retriever": str(retriever) if retriever is not None else None,
+                "data.train_path": str(self.run_dir / "train.jsonl"),
+                "data.val_path": str(self.run_dir / "val.json") if val_dataset is not None else None,
+                "data.batch_size": batch_size,
+                "trainer.max_epochs": epochs,
+                "++trainer.enable_progress_bar": show_progress_bar,
+                "eval.evaluation_steps": evaluation_steps,
+                "output_dir": str(self.run_dir),
+                "overwrite": True,
+                **_without_validation(val_dataset),
+            }
+        )
+        self.overrides = [*args, *overrides]
+        data = {"val.json": _cross_encoder_validation(val_dataset)} if val_dataset is not None else {}
+        self._run = _Run(self.run_dir, self.overrides, data, {"train.jsonl": train_rows})
+        self.metrics: dict[str, Any] = {}
+
+    def finetune(self, **train_kwargs: Any) -> None:
+        """Runs lit_embed, then puts the finetuned ``CrossEncoder`` at ``model_output_path``; ``metrics`` holds
+        ``metrics.json``'s content."""
+        self.metrics = self._run()
+        _copy_directory(self.run_dir / "model", Path(self.model_output_path))
+
+    def push_to_hub(self, repo_id: str = "", **kwargs: Any) -> None:
+        """Uploads the finetuned model, as LlamaIndex's engine does (``CrossEncoder.push_to_hub``)."""
+        from sentence_transformers import CrossEncoder
+
+        CrossEncoder(str(self.model_output_path)).push_to_hub(repo_id, **kwargs)
+
+    def get_finetuned_model(self, model_name: str | None = None, top_n: int = 3) -> Any:
+        """LlamaIndex's ``SentenceTransformerRerank`` node postprocessor over the finetuned model (or ``model_name``),
+        keeping the ``top_n`` best nodes. Without llama-index-core installed: the model's path."""
+        path = str(model_name or self.model_output_path)
+        try:
+            from llama_index.core.postprocessor import SentenceTransformerRerank
+        except ImportError:
+            return path
+        return SentenceTransformerRerank(model=path, top_n=top_n)
+
+
+def _cross_encoder_rows(samples: Sequence[Any], what: str) -> list[dict[str, Any]]:
+    """LlamaIndex's (query, context, score) samples as lit_embed's rows: each query with its relevant contexts
+    (score >= 0.5) as positives and the others as its negatives; queries without a relevant context left out."""
+    positives: dict[str, list[str]] = {}
+    negatives: dict[str, list[str]] = {}
+    for number, sample in enumerate(samples):
+        if not all(hasattr(sample, name) for name in ("query", "context", "score")):
+            raise TypeError(
+                f"{what}[{number}] is a {type(sample).__name__}, not a CrossEncoderFinetuningDatasetSample (an object "
+                "with query, context and score)"
+            )
+        kind = positives if float(sample.score) >= 0.5 else negatives
+        kind.setdefault(sample.query, []).append(sample.context)
+        positives.setdefault(sample.query, [])
+    rows = [
+        {"query": query, "positive": positive, "negatives": [n for n in negatives.get(query, []) if n not in relevant]}
+        for query, relevant in positives.items()
+        for positive in relevant
+    ]
+    if not rows:
+        raise ValueError(f"{what}: no sample has score 1, so there is no relevant context to train the reranker on")
+    return rows
+
+
+def _cross_encoder_validation(samples: Sequence[Any]) -> Any:
+    """Validation samples as a retrieval set: every context a document, the relevant ones of each query."""
+    from lit_embed.data.schema import QADataset
+
+    rows = _cross_encoder_rows(samples, "val_dataset")
+    corpus: dict[str, str] = {}
+    for row in rows:
+        for text in [row["positive"], *row["negatives"]]:
+            corpus.setdefault(text, f"c{len(corpus)}")
+    queries = {f"q{i}": query for i, query in enumerate(dict.fromkeys(row["query"] for row in rows))}
+    ids = {query: qid for qid, query in queries.items()}
+    relevant: dict[str, list[str]] = {}
+    for row in rows:
+        relevant.setdefault(ids[row["query"]], []).append(corpus[row["positive"]])
+    return QADataset(queries, {cid: text for text, cid in corpus.items()}, relevant)
 
 
 def _run_dir(model_output_path: str | os.PathLike, run_dir: str | os.PathLike | None) -> Path:

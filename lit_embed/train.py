@@ -160,7 +160,7 @@ def build_job(cfg: DictConfig, checked: CheckedJob, output_dir: Path) -> Job:
     evaluation = build(cfg.eval, "eval")
     if isinstance(evaluation, RerankEvaluationCallback):
         # The first stage: it mines the reranker's negatives and fetches the candidates the evaluation reranks.
-        evaluation.retriever = load_retriever(evaluation.retriever_path or module.encoder.config["model_name_or_path"])
+        evaluation.retriever = load_retriever(evaluation.retriever_path_for(module))
         if datamodule.mine:
             rerank = cfg.rerank
             mine_for_training(

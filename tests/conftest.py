@@ -33,3 +33,11 @@ def model_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "encoder": build_tiny_bert(root / "bert", dropout=0.0),
         "decoder": build_tiny_decoder(root / "qwen3", dropout=0.0),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random-init cross-encoder with one score (a reranker's starting point)."""
+    from lit_embed.models.tiny import build_tiny_cross_encoder
+
+    return build_tiny_cross_encoder(tmp_path_factory.mktemp("tiny_reranker") / "model", seed=3)

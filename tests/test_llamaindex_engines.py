@@ -17,6 +17,8 @@ from helpers import REPO, toy_split, trained_encoders
 
 from lit_embed.data.formats import save_llamaindex_json
 from lit_embed.llamaindex import (
+    CrossEncoderFinetuneEngine,
+    CrossEncoderFinetuningDatasetSample,
     EmbeddingAdapterFinetuneEngine,
     EmbeddingQAFinetuneDataset,
     SentenceTransformersFinetuneEngine,
@@ -379,3 +381,103 @@ def test_the_engine_trains_as_llamaindex_does_not_with_the_default_recipe(tiny_m
     )
     assert "optimizer.lr=2e-05" in engine.overrides and "data.val_fraction=0" in engine.overrides
     assert "trainer.max_epochs=2" in engine.overrides and "data.batch_size=10" in engine.overrides
+
+
+def cross_encoder_samples(n: int, offset: int = 0) -> list[CrossEncoderFinetuningDatasetSample]:
+    """LlamaIndex's samples: each question with its context (score 1) and two others (score 0)."""
+    split = toy_split(n, offset)
+    contexts = list(split.corpus.values())
+    samples = []
+    for i, (qid, query) in enumerate(split.queries.items()):
+        samples.append(CrossEncoderFinetuningDatasetSample(query, split.corpus[split.relevant_docs[qid][0]], 1))
+        samples += [CrossEncoderFinetuningDatasetSample(query, contexts[(i + k) % n], 0) for k in (1, 2)]
+    return samples
+
+
+def test_the_cross_encoder_engine_trains_a_reranker_on_llamaindex_samples(
+    tiny_model_path: str, tmp_path: Path, tiny_cross_encoder_path: str
+) -> None:
+    from llama_index.core.postprocessor import SentenceTransformerRerank
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+    from sentence_transformers import CrossEncoder
+
+    engine = CrossEncoderFinetuneEngine(
+        cross_encoder_samples(24),
+        model_id=tiny_cross_encoder_path,
+        model_output_path=str(tmp_path / "exp_finetune"),
+        val_dataset=cross_encoder_samples(10, offset=1000),
+        batch_size=6,
+        epochs=1,
+        evaluation_steps=2,
+        show_progress_bar=False,
+        retriever=tiny_model_path,
+        device="cpu",
+        overrides=["optimizer.lr=1e-3", "rerank.top_k=8"],
+    )
+    engine.finetune()
+    run_dir = tmp_path / "exp_finetune-run"
+    config = run_config(run_dir)
+    assert config["data"]["batch_size"] == 6 and config["trainer"]["max_epochs"] == 1
+    # Each question's contexts scored 0 are its negatives (no mining needed), its context scored 1 the positive.
+    rows = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all(len(row["negatives"]) == 2 for row in rows)
+    assert engine.metrics["fusion"]["retriever"] == tiny_model_path
+    model = CrossEncoder(str(tmp_path / "exp_finetune"))  # a plain CrossEncoder
+    postprocessor = engine.get_finetuned_model(top_n=2)
+    assert isinstance(postprocessor, SentenceTransformerRerank) and postprocessor.top_n == 2
+    texts = ["def helper_3():\n    # sort variant 3\n    return 3", "def close(self): pass", "x = 1"]
+    nodes = [NodeWithScore(node=TextNode(text=text), score=0.5) for text in texts]
+    kept = postprocessor.postprocess_nodes(nodes, QueryBundle("how do I sort number 3?"))
+    scores = model.predict([("how do I sort number 3?", text) for text in texts])
+    assert [node.node.text for node in kept] == [texts[i] for i in np.argsort(-scores)[:2]]
+
+
+def test_cross_encoder_samples_without_a_relevant_context_are_refused(tmp_path: Path) -> None:
+    samples = [CrossEncoderFinetuningDatasetSample("q", "c", 0)]
+    with pytest.raises(ValueError, match="dataset: no sample has score 1"):
+        CrossEncoderFinetuneEngine(samples, model_output_path=str(tmp_path / "out"))
+    with pytest.raises(TypeError, match=r"dataset\[0\] is a str, not a CrossEncoderFinetuningDatasetSample"):
+        CrossEncoderFinetuneEngine(["q"], model_output_path=str(tmp_path / "out"))
+
+
+@pytest.mark.slow
+def test_llamaindex_cross_encoder_guide_runs_with_one_import_changed(
+    tiny_model_path: str, tiny_cross_encoder_path: str, tmp_path: Path
+) -> None:
+    script = REPO / "examples" / "llamaindex_cross_encoder_guide.py"
+    tree = ast.parse(script.read_text())
+    ours = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and "lit_embed" in ast.unparse(node)]
+    assert [ast.unparse(node) for node in ours] == [
+        "from lit_embed.llamaindex import CrossEncoderFinetuneEngine, CrossEncoderFinetuningDatasetSample"
+    ]
+    import pandas as pd
+
+    samples = cross_encoder_samples(24)
+    pd.DataFrame([vars(sample) for sample in samples]).to_csv(tmp_path / "fine_tuning.csv")
+    split = toy_split(8, offset=1000)  # one "paper" of 8 chunks, its questions and their contexts
+    paper = "\n\n".join(split.corpus.values())
+    questions = list(split.queries.values())
+    contexts = [split.corpus[split.relevant_docs[qid][0]] for qid in split.queries]
+    pd.DataFrame([{"paper": paper, "questions": repr(questions), "context": repr(contexts)}]).to_csv(
+        tmp_path / "reranking_test.csv"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "GUIDE_MODEL_ID": tiny_cross_encoder_path,
+        "GUIDE_EMBED_MODEL": tiny_model_path,
+        "GUIDE_EPOCHS": "1",
+        "HOME": str(tmp_path / "home"),
+    }
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    header, values = result.stdout.splitlines()[-2:]
+    assert header.split()[1:] == ["Metric", "Embeddings", "Base_cross_encoder", "Finetuned_cross_encoder"] + [
+        "Total",
+        "Relevant",
+        "Context",
+    ]
+    assert values.split()[-1] == "8"
+    assert (tmp_path / "exp_finetune" / "modules.json").is_file()

@@ -22,7 +22,7 @@ from lit_embed.data.pairs import PairFormat
 from lit_embed.evaluation.rerank import FUSION_FILE, read_fusion
 from lit_embed.losses import rerank as losses
 from lit_embed.models.reranker import Reranker
-from lit_embed.models.tiny import build_tiny_bert, build_tiny_cross_encoder
+from lit_embed.models.tiny import build_tiny_bert
 from lit_embed.train import run
 from lit_embed.training.module import EmbeddingFinetuneModule
 
@@ -37,11 +37,6 @@ def random_text(rng: random.Random, most: int) -> str:
 def fresh_head(tmp_path_factory: pytest.TempPathFactory) -> str:
     """An encoder without a score head: the reranker gets a fresh one, as CrossEncoder(model, num_labels=1)."""
     return build_tiny_bert(tmp_path_factory.mktemp("encoder") / "model", seed=4)
-
-
-@pytest.fixture(scope="module")
-def cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return build_tiny_cross_encoder(tmp_path_factory.mktemp("reranker") / "model", seed=5)
 
 
 @pytest.mark.parametrize("max_length", [12, 19, 40, 512])
@@ -62,7 +57,7 @@ def test_pairs_are_joined_and_cut_as_the_tokenizer_joins_and_cuts_them(max_lengt
         assert types is not None and types.tolist() == expected["token_type_ids"]
 
 
-@pytest.mark.parametrize("model", ["fresh_head", "cross_encoder"])
+@pytest.mark.parametrize("model", ["fresh_head", "tiny_cross_encoder_path"])
 def test_packed_and_padded_scores_equal_crossencoder_predict(model: str, request: pytest.FixtureRequest) -> None:
     """A batch's pairs from the token store, packed (no padding) or padded in length groups, score as plain
     sentence-transformers' CrossEncoder.predict scores the same texts (before its activation)."""
@@ -81,7 +76,7 @@ def test_packed_and_padded_scores_equal_crossencoder_predict(model: str, request
     assert batch.candidates.tolist()[0] == [0, 6, 7, 1, 2]  # positive, its negatives, the next queries' positives
     texts = batch.documents.texts
     expected_pairs = [(queries[i], texts[c]) for i, row in enumerate(batch.candidates.tolist()) for c in row if c >= 0]
-    plain = CrossEncoder(path, max_length=32, num_labels=None if model == "cross_encoder" else 1)
+    plain = CrossEncoder(path, max_length=32, num_labels=None if model == "tiny_cross_encoder_path" else 1)
     if model == "fresh_head":  # the same fresh head as the reranker's
         plain.load_state_dict(reranker.model.state_dict())
     theirs = torch.as_tensor(plain.predict(expected_pairs, activation_fn=torch.nn.Identity()))
@@ -222,13 +217,13 @@ def test_rows_without_negatives_get_hard_and_random_ones_and_rows_with_them_keep
 
 
 def test_lit_embed_eval_applies_the_fusion_weight_the_run_recorded(
-    tmp_path: Path, tiny_model_path: str, cross_encoder: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, tiny_model_path: str, tiny_cross_encoder_path: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import shutil
 
     _, val = write_toy_data(tmp_path)
     model = tmp_path / "reranker"
-    shutil.copytree(cross_encoder, model)
+    shutil.copytree(tiny_cross_encoder_path, model)
     (model / FUSION_FILE).write_text(json.dumps({"weight": 0.0}))
     evaluate.main([tiny_model_path, str(val), "--rerank", str(model), "--top-k=12", "--json", "--device=cpu"])
     stages = json.loads(capsys.readouterr().out)

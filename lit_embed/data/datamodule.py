@@ -324,6 +324,7 @@ class QAPairDataModule(PairDataModule):
         self.val_dataset: QADataset | None = None
         self._collator: PairCollator | None = None
         self._row_texts: Ragged | None = None
+        self._distinct_texts: Ragged | None = None
         self._row_tokens: np.ndarray | None = None
 
     # What every data module declares (PairDataModule), read from the records.
@@ -504,6 +505,9 @@ class QAPairDataModule(PairDataModule):
             rows, queries, documents, length_groups, self.task, self.multi_positive, pair_format, in_batch_negatives
         )
         self._row_texts = rows.row_texts()
+        # What no batch may hold twice: every text of a row, which an encoder scores against every query of the
+        # batch; a reranker scores a row's negatives with its own query only, and other rows' positives.
+        self._distinct_texts = self._row_texts.head(2) if pair_format is not None else self._row_texts
         self._row_tokens = (
             self._tokens_per_row(queries, documents, pair_format) if self.batch_settings.max_tokens_per_batch else None
         )
@@ -583,9 +587,9 @@ class QAPairDataModule(PairDataModule):
 
     def batch_sampler(self, rank: int = 0, world: int = 1) -> NoDuplicatesBatchSampler:
         """This rank's batches: slices of global batches that hold no text twice (see NoDuplicatesBatchSampler)."""
-        assert self._row_texts is not None, "call setup() (Lightning does) or tokenize() first"
+        assert self._distinct_texts is not None, "call setup() (Lightning does) or tokenize() first"
         sampler = NoDuplicatesBatchSampler(
-            self._row_texts,
+            self._distinct_texts,
             self.batch_size,
             self.batch_settings.seed,
             self.batch_settings.drop_last,

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lit_embed.batch import Features, PackedTexts, padding_groups
 from lit_embed.data.pairs import PairFormat
-from lit_embed.errors import LitEmbedError, check, is_bool, is_int
+from lit_embed.errors import LitEmbedError, check, is_bool, is_int, is_number
 from lit_embed.internals import attention_implementation, set_attention_implementation
 from lit_embed.models.encoder import DEFAULT_LENGTH_GROUPS, TextKind, _loading_kwargs, close
 from lit_embed.models.model_folder import check_model_folder, loading_errors
@@ -53,6 +53,8 @@ class Reranker(nn.Module):
             longer pairs are cut as its tokenizer cuts them (the longer text first).
         query_prompt, document_prompt: must be None (the keys of a model config; a reranker takes no prompts).
         trust_remote_code, model_kwargs, dtype, load_in_4bit: as for :class:`~lit_embed.models.encoder.Encoder`.
+        head_lr_scale: a fresh score head learns at this multiple of the learning rate (a head kept from a
+            cross-encoder learns at the rate itself).
     """
 
     reads_pairs = True  # a batch gives it pairs to score, not texts to embed (PairBatch.outputs)
@@ -67,6 +69,7 @@ class Reranker(nn.Module):
         model_kwargs: dict[str, Any] | None = None,
         dtype: str | None = None,
         load_in_4bit: bool = False,
+        head_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         check(
@@ -93,7 +96,10 @@ class Reranker(nn.Module):
         }
         loading = _loading_kwargs(dict(model_kwargs or {}), dtype, load_in_4bit)
         check_model_folder(path, trust_remote_code)
+        check(is_number(head_lr_scale) and head_lr_scale > 0, "head_lr_scale", head_lr_scale, "a number > 0")
+        self.head_lr_scale = float(head_lr_scale)
         fresh_head = not has_score_head(path)
+        self.fresh_head = fresh_head
         with loading_errors(path):
             self.model = CrossEncoder(
                 path,
@@ -127,6 +133,10 @@ class Reranker(nn.Module):
             )
         self.pair_format = pair_format
         self.train()
+
+    def fresh_parameters(self) -> list[nn.Parameter]:
+        """The weights of a score head made for this training (none for a cross-encoder's own head)."""
+        return list(self.hf_model.classifier.parameters()) if self.fresh_head else []
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each layer's activations in backward (see ``Encoder.enable_gradient_checkpointing``)."""

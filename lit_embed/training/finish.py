@@ -76,7 +76,7 @@ def finish(
                 }
         if isinstance(evaluation, RerankEvaluationCallback) and metrics:
             # The shipped pipeline's weight of the reranker against the retriever, chosen for the model kept.
-            fusion = evaluation.choose_fusion(trainer, module)
+            fusion = evaluation.choose_fusion(trainer, module, step)
             if fusion is not None:
                 metrics["fusion"] = fusion
                 metrics["pipeline"] = {**fusion["by_weight"][str(fusion["weight"])], "weight": fusion["weight"]}

