@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         print(format_metrics_table(stages, RERANK_TABLE_KEYS))
         weight = stages["pipeline"]["weight"]
         print(
-            f"pipeline: {weight:g} * sigmoid(reranker) + {1 - weight:.2g} * retriever cosine (the weight of the "
+            f"pipeline: {weight:g} * z(reranker) + {1 - weight:.2g} * z(retriever cosine) (the weight of the "
             f"reranker's {FUSION_FILE}, else 1)"
         )
         return

@@ -25,6 +25,7 @@ from lit_embed.models.encoder import Encoder
 from lit_embed.models.lora import LoRA, lora_config, save_lora
 from lit_embed.models.model_folder import check_model_folder
 from lit_embed.models.onnx_export import INT8_FILE, check_installed, copy_model, export_onnx
+from lit_embed.models.reranker import Reranker, has_score_head
 from lit_embed.models.saving import to_sentence_transformers
 from lit_embed.training.checkpoint_io import load_checkpoint, load_encoder_weights
 
@@ -33,7 +34,9 @@ from lit_embed.training.checkpoint_io import load_checkpoint, load_encoder_weigh
 NO_CODE_FIX = "export it with that code's own tools: lit-embed-export runs no code from a model folder"
 
 
-def encoder_from_checkpoint(path: str | os.PathLike, checkpoint: dict | None = None) -> Encoder | AdaptedEncoder:
+def encoder_from_checkpoint(
+    path: str | os.PathLike, checkpoint: dict | None = None
+) -> Encoder | AdaptedEncoder | Reranker:
     """Rebuilds the trained encoder (full, adapter or LoRA) from a lit_embed checkpoint (``weights_only=True``);
     ``checkpoint``: its content, when already read."""
     checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
@@ -49,6 +52,8 @@ def encoder_from_checkpoint(path: str | os.PathLike, checkpoint: dict | None = N
                 "is in the run's model/adapter.safetensors and llamaindex_adapter/."
             )
         encoder = AdaptedEncoder(Encoder(**config["base"]), partial(adapter_class, **head), cache_dir=None)
+    elif config.get("reranker"):  # task=rerank: the cross-encoder, its fresh head (if any) then loaded
+        encoder = Reranker(**{key: value for key, value in config.items() if key != "reranker"})
     else:
         encoder = Encoder(**config)
         if "lora_config" in checkpoint:  # method=lora: the base model again, with the same LoRA layers
@@ -143,6 +148,12 @@ def _report_onnx(path: Path, files: list[Path]) -> None:
     names = ", ".join(str(f.relative_to(path)) for f in files)
     kinds = [str(m["type"]).rpartition(".")[2] for m in json.loads((path / "modules.json").read_text())]
     print(f"Wrote {path} with {names}.")
+    if has_score_head(path):
+        print(
+            f"Load it with CrossEncoder({str(path)!r}, backend='onnx') (needs optimum-onnx), or run onnx/model.onnx "
+            "with onnxruntime on the tokenizer's pair features: its output 'logits' is the score."
+        )
+        return
     print(
         f"Load it with SentenceTransformer({str(path)!r}, backend='onnx') (needs optimum-onnx; "
         "model_kwargs={'file_name': 'onnx/<file>'} picks a file), or embed without torch with "

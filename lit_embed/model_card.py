@@ -130,9 +130,13 @@ def _body(facts: Mapping[str, Any]) -> str:
                 f"the finetuned weights of step {step}, and this model: those weights merged with the base "
                 f"model's, {alpha:g} · finetuned + {1 - alpha:.2g} · base, the best of the merges tried"
             )
+        how = "cosine similarity, exact search"
+        if facts.get("reranker"):
+            top_k = (facts.get("fusion") or {}).get("top_k")
+            how = f"each query's top {top_k} from the first stage, reordered" if top_k else "the first stage reordered"
         parts.append(
-            f"## Results\n\nRetrieval on {_validation(facts)}: the base model, then {shown}; cosine similarity, "
-            f"exact search.\n\n```\n{format_metrics_table(columns)}\n```\n"
+            f"## Results\n\nRetrieval on {_validation(facts)}: the base model, then {shown}; {how}."
+            f"\n\n```\n{format_metrics_table(columns)}\n```\n"
         )
     elif metrics.get("final"):
         final = metrics["final"]
@@ -232,11 +236,13 @@ def _fusion(fusion: Mapping[str, Any]) -> str:
     retriever, reranker = by_weight["0.0"][metric], by_weight["1.0"][metric]
     chosen = by_weight[str(weight)][metric]
     why = {
-        0.0: "the reranker did not improve on the retriever's order there, so the pipeline keeps that order",
+        0.0: "no blend beat the retriever's order there by the margin a small validation set needs, so the pipeline "
+        "keeps that order",
         1.0: "the reranker's order alone scored best there",
     }.get(weight, "the blend scored better there than either order alone")
     return (
-        f"Each candidate is scored `{weight:g} * sigmoid(reranker logit) + {1 - weight:.2g} * retriever cosine`, the "
+        f"Each candidate is scored `{weight:g} * z(reranker logit) + {1 - weight:.2g} * z(retriever cosine)` (`z`: a "
+        "stage's scores standardized over the query's candidates), the "
         f"weight chosen on the validation set by {metric} over the retriever's top {fusion['top_k']} "
         f"(`{fusion['retriever']}`): {metric} {chosen:.4f}, against {retriever:.4f} for the retriever's order and "
         f"{reranker:.4f} for the reranker's alone; {why}. `model/fusion.json` records it, and "
@@ -545,7 +551,9 @@ def checkpoint_facts(
     config = checkpoint.get("lit_embed_config") or {}
     hp = facts.setdefault("hyperparameters", {})
     _config_facts(config, facts, hp)
-    history = (checkpoint.get("callbacks") or {}).get("IREvaluationCallback", {}).get("history", [])
+    callbacks = checkpoint.get("callbacks") or {}
+    evaluation = callbacks.get("IREvaluationCallback") or callbacks.get("RerankEvaluationCallback") or {}
+    history = evaluation.get("history", [])
     at = {entry["step"]: entry["metrics"] for entry in history}
     if step in at:
         facts["metrics"] = {"final": {**at[step], "step": step}}

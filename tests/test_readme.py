@@ -87,6 +87,8 @@ FAST = {
     "python train.py data=qa_json data.train_path=train.json data.val_path=val.json output_dir=runs/mine",
     "lit-embed-eval runs/mine val.json --truncate-dim 128",
     "lit-embed-eval runs/mine val.json --rerank my-reranker --top-k 20",
+    "python train.py task=rerank data=qa_json data.train_path=train.json data.val_path=val.json "
+    "rerank.retriever=runs/mine/model output_dir=runs/reranker",
     "python -m lit_embed.export runs/mine/checkpoints/step=500.ckpt runs/step500-model",
     "from sentence_transformers import SentenceTransformer",
     "lit-embed-generate docs/ qa/ --llm http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct",

@@ -112,7 +112,7 @@ def test_lit_embed_eval_rerank_prints_both_stages(
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["metric", "retriever", "reranked", "pipeline", "change"]
     assert [line.split()[0] for line in table[1:5]] == ["mrr@10", "ndcg@10", "map", "recall@10"]
-    assert table[5].startswith("pipeline: 1 * sigmoid(reranker) + 0 * retriever cosine")
+    assert table[5].startswith("pipeline: 1 * z(reranker) + 0 * z(retriever cosine)")
     assert load_dataset(val).queries  # the data file is read, never written
 
 

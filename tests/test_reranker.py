@@ -234,3 +234,31 @@ def test_lit_embed_eval_applies_the_fusion_weight_the_run_recorded(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"{model / FUSION_FILE}: its weight 1.5 is not a number from 0 to 1" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_reranker_checkpoint_exports_and_its_onnx_file_scores_as_torch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lit-embed-export rebuilds the reranker from its checkpoint (the fresh head included); --backend onnx writes
+    the cross-encoder with its head, whose logits onnxruntime computes as torch does."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    from sentence_transformers import CrossEncoder
+
+    from lit_embed import export
+
+    run(compose_train(rerank_overrides(tmp_path, load_best_model_at_end="false")))  # model/ is last.ckpt's
+    out = tmp_path / "exported"
+    export.main([str(tmp_path / "out" / "checkpoints" / "last.ckpt"), str(out), "--backend", "onnx"])
+    assert "CrossEncoder(" in capsys.readouterr().out
+    plain = CrossEncoder(str(out))
+    pairs = [("how do I sort number 3?", "def helper_3(): return 3"), ("open a file", "def close(self): pass")]
+    features = plain.preprocess(pairs)
+    session = ort.InferenceSession(str(out / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    (logits,) = session.run(["logits"], {name: features[name].numpy() for name in names})
+    torch_scores = plain.predict(pairs, activation_fn=torch.nn.Identity())
+    assert np.allclose(logits[:, 0], torch_scores, atol=1e-4)
+    trained = CrossEncoder(str(tmp_path / "out" / "model"))  # the run's own export of the same step
+    assert np.allclose(trained.predict(pairs, activation_fn=torch.nn.Identity()), torch_scores, atol=1e-6)

@@ -37,6 +37,7 @@ MODEL_FILE = "model.onnx"
 # sentence-transformers' name for an int8 file made with a custom quantization config ("<weights>_quantized").
 INT8_FILE = "model_qint8_quantized.onnx"
 OUTPUT = "last_hidden_state"
+RERANKER_OUTPUT = "logits"  # a reranker's export: its score, as sentence-transformers' CrossEncoder ONNX files name it
 TOLERANCE = 1e-3  # largest difference from torch in any token embedding that the export accepts
 POOLING_MODES = ("mean", "cls", "max", "lasttoken")  # what OnnxEmbedder pools with, as sentence-transformers
 LEGACY_POOLING_KEYS = {
@@ -76,6 +77,7 @@ def export_onnx(model_dir: str | os.PathLike, quantize: Literal["int8"] | None =
         raise LitEmbedError(f"quantize={quantize!r} is not allowed: int8, or none for fp32 only.")
     from lit_embed.files import write_directory_atomic
     from lit_embed.models.encoder import Encoder
+    from lit_embed.models.reranker import Reranker, has_score_head
     from lit_embed.models.saving import match_tokenizer_file
 
     model_dir = Path(model_dir)
@@ -85,20 +87,27 @@ def export_onnx(model_dir: str | os.PathLike, quantize: Literal["int8"] | None =
             "such as a run's model/, or a checkpoint to lit-embed-export."
         )
     # fp32 whatever the weights were saved in: onnxruntime's CPU kernels have no bf16 matrix products.
-    encoder = Encoder(str(model_dir), dtype="float32").eval()
-    transformer = getattr(encoder.model[0], "auto_model", None)
-    if transformer is None:
-        raise LitEmbedError(
-            f"{model_dir} starts with a {type(encoder.model[0]).__name__}, not a Hugging Face transformer: only a "
-            "transformer can be exported to ONNX here."
-        )
-    features = encoder.tokenize(["an example text to trace the model", "a short one"], "document")
+    output = OUTPUT
+    if has_score_head(model_dir):  # a reranker: the model with its score head, (query, document) pairs in, logits out
+        encoder: Any = Reranker(str(model_dir), dtype="float32").eval()
+        transformer = encoder.hf_model
+        features = encoder.model.preprocess([("an example query to trace", "the model's document"), ("a", "b")])
+        output = RERANKER_OUTPUT
+    else:
+        encoder = Encoder(str(model_dir), dtype="float32").eval()
+        transformer = getattr(encoder.model[0], "auto_model", None)
+        if transformer is None:
+            raise LitEmbedError(
+                f"{model_dir} starts with a {type(encoder.model[0]).__name__}, not a Hugging Face transformer: only a "
+                "transformer can be exported to ONNX here."
+            )
+        features = encoder.tokenize(["an example text to trace the model", "a short one"], "document")
     names = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in features]
     inputs = {name: features[name] for name in names}
 
     def write(staging: Path) -> None:
-        _export(transformer, inputs, staging / MODEL_FILE)
-        _check_against_torch(transformer, staging / MODEL_FILE, model_dir)
+        _export(transformer, inputs, staging / MODEL_FILE, output)
+        _check_against_torch(transformer, staging / MODEL_FILE, model_dir, output)
         if quantize == "int8":
             _quantize(staging / MODEL_FILE, staging / INT8_FILE)
 
@@ -107,8 +116,9 @@ def export_onnx(model_dir: str | os.PathLike, quantize: Literal["int8"] | None =
     return sorted((model_dir / ONNX_DIR).glob("*.onnx"))
 
 
-def _token_embeddings(transformer: Any) -> Any:
-    """The transformer with keyword inputs and the token embeddings as its only output, as ONNX sees it."""
+def _token_embeddings(transformer: Any, output: str = OUTPUT) -> Any:
+    """The transformer with keyword inputs and ``output`` (the token embeddings, or a reranker's logits) as its only
+    output, as ONNX sees it."""
     import torch
 
     class TokenEmbeddings(torch.nn.Module):
@@ -118,12 +128,12 @@ def _token_embeddings(transformer: Any) -> Any:
 
         def forward(self, input_ids, attention_mask, token_type_ids=None):
             extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-            return self.transformer(input_ids=input_ids, attention_mask=attention_mask, **extra)[OUTPUT]
+            return self.transformer(input_ids=input_ids, attention_mask=attention_mask, **extra)[output]
 
     return TokenEmbeddings().eval()
 
 
-def _export(transformer: Any, inputs: dict[str, Any], path: Path) -> None:
+def _export(transformer: Any, inputs: dict[str, Any], path: Path, output: str = OUTPUT) -> None:
     import torch
 
     batch, length = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
@@ -132,12 +142,12 @@ def _export(transformer: Any, inputs: dict[str, Any], path: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                _token_embeddings(transformer),
+                _token_embeddings(transformer, output),
                 (),
                 str(path),
                 kwargs=inputs,
                 input_names=list(inputs),
-                output_names=[OUTPUT],
+                output_names=[output],
                 dynamic_shapes={name: {0: batch, 1: length} for name in inputs},
                 dynamo=True,
                 verbose=False,
@@ -152,8 +162,8 @@ def _export(transformer: Any, inputs: dict[str, Any], path: Path) -> None:
         ) from err
 
 
-def _check_against_torch(transformer: Any, path: Path, model_dir: Path) -> None:
-    """Runs the ONNX file on new inputs of other shapes than the traced ones and compares with torch."""
+def _check_against_torch(transformer: Any, path: Path, model_dir: Path, output: str = OUTPUT) -> None:
+    """Runs the ONNX file on new inputs of other shapes than the traced ones and compares ``output`` with torch."""
     import onnxruntime as ort
     import torch
 
@@ -168,14 +178,14 @@ def _check_against_torch(transformer: Any, path: Path, model_dir: Path) -> None:
         inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
-        (got,) = session.run([OUTPUT], {name: inputs[name].numpy() for name in names})
+        (got,) = session.run([output], {name: inputs[name].numpy() for name in names})
         with torch.no_grad():
-            want = transformer(**{name: inputs[name] for name in names})[OUTPUT].float().numpy()
-        real = mask.numpy().astype(bool)
+            want = transformer(**{name: inputs[name] for name in names})[output].float().numpy()
+        real = mask.numpy().astype(bool) if output == OUTPUT else np.ones(want.shape, dtype=bool)  # logits: [n, 1]
         error = float(np.abs(got - want)[real].max())
         if not error <= TOLERANCE:
             raise LitEmbedError(
-                f"the ONNX export of {model_dir} differs from the torch model by {error:.3g} in a token embedding "
+                f"the ONNX export of {model_dir} differs from the torch model by {error:.3g} in its {output} "
                 f"(inputs of length {length}), more than {TOLERANCE}: nothing was written. Use the torch model."
             )
 
