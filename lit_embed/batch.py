@@ -271,7 +271,10 @@ class PairBatch:
         assert self.pairs is not None and self.candidates is not None, "a reranker's batch carries pairs"
         mask = self.candidates >= 0  # [B, C]
         flat = reranker(self.pairs)  # [P], row by row
-        logits = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+        # Each real cell's pair is the count of real cells before it; the others read an appended 0. A gather, not
+        # a masked scatter: no device-to-host read of how many cells are real.
+        index = torch.where(mask, mask.flatten().cumsum(0).view(mask.shape) - 1, len(self.pairs))
+        logits = torch.cat([flat, flat.new_zeros(1)])[index]  # [B, C]
         return Scored(logits, mask, self.scores)
 
     def embed(self, encoder: Callable[[PackedTexts], Tensor]) -> Embedded:

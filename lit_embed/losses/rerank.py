@@ -37,7 +37,8 @@ def binary_cross_entropy(
     recipe uses the number of negatives a positive has)."""
     labels = candidate_labels(mask) if labels is None else labels
     weight = None if pos_weight is None else torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
-    return F.binary_cross_entropy_with_logits(logits[mask], labels[mask].to(logits.dtype), pos_weight=weight)
+    losses = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=weight, reduction="none")
+    return (losses * mask).sum() / mask.sum()  # the mean over the real candidates, without selecting them on the host
 
 
 def listwise_cross_entropy(logits: Tensor, mask: Tensor, scale: float = 10.0) -> Tensor:

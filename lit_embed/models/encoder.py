@@ -111,15 +111,7 @@ class Encoder(nn.Module):
                 model_kwargs=loading,
             )
         if max_seq_length is not None:
-            # Longer inputs than the position embeddings cover would fail in the middle of training.
-            positions = getattr(getattr(self.model[0], "auto_model", None), "config", None)
-            limit = getattr(positions, "max_position_embeddings", None)
-            check(
-                limit is None or max_seq_length <= limit,
-                "max_seq_length",
-                max_seq_length,
-                f"at most {limit} tokens, the longest input this model's position embeddings cover",
-            )
+            check_position_limit(getattr(self.model[0], "auto_model", None), max_seq_length)
             self.model.max_seq_length = max_seq_length
         tokenizer = self.model.tokenizer
         if getattr(tokenizer, "pad_token", "") is None and getattr(tokenizer, "eos_token", None) is not None:
@@ -149,20 +141,7 @@ class Encoder(nn.Module):
         """Keep only each layer's inputs in the forward pass and recompute its activations in backward: activation
         memory of about one layer instead of all of them, for about a third more compute; the loss and gradients are
         unchanged, packed or padded."""
-        transformer = getattr(self.model[0], "auto_model", None)
-        check(
-            bool(getattr(transformer, "supports_gradient_checkpointing", False)),
-            "gradient_checkpointing",
-            True,
-            f"false for this model: its {type(transformer or self.model[0]).__name__} cannot recompute activations",
-        )
-        # transformers 5.2x renamed the method; the older name still works there, with a deprecation warning.
-        enable = (
-            getattr(transformer, "activation_checkpointing_enable", None) or transformer.gradient_checkpointing_enable
-        )
-        # Non-reentrant: correct when no input needs a gradient (frozen embeddings under LoRA) and with keyword
-        # arguments; the RNG is replayed, so dropout draws the same masks when a layer is recomputed.
-        enable({"use_reentrant": False})
+        recompute_activations(getattr(self.model[0], "auto_model", None) or self.model[0])
 
     @property
     def embedding_dim(self) -> int:
@@ -318,6 +297,32 @@ class Encoder(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         """Writes a sentence-transformers directory (safetensors weights, prompts included)."""
         self.model.save(str(path), safe_serialization=True)
+
+
+def recompute_activations(transformer: nn.Module) -> None:
+    """Turns on gradient checkpointing in a Hugging Face model, or says why it cannot."""
+    check(
+        bool(getattr(transformer, "supports_gradient_checkpointing", False)),
+        "gradient_checkpointing",
+        True,
+        f"false for this model: its {type(transformer).__name__} cannot recompute activations",
+    )
+    # transformers 5.2x renamed the method; the older name still works there, with a deprecation warning.
+    enable = getattr(transformer, "activation_checkpointing_enable", None) or transformer.gradient_checkpointing_enable
+    # Non-reentrant: correct when no input needs a gradient (frozen embeddings under LoRA) and with keyword
+    # arguments; the RNG is replayed, so dropout draws the same masks when a layer is recomputed.
+    enable({"use_reentrant": False})
+
+
+def check_position_limit(transformer: nn.Module | None, max_seq_length: int) -> None:
+    """Refuses a length longer than the model's position embeddings cover (it would fail mid-training)."""
+    limit = getattr(getattr(transformer, "config", None), "max_position_embeddings", None)
+    check(
+        limit is None or max_seq_length <= limit,
+        "max_seq_length",
+        max_seq_length,
+        f"at most {limit} tokens, the longest input this model's position embeddings cover",
+    )
 
 
 def _loading_kwargs(model_kwargs: dict[str, Any], dtype: str | None, load_in_4bit: bool) -> dict[str, Any]:

@@ -25,7 +25,14 @@ from lit_embed.batch import Features, PackedTexts, padding_groups
 from lit_embed.data.pairs import PairFormat
 from lit_embed.errors import LitEmbedError, check, is_bool, is_int, is_number
 from lit_embed.internals import attention_implementation, set_attention_implementation
-from lit_embed.models.encoder import DEFAULT_LENGTH_GROUPS, TextKind, _loading_kwargs, close
+from lit_embed.models.encoder import (
+    DEFAULT_LENGTH_GROUPS,
+    TextKind,
+    _loading_kwargs,
+    check_position_limit,
+    close,
+    recompute_activations,
+)
 from lit_embed.models.model_folder import check_model_folder, loading_errors
 from lit_embed.models.packed import attend_all, install_packed_attention
 
@@ -115,14 +122,8 @@ class Reranker(nn.Module):
             )
         if fresh_head:
             log.info("%s has no one-score head: the reranker starts with a fresh one (trained from scratch).", path)
-        limit = getattr(self.hf_model.config, "max_position_embeddings", None)
         if max_seq_length is not None:
-            check(
-                limit is None or max_seq_length <= limit,
-                "max_seq_length",
-                max_seq_length,
-                f"at most {limit} tokens, the longest input this model's position embeddings cover",
-            )
+            check_position_limit(self.hf_model, max_seq_length)
             self.model.max_length = max_seq_length
         pair_format = PairFormat.of(self.tokenizer, self.model.max_length)
         if pair_format is None:
@@ -140,15 +141,7 @@ class Reranker(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each layer's activations in backward (see ``Encoder.enable_gradient_checkpointing``)."""
-        model = self.hf_model
-        check(
-            bool(getattr(model, "supports_gradient_checkpointing", False)),
-            "gradient_checkpointing",
-            True,
-            f"false for this model: its {type(model).__name__} cannot recompute activations",
-        )
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+        recompute_activations(self.hf_model)
 
     @property
     def hf_model(self) -> nn.Module:
