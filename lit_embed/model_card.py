@@ -236,10 +236,10 @@ def _fusion(fusion: Mapping[str, Any]) -> str:
     retriever, reranker = by_weight["0.0"][metric], by_weight["1.0"][metric]
     chosen = by_weight[str(weight)][metric]
     why = {
-        0.0: "no blend beat the retriever's order there by the margin a small validation set needs, so the pipeline "
-        "keeps that order",
+        0.0: "no blend beat the retriever's order there with 95% confidence query by query, so the pipeline keeps "
+        "that order",
         1.0: "the reranker's order alone scored best there",
-    }.get(weight, "the blend scored better there than either order alone")
+    }.get(weight, "the blend scored better there than the retriever's order, with 95% confidence query by query")
     return (
         f"Each candidate is scored `{weight:g} * z(reranker logit) + {1 - weight:.2g} * z(retriever cosine)` (`z`: a "
         "stage's scores standardized over the query's candidates), the "

@@ -165,6 +165,8 @@ def test_task_rerank_trains_and_exports_a_crossencoder_that_plain_sentence_trans
     assert fusion["by_weight"]["0.0"]["mrr@10"] == pytest.approx(final["first_stage/mrr@10"])
     assert fusion["by_weight"]["1.0"]["mrr@10"] == pytest.approx(final["mrr@10"])
     assert read_fusion(out / "model") == fusion["weight"]
+    report = (out / "report.html").read_text()  # the run's page: the pipeline's metrics and its queries that moved
+    assert "mrr@10" in report and "queries" in report.lower()
     card = (out / "model" / "README.md").read_text()
     assert "CrossEncoder(" in card and "pipeline_tag: text-ranking" in card and "fusion weight" in card
     # Plain sentence-transformers, no lit_embed import, gives the scores the training path gives.
@@ -337,3 +339,15 @@ def test_gradient_checkpointing_gives_a_reranker_the_same_loss_and_gradients(fre
     assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
     with pytest.raises(LitEmbedError, match="a reranker trains uncompiled"):
         EmbeddingFinetuneModule(Reranker(fresh_head), losses.RerankCrossEntropyLoss(), compile=True)
+
+
+@pytest.mark.parametrize("start_from_retriever", [True, False])
+def test_a_fresh_reranker_starts_from_the_retrievers_weights(
+    tmp_path: Path, tiny_model_path: str, monkeypatch: pytest.MonkeyPatch, start_from_retriever: bool
+) -> None:
+    trained = trained_encoders(monkeypatch)
+    overrides = rerank_overrides(tmp_path, **{"rerank.retriever": tiny_model_path, "trainer.max_steps": 1})
+    run(compose_train([*overrides, f"rerank.start_from_retriever={str(start_from_retriever).lower()}"]))
+    start = trained[0].config["model_name_or_path"]
+    assert (start == tiny_model_path) is start_from_retriever
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["fusion"]["retriever"] == tiny_model_path

@@ -71,7 +71,6 @@ class RerankEvaluationCallback(IREvaluationCallback):
         top_k: candidates the retriever fetches for each query, which the reranker reorders.
         retriever: the first stage's model directory; None: the model the reranker starts from, read as an
             encoder (the app sets ``rerank.retriever`` here).
-        fusion_metric: what the fusion weight of the retriever's and the reranker's scores is chosen by, at the end.
         evaluation_steps, batch_size, corpus_chunk_size, dataset, truncate_dim, guard_path: as for
             :class:`~lit_embed.training.callbacks.ir_eval.IREvaluationCallback` (``batch_size``: pairs per reranker
             call).
@@ -81,7 +80,6 @@ class RerankEvaluationCallback(IREvaluationCallback):
         self,
         top_k: int = DEFAULT_TOP_K,
         retriever: str | None = None,
-        fusion_metric: str = "mrr@10",
         evaluation_steps: int = 50,
         batch_size: int = 64,
         corpus_chunk_size: int = 50_000,
@@ -95,7 +93,6 @@ class RerankEvaluationCallback(IREvaluationCallback):
         check(retriever is None or isinstance(retriever, str), "retriever", retriever, "a model directory, or null")
         self.top_k = top_k
         self.retriever_path = retriever
-        self.fusion_metric = fusion_metric
         self.retriever: Encoder | None = None  # loaded at the first evaluation, unless the app gives it
         self._candidates: dict[str, Candidates] = {}  # per dataset fingerprint: the retriever is frozen
         self._logits: dict[int, Tensor] = {}  # step -> the validation candidates' logits, for the fusion at the end
@@ -147,7 +144,8 @@ class RerankEvaluationCallback(IREvaluationCallback):
 
     def choose_fusion(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, Any] | None:
         """The weight of the reranker's score against the retriever's (0 = the retriever's order) that scores the
-        reranker as it is now (the weights of ``step``'s evaluation) best on validation by ``fusion_metric``; None
+        reranker as it is now (the weights of ``step``'s evaluation) best on validation by MRR@10, with confidence
+        (:func:`~lit_embed.evaluation.rerank.choose_fusion`); None
         without a validation set."""
         dataset = self.validation_set(trainer)
         if dataset is None:
@@ -156,10 +154,10 @@ class RerankEvaluationCallback(IREvaluationCallback):
             candidates, logits = self.candidates(dataset, pl_module), self._logits[step]
         else:
             candidates, logits = self.scores(dataset, pl_module)
-        weight, by_weight = choose_fusion(candidates, logits, self.fusion_metric)
+        weight, by_weight = choose_fusion(candidates, logits)
         return {
             "weight": weight,
-            "metric": self.fusion_metric,
+            "metric": "mrr@10",
             "top_k": self.top_k,
             "retriever": self.retriever_path_for(pl_module),
             "by_weight": by_weight,
