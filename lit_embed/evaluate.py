@@ -132,7 +132,7 @@ def evaluate_reranking(
     with loading_errors(str(reranker_path), fix):
         model = CrossEncoder(str(reranker_path), device=device, trust_remote_code=trust_remote_code)
 
-    def scorer(pairs: list[tuple[str, str]]) -> list[float]:  # logits: the fusion takes their sigmoid itself
+    def scorer(pairs: list[tuple[str, str]]) -> list[float]:  # logits: the fusion standardizes them itself
         return model.predict(
             pairs, batch_size=batch_size, show_progress_bar=False, activation_fn=torch.nn.Identity()
         ).tolist()
