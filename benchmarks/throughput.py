@@ -368,6 +368,27 @@ def run_lit_embed(args, model_path: str, train_file: Path, val, workdir: Path) -
     return Run("lit_embed", rate, memory.gb, mrr, stats.summary())
 
 
+def trainer_settings(args, workdir: Path) -> dict:
+    """sentence-transformers' training arguments that both its trainers run with (all but the batch): the schedule,
+    clipping and precision lit_embed's side trains with, and no saving, logging or progress bar to time."""
+    return {
+        "output_dir": str(workdir),
+        "max_steps": args.steps,
+        "learning_rate": 2e-5,
+        "warmup_ratio": 0.1,
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
+        "bf16": args.precision == "bf16",
+        "use_cpu": args.device == "cpu",
+        "dataloader_drop_last": True,
+        "save_strategy": "no",
+        "logging_steps": 10**9,
+        "report_to": [],
+        "disable_tqdm": True,
+        "seed": args.seed,
+    }
+
+
 def run_sentence_transformers(args, model_path: str, queries: list[str], documents: list[str], val, workdir) -> Run:
     from datasets import Dataset
     from sentence_transformers import (
@@ -400,22 +421,9 @@ def run_sentence_transformers(args, model_path: str, queries: list[str], documen
             stats.step_end()
 
     training_args = SentenceTransformerTrainingArguments(
-        output_dir=str(workdir),
         per_device_train_batch_size=args.batch_size,
-        max_steps=args.steps,
-        learning_rate=2e-5,
-        warmup_ratio=0.1,
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        bf16=args.precision == "bf16",
-        use_cpu=args.device == "cpu",
         batch_sampler=BatchSamplers.NO_DUPLICATES,
-        dataloader_drop_last=True,
-        save_strategy="no",
-        logging_steps=10**9,
-        report_to=[],
-        disable_tqdm=True,
-        seed=args.seed,
+        **trainer_settings(args, workdir),
     )
     trainer = SentenceTransformerTrainer(
         model=model,
@@ -602,22 +610,9 @@ def run_sentence_transformers_rerank(args, model_path: str, rows: list[dict], ca
             columns["document"].append(document)
             columns["label"].append(label)
     training_args = CrossEncoderTrainingArguments(
-        output_dir=str(workdir),
         per_device_train_batch_size=args.batch_size * group,
-        max_steps=args.steps,
-        learning_rate=2e-5,
-        warmup_ratio=0.1,
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        bf16=args.precision == "bf16",
-        use_cpu=args.device == "cpu",
         batch_sampler=group_batch_sampler(group),
-        dataloader_drop_last=True,
-        save_strategy="no",
-        logging_steps=10**9,
-        report_to=[],
-        disable_tqdm=True,
-        seed=args.seed,
+        **trainer_settings(args, workdir),
     )
     trainer = CrossEncoderTrainer(
         model=model,
