@@ -117,7 +117,15 @@ class RerankLoss(EmbeddingLoss):
             negatives (the data module lays the batch out for it).
     """
 
-    in_batch_negatives = 0
+    def __init__(self, in_batch_negatives: int = 0) -> None:
+        super().__init__()
+        check(
+            is_int(in_batch_negatives) and in_batch_negatives >= 0,
+            "in_batch_negatives",
+            in_batch_negatives,
+            "a whole number >= 0",
+        )
+        self.in_batch_negatives = in_batch_negatives
 
     def forward(self, scored: Scored) -> Tensor:  # type: ignore[override]
         raise NotImplementedError
@@ -155,16 +163,9 @@ class RerankCrossEntropyLoss(RerankLoss):
     """
 
     def __init__(self, scale: float = 10.0, in_batch_negatives: int = 0) -> None:
-        super().__init__()
+        super().__init__(in_batch_negatives)
         check(is_number(scale) and scale > 0, "scale", scale, "a number > 0")
-        check(
-            is_int(in_batch_negatives) and in_batch_negatives >= 0,
-            "in_batch_negatives",
-            in_batch_negatives,
-            "a whole number >= 0",
-        )
         self.scale = scale
-        self.in_batch_negatives = in_batch_negatives
 
     def forward(self, scored: Scored) -> Tensor:  # type: ignore[override]
         return listwise_cross_entropy(scored.logits, scored.mask, self.scale)
@@ -178,16 +179,9 @@ class RerankLambdaLoss(RerankLoss):
     """
 
     def __init__(self, k: int | None = None, in_batch_negatives: int = 0) -> None:
-        super().__init__()
+        super().__init__(in_batch_negatives)
         check(k is None or is_int(k) and k >= 1, "k", k, "a whole number >= 1, or null for all candidates")
-        check(
-            is_int(in_batch_negatives) and in_batch_negatives >= 0,
-            "in_batch_negatives",
-            in_batch_negatives,
-            "a whole number >= 0",
-        )
         self.k = k
-        self.in_batch_negatives = in_batch_negatives
 
     def forward(self, scored: Scored) -> Tensor:  # type: ignore[override]
         return lambda_loss(scored.logits, candidate_labels(scored.mask), scored.mask, self.k)
